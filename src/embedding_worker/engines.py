@@ -1,0 +1,349 @@
+"""Inference engines behind one interface, and the registry that owns them.
+
+Every served model is a `ModelEngine`: it knows its role (embed or rerank), its tokenizer and maximum
+length, and runs work through `_admit()`, which bounds the queue and the time of every call. The
+Infinity-backed models share one AsyncEngineArray; other engine kinds plug in beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import numpy as np
+
+from . import errors
+from .config import ModelSpec, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Infinity reads defaults for every EngineArgs field it is not given from INFINITY_* variables, some of
+# them unsafe (trust_remote_code) or broken here (bettertransformer needs optimum 1.x). We pass every
+# field that matters explicitly; telemetry is switched off before infinity_emb is imported.
+os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class Role(str, Enum):
+    EMBED = "embed"
+    RERANK = "rerank"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the model and the reason."""
+
+
+@dataclass
+class Health:
+    """Set once an engine is stuck or dead: the worker then asks to be replaced."""
+
+    healthy: bool = True
+    reason: str | None = None
+
+    def fail(self, reason: str) -> None:
+        if self.healthy:
+            log.error("worker marked unhealthy: %s", reason)
+        self.healthy = False
+        self.reason = reason
+
+
+class TokenCounter:
+    """Counts tokens exactly as the model's tokenizer does, special tokens included.
+
+    Uses its own copy of the Rust tokenizer with truncation and padding off: the engine's copy is
+    used from Infinity's threads, and a fast tokenizer whose settings change while another thread
+    encodes raises "Already borrowed".
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._fast = copy.deepcopy(backend) if backend is not None else None
+        if self._fast is not None:
+            self._fast.no_truncation()
+            self._fast.no_padding()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def count(self, texts: Sequence[str]) -> list[int]:
+        if self._fast is not None:
+            return [len(e.ids) for e in self._fast.encode_batch(list(texts))]
+        return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
+
+    def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
+        if self._fast is not None:
+            return [len(e.ids) for e in self._fast.encode_batch([(query, d) for d in docs])]
+        encoded = self.tokenizer([query] * len(docs), list(docs), truncation=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def decode(self, ids: list[int]) -> str:
+        # The engine tokenizes text again and adds the model's special tokens itself.
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class ModelEngine(ABC):
+    """One served model. Subclasses implement `_embed` / `_rerank`; callers use `embed` / `rerank`."""
+
+    role: Role
+    dimensions: int | None = None
+    # Named prompts the model declares (sentence-transformers' config), e.g. {"query": "...", ...}.
+    prompts: dict[str, str] = {}
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tokens: TokenCounter,
+        max_length: int,
+        *,
+        queue_size: int,
+        timeout_s: float,
+        health: Health,
+    ) -> None:
+        self.spec = spec
+        self.tokens = tokens
+        self.max_length = max_length
+        self.queue_size = queue_size
+        self.timeout_s = timeout_s
+        self.health = health
+        self.pending = 0  # items admitted and not yet answered
+
+    @property
+    def served_id(self) -> str:
+        return self.spec.served_id
+
+    async def start(self) -> None:  # noqa: B027 - engines without a start step
+        pass
+
+    async def stop(self) -> None:  # noqa: B027
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        """This model's entry in /v1/models."""
+        entry: dict[str, Any] = {
+            "id": self.served_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": self.served_id.split("/")[0] if "/" in self.served_id else "local",
+            "role": self.role.value,
+            "capabilities": [self.role.value],
+            "max_input_tokens": self.max_length,
+        }
+        if self.dimensions is not None:
+            entry["dimensions"] = self.dimensions
+        return entry
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """Vectors for `texts`, one row each, in order (float32)."""
+        return await self._admit(len(texts), lambda: self._embed(texts))
+
+    async def rerank(self, query: str, docs: list[str], instruction: str | None = None) -> np.ndarray:
+        """Relevance scores in [0, 1] for `docs`, in the order given (not sorted)."""
+        return await self._admit(len(docs), lambda: self._rerank(query, docs, instruction))
+
+    @abstractmethod
+    async def _embed(self, texts: list[str]) -> np.ndarray: ...
+
+    @abstractmethod
+    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray: ...
+
+    async def _admit(self, items: int, call: Callable[[], Awaitable[T]]) -> T:
+        """Bounded queue and bounded time for every engine call.
+
+        Infinity's queue is unbounded (INFINITY_QUEUE_SIZE is read only by its own HTTP server), so
+        the worker counts what it has handed over and refuses new work beyond the limit. A request is
+        always admitted into an empty queue, so a single large request can never be refused forever.
+        """
+        if not self.health.healthy:
+            raise errors.unavailable(f"the worker is unhealthy ({self.health.reason}); retry")
+        if self.pending and self.pending + items > self.queue_size:
+            raise errors.overloaded(
+                f"model '{self.served_id}' has {self.pending} inputs queued "
+                f"(INFINITY_QUEUE_SIZE={self.queue_size}); retry later"
+            )
+        self.pending += items
+        started = time.monotonic()
+        try:
+            return await asyncio.wait_for(call(), self.timeout_s)
+        except asyncio.TimeoutError:
+            self.health.fail(f"model '{self.served_id}' did not answer within {self.timeout_s:g} s")
+            raise errors.unavailable(
+                f"model '{self.served_id}' did not answer within {self.timeout_s:g} s", code="timeout"
+            ) from None
+        finally:
+            self.pending -= items
+            log.debug("%s: %d items in %.1f ms", self.served_id, items, 1e3 * (time.monotonic() - started))
+
+
+class InfinityModel(ModelEngine):
+    """A model served by Infinity (sentence-transformers embedders and cross-encoder rerankers)."""
+
+    def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
+        replica = engine._model_replicas[0]  # Infinity keeps the loaded model here; no public API
+        tokenizer = getattr(replica, "tokenizer", None) or replica._infinity_tokenizer
+        max_length = (
+            getattr(replica, "max_seq_length", None)
+            or getattr(replica, "max_length", None)
+            or tokenizer.model_max_length
+        )
+        super().__init__(spec, TokenCounter(tokenizer), int(max_length), **kwargs)
+        self.engine = engine
+        self.prompts = dict(getattr(replica, "prompts", None) or {})
+        capabilities = set(engine.capabilities)
+        if "embed" in capabilities:
+            self.role = Role.EMBED
+            get_dim = getattr(replica, "get_sentence_embedding_dimension", None)
+            self.dimensions = get_dim() if get_dim else None
+        elif "rerank" in capabilities:
+            self.role = Role.RERANK
+        else:
+            raise ModelLoadError(
+                f"model '{spec.served_id}' is a {'/'.join(sorted(capabilities))} model; "
+                "this worker serves embedding and reranking models"
+            )
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        vectors, _ = await self.engine.embed(sentences=texts)
+        return np.asarray(vectors, dtype=np.float32)
+
+    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
+        if instruction is not None:
+            raise errors.invalid_input(
+                f"model '{self.served_id}' takes no instruction", param="instruction"
+            )
+        # Infinity sorts and cuts its answer; the worker wants scores in document order, as plain
+        # numbers, and sorts itself (the same way for every engine kind).
+        ranked, _ = await self.engine.rerank(query=query, docs=docs, raw_scores=False)
+        scores = np.empty(len(docs), dtype=np.float64)
+        for item in ranked:
+            scores[item.index] = float(item.relevance_score)
+        return scores
+
+
+def _engine_args(spec: ModelSpec, config: WorkerConfig) -> Any:
+    from infinity_emb import EngineArgs
+
+    return EngineArgs(
+        model_name_or_path=spec.source,
+        served_model_name=spec.served_id,
+        batch_size=spec.batch_size,
+        dtype=spec.dtype,
+        engine=spec.backend,
+        trust_remote_code=config.trust_remote_code,
+        bettertransformer=False,
+        model_warmup=False,
+        compile=False,
+        lengths_via_tokenize=False,
+        vector_disk_cache_path="",
+    )
+
+
+class ModelRegistry:
+    """The served models: loading, start and stop, lookup by name and role."""
+
+    def __init__(self, models: Sequence[ModelEngine], health: Health, array: Any = None) -> None:
+        self.models = list(models)
+        self.health = health
+        self._array = array  # Infinity's AsyncEngineArray, started and stopped as one
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    @classmethod
+    def load(cls, config: WorkerConfig) -> "ModelRegistry":
+        """Load every model now (cold start is paid once, before the first job)."""
+        from infinity_emb import AsyncEmbeddingEngine, AsyncEngineArray
+
+        health = Health()
+        common = dict(queue_size=config.queue_size, timeout_s=config.request_timeout_s, health=health)
+        infinity_engines = []
+        models: list[ModelEngine] = []
+        for spec in config.models:
+            log.info("loading %s from %s", spec.served_id, spec.source)
+            try:
+                engine = AsyncEmbeddingEngine.from_args(_engine_args(spec, config))
+                model = InfinityModel(spec, engine, **common)
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # any loader failure, named
+                raise ModelLoadError(
+                    f"could not load model '{spec.served_id}' from {spec.source!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            infinity_engines.append(engine)
+            models.append(model)
+        array = AsyncEngineArray(infinity_engines) if infinity_engines else None
+        return cls(models, health, array)
+
+    async def start(self) -> None:
+        """Start the engines inside the running event loop (once)."""
+        if self._started:
+            return
+        async with self._start_lock:
+            if self._started:
+                return
+            if self._array is not None:
+                await self._array.astart()
+            for model in self.models:
+                await model.start()
+            self._started = True
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._array is not None:
+            await self._array.astop()
+        for model in self.models:
+            await model.stop()
+
+    def stop_blocking(self) -> None:
+        """Stop from outside any event loop (at process exit): Infinity's threads keep it alive."""
+        if self._started:
+            asyncio.run(self.stop())
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.served_id for m in self.models]
+
+    def resolve(self, name: str | None, role: Role) -> ModelEngine:
+        """The model a request names: its served id, its source, or a unique trailing part of the id.
+
+        With no name, the only model that can do the operation.
+        """
+        if name is None:
+            able = [m for m in self.models if m.role is role]
+            if len(able) == 1:
+                return able[0]
+            if not able:
+                raise errors.invalid_input(
+                    f"no served model can {role.value}; served models: {', '.join(self.ids)}",
+                    param="model",
+                )
+            raise errors.invalid_input(
+                f"'model' is required: several models can {role.value}: "
+                f"{', '.join(m.served_id for m in able)}",
+                param="model",
+            )
+        exact = [m for m in self.models if name in (m.served_id, m.spec.source)]
+        candidates = exact or [
+            m for m in self.models if m.served_id.endswith("/" + name.strip("/"))
+        ]
+        if len(candidates) != 1:
+            what = "is ambiguous" if candidates else "is not served"
+            raise errors.model_not_found(
+                f"model '{name}' {what}; served models: {', '.join(self.ids)}"
+            )
+        return candidates[0]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [m.describe() for m in self.models]

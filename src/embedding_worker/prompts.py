@@ -1,0 +1,76 @@
+"""Prompts for instruction-aware embedding models (Qwen3-Embedding and any model declaring prompts).
+
+Infinity applies no prompt of any model, so the worker prefixes texts itself, using only what the
+model declares in its sentence-transformers config (`prompts` in config_sentence_transformers.json).
+A model that declares nothing is never prefixed.
+
+- `prompt_type`: the name of one of the model's prompts; that prompt is prepended to every text.
+- `instruction`: a task description. It replaces the task of the model's instruction prompt, a
+  prompt of the form "Instruct: <task>\\n<Label>:" (Qwen3-Embedding's "query" prompt). The template
+  is taken from the model's own prompt, so its spacing is exact: Qwen3 gives
+  "Instruct: {instruction}\\nQuery:{text}", with no space after "Query:".
+- Both: `prompt_type` picks the prompt; `instruction` replaces its task when that prompt is an
+  instruction prompt, and is ignored for prompts without one ("document" embeds the raw text).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from . import errors
+
+if TYPE_CHECKING:
+    from .engines import ModelEngine
+    from .protocol import EmbeddingRequest
+
+_INSTRUCTION_PROMPT = re.compile(r"^Instruct: (?P<task>[^\n]*)\n(?P<tail>[^\n]*)$")
+
+
+def instruction_template(prompt: str) -> str | None:
+    """"Instruct: {instruction}\\n<tail>" for an instruction prompt, else None."""
+    match = _INSTRUCTION_PROMPT.match(prompt)
+    if match is None:
+        return None
+    return "Instruct: {instruction}\n" + match.group("tail")
+
+
+def _instruction_prompt_name(prompts: dict[str, str]) -> str | None:
+    names = [name for name, text in prompts.items() if instruction_template(text) is not None]
+    if "query" in names:
+        return "query"
+    return names[0] if names else None
+
+
+def embedding_prefix(model: "ModelEngine", instruction: str | None, prompt_type: str | None) -> str:
+    """The text to put before every input of an embedding request."""
+    prompts = model.prompts
+    if prompt_type is not None:
+        if prompt_type not in prompts:
+            known = ", ".join(f"'{n}'" for n in prompts) or "none"
+            raise errors.invalid_input(
+                f"model '{model.served_id}' has no prompt named '{prompt_type[:64]}'; "
+                f"its prompts: {known}",
+                param="prompt_type",
+            )
+        name = prompt_type
+    elif instruction is not None:
+        name = _instruction_prompt_name(prompts)
+        if name is None:
+            raise errors.invalid_input(
+                f"model '{model.served_id}' declares no instruction template, so 'instruction' "
+                "cannot be applied; send the prefixed text in 'input' instead",
+                param="instruction",
+            )
+    else:
+        return ""
+    template = instruction_template(prompts[name])
+    if instruction is not None and template is not None:
+        return template.format(instruction=instruction)
+    return prompts[name]
+
+
+def apply_embedding_prompt(model: "ModelEngine", request: "EmbeddingRequest") -> list[str]:
+    prefix = embedding_prefix(model, request.instruction, request.prompt_type)
+    texts: list[str] = request.input  # type: ignore[assignment]
+    return [prefix + text for text in texts] if prefix else list(texts)
