@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -36,10 +36,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True, populate_by_name=True)
 
 
+# Model ids are short; a longer one is refused before it can be echoed in an error message.
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class EmbeddingRequest(_Request):
     """POST /v1/embeddings, and the standard flavour's `{"model", "input", ...}`."""
 
-    model: str | None = None
+    model: ModelName | None = None
     # Normalised by the validator to a list of strings or a list of token-id lists.
     input: list[str] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -88,7 +92,7 @@ class EmbeddingRequest(_Request):
 class RerankRequest(_Request):
     """POST /v1/rerank (Cohere / Jina shape), and the standard flavour's `{"query", "docs"}`."""
 
-    model: str | None = None
+    model: ModelName | None = None
     query: str = Field(min_length=1)
     documents: list[str] = Field(validation_alias=AliasChoices("documents", "docs"))
     top_n: int | None = Field(default=None, ge=1)

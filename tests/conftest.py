@@ -1,0 +1,72 @@
+"""Shared fixtures: real Infinity engines on real and tiny random models, no network."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub or infinity_emb: no hub, no telemetry.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["INFINITY_ANONYMOUS_USAGE_STATS"] = "0"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from embedding_worker.config import DEFAULT_MODEL_ID, load_config  # noqa: E402
+from embedding_worker.dispatch import Worker  # noqa: E402
+from tests import model_factory  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def bert_embedder(models_dir) -> Path:
+    return model_factory.make_bert_embedder(models_dir / "tiny-bert-embedder")
+
+
+@pytest.fixture(scope="session")
+def bert_reranker(models_dir) -> Path:
+    return model_factory.make_bert_cross_encoder(models_dir / "tiny-bert-reranker")
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    from embedding_worker.config import bundled_model_path
+
+    return bundled_model_path()
+
+
+@pytest.fixture(scope="session")
+def worker_env(bert_embedder, bert_reranker) -> dict[str, str]:
+    """The environment of the shared worker: the bundled model and two tiny BERTs."""
+    return {
+        "MODEL_NAMES": f"{DEFAULT_MODEL_ID};{bert_embedder};{bert_reranker}",
+        "BATCH_SIZES": "16",
+        "DTYPES": "float32",
+    }
+
+
+@pytest.fixture(scope="session")
+async def worker(worker_env):
+    worker = Worker.from_config(load_config(worker_env))
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="session")
+def ids(worker) -> dict[str, str]:
+    """Served ids by short name."""
+    by_tail = {m.served_id.rsplit("/", 1)[-1]: m.served_id for m in worker.registry.models}
+    return {
+        "minilm": DEFAULT_MODEL_ID,
+        "embedder": by_tail["tiny-bert-embedder"],
+        "reranker": by_tail["tiny-bert-reranker"],
+    }

@@ -1,0 +1,154 @@
+"""Routing of both flavours, model choice, the model list, RunPod's job wrapper, the queue bound."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from runpod.serverless.modules.rp_job import run_job
+
+from embedding_worker.app import runpod_handler
+
+
+async def test_standard_flavour_answers_the_body_openai_route_a_one_element_list(worker, ids):
+    standard = await worker.dispatch({"model": ids["minilm"], "input": "hello"})
+    assert standard.runpod_output()["object"] == "list"
+    proxied = await worker.dispatch(
+        {"openai_route": "/v1/embeddings", "openai_input": {"model": ids["minilm"], "input": "hello"}}
+    )
+    output = proxied.runpod_output()
+    assert isinstance(output, list) and len(output) == 1
+    assert output[0]["data"][0]["embedding"] == standard.body["data"][0]["embedding"]
+
+
+async def test_rerank_through_the_openai_route(worker, ids):
+    reply = await worker.dispatch(
+        {
+            "openai_route": "/v1/rerank",
+            "openai_input": {"model": ids["reranker"], "query": "q", "documents": ["a", "b"]},
+        }
+    )
+    assert reply.status == 200 and reply.runpod_output()[0]["object"] == "rerank"
+
+
+@pytest.mark.parametrize("openai_input", [None, {}])
+async def test_models_list_with_roles(worker, ids, openai_input):
+    job = {"openai_route": "/v1/models"}
+    if openai_input is not None:
+        job["openai_input"] = openai_input
+    reply = await worker.dispatch(job)
+    assert reply.status == 200
+    body = reply.runpod_output()[0]
+    assert body["object"] == "list"
+    by_id = {m["id"]: m for m in body["data"]}
+    assert set(by_id) == set(ids.values())
+    for entry in body["data"]:
+        assert entry["object"] == "model"
+        assert isinstance(entry["created"], int) and isinstance(entry["owned_by"], str)
+    assert by_id[ids["minilm"]]["role"] == "embed"
+    assert by_id[ids["minilm"]]["dimensions"] == 384
+    assert by_id[ids["minilm"]]["max_input_tokens"] == 256
+    assert by_id[ids["reranker"]]["role"] == "rerank"
+
+
+async def test_model_choice_by_id_trailing_part_or_the_only_capable_one(worker, ids):
+    by_tail = await worker.dispatch({"model": "all-MiniLM-L6-v2", "input": "x"})
+    assert by_tail.status == 200 and by_tail.body["model"] == ids["minilm"]
+    # Two embedders are served: an omitted model is ambiguous for embeddings...
+    reply = await worker.dispatch({"input": "x"})
+    assert reply.status == 400 and reply.body["error"]["param"] == "model"
+    assert ids["minilm"] in reply.body["error"]["message"]
+    # ...but there is only one reranker.
+    reply = await worker.dispatch({"query": "q", "documents": ["a"]})
+    assert reply.status == 200 and reply.body["model"] == ids["reranker"]
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "MiniLM", "tiny-bert"])
+async def test_unknown_or_ambiguous_model_is_404_listing_served_ids(worker, ids, name):
+    reply = await worker.dispatch({"model": name, "input": "x"})
+    assert reply.status == 404
+    error = reply.body["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    for served in ids.values():
+        assert served in error["message"]
+
+
+async def test_wrong_role_is_a_clear_error(worker, ids):
+    reply = await worker.dispatch({"model": ids["reranker"], "input": "x"})
+    assert reply.status == 400 and reply.body["error"]["code"] == "model_not_embedding"
+    reply = await worker.dispatch({"model": ids["minilm"], "query": "q", "documents": ["a"]})
+    assert reply.status == 400 and reply.body["error"]["code"] == "model_not_reranker"
+
+
+@pytest.mark.parametrize(
+    "job_input, status",
+    [
+        (None, 400),
+        ("text", 400),
+        ([1, 2], 400),
+        ({}, 400),
+        ({"prompt": "x"}, 400),
+        ({"openai_route": "/v1/chat/completions", "openai_input": {}}, 404),
+        ({"openai_route": 5}, 404),
+        ({"openai_route": "/v1/embeddings", "openai_input": "x"}, 400),
+    ],
+)
+async def test_malformed_jobs_are_typed_errors(worker, job_input, status):
+    reply = await worker.dispatch(job_input)
+    assert reply.status == status
+    assert set(reply.body["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_nested_extra_body_is_accepted(worker, ids):
+    reply = await worker.dispatch(
+        {
+            "openai_route": "/v1/embeddings",
+            "openai_input": {"model": ids["minilm"], "input": "x", "extra_body": {"dimensions": 8}},
+        }
+    )
+    assert reply.status == 200 and len(reply.body["data"][0]["embedding"]) == 8
+
+
+async def test_runpod_marks_errors_failed_with_a_string_and_keeps_serving(worker, ids):
+    handler = runpod_handler(worker)
+    failed = await run_job(handler, {"id": "job-1", "input": {"model": ids["minilm"], "input": ""}})
+    assert set(failed) == {"error"}  # no output: the job is FAILED
+    assert isinstance(failed["error"], str)
+    error = json.loads(failed["error"])
+    assert error["status"] == 400
+    assert error["error"]["param"] == "input" and error["error"]["code"] == "invalid_input"
+    done = await run_job(handler, {"id": "job-2", "input": {"model": ids["minilm"], "input": "x"}})
+    assert "error" not in done and done["output"]["data"][0]["index"] == 0
+    json.dumps(done)
+    ranked = await run_job(
+        handler, {"id": "job-3", "input": {"query": "q", "docs": ["a", "b"], "return_docs": True}}
+    )
+    assert ranked["output"]["results"][0]["document"]["text"] in ("a", "b")
+    json.dumps(ranked)
+
+
+async def test_errors_never_echo_the_payload(worker, ids):
+    secret = "hf_" + "S" * 40
+    reply = await worker.dispatch({"model": ids["minilm"], "input": [secret, 5]})
+    assert reply.status == 400 and secret not in json.dumps(reply.body)
+    reply = await worker.dispatch({"model": secret + "x" * 10_000, "input": "x"})
+    assert reply.status in (400, 404) and len(json.dumps(reply.body)) < 2000
+
+
+async def test_queue_bound_refuses_then_recovers(worker, ids, monkeypatch):
+    model = worker.registry.resolve(ids["embedder"], None)
+    monkeypatch.setattr(model, "queue_size", 40)
+    texts = ["some words to embed"] * 30
+    first, second = await asyncio.gather(
+        worker.dispatch({"model": ids["embedder"], "input": texts}),
+        worker.dispatch({"model": ids["embedder"], "input": texts}),
+    )
+    assert first.status == 200
+    assert second.status == 429
+    assert second.body["error"]["code"] == "queue_full" and "INFINITY_QUEUE_SIZE" in (
+        second.body["error"]["message"]
+    )
+    assert model.pending == 0
+    again = await worker.dispatch({"model": ids["embedder"], "input": texts})
+    assert again.status == 200

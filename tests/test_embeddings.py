@@ -1,0 +1,170 @@
+"""Embeddings on the real Infinity engine: the OpenAI contract, to the letter."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+TEXTS = [
+    "a kitten sleeps on the sofa",
+    "a cat naps on the couch",
+    "the stock market fell today",
+]
+
+
+def _vectors(body) -> np.ndarray:
+    rows = []
+    for expected_index, item in enumerate(body["data"]):
+        assert item["object"] == "embedding" and item["index"] == expected_index
+        value = item["embedding"]
+        if isinstance(value, str):
+            rows.append(np.frombuffer(base64.b64decode(value), dtype="<f4"))
+        else:
+            rows.append(np.asarray(value, dtype=np.float32))
+    return np.stack(rows)
+
+
+async def embed(worker, **body):
+    reply = await worker.dispatch(body)
+    assert reply.status == 200, reply.body
+    return reply.body
+
+
+async def embed_error(worker, **body):
+    reply = await worker.dispatch(body)
+    assert reply.status >= 400, reply.body
+    return reply.status, reply.body["error"]
+
+
+async def test_minilm_matches_sentence_transformers_and_ranks_meaning(worker, ids, minilm_path):
+    body = await embed(worker, model=ids["minilm"], input=TEXTS)
+    got = _vectors(body)
+    expected = SentenceTransformer(str(minilm_path), device="cpu").encode(
+        TEXTS, normalize_embeddings=True
+    )
+    assert got.shape == (3, 384)
+    cosine = np.sum(got * expected, axis=1) / (
+        np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert cosine.min() >= 0.9999
+    kitten, cat, market = got
+    assert kitten @ cat > kitten @ market + 0.2
+
+
+async def test_answer_shape_and_usage_counts_real_tokens(worker, ids):
+    body = await embed(worker, model=ids["minilm"], input=TEXTS[:2], user="someone")
+    assert body["object"] == "list"
+    assert body["model"] == ids["minilm"]
+    assert body["id"].startswith("embd-") and isinstance(body["created"], int)
+    tokenizer = worker.registry.resolve(ids["minilm"], None).tokens.tokenizer
+    expected_tokens = sum(len(tokenizer(t)["input_ids"]) for t in TEXTS[:2])  # with [CLS]/[SEP]
+    assert body["usage"] == {"prompt_tokens": expected_tokens, "total_tokens": expected_tokens}
+    assert len(body["data"]) == 2
+    json.dumps(body)  # plain JSON all the way down
+
+
+async def test_single_string_is_one_embedding(worker, ids):
+    body = await embed(worker, model=ids["minilm"], input=TEXTS[0])
+    many = await embed(worker, model=ids["minilm"], input=TEXTS)
+    assert len(body["data"]) == 1
+    np.testing.assert_allclose(_vectors(body)[0], _vectors(many)[0], atol=1e-5)
+
+
+async def test_base64_is_little_endian_float32_of_the_same_vectors(worker, ids):
+    floats = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
+    b64 = await embed(worker, model=ids["minilm"], input=TEXTS, encoding_format="base64")
+    assert all(isinstance(item["embedding"], str) for item in b64["data"])
+    np.testing.assert_allclose(_vectors(b64), floats, atol=1e-6)
+
+
+async def test_float_answer_round_trips_float32_in_short_text(worker, ids):
+    body = await embed(worker, model=ids["minilm"], input=TEXTS, encoding_format="base64")
+    exact = _vectors(body)
+    body = await embed(worker, model=ids["minilm"], input=TEXTS)
+    text = json.dumps(body["data"][0]["embedding"])  # what runpod does with the job result
+    assert np.array_equal(np.asarray(json.loads(text), dtype=np.float32), exact[0])
+    # float32 widened to a Python float takes ~22 bytes a number; its shortest text far fewer.
+    assert len(text) / exact.shape[1] < 15
+
+
+async def test_dimensions_cut_then_renormalise(worker, ids):
+    full = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
+    cut = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS, dimensions=64))
+    assert cut.shape == (3, 64)
+    np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-5)
+    expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
+    np.testing.assert_allclose(cut, expected, atol=1e-5)
+    same = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS, dimensions=384))
+    np.testing.assert_allclose(same, full, atol=1e-6)
+
+
+async def test_token_id_inputs_embed_like_their_text(worker, ids):
+    tokenizer = worker.registry.resolve(ids["minilm"], None).tokens.tokenizer
+    token_lists = [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
+    from_text = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
+    from_ids = await embed(worker, model=ids["minilm"], input=token_lists)
+    np.testing.assert_allclose(_vectors(from_ids), from_text, atol=1e-5)
+    assert from_ids["usage"]["prompt_tokens"] == sum(len(t) for t in token_lists)
+    one = await embed(worker, model=ids["minilm"], input=token_lists[1])
+    np.testing.assert_allclose(_vectors(one)[0], from_text[1], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body, param, fragment",
+    [
+        ({"input": ""}, "input", "empty string"),
+        ({"input": []}, "input", "empty array"),
+        ({"input": ["ok", ""]}, "input", "item 1 is an empty string"),
+        ({"input": ["ok", 3]}, "input", "item 1 is not a string"),
+        ({"input": [[1, 2], []]}, "input", "item 1 is an empty array"),
+        ({"input": [1, "a"]}, "input", "only integer token ids"),
+        ({"input": [True, 1]}, "input", "must be a string"),
+        ({"input": 42}, "input", "must be a string"),
+        ({"input": {"text": "x"}}, "input", "must be a string"),
+        ({"input": [[1.5]]}, "input", "only integer token ids"),
+        ({"input": [[10**9]]}, "input", "outside the model's vocabulary"),
+        ({"input": [[-1]]}, "input", "outside the model's vocabulary"),
+        ({"input": "x", "encoding_format": "binary"}, "encoding_format", "'float' or 'base64'"),
+        ({"input": "x", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
+        ({"input": "x", "dimensions": 385}, "dimensions", "between 1 and 384"),
+        ({"input": "x", "dimensions": "64"}, "dimensions", "valid integer"),
+        ({"input": "x", "dimensions": True}, "dimensions", "valid integer"),
+        ({"input": "x", "dimensions": 64.0}, "dimensions", "valid integer"),
+        ({"input": "x", "user": 5}, "user", "valid string"),
+        ({"model": 7, "input": "x"}, "model", "valid string"),
+    ],
+)
+async def test_bad_input_is_a_typed_400_naming_the_field(worker, ids, body, param, fragment):
+    body = {"model": ids["minilm"], **body}
+    status, error = await embed_error(worker, **body)
+    assert status == 400
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert fragment in error["message"]
+
+
+async def test_missing_input_is_required(worker, ids):
+    reply = await worker.dispatch({"openai_route": "/v1/embeddings", "openai_input": {"model": "x"}})
+    assert reply.status == 400
+    assert reply.body["error"]["param"] == "input"
+    assert "'input' is required" in reply.body["error"]["message"]
+
+
+async def test_more_than_2048_inputs_is_refused(worker, ids):
+    status, error = await embed_error(worker, model=ids["embedder"], input=["word"] * 2049)
+    assert status == 400 and error["param"] == "input" and "2048" in error["message"]
+    body = await embed(worker, model=ids["embedder"], input=["word"] * 2048)
+    assert len(body["data"]) == 2048
+
+
+async def test_tiny_random_embedder_matches_sentence_transformers(worker, ids, bert_embedder):
+    texts = ["the quick brown fox", "jumps over the lazy dog", "a"]
+    got = _vectors(await embed(worker, model=ids["embedder"], input=texts))
+    expected = SentenceTransformer(str(bert_embedder), device="cpu").encode(
+        texts, normalize_embeddings=True
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-5)
