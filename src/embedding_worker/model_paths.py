@@ -77,8 +77,8 @@ def find_local_model(hub_id: str, models_dir: Path, cache_dirs: list[Path]) -> P
 def volume_download_home(volume: Path) -> Path | None:
     """HF_HOME on an attached network volume, so a download is kept for the next cold start.
 
-    None when no volume is mounted or it cannot be written (RunPod's model cache alone is read-only
-    to the worker); the download then goes to the container disk as usual.
+    None when no volume is mounted or the cache folder on it cannot be written (RunPod's model cache
+    may be mounted there without a writable volume); the download then goes to the container disk.
     """
     home = volume / "huggingface-cache"
     hub = home / "hub"
