@@ -66,17 +66,20 @@ def runpod_handler(worker: Worker) -> Callable[[dict[str, Any]], Any]:
     return handler
 
 
+def runpod_config(worker: Worker) -> dict[str, Any]:
+    """What runpod.serverless.start() is given: the handler and the concurrency per worker."""
+    max_concurrency = worker.config.max_concurrency
+    return {
+        "handler": runpod_handler(worker),
+        "concurrency_modifier": lambda current: max_concurrency,
+    }
+
+
 def run_runpod(worker: Worker) -> None:
     import runpod
 
-    max_concurrency = worker.config.max_concurrency
     try:
-        runpod.serverless.start(
-            {
-                "handler": runpod_handler(worker),
-                "concurrency_modifier": lambda current: max_concurrency,
-            }
-        )
+        runpod.serverless.start(runpod_config(worker))
     finally:
         # runpod's local test ends with sys.exit(); Infinity's batch threads would keep the process
         # alive after it, so the engines are stopped on the way out.
