@@ -76,14 +76,19 @@ class TokenCounter:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
+    def _encode_batch(self, inputs: list[Any]) -> list[Any]:
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less time, same ids.
+        encode = getattr(self._fast, "encode_batch_fast", None) or self._fast.encode_batch
+        return encode(inputs)
+
     def count(self, texts: Sequence[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e.ids) for e in self._fast.encode_batch(list(texts))]
+            return [len(e.ids) for e in self._encode_batch(list(texts))]
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
     def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e.ids) for e in self._fast.encode_batch([(query, d) for d in docs])]
+            return [len(e.ids) for e in self._encode_batch([(query, d) for d in docs])]
         encoded = self.tokenizer([query] * len(docs), list(docs), truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
