@@ -17,6 +17,27 @@ def _g(value: float) -> str:
     return f"{value / 1e9:.0f}"
 
 
+def summary(r: dict[str, Any]) -> list[str]:
+    """The targets at a glance: one row per model and input length."""
+    lines = [
+        "| model | inputs | handler / engine | auto ({dtype}) / engine float32 | sentence-transformers / engine "
+        "| engine float32 inputs/s | engine of matmul peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    dtypes = {m["auto_dtype"] for m in r["models"]}
+    lines[0] = lines[0].replace("{dtype}", "/".join(sorted(dtypes)) or "-")
+    for model in r["models"]:
+        for length, row in model["throughput"].items():
+            v = row["variants"]
+            lines.append(
+                f"| {model['model']} | {length} ({row['tokens_per_input']:.0f} tok) "
+                f"| {v['handler']['vs_engine']:.2f} | {v['handler_auto']['vs_engine']:.2f} "
+                f"| {v['sentence_transformers']['vs_engine']:.2f} | {v['engine']['inputs_per_s']:.1f} "
+                f"| {100 * v['engine']['of_matmul_peak']:.0f}% |"
+            )
+    return lines
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["machine"]
     device = m.get("gpu", f"{m['cpu']}, {m['cores']} cores") + f" ({m['device']})"
@@ -29,6 +50,10 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "Matmul peak (the physical limit): "
         + ", ".join(f"{k} {_g(v)} GFLOP/s" for k, v in r["matmul_peak_flop_per_s"].items()),
+        "",
+        "### Summary (throughput ratios, each against the raw engine in float32)",
+        "",
+        *summary(r),
         "",
         "### Throughput",
         "",
@@ -90,6 +115,9 @@ def markdown(r: dict[str, Any]) -> str:
                       ("base64_worker", "base64, the worker's")):
         lines.append(f"| {name} | {s[key]['bytes_per_number']:.2f} | {s[key]['ms']:.1f} | {s[key]['exact']} |")
     lines.append(f"\nbase64 is {s['base64_speedup_vs_float_worker']:.1f}x faster to produce than float.")
+    if r.get("failed"):
+        lines += ["", "### Not measured", ""]
+        lines += [f"- {name}: {why.splitlines()[0]}" for name, why in r["failed"].items()]
     lines += ["", "### Local HTTP server (one short text per request)", ""]
     server = r["server"]
     if "skipped" in server:

@@ -41,13 +41,14 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 QUICK_MODELS = ["minilm"]
 FULL_MODELS = ["minilm", "bge-small", "bge-large", "qwen3-0.6b"]
-# Inputs per throughput measurement: (short, medium, long), scaled to what the model costs on a CPU.
-COUNTS_QUICK = {"minilm": (256, 96, 24)}
-COUNTS_FULL = {
-    "minilm": (1024, 256, 64),
-    "bge-small": (512, 128, 32),
-    "bge-large": (128, 32, 8),
-    "qwen3-0.6b": (64, 16, 8),
+# Per model: inputs per throughput measurement (short, medium, long), interleaved rounds, and rounds of
+# the one-request latency; scaled to what each model costs on a 2-core CPU (a GPU takes them in stride).
+PLAN_QUICK = {"minilm": ((128, 32, 8), 3, 30)}
+PLAN_FULL = {
+    "minilm": ((256, 64, 16), 5, 100),
+    "bge-small": ((128, 32, 8), 5, 60),
+    "bge-large": ((16, 4, 2), 3, 20),
+    "qwen3-0.6b": ((16, 4, 2), 3, 20),
 }
 REQUEST_SIZE = 16  # inputs per request: many concurrent requests, batched together by the engine
 
@@ -540,8 +541,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(models) - set(FULL_MODELS)
     if unknown:
         raise SystemExit(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {FULL_MODELS}")
+    plans = PLAN_QUICK if args.quick else PLAN_FULL
     repeats = args.repeats or (3 if args.quick else 5)
-    counts = COUNTS_QUICK if args.quick else COUNTS_FULL
     results: dict[str, Any] = {
         "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -559,12 +560,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results["cold_start"] = {}
     for name in models:
         path = model_dir(name, cache)
-        n = counts.get(name, COUNTS_FULL[name])
-        results["models"].append(
-            await bench_model(name, path, n, repeats, 30 if args.quick else 100, device, peak)
-        )
-        log(f"{name}: cold start")
-        results["cold_start"][name] = bench_cold_start(path, 2 if args.quick else 3)
+        counts, rounds, latency_rounds = plans.get(name, PLAN_FULL[name])
+        try:  # one model failing (out of memory, say) must not lose the others' figures
+            results["models"].append(
+                await bench_model(name, path, counts, args.repeats or rounds, latency_rounds, device, peak)
+            )
+            log(f"{name}: cold start")
+            results["cold_start"][name] = bench_cold_start(path, 2 if args.quick else 3)
+        except Exception as exc:
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+            results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
     log("local HTTP server")
     results["server"] = await bench_server(bundled_model_path(), repeats, 64 if args.quick else 256)
     results["machine"]["load_average_end"] = os.getloadavg()

@@ -40,6 +40,16 @@ def test_auto_on_a_cpu_follows_native_bfloat16(native, expected, cpu_only, monke
     assert resolve_dtype("auto", "torch") == expected
 
 
+def test_auto_keeps_rerankers_in_float32_and_embedders_in_bfloat16(
+    bert_embedder, bert_reranker, minilm_path, cpu_only, monkeypatch
+):
+    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", "torch", str(bert_reranker)) == "float32"
+    assert resolve_dtype("auto", "torch", str(bert_embedder)) == "bfloat16"
+    assert resolve_dtype("auto", "torch", str(minilm_path)) == "bfloat16"
+    assert resolve_dtype("bfloat16", "torch", str(bert_reranker)) == "bfloat16"  # asked for: kept
+
+
 def test_auto_on_a_gpu_is_left_to_infinity(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)

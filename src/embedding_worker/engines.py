@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import numpy as np
@@ -257,12 +259,27 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, backend: str) -> str:
+def is_sequence_classifier(source: str) -> bool:
+    """Whether the model's config.json names a *ForSequenceClassification architecture (a reranker or
+    classifier). Reads the local copy, or fetches that one small file of a hub model (the engine
+    downloads the rest right after)."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(source, "config.json"))
+    architectures = json.loads(path.read_text(encoding="utf-8")).get("architectures") or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def resolve_dtype(dtype: str, backend: str, source: str | None = None) -> str:
     """The dtype handed to Infinity: what DTYPES=auto means on this machine.
 
     Infinity's own `auto` is bfloat16/float16 on a GPU (kept) but always float32 on a CPU. On a CPU
-    with native bfloat16 the worker picks bfloat16 instead: about 1.8x float32's throughput on
-    MiniLM with cosine >= 0.9999 to the float32 vectors (bench/run.py measures both).
+    with native bfloat16 the worker picks bfloat16 for embedders: about 1.8x float32's throughput
+    with cosine >= 0.9999 to the float32 vectors on MiniLM (bench/run.py measures both). Rerankers
+    (`source` names a sequence classifier) stay float32: a relevance score is one logit, and bfloat16's
+    three significant digits can reorder close documents.
     """
     if dtype != "auto" or backend != "torch":
         return dtype
@@ -270,13 +287,17 @@ def resolve_dtype(dtype: str, backend: str) -> str:
 
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         return "auto"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
+    if not cpu_has_native_bf16():
+        return "float32"
+    if source is not None and is_sequence_classifier(source):
+        return "float32"
+    return "bfloat16"
 
 
 def _engine_args(spec: ModelSpec, config: WorkerConfig) -> Any:
     from infinity_emb import EngineArgs
 
-    dtype = resolve_dtype(spec.dtype, spec.backend)
+    dtype = resolve_dtype(spec.dtype, spec.backend, spec.source)
     if dtype != spec.dtype:
         log.info("%s: dtype auto -> %s on this machine", spec.served_id, dtype)
     return EngineArgs(
