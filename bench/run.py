@@ -476,30 +476,47 @@ def bench_cold_start(path: Path, repeats: int) -> dict[str, Any]:
 
 
 async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any]:
-    """The local HTTP server (where this branch has it) at concurrency 1, 16 and 64, against the raw
-    engine answering the same one-text requests at the same concurrency."""
-    try:
-        from embedding_worker import server
-    except ImportError:
+    """The local HTTP server (`python handler.py --serve`, where this branch has it) in its own process,
+    as clients meet it, at concurrency 1, 16 and 64; against the raw engine (in this process) answering
+    the same one-text requests at the same concurrency. The httpx client shares this machine's CPU."""
+    if not (ROOT / "src" / "embedding_worker" / "server.py").exists():
         return {"skipped": "embedding_worker.server is not part of this branch"}
-    import httpx
-    import uvicorn
+    import socket
 
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+    env.update({"MODEL_NAMES": source, "DTYPES": "float32", "LOG_LEVEL": "WARNING"})
+    log_file = tempfile.TemporaryFile()
+    server = subprocess.Popen(
+        [sys.executable, "handler.py", "--serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
     worker = Worker.from_config(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
     await worker.start()
     engine = worker.registry.models[0].engine
-    config = uvicorn.Config(server.create_app(worker), host="127.0.0.1", port=0, log_level="warning")
-    http = uvicorn.Server(config)
-    serving = asyncio.create_task(http.serve())
-    while not http.started:
-        await asyncio.sleep(0.05)
-    port = http.servers[0].sockets[0].getsockname()[1]
     texts = texts_of_length(worker.registry.models[0].tokens.tokenizer, LENGTHS["short"], requests)
     out: dict[str, Any] = {}
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120,
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300,
                                      limits=httpx.Limits(max_connections=64)) as client:
+            deadline = time.monotonic() + 600
+            while True:  # until the server has loaded its model
+                if server.poll() is not None:
+                    log_file.seek(0)
+                    raise RuntimeError(f"server exited: {log_file.read()[-2000:].decode(errors='replace')}")
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not answer /health within 600 s")
+                await asyncio.sleep(0.5)
             for concurrency in (1, 16, 64):
                 gate = asyncio.Semaphore(concurrency)
 
@@ -523,11 +540,15 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
                     "server_rps": requests / statistics.median(times["server"]),
                     "server_vs_engine": paired_ratio(times, "server", "engine"),
                 }
-    except Exception as exc:  # a server API other than expected: say so, keep the rest of the run
+    except Exception as exc:  # say so, keep the rest of the run
         out = {"skipped": f"server benchmark failed: {type(exc).__name__}: {exc}"}
     finally:
-        http.should_exit = True
-        await serving
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log_file.close()
         await worker.stop()
     return out
 
@@ -537,6 +558,8 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and device != "cuda":
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
     models = args.models.split(",") if args.models else (QUICK_MODELS if args.quick else FULL_MODELS)
     unknown = set(models) - set(FULL_MODELS)
     if unknown:
