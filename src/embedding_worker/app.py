@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from . import batch
 from .config import ConfigError, load_config
 from .dispatch import Worker
 from .engines import ModelLoadError
@@ -61,4 +62,6 @@ def run_runpod(worker: Worker) -> None:
 
 
 def main(worker: Worker, argv: list[str]) -> None:
+    if batch.wants_batch(argv):  # python handler.py --batch FILE --output FILE ...
+        raise SystemExit(batch.main(worker, argv))
     run_runpod(worker)
