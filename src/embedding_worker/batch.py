@@ -1,4 +1,4 @@
-"""Batch files: OpenAI Batch request lines in, OpenAI Batch output lines out, through the one dispatch.
+"""Batch files: OpenAI Batch request lines in, OpenAI Batch output lines out, through one dispatch.
 
 Three transports share the line handling here:
 - `python handler.py --batch requests.jsonl --output results.jsonl`: on this machine (`run_local`);
@@ -78,7 +78,8 @@ def line_id(line_no: int) -> str:
 
 
 def _bad(custom_id: str, line_no: int, message: str) -> BadLine:
-    return BadLine(custom_id, errors.invalid_input(f"line {line_no}: {message}", code="invalid_batch_line"))
+    error = errors.invalid_input(f"line {line_no}: {message}", code="invalid_batch_line")
+    return BadLine(custom_id, error)
 
 
 def parse_line(value: Any, line_no: int, defaults: Mapping[str, Any]) -> Line:
@@ -166,7 +167,9 @@ def is_retryable(output: Mapping[str, Any]) -> bool:
     return status_of(output) in RETRY_STATUSES
 
 
-async def answer(worker: Worker, line: Line, retries: int = 3, backoff_s: float = 0.5) -> dict[str, Any]:
+async def answer(
+    worker: Worker, line: Line, retries: int = 3, backoff_s: float = 0.5
+) -> dict[str, Any]:
     """The output line for one line. A full queue or a timeout is retried (bounded, with backoff)
     while the worker is healthy; after that the retryable answer is returned as it is."""
     if isinstance(line, BadLine):
@@ -223,7 +226,9 @@ async def answer_job(worker: Worker, job_input: Mapping[str, Any]) -> dict[str, 
     custom_ids included); retryable failures stay in the answer for the sender to retry."""
     lines = job_input.get("batch")
     if not isinstance(lines, list) or not lines:
-        raise errors.invalid_input("'batch' must be a non-empty array of batch lines", param="batch")
+        raise errors.invalid_input(
+            "'batch' must be a non-empty array of batch lines", param="batch"
+        )
     if len(lines) > JOB_MAX_LINES:
         raise errors.too_large(
             f"'batch' holds {len(lines)} lines; at most {JOB_MAX_LINES} in one job", param="batch"
@@ -351,7 +356,8 @@ class Summary:
             f"{self.unanswered} unanswered"
         )
         if self.duplicate_lines:
-            text += f"\nbatch: duplicate custom_ids on lines {', '.join(map(str, self.duplicate_lines))}"
+            numbers = ", ".join(map(str, self.duplicate_lines))
+            text += f"\nbatch: duplicate custom_ids on lines {numbers}"
             if self.duplicates > len(self.duplicate_lines):
                 text += ", ..."
         if self.aborted:
@@ -373,7 +379,7 @@ class BatchRun:
         self.seen: set[str] = set()
         self.progress: Any = None
 
-    def __enter__(self) -> "BatchRun":
+    def __enter__(self) -> BatchRun:
         self.done = self.output.open()
         from tqdm import tqdm
 
@@ -484,12 +490,14 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python handler.py",
-        description="Answer a batch file (OpenAI Batch JSONL, plain {\"text\"} lines, or a .txt file "
-        "with one document per line) into an OpenAI Batch output file; resumable.",
+        description="Answer a batch file (OpenAI Batch JSONL, plain {\"text\"} lines, or a .txt "
+        "file with one document per line) into an OpenAI Batch output file; resumable.",
         allow_abbrev=False,
     )
     parser.add_argument("--batch", required=True, type=Path, help="input file")
-    parser.add_argument("--output", required=True, type=Path, help="output JSONL (appended, resumed)")
+    parser.add_argument(
+        "--output", required=True, type=Path, help="output JSONL (appended, resumed)"
+    )
     parser.add_argument(
         "--format", choices=("auto", "jsonl", "text"), default="auto",
         help="input format; auto: text for a .txt file, JSONL otherwise",
@@ -541,8 +549,8 @@ def parse_options(argv: list[str]) -> BatchOptions:
 
 
 def main(worker: Worker, argv: list[str]) -> int:
-    """`python handler.py --batch ...`: the exit status (0: every line answered; 1: some left for the
-    next run; 2: bad usage or an output file that is not ours)."""
+    """`python handler.py --batch ...`: the exit status (0: every line answered; 1: some left for
+    the next run; 2: bad usage or an output file that is not ours)."""
     options = parse_options(argv)
 
     async def run_and_stop() -> Summary:

@@ -40,6 +40,7 @@ async def run_endpoint(run: BatchRun, transport: httpx.AsyncBaseTransport | None
     """Answer the run's remaining lines through `run.options.endpoint`. `transport` is for tests
     that inject network faults in front of a real server."""
     options = run.options
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per poll
     key = os.environ.get("RUNPOD_API_KEY")
     if not key:
         log.warning("RUNPOD_API_KEY is not set: jobs are sent without an API key")
@@ -133,7 +134,8 @@ class _Endpoint:
                 raise _JobFailed(f"job {job_id} {state}: {_short(status.get('error'))}")
             if loop.time() > deadline:
                 await self._cancel(job_id)
-                raise _JobFailed(f"job {job_id} unfinished after {self.options.job_timeout_s:.0f} s")
+                waited = self.options.job_timeout_s
+                raise _JobFailed(f"job {job_id} unfinished after {waited:.0f} s")
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = await self._send(method, path, **kwargs)
@@ -143,7 +145,8 @@ class _Endpoint:
             response = await self._send("POST", path, **kwargs)
         if response.status_code in (401, 403):
             raise EndpointError(
-                f"the endpoint refused the API key (HTTP {response.status_code}): set RUNPOD_API_KEY"
+                f"the endpoint refused the API key (HTTP {response.status_code}): "
+                "set RUNPOD_API_KEY"
             )
         if response.status_code == 429 or response.status_code >= 500:
             raise _JobFailed(f"{method} {path}: HTTP {response.status_code}")
@@ -191,8 +194,11 @@ def _raise_if_refused(error: Any) -> None:
         return
     status = parsed.get("status") if isinstance(parsed, dict) else None
     if isinstance(status, int) and 400 <= status < 500 and status != 429:
-        message = parsed.get("error", {}).get("message") if isinstance(parsed.get("error"), dict) else None
-        raise EndpointError(f"the endpoint refused the batch job ({status}): {message or _short(error)}")
+        body = parsed.get("error")
+        message = body.get("message") if isinstance(body, dict) else None
+        raise EndpointError(
+            f"the endpoint refused the batch job ({status}): {message or _short(error)}"
+        )
 
 
 def _short(value: Any, limit: int = 300) -> str:
