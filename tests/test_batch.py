@@ -216,6 +216,27 @@ async def test_an_interrupted_run_resumes_without_loss_or_duplicates(worker, ids
     assert again.answered == 0 and again.already_done >= 1000
 
 
+async def test_lines_are_read_only_as_slots_free_up():
+    """The input is pulled lazily: never more than `limit` lines read ahead of those finished, and
+    that many really run at once (what lets the engine batch them)."""
+    pulled = finished = most_ahead = 0
+
+    def lines():
+        nonlocal pulled
+        for number in range(300):
+            pulled += 1
+            yield number
+
+    async def work(number: int) -> None:
+        nonlocal finished, most_ahead
+        most_ahead = max(most_ahead, pulled - finished)
+        await asyncio.sleep(0.001 * (number % 3))
+        finished += 1
+
+    await batch.bounded(lines(), work, 8)
+    assert finished == 300 and most_ahead == 8
+
+
 async def test_a_foreign_output_file_is_refused_not_appended(worker, ids, tmp_path):
     source = write_lines(tmp_path / "requests.jsonl", make_lines(5, ids))
     foreign = tmp_path / "results.jsonl"

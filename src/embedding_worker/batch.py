@@ -43,6 +43,7 @@ RETRY_STATUSES = frozenset({429, 503})  # queue full, engine timeout: worth anot
 PLAIN_OPTIONS = ("model", "encoding_format", "dimensions", "prompt_type", "instruction")
 
 T = TypeVar("T")
+_END: Any = object()
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -203,9 +204,11 @@ async def bounded(
         finally:
             slots.release()
 
-    for item in items:
-        await slots.acquire()
-        if failures or stop():
+    pending = iter(items)
+    while True:
+        await slots.acquire()  # before reading the next item: nothing is read ahead
+        item = next(pending, _END) if not (failures or stop()) else _END
+        if item is _END:
             slots.release()
             break
         task = asyncio.create_task(one(item))
