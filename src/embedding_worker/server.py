@@ -141,7 +141,8 @@ def create_app(worker: Worker, settings: ServerSettings | None = None) -> FastAP
         answer = job_answer(job.id, reply)
         jobs.finish(job, JobStatus(answer["status"]), orjson.dumps(answer))
 
-    @app.get("/status/{job_id}", dependencies=guarded)
+    # RunPod's API answers GET; runpod's local API (--rp_serve_api) only POST: take both.
+    @app.api_route("/status/{job_id}", methods=["GET", "POST"], dependencies=guarded)
     async def status(job_id: str) -> Response:
         return status_response(known_job(job_id))
 
