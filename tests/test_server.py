@@ -26,7 +26,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
-from embedding_worker.dispatch import Worker
+from embedding_worker.dispatch import Reply, Worker
 from embedding_worker.engines import Health, ModelEngine, ModelRegistry, Role, TokenCounter
 from embedding_worker.server import ServerSettings, create_app, uvicorn_server
 from tests import model_factory
@@ -544,3 +544,19 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
             runpod_api.stop(timeout=30)
         except subprocess.TimeoutExpired:
             pass  # killed: runpod's API server is not this test's subject
+
+
+def test_an_answer_that_cannot_be_written_is_a_500_error_object_not_a_lost_job(bert_embedder):
+    worker, _ = stuck_worker(bert_embedder, "300")
+
+    async def broken_dispatch(job_input, job_id=None):  # the fault: a body JSON cannot hold
+        return Reply(200, {"value": object()})
+
+    worker.dispatch = broken_dispatch
+    with ServerThread(create_app(worker)) as server, httpx.Client(base_url=server.url) as http:
+        direct = http.get("/v1/models")
+        assert direct.status_code == 500
+        assert direct.json()["error"]["code"] == "internal_error"
+        failed = poll(http, http.post("/run", json={"input": {"input": "a"}}).json()["id"])
+        assert failed["status"] == "FAILED"
+        assert json.loads(failed["error"])["error"]["code"] == "internal_error"

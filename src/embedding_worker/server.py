@@ -59,7 +59,13 @@ class ServerSettings:
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status, headers, media_type="application/json")
+    try:
+        content = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # a bug upstream; the client still gets an error object
+        log.exception("an answer could not be written as JSON")
+        error = errors.internal()
+        content, status = orjson.dumps(error.to_dict()), error.status
+    return Response(content, status, headers, media_type="application/json")
 
 
 def job_answer(job_id: str, reply: Reply) -> dict[str, Any]:
@@ -137,9 +143,14 @@ def create_app(worker: Worker, settings: ServerSettings | None = None) -> FastAP
 
     async def run_job(job: Job, job_input: Any) -> None:
         job.status = JobStatus.IN_PROGRESS
-        reply = await worker.dispatch(job_input, job.id)
-        answer = job_answer(job.id, reply)
-        jobs.finish(job, JobStatus(answer["status"]), orjson.dumps(answer))
+        try:
+            body = job_answer(job.id, await worker.dispatch(job_input, job.id))
+            answer = orjson.dumps(body)
+        except Exception:  # dispatch never raises; this guards the job against being lost
+            log.exception("job %s: could not record its answer", job.id)
+            body = job_answer(job.id, Reply(500, errors.internal().to_dict()))
+            answer = orjson.dumps(body)
+        jobs.finish(job, JobStatus(body["status"]), answer)
 
     # RunPod's API answers GET; runpod's local API (--rp_serve_api) only POST: take both.
     @app.api_route("/status/{job_id}", methods=["GET", "POST"], dependencies=guarded)
