@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,10 +26,10 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from embedding_worker.config import DEFAULT_MODEL_ID, load_config
+from embedding_worker.config import DEFAULT_MODEL_ID, ConfigError, load_config
 from embedding_worker.dispatch import Reply, Worker
 from embedding_worker.engines import Health, ModelEngine, ModelRegistry, Role, TokenCounter
-from embedding_worker.server import ServerSettings, create_app, uvicorn_server
+from embedding_worker.server import SERVER_VARIABLES, ServerSettings, create_app, uvicorn_server
 from tests import model_factory
 from tests.conftest import ROOT
 
@@ -560,3 +561,18 @@ def test_an_answer_that_cannot_be_written_is_a_500_error_object_not_a_lost_job(b
         failed = poll(http, http.post("/run", json={"input": {"input": "a"}}).json()["id"])
         assert failed["status"] == "FAILED"
         assert json.loads(failed["error"])["error"]["code"] == "internal_error"
+
+
+@pytest.mark.parametrize("name", [n for n in SERVER_VARIABLES if n != "WORKER_API_KEY"])
+def test_server_settings_refuse_bad_values_naming_the_variable(name):
+    with pytest.raises(ConfigError, match=name):
+        ServerSettings.from_env({name: "0"})
+    assert ServerSettings.from_env({name: "7"}) != ServerSettings()
+
+
+def test_every_server_variable_is_in_the_readme_table():
+    readme = (ROOT / "README.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.M))
+    assert set(SERVER_VARIABLES) <= table
+    assert ServerSettings.from_env({"WORKER_API_KEY": "k"}).api_key == "k"
+    assert ServerSettings.from_env({"WORKER_API_KEY": ""}).api_key is None

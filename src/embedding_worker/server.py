@@ -31,6 +31,14 @@ from .jobs import Job, JobStatus, JobStore
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "WORKER_API_KEY"
+# The server's own variables (README, "Local server"); they do not apply to RunPod serverless.
+SERVER_VARIABLES = (
+    API_KEY_ENV,
+    "SERVER_JOB_TTL_S",
+    "SERVER_MAX_FINISHED_JOBS",
+    "SERVER_MAX_JOB_RESULT_BYTES",
+    "SERVER_MAX_BODY_BYTES",
+)
 OPENAI_PREFIXES = ("/openai/v1", "/v1")  # RunPod's proxy path, and a plain OpenAI server's
 
 
