@@ -112,7 +112,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-# --- the official openai SDK, unmodified -----------------------------------------------------------
+# --- the official openai SDK, unmodified ----------------------------------------------------------
 
 
 def test_sdk_default_base64_decodes_to_the_float_answer(served):
@@ -183,7 +183,8 @@ def test_sdk_instruction_and_prompt_type_through_extra_body(served):
 
     plain = embed(query)
     with_instruction = embed(query, instruction=task)
-    np.testing.assert_allclose(with_instruction, embed(f"Instruct: {task}\nQuery:{query}"), atol=1e-5)
+    formatted = embed(f"Instruct: {task}\nQuery:{query}")
+    np.testing.assert_allclose(with_instruction, formatted, atol=1e-5)
     as_query = embed(query, prompt_type="query")
     np.testing.assert_allclose(as_query, embed(model_factory.QWEN3_QUERY_PROMPT + query), atol=1e-5)
     np.testing.assert_allclose(embed(query, prompt_type="document"), plain, atol=1e-5)
@@ -193,7 +194,7 @@ def test_sdk_instruction_and_prompt_type_through_extra_body(served):
     assert "query" in caught.value.message and "document" in caught.value.message
 
 
-# --- plain HTTP: rerank, RunPod's routes, errors ---------------------------------------------------
+# --- plain HTTP: rerank, RunPod's routes, errors --------------------------------------------------
 
 
 @pytest.mark.parametrize("prefix", ["/v1", "/openai/v1"])
@@ -331,7 +332,8 @@ def test_many_concurrent_clients_each_get_their_own_answer(served, http):
         assert reply.status_code == 200, reply.text
         data = reply.json()
         if path == "/v1/rerank":
-            return np.array([r["relevance_score"] for r in sorted(data["results"], key=lambda r: r["index"])])
+            in_order = sorted(data["results"], key=lambda r: r["index"])
+            return np.array([r["relevance_score"] for r in in_order])
         return http_vectors(data)[0]
 
     one_by_one = [answer(r) for r in requests]
@@ -404,7 +406,8 @@ def test_engine_timeout_fails_the_job_and_health_answers_503(bert_embedder):
         assert json.loads(job["error"])["error"]["code"] == "timeout"
         health = http.get("/health")
         assert health.status_code == 503
-        assert health.json()["status"] == "unhealthy" and "did not answer" in health.json()["reason"]
+        assert health.json()["status"] == "unhealthy"
+        assert "did not answer" in health.json()["reason"]
         after = http.post("/v1/embeddings", json={"input": "hello"})
         assert after.status_code == 503 and after.json()["error"]["code"] == "engine_unavailable"
 
@@ -475,7 +478,8 @@ def test_serve_flag_with_api_key_and_bounded_results(bert_embedder):
         assert missing.headers["www-authenticate"] == "Bearer"
         assert missing.json()["error"]["code"] == "invalid_api_key"
         wrong = {"Authorization": "Bearer " + key[:-1] + "x"}
-        assert httpx.post(url + "/runsync", json={"input": {"input": "a"}}, headers=wrong).status_code == 401
+        refused = httpx.post(url + "/runsync", json={"input": {"input": "a"}}, headers=wrong)
+        assert refused.status_code == 401
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         listed = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).models.list()
@@ -523,7 +527,8 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
         runpod_api.wait_until_serving(url, "/docs")
         with httpx.Client(base_url=url, timeout=120) as theirs:
             for job in (embed_job, proxy_job):
-                ours, rp = http.post("/runsync", json=job).json(), theirs.post("/runsync", json=job).json()
+                ours = http.post("/runsync", json=job).json()
+                rp = theirs.post("/runsync", json=job).json()
                 assert rp["status"] == ours["status"] == "COMPLETED", rp
                 ours_out, rp_out = ours["output"], rp["output"]
                 if isinstance(ours_out, list):
@@ -576,3 +581,19 @@ def test_every_server_variable_is_in_the_readme_table():
     assert set(SERVER_VARIABLES) <= table
     assert ServerSettings.from_env({"WORKER_API_KEY": "k"}).api_key == "k"
     assert ServerSettings.from_env({"WORKER_API_KEY": ""}).api_key is None
+
+
+def test_a_body_over_the_limit_is_refused_with_413(bert_embedder):
+    worker, model = stuck_worker(bert_embedder, "300")
+    app = create_app(worker, ServerSettings(max_body_bytes=1000))
+    body = json.dumps({"input": ["x" * 600, "y" * 600]}).encode()
+    with ServerThread(app) as server, httpx.Client(base_url=server.url) as http:
+        declared = http.post("/v1/embeddings", content=body)
+        streamed = http.post("/runsync", content=iter([body[:500], body[500:]]))  # no length given
+        for response in (declared, streamed):
+            assert response.status_code == 413, response.text
+            assert response.json()["error"]["code"] == "request_too_large"
+        assert "transfer-encoding" in streamed.request.headers
+        small = http.post("/v1/embeddings", json={"input": "fits", "model": "no-such/model"})
+        assert small.status_code == 404  # under the limit: read and dispatched
+    assert model.pending == 0

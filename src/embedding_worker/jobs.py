@@ -1,7 +1,7 @@
 """Jobs submitted to the local server's POST /run, and the bounded store of their results.
 
-A finished job's answer is kept until it is older than the time limit, or until newer answers push it
-out (count and size limits), so a server that takes /run jobs for days holds a bounded amount of memory.
+A finished job's answer is kept until it is older than the time limit, or until newer answers push
+it out (count and size limits), so a server that takes /run jobs for days holds bounded memory.
 The newest answer is always kept, however large, so the client that asked for it can fetch it.
 """
 

@@ -1,8 +1,8 @@
 """The local HTTP server: RunPod's endpoint routes and OpenAI routes over the one `Worker` dispatch.
 
 `python handler.py --serve` runs it with uvicorn. Every route only reads the request and writes the
-`Reply` in its wire format: RunPod's job wrapper for /run, /runsync and /status, the OpenAI body with
-its HTTP status for /v1/... and /openai/v1/... . Nothing here knows what an embedding is.
+`Reply` in its wire format: RunPod's job wrapper for /run, /runsync and /status, the OpenAI body
+with its HTTP status for /v1/... and /openai/v1/... . Nothing here knows what an embedding is.
 """
 
 from __future__ import annotations
@@ -66,7 +66,9 @@ class ServerSettings:
         )
 
 
-def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
     try:
         content = orjson.dumps(body)
     except orjson.JSONEncodeError:  # a bug upstream; the client still gets an error object
@@ -126,7 +128,9 @@ def create_app(worker: Worker, settings: ServerSettings | None = None) -> FastAP
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         # Unknown paths and wrong methods answer the OpenAI error object too, not FastAPI's shape.
         if exc.status_code == 405:
-            error = errors.method_not_allowed(f"{request.method} is not allowed on {request.url.path}")
+            error = errors.method_not_allowed(
+                f"{request.method} is not allowed on {request.url.path}"
+            )
         else:
             error = errors.not_found(f"no route {request.method} {request.url.path}")
         return json_response(error.to_dict(), error.status)
@@ -209,9 +213,12 @@ def create_app(worker: Worker, settings: ServerSettings | None = None) -> FastAP
         return reply_response(await worker.call("/v1/rerank", await read_json(request)))
 
     for prefix in OPENAI_PREFIXES:
-        app.add_api_route(f"{prefix}/models", models, methods=["GET"], dependencies=guarded)
-        app.add_api_route(f"{prefix}/embeddings", embeddings, methods=["POST"], dependencies=guarded)
-        app.add_api_route(f"{prefix}/rerank", rerank, methods=["POST"], dependencies=guarded)
+        for path, route, method in (
+            ("/models", models, "GET"),
+            ("/embeddings", embeddings, "POST"),
+            ("/rerank", rerank, "POST"),
+        ):
+            app.add_api_route(prefix + path, route, methods=[method], dependencies=guarded)
 
     return app
 
@@ -281,7 +288,6 @@ def uvicorn_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
 
 def serve(worker: Worker, host: str, port: int, settings: ServerSettings) -> None:
     """Serve until SIGINT/SIGTERM; the engines stop on the way out."""
-    log.info(
-        "serving on http://%s:%d (API key %s)", host, port, "required" if settings.api_key else "off"
-    )
+    key = "required" if settings.api_key else "off"
+    log.info("serving on http://%s:%d (API key %s)", host, port, key)
     uvicorn_server(create_app(worker, settings), host, port).run()
