@@ -99,6 +99,8 @@ class ModelEngine(ABC):
     dimensions: int | None = None
     # Named prompts the model declares (sentence-transformers' config), e.g. {"query": "...", ...}.
     prompts: dict[str, str] = {}
+    # The prompt sentence-transformers applies when none is named (config_sentence_transformers.json).
+    default_prompt_name: str | None = None
 
     def __init__(
         self,
@@ -203,6 +205,7 @@ class InfinityModel(ModelEngine):
         super().__init__(spec, TokenCounter(tokenizer), int(max_length), **kwargs)
         self.engine = engine
         self.prompts = dict(getattr(replica, "prompts", None) or {})
+        self.default_prompt_name = getattr(replica, "default_prompt_name", None)
         capabilities = set(engine.capabilities)
         if "embed" in capabilities:
             self.role = Role.EMBED
