@@ -2,7 +2,7 @@
 
 Every served model is a `ModelEngine`: it knows its role (embed or rerank), its tokenizer and maximum
 length, and runs work through `_admit()`, which bounds the queue and the time of every call. The
-Infinity-backed models share one AsyncEngineArray; other engine kinds plug in beside it.
+Infinity-backed models share one AsyncEngineArray; LLM rerankers (llm_reranker.py) run beside it.
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ class ModelEngine(ABC):
     dimensions: int | None = None
     # Named prompts the model declares (sentence-transformers' config), e.g. {"query": "...", ...}.
     prompts: dict[str, str] = {}
+    # The prompt sentence-transformers applies when none is named (config_sentence_transformers.json).
+    default_prompt_name: str | None = None
 
     def __init__(
         self,
@@ -144,6 +146,10 @@ class ModelEngine(ABC):
         if self.dimensions is not None:
             entry["dimensions"] = self.dimensions
         return entry
+
+    def rerank_lengths(self, query: str, docs: Sequence[str], instruction: str | None) -> list[int]:
+        """Tokens the model is fed for each (query, document) pair, before truncation."""
+        return self.tokens.count_pairs(query, docs)
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         """Vectors for `texts`, one row each, in order (float32)."""
@@ -201,6 +207,7 @@ class InfinityModel(ModelEngine):
         super().__init__(spec, TokenCounter(tokenizer), int(max_length), **kwargs)
         self.engine = engine
         self.prompts = dict(getattr(replica, "prompts", None) or {})
+        self.default_prompt_name = getattr(replica, "default_prompt_name", None)
         capabilities = set(engine.capabilities)
         if "embed" in capabilities:
             self.role = Role.EMBED
@@ -265,15 +272,26 @@ class ModelRegistry:
         """Load every model now (cold start is paid once, before the first job)."""
         from infinity_emb import AsyncEmbeddingEngine, AsyncEngineArray
 
+        from .llm_reranker import LLMReranker, detect_kind
+
         health = Health()
         common = dict(queue_size=config.queue_size, timeout_s=config.request_timeout_s, health=health)
         infinity_engines = []
         models: list[ModelEngine] = []
         for spec in config.models:
-            log.info("loading %s from %s", spec.served_id, spec.source)
             try:
-                engine = AsyncEmbeddingEngine.from_args(_engine_args(spec, config))
-                model = InfinityModel(spec, engine, **common)
+                kind = detect_kind(spec, config.trust_remote_code)
+                log.info("loading %s from %s (%s)", spec.served_id, spec.source, kind)
+                model: ModelEngine
+                if kind == "llm-reranker":
+                    # Beside the AsyncEngineArray: Infinity cannot run these (see llm_reranker.py).
+                    model = LLMReranker.load(
+                        spec, trust_remote_code=config.trust_remote_code, **common
+                    )
+                else:
+                    engine = AsyncEmbeddingEngine.from_args(_engine_args(spec, config))
+                    model = InfinityModel(spec, engine, **common)
+                    infinity_engines.append(engine)
             except ModelLoadError:
                 raise
             except Exception as exc:  # any loader failure, named
@@ -281,7 +299,6 @@ class ModelRegistry:
                     f"could not load model '{spec.served_id}' from {spec.source!r}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            infinity_engines.append(engine)
             models.append(model)
         array = AsyncEngineArray(infinity_engines) if infinity_engines else None
         return cls(models, health, array)

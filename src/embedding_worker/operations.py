@@ -138,10 +138,11 @@ async def rerank(registry: ModelRegistry, request: RerankRequest, limits: Limits
     _require_role(model, Role.RERANK)
     docs = request.documents
     _check_count(len(docs), limits, "documents")
+    pairs = (request.query, docs, request.instruction)
     if len(docs) <= _TOKENIZE_INLINE_MAX:
-        lengths = model.tokens.count_pairs(request.query, docs)
+        lengths = model.rerank_lengths(*pairs)
     else:
-        lengths = await asyncio.to_thread(model.tokens.count_pairs, request.query, docs)
+        lengths = await asyncio.to_thread(model.rerank_lengths, *pairs)
     tokens = _check_lengths(model, lengths, request.truncate, limits, "documents")
 
     scores = await model.rerank(request.query, docs, request.instruction)
