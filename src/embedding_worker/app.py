@@ -10,11 +10,13 @@ import os
 import sys
 from typing import Any, Callable
 
-from .config import ConfigError, load_config
-from .dispatch import Worker
-from .engines import ModelLoadError
+# runpod's logger prints every job's input and output at DEBUG, its default level; it reads this
+# variable once, when runpod is imported (RUNPOD_LOG_LEVEL or --rp_log_level still override it).
+os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
 
-log = logging.getLogger("embedding_worker")
+from .config import ConfigError, load_config  # noqa: E402
+from .dispatch import Worker  # noqa: E402
+from .engines import ModelLoadError  # noqa: E402
 
 
 def configure_logging() -> None:
