@@ -152,3 +152,16 @@ async def test_queue_bound_refuses_then_recovers(worker, ids, monkeypatch):
     assert model.pending == 0
     again = await worker.dispatch({"model": ids["embedder"], "input": texts})
     assert again.status == 200
+
+
+async def test_runpod_gets_an_async_handler_and_the_configured_concurrency(worker):
+    import dataclasses
+    import inspect
+
+    from embedding_worker.app import runpod_config
+    from embedding_worker.dispatch import Worker
+
+    limited = Worker(dataclasses.replace(worker.config, max_concurrency=17), worker.registry)
+    config = runpod_config(limited)
+    assert inspect.iscoroutinefunction(config["handler"])  # a sync handler would block the loop
+    assert config["concurrency_modifier"](1) == 17

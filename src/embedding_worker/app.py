@@ -8,15 +8,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, MutableMapping
 
 # runpod's logger prints every job's input and output at DEBUG, its default level; it reads this
 # variable once, when runpod is imported (RUNPOD_LOG_LEVEL or --rp_log_level still override it).
 os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
 
-from .config import ConfigError, load_config  # noqa: E402
+from .config import ConfigError, WorkerConfig, load_config  # noqa: E402
 from .dispatch import Worker  # noqa: E402
 from .engines import ModelLoadError  # noqa: E402
+from .model_paths import RUNPOD_VOLUME, volume_download_home  # noqa: E402
+
+log = logging.getLogger("embedding_worker")
 
 
 def configure_logging() -> None:
@@ -27,11 +31,32 @@ def configure_logging() -> None:
     )
 
 
+def prepare_hub_environment(
+    config: WorkerConfig, environ: MutableMapping[str, str], volume: Path = Path(RUNPOD_VOLUME)
+) -> None:
+    """Set the Hugging Face variables for this start; must run before huggingface_hub is imported.
+
+    Every model on disk (baked, cached, bundled): offline, so no hub look-up can slow the start.
+    Otherwise, with a writable network volume, downloads go to it and the next start finds them.
+    """
+    if config.all_local:
+        environ.setdefault("HF_HUB_OFFLINE", "1")
+        return
+    if not environ.get("HF_HOME", "").strip():
+        environ.pop("HF_HOME", None)  # an empty value would put the cache in the working directory
+        home = volume_download_home(volume)
+        if home is not None:
+            environ["HF_HOME"] = str(home)
+            log.info("downloading models to the network volume: %s", home)
+
+
 def build_worker() -> Worker:
     """Read the configuration and load every model, or exit with a clear message."""
     configure_logging()
     try:
-        return Worker.from_config(load_config())
+        config = load_config()
+        prepare_hub_environment(config, os.environ)
+        return Worker.from_config(config)
     except (ConfigError, ModelLoadError) as exc:
         print(f"embedding worker: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -45,17 +70,20 @@ def runpod_handler(worker: Worker) -> Callable[[dict[str, Any]], Any]:
     return handler
 
 
+def runpod_config(worker: Worker) -> dict[str, Any]:
+    """What runpod.serverless.start() is given: the handler and the concurrency per worker."""
+    max_concurrency = worker.config.max_concurrency
+    return {
+        "handler": runpod_handler(worker),
+        "concurrency_modifier": lambda current: max_concurrency,
+    }
+
+
 def run_runpod(worker: Worker) -> None:
     import runpod
 
-    max_concurrency = worker.config.max_concurrency
     try:
-        runpod.serverless.start(
-            {
-                "handler": runpod_handler(worker),
-                "concurrency_modifier": lambda current: max_concurrency,
-            }
-        )
+        runpod.serverless.start(runpod_config(worker))
     finally:
         # runpod's local test ends with sys.exit(); Infinity's batch threads would keep the process
         # alive after it, so the engines are stopped on the way out.

