@@ -13,10 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, MutableMapping
 
-from .config import ConfigError, WorkerConfig, load_config
-from .dispatch import Worker
-from .engines import ModelLoadError
-from .model_paths import RUNPOD_VOLUME, volume_download_home
+# runpod's logger prints every job's input and output at DEBUG, its default level; it reads this
+# variable once, when runpod is imported (RUNPOD_LOG_LEVEL or --rp_log_level still override it).
+os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
+
+from .config import ConfigError, WorkerConfig, load_config  # noqa: E402
+from .dispatch import Worker  # noqa: E402
+from .engines import ModelLoadError  # noqa: E402
+from .model_paths import RUNPOD_VOLUME, volume_download_home  # noqa: E402
 
 log = logging.getLogger("embedding_worker")
 
