@@ -62,6 +62,14 @@ def not_found(message: str) -> APIError:
     return APIError(404, message, type="invalid_request_error", code="not_found")
 
 
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def method_not_allowed(message: str) -> APIError:
+    return APIError(405, message, type="invalid_request_error", code="method_not_allowed")
+
+
 def overloaded(message: str) -> APIError:
     return APIError(429, message, type="rate_limit_error", code="queue_full", retryable=True)
 
