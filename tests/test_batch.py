@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import random
@@ -310,59 +311,73 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+API_KEY = "batch-test-key"
+# Small enough that 32 lines' answers together pass it (the job is refused and split), large enough
+# for any one line's.
+MAX_RESPONSE_BYTES = 20000
+SERVERS = {
+    # runpod's own local API: POST /status only; /run stores the job until a /status runs it.
+    "runpod": (["--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port"], "/docs"),
+    # this worker's local server (handler.py --serve), with an API key.
+    "serve": (["--serve", "--host", "127.0.0.1", "--port"], "/health"),
+}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def endpoint_server(bert_embedder, bert_reranker, tmp_path_factory):
-    """`python handler.py --rp_serve_api` on the tiny BERTs (the same files as the test worker),
-    started with the module so that it loads while the tests before the endpoint tests run."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("endpoint") / "server.log"
-    log_file = open(log_path, "w")  # a pipe nobody reads would block the server once full
-    server = subprocess.Popen(
-        [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-         "--rp_api_port", str(port)],
-        cwd=ROOT,
-        env=_env(MODEL_NAMES=f"{bert_embedder};{bert_reranker}", BATCH_SIZES="16",
-                 DTYPES="float32"),
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-    yield server, f"http://127.0.0.1:{port}", log_path
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log_file.close()
+def endpoint_servers(bert_embedder, bert_reranker, tmp_path_factory):
+    """Both local endpoints on the tiny BERTs (the same files as the test worker), started with the
+    module so that they load while the tests before the endpoint tests run."""
+    logs = tmp_path_factory.mktemp("endpoints")
+    env = _env(MODEL_NAMES=f"{bert_embedder};{bert_reranker}", BATCH_SIZES="16", DTYPES="float32",
+               MAX_RESPONSE_BYTES=str(MAX_RESPONSE_BYTES), WORKER_API_KEY=API_KEY)
+    servers = {}
+    for name, (flags, ready_path) in SERVERS.items():
+        port = _free_port()
+        log_file = open(logs / f"{name}.log", "w")  # a pipe nobody reads would block the server
+        process = subprocess.Popen(
+            [sys.executable, "handler.py", *flags, str(port)],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        servers[name] = (process, f"http://127.0.0.1:{port}", ready_path, logs / f"{name}.log")
+        log_file.close()  # the child has its own copy
+    yield servers
+    for process, *_ in servers.values():
+        process.terminate()
+    for process, *_ in servers.values():
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
-@pytest.fixture
-def endpoint(endpoint_server) -> str:
-    server, url, log_path = endpoint_server
+def wait_ready(server) -> str:
+    process, url, ready_path, log_path = server
     deadline = time.monotonic() + 180
     while True:
         try:
-            httpx.get(f"{url}/docs", timeout=1)
-            return url
+            if httpx.get(url + ready_path, timeout=1).status_code < 500:  # /docs redirects
+                return url
         except httpx.HTTPError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the local RunPod API did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.3)
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{url} did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.3)
 
 
 class FaultyNetwork(httpx.AsyncBaseTransport):
     """The real network to the real server, with faults injected: the first /run answers 503, and
-    the first completed job answers its first line with a full queue (429)."""
+    the first completed job answers its first line with a full queue (429). Records job sizes."""
 
     def __init__(self) -> None:
         self.real = httpx.AsyncHTTPTransport()
-        self.runs = 0
+        self.job_sizes: list[int] = []
         self.queue_full_sent: str | None = None
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/run":
-            self.runs += 1
-            if self.runs == 1:
+            self.job_sizes.append(len(json.loads(request.content)["input"]["batch"]))
+            if len(self.job_sizes) == 1:
                 return httpx.Response(503, text="upstream busy")
         response = await self.real.handle_async_request(request)
         if not request.url.path.startswith("/status/") or self.queue_full_sent:
@@ -381,28 +396,51 @@ class FaultyNetwork(httpx.AsyncBaseTransport):
         await self.real.aclose()
 
 
+@pytest.mark.parametrize("server", list(SERVERS))
 async def test_endpoint_mode_sends_chunks_as_jobs_retries_and_writes_the_same_file(
-    worker, ids, endpoint, tmp_path
+    worker, ids, endpoint_servers, server, tmp_path, monkeypatch
 ):
+    url = wait_ready(endpoint_servers[server])
+    monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
     source = write_lines(tmp_path / "requests.jsonl", make_lines(300, ids, seed=2))
     network = FaultyNetwork()
-    run = BatchRun(options(tmp_path, source, endpoint=endpoint, chunk_size=16, jobs=4))
+    run = BatchRun(options(tmp_path, source, endpoint=url, chunk_size=32, jobs=4))
     with run:
         await run_endpoint(run, transport=network)
     assert run.summary.unanswered == 0 and run.summary.aborted is None
-    assert network.runs > 300 // 16 + 1  # the refused /run and the 429 line were sent again
     outputs = read_output(tmp_path / "results.jsonl")
     await check_against_single_requests(worker, source, outputs)
+    # The refused /run was sent again, and so was the line answered 429 (in a job of its own).
+    assert network.job_sizes[0] == network.job_sizes[1] == 32 and 1 in network.job_sizes
     retried = next(o for o in outputs if o["custom_id"] == network.queue_full_sent)
     assert retried["response"]["status_code"] == 200
+    # 32 lines' answers were over the endpoint's MAX_RESPONSE_BYTES: those jobs were split.
+    assert 16 in network.job_sizes
 
 
-async def test_endpoint_that_refuses_the_key_stops_the_run_with_a_clear_message(ids, tmp_path):
+async def test_a_batch_job_whose_answers_together_are_too_large_is_refused(worker, ids):
+    lines = [json.loads(raw) for raw in make_lines(40, ids) if raw and raw != "{not json"]
+    small = dataclasses.replace(worker.limits, max_response_bytes=MAX_RESPONSE_BYTES)
+    original, worker.limits = worker.limits, small
+    try:
+        reply = await worker.dispatch({"batch": lines})
+        one = await worker.dispatch({"batch": lines[:1]})
+    finally:
+        worker.limits = original
+    assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
+    assert reply.body["error"]["param"] == "batch"
+    assert one.status == 200
+
+
+async def test_endpoint_that_refuses_the_key_stops_the_run_with_a_clear_message(
+    ids, endpoint_servers, tmp_path, monkeypatch
+):
+    url = wait_ready(endpoint_servers["serve"])
+    monkeypatch.setenv("RUNPOD_API_KEY", "not-the-key")
     source = write_lines(tmp_path / "requests.jsonl", make_lines(20, ids))
-    refusing = httpx.MockTransport(lambda request: httpx.Response(401, text="unauthorized"))
-    run = BatchRun(options(tmp_path, source, endpoint="http://endpoint.invalid"))
+    run = BatchRun(options(tmp_path, source, endpoint=url))
     with run:
-        await run_endpoint(run, transport=refusing)
+        await run_endpoint(run)
     assert "RUNPOD_API_KEY" in (run.summary.aborted or "")
     # Only lines answered locally (bad lines) were written; the rest waits for the next run.
     assert all(o["response"] is None for o in read_output(tmp_path / "results.jsonl"))

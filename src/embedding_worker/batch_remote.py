@@ -36,6 +36,10 @@ class _JobFailed(Exception):
     """This attempt failed; another may succeed."""
 
 
+class _TooLarge(Exception):
+    """The job's answers together are over the worker's answer limit: send fewer lines a job."""
+
+
 async def run_endpoint(run: BatchRun, transport: httpx.AsyncBaseTransport | None = None) -> None:
     """Answer the run's remaining lines through `run.options.endpoint`. `transport` is for tests
     that inject network faults in front of a real server."""
@@ -87,6 +91,13 @@ class _Endpoint:
                 await asyncio.sleep(self.options.backoff_s * 2 ** (attempt - 1))
             try:
                 outputs = await self._run_job(pending)
+            except _TooLarge as exc:
+                if len(pending) == 1:
+                    raise EndpointError(str(exc)) from None
+                half = len(pending) // 2  # answers too large together: two smaller jobs
+                await self.answer_chunk(pending[:half])
+                await self.answer_chunk(pending[half:])
+                return
             except _JobFailed as exc:
                 log.warning(
                     "job of %d lines failed (try %d of %d): %s",
@@ -148,6 +159,8 @@ class _Endpoint:
                 f"the endpoint refused the API key (HTTP {response.status_code}): "
                 "set RUNPOD_API_KEY"
             )
+        if response.status_code == 404 and path.startswith("/status/"):
+            raise _JobFailed(f"{method} {path}: the job is unknown (expired?)")
         if response.status_code == 429 or response.status_code >= 500:
             raise _JobFailed(f"{method} {path}: HTTP {response.status_code}")
         if response.status_code >= 400:
@@ -196,6 +209,8 @@ def _raise_if_refused(error: Any) -> None:
     if isinstance(status, int) and 400 <= status < 500 and status != 429:
         body = parsed.get("error")
         message = body.get("message") if isinstance(body, dict) else None
+        if isinstance(body, dict) and body.get("code") == "response_too_large":
+            raise _TooLarge(message)
         raise EndpointError(
             f"the endpoint refused the batch job ({status}): {message or _short(error)}"
         )
