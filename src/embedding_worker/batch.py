@@ -205,17 +205,23 @@ async def bounded(
             slots.release()
 
     pending = iter(items)
-    while True:
-        await slots.acquire()  # before reading the next item: nothing is read ahead
-        item = next(pending, _END) if not (failures or stop()) else _END
-        if item is _END:
-            slots.release()
-            break
-        task = asyncio.create_task(one(item))
-        running.add(task)
-        task.add_done_callback(running.discard)
-    if running:
-        await asyncio.gather(*running)
+    try:
+        while True:
+            await slots.acquire()  # before reading the next item: nothing is read ahead
+            item = next(pending, _END) if not (failures or stop()) else _END
+            if item is _END:
+                slots.release()
+                break
+            task = asyncio.create_task(one(item))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running)
+    except asyncio.CancelledError:
+        for task in running:  # interrupted: nothing keeps running (or writing) behind our back
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
     if failures:
         raise failures[0]
 
@@ -565,7 +571,7 @@ def parse_options(argv: list[str]) -> BatchOptions:
 
 def main(worker: Worker, argv: list[str]) -> int:
     """`python handler.py --batch ...`: the exit status (0: every line answered; 1: some left for
-    the next run; 2: bad usage or an output file that is not ours)."""
+    the next run; 2: bad usage, an output file that is not ours, a file error; 130: Ctrl-C)."""
     options = parse_options(argv)
 
     async def run_and_stop() -> Summary:
@@ -579,5 +585,11 @@ def main(worker: Worker, argv: list[str]) -> int:
     except OutputFileError as exc:
         print(f"batch: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the input vanished, the disk is full, ...
+        print(f"batch: {exc}; run the same command again to resume", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("batch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     print(summary.describe(options.output), file=sys.stderr)
     return 1 if summary.unanswered or summary.aborted else 0
