@@ -27,10 +27,15 @@ log = logging.getLogger("embedding_worker")
 
 
 def configure_logging() -> None:
+    # Importing infinity_emb replaces the root handlers with a Rich one that wraps lines at the
+    # terminal width; import it first, then install plain one-line records over it.
+    import infinity_emb.log_handler  # noqa: F401
+
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
         level=level if level in logging.getLevelNamesMapping() else "INFO",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
 
 
