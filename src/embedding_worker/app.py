@@ -17,6 +17,7 @@ from typing import Any, Callable, MutableMapping
 # variable once, when runpod is imported (RUNPOD_LOG_LEVEL or --rp_log_level still override it).
 os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
 
+from . import batch  # noqa: E402
 from .config import ConfigError, WorkerConfig, load_config  # noqa: E402
 from .dispatch import Worker  # noqa: E402
 from .engines import ModelLoadError  # noqa: E402
@@ -122,6 +123,8 @@ def run_server(worker: Worker, host: str, port: int) -> None:
 
 
 def main(worker: Worker, argv: list[str]) -> None:
+    if batch.wants_batch(argv):  # python handler.py --batch FILE --output FILE ...
+        raise SystemExit(batch.main(worker, argv))
     args = parse_serve_args(argv)
     if args.serve:
         run_server(worker, args.host, args.port)

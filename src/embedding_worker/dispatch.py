@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from . import errors, operations
+from . import batch, errors, operations
 from .config import WorkerConfig
 from .engines import ModelRegistry
 from .errors import APIError
@@ -72,6 +72,7 @@ class Worker:
             "/v1/models": self._models,
             "/v1/embeddings": self._embeddings,
             "/v1/rerank": self._rerank,
+            "batch": self._batch,  # a RunPod job holding batch lines (batch.py)
         }
 
     @classmethod
@@ -123,7 +124,7 @@ class Worker:
             raise errors.invalid_input("the job 'input' must be a JSON object")
         if "openai_route" in job_input:
             route = job_input["openai_route"]
-            if not isinstance(route, str) or route.rstrip("/") not in self._routes:
+            if not isinstance(route, str) or route.rstrip("/") not in ROUTES:
                 raise errors.not_found(
                     f"unknown openai_route; this worker serves {', '.join(ROUTES)}"
                 )
@@ -132,13 +133,15 @@ class Worker:
                 body = {}  # GET /v1/models arrives with no body
             return route.rstrip("/"), _merge_extra_body(body)
         # Standard flavour: the operation is told by the fields present.
+        if "batch" in job_input:
+            return "batch", job_input
         if "query" in job_input:
             return "/v1/rerank", _merge_extra_body(job_input)
         if "input" in job_input:
             return "/v1/embeddings", _merge_extra_body(job_input)
         raise errors.invalid_input(
             "the job input must hold 'input' (embeddings), 'query' and 'documents' (rerank), "
-            "or 'openai_route'"
+            "'batch' (batch lines) or 'openai_route'"
         )
 
     async def _models(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +154,9 @@ class Worker:
     async def _rerank(self, body: dict[str, Any]) -> dict[str, Any]:
         request = parse(RerankRequest, body)
         return await operations.rerank(self.registry, request, self.limits)
+
+    async def _batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await batch.answer_job(self, body)
 
 
 def _merge_extra_body(body: Any) -> Any:
