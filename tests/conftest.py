@@ -70,3 +70,50 @@ def ids(worker) -> dict[str, str]:
         "embedder": by_tail["tiny-bert-embedder"],
         "reranker": by_tail["tiny-bert-reranker"],
     }
+
+
+# ------------------------------------------------------------------ Qwen3 (instructions, LLM rerankers)
+
+
+@pytest.fixture(scope="session")
+def qwen3_embedder(models_dir) -> Path:
+    return model_factory.make_qwen3_embedder(models_dir / "tiny-qwen3-embedder")
+
+
+@pytest.fixture(scope="session")
+def qwen3_reranker(models_dir) -> Path:
+    return model_factory.make_qwen3_reranker(models_dir / "tiny-qwen3-reranker")
+
+
+@pytest.fixture(scope="session")
+def qwen3_single_logit_reranker(models_dir, qwen3_reranker) -> Path:
+    return model_factory.make_qwen3_single_logit_reranker(
+        qwen3_reranker, models_dir / "tiny-qwen3-reranker-seq-cls"
+    )
+
+
+@pytest.fixture(scope="session")
+async def qwen3_worker(qwen3_embedder, qwen3_reranker, qwen3_single_logit_reranker):
+    """A worker serving the tiny Qwen3 embedder, the causal LM reranker and its single-logit form.
+
+    Batch size 3, so that a handful of inputs already spans several batches with padding.
+    """
+    env = {
+        "MODEL_NAMES": f"{qwen3_embedder};{qwen3_reranker};{qwen3_single_logit_reranker}",
+        "BATCH_SIZES": "3",
+        "DTYPES": "float32",
+    }
+    worker = Worker.from_config(load_config(env))
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="session")
+def qwen3_ids(qwen3_worker) -> dict[str, str]:
+    by_tail = {m.served_id.rsplit("/", 1)[-1]: m.served_id for m in qwen3_worker.registry.models}
+    return {
+        "embedder": by_tail["tiny-qwen3-embedder"],
+        "reranker": by_tail["tiny-qwen3-reranker"],
+        "single_logit": by_tail["tiny-qwen3-reranker-seq-cls"],
+    }

@@ -97,7 +97,15 @@ def variables_read_by_the_worker() -> set[str]:
     setting a variable for a library, not reading one.
     """
     found: set[str] = set()
-    sources = [*(ROOT / "src" / "embedding_worker").glob("*.py"), ROOT / "handler.py"]
+    # server.py is the local server (--serve), not RunPod serverless: its variables are no hub
+    # inputs (tests/test_server.py checks the README documents them). batch_remote.py is a client
+    # of a deployed endpoint (--batch --endpoint): its RUNPOD_API_KEY is the caller's.
+    not_the_worker = ("server.py", "batch_remote.py")
+    package = ROOT / "src" / "embedding_worker"
+    sources = [
+        *(p for p in package.glob("*.py") if p.name not in not_the_worker),
+        ROOT / "handler.py",
+    ]
     for source in sources:
         for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.Call):

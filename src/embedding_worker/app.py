@@ -1,10 +1,12 @@
 """Process entry: build the worker from the environment, then run one transport.
 
-`python handler.py` is RunPod's serverless worker (and its local test and --rp_serve_api modes).
+`python handler.py` is RunPod's serverless worker (and its local test and --rp_serve_api modes);
+`python handler.py --serve [--host H] [--port P]` is the local HTTP server (server.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import platform
@@ -12,19 +14,29 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, MutableMapping
 
-from .config import ConfigError, WorkerConfig, load_config
-from .dispatch import Worker
-from .engines import ModelLoadError
-from .model_paths import RUNPOD_VOLUME, volume_download_home
+# runpod's logger prints every job's input and output at DEBUG, its default level; it reads this
+# variable once, when runpod is imported (RUNPOD_LOG_LEVEL or --rp_log_level still override it).
+os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
+
+from . import batch  # noqa: E402
+from .config import ConfigError, WorkerConfig, load_config  # noqa: E402
+from .dispatch import Worker  # noqa: E402
+from .engines import ModelLoadError  # noqa: E402
+from .model_paths import RUNPOD_VOLUME, volume_download_home  # noqa: E402
 
 log = logging.getLogger("embedding_worker")
 
 
 def configure_logging() -> None:
+    # Importing infinity_emb replaces the root handlers with a Rich one that wraps lines at the
+    # terminal width; import it first, then install plain one-line records over it.
+    import infinity_emb.log_handler  # noqa: F401
+
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
         level=level if level in logging.getLevelNamesMapping() else "INFO",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
 
 
@@ -123,5 +135,35 @@ def run_runpod(worker: Worker) -> None:
         worker.registry.stop_blocking()
 
 
+def parse_serve_args(argv: list[str]) -> argparse.Namespace:
+    """This worker's own flags. Everything else (--rp_serve_api, --test_input, ...) is runpod's,
+    which reads sys.argv itself, so unknown flags are left alone."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--serve", action="store_true", help="run the local HTTP server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args, _runpod_args = parser.parse_known_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be 0 to 65535, got {args.port}")
+    return args
+
+
+def run_server(worker: Worker, host: str, port: int) -> None:
+    from .server import ServerSettings, serve
+
+    try:
+        settings = ServerSettings.from_env()
+    except ConfigError as exc:
+        print(f"embedding worker: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    serve(worker, host, port, settings)
+
+
 def main(worker: Worker, argv: list[str]) -> None:
-    run_runpod(worker)
+    if batch.wants_batch(argv):  # python handler.py --batch FILE --output FILE ...
+        raise SystemExit(batch.main(worker, argv))
+    args = parse_serve_args(argv)
+    if args.serve:
+        run_server(worker, args.host, args.port)
+    else:
+        run_runpod(worker)

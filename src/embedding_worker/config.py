@@ -62,6 +62,8 @@ class WorkerConfig:
     request_timeout_s: float = 300.0
     max_batch_inputs: int = 2048
     max_request_tokens: int = 300_000
+    max_request_bytes: int = 20_000_000  # RunPod's /runsync payload limit
+    max_response_bytes: int = 20_000_000
 
     @property
     def all_local(self) -> bool:
@@ -225,4 +227,6 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         request_timeout_s=_float(env, "REQUEST_TIMEOUT", 300.0),
         max_batch_inputs=_int(env, "MAX_BATCH_INPUTS", 2048),
         max_request_tokens=_int(env, "MAX_REQUEST_TOKENS", 300_000),
+        max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 20_000_000),
+        max_response_bytes=_int(env, "MAX_RESPONSE_BYTES", 20_000_000),
     )

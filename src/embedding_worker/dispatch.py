@@ -7,18 +7,18 @@ turns the Reply into its own wire format. No exception escapes `dispatch()`.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from . import errors, operations
+from . import batch, errors, operations
 from .config import WorkerConfig
 from .engines import ModelRegistry
 from .errors import APIError
-from .operations import Limits
+from .limits import Limits, inspect_request
+from .logs import current_job, get_logger, redacted_traceback
 from .protocol import EmbeddingRequest, RerankRequest, parse
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ROUTES = ("/v1/models", "/v1/embeddings", "/v1/rerank")
 
@@ -63,12 +63,16 @@ class Worker:
         self.config = config
         self.registry = registry
         self.limits = Limits(
-            max_inputs=config.max_batch_inputs, max_request_tokens=config.max_request_tokens
+            max_inputs=config.max_batch_inputs,
+            max_request_tokens=config.max_request_tokens,
+            max_request_bytes=config.max_request_bytes,
+            max_response_bytes=config.max_response_bytes,
         )
         self._routes: dict[str, Operation] = {
             "/v1/models": self._models,
             "/v1/embeddings": self._embeddings,
             "/v1/rerank": self._rerank,
+            "batch": self._batch,  # a RunPod job holding batch lines (batch.py)
         }
 
     @classmethod
@@ -88,18 +92,25 @@ class Worker:
     async def dispatch(self, job_input: Any, job_id: str | None = None) -> Reply:
         """Answer one job input, in either flavour. Never raises."""
         openai_route = isinstance(job_input, dict) and "openai_route" in job_input
+        job = current_job.set(str(job_id) if job_id is not None else "-")
         try:
             route, body = self._route(job_input)
+            inspect_request(body, self.limits)
             await self.registry.start()
             result = await self._routes[route](body)
             return Reply(200, result, openai_route)
         except APIError as exc:
+            # Messages never hold the payload (errors.py), so they are safe to log.
             if exc.status >= 500:
-                log.warning("job %s: %s %s", job_id, exc.status, exc.message)
+                log.warning("%s %s: %s", exc.status, exc.code, exc.message)
+            else:
+                log.debug("%s %s (param %s)", exc.status, exc.code, exc.param)
             return self._error_reply(exc, openai_route)
-        except Exception:
-            log.exception("job %s: unexpected error", job_id)
+        except Exception as exc:
+            log.error("unexpected error: %s", redacted_traceback(exc))
             return self._error_reply(errors.internal(), openai_route)
+        finally:
+            current_job.reset(job)
 
     async def call(self, route: str, body: Any) -> Reply:
         """Answer an OpenAI-route request (local server, batch files)."""
@@ -113,7 +124,7 @@ class Worker:
             raise errors.invalid_input("the job 'input' must be a JSON object")
         if "openai_route" in job_input:
             route = job_input["openai_route"]
-            if not isinstance(route, str) or route.rstrip("/") not in self._routes:
+            if not isinstance(route, str) or route.rstrip("/") not in ROUTES:
                 raise errors.not_found(
                     f"unknown openai_route; this worker serves {', '.join(ROUTES)}"
                 )
@@ -122,13 +133,15 @@ class Worker:
                 body = {}  # GET /v1/models arrives with no body
             return route.rstrip("/"), _merge_extra_body(body)
         # Standard flavour: the operation is told by the fields present.
+        if "batch" in job_input:
+            return "batch", job_input
         if "query" in job_input:
             return "/v1/rerank", _merge_extra_body(job_input)
         if "input" in job_input:
             return "/v1/embeddings", _merge_extra_body(job_input)
         raise errors.invalid_input(
             "the job input must hold 'input' (embeddings), 'query' and 'documents' (rerank), "
-            "or 'openai_route'"
+            "'batch' (batch lines) or 'openai_route'"
         )
 
     async def _models(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +154,9 @@ class Worker:
     async def _rerank(self, body: dict[str, Any]) -> dict[str, Any]:
         request = parse(RerankRequest, body)
         return await operations.rerank(self.registry, request, self.limits)
+
+    async def _batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await batch.answer_job(self, body)
 
 
 def _merge_extra_body(body: Any) -> Any:

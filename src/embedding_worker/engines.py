@@ -2,15 +2,15 @@
 
 Every served model is a `ModelEngine`: it knows its role (embed or rerank), its tokenizer and maximum
 length, and runs work through `_admit()`, which bounds the queue and the time of every call. The
-Infinity-backed models share one AsyncEngineArray; other engine kinds plug in beside it.
+Infinity-backed models share one AsyncEngineArray; LLM rerankers (llm_reranker.py) run beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
-import logging
 import os
 import time
 from abc import ABC, abstractmethod
@@ -23,8 +23,9 @@ import numpy as np
 
 from . import errors
 from .config import ModelSpec, WorkerConfig
+from .logs import get_logger, redacted_traceback
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -108,6 +109,8 @@ class ModelEngine(ABC):
     dimensions: int | None = None
     # Named prompts the model declares (sentence-transformers' config), e.g. {"query": "...", ...}.
     prompts: dict[str, str] = {}
+    # The prompt sentence-transformers applies when none is named (config_sentence_transformers.json).
+    default_prompt_name: str | None = None
 
     def __init__(
         self,
@@ -126,6 +129,9 @@ class ModelEngine(ABC):
         self.timeout_s = timeout_s
         self.health = health
         self.pending = 0  # items admitted and not yet answered
+        # Resolved (with the reason) when the engine is known to be dead: every waiting call then
+        # fails at once instead of waiting for its timeout. Bound to the loop on first use.
+        self._dead: asyncio.Future[str] | None = None
 
     @property
     def served_id(self) -> str:
@@ -152,6 +158,10 @@ class ModelEngine(ABC):
             entry["dimensions"] = self.dimensions
         return entry
 
+    def rerank_lengths(self, query: str, docs: Sequence[str], instruction: str | None) -> list[int]:
+        """Tokens the model is fed for each (query, document) pair, before truncation."""
+        return self.tokens.count_pairs(query, docs)
+
     async def embed(self, texts: list[str]) -> np.ndarray:
         """Vectors for `texts`, one row each, in order (float32)."""
         return await self._admit(len(texts), lambda: self._embed(texts))
@@ -166,12 +176,20 @@ class ModelEngine(ABC):
     @abstractmethod
     async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray: ...
 
+    def report_dead(self, reason: str) -> None:
+        """The engine cannot answer any more (e.g. a batch thread died). Safe from any thread."""
+        self.health.fail(reason)
+        dead = self._dead
+        if dead is not None and not dead.done():
+            dead.get_loop().call_soon_threadsafe(_resolve, dead, reason)
+
     async def _admit(self, items: int, call: Callable[[], Awaitable[T]]) -> T:
         """Bounded queue and bounded time for every engine call.
 
         Infinity's queue is unbounded (INFINITY_QUEUE_SIZE is read only by its own HTTP server), so
         the worker counts what it has handed over and refuses new work beyond the limit. A request is
         always admitted into an empty queue, so a single large request can never be refused forever.
+        A call ends at the first of: its answer, REQUEST_TIMEOUT, or the engine reported dead.
         """
         if not self.health.healthy:
             raise errors.unavailable(f"the worker is unhealthy ({self.health.reason}); retry")
@@ -180,18 +198,37 @@ class ModelEngine(ABC):
                 f"model '{self.served_id}' has {self.pending} inputs queued "
                 f"(INFINITY_QUEUE_SIZE={self.queue_size}); retry later"
             )
+        loop = asyncio.get_running_loop()
+        if self._dead is None or self._dead.get_loop() is not loop:
+            self._dead = loop.create_future()
         self.pending += items
         started = time.monotonic()
+        task = asyncio.ensure_future(call())
         try:
-            return await asyncio.wait_for(call(), self.timeout_s)
-        except asyncio.TimeoutError:
-            self.health.fail(f"model '{self.served_id}' did not answer within {self.timeout_s:g} s")
-            raise errors.unavailable(
-                f"model '{self.served_id}' did not answer within {self.timeout_s:g} s", code="timeout"
-            ) from None
+            done, _ = await asyncio.wait(
+                (task, self._dead), timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if task in done:
+                return task.result()
+            if self._dead.done():
+                raise errors.unavailable(
+                    f"model '{self.served_id}' failed: {self._dead.result()}; the worker asks to "
+                    "be replaced, retry",
+                    code="engine_failed",
+                )
+            message = f"model '{self.served_id}' did not answer within {self.timeout_s:g} s"
+            self.health.fail(message)
+            raise errors.unavailable(message, code="timeout")
         finally:
+            if not task.done():
+                task.cancel()  # its items stay in Infinity's queue; the worker is being replaced
             self.pending -= items
             log.debug("%s: %d items in %.1f ms", self.served_id, items, 1e3 * (time.monotonic() - started))
+
+
+def _resolve(future: asyncio.Future[str], reason: str) -> None:
+    if not future.done():
+        future.set_result(reason)
 
 
 class InfinityModel(ModelEngine):
@@ -207,7 +244,9 @@ class InfinityModel(ModelEngine):
         )
         super().__init__(spec, TokenCounter(tokenizer), int(max_length), **kwargs)
         self.engine = engine
+        self._guard_batch_threads(replica)
         self.prompts = dict(getattr(replica, "prompts", None) or {})
+        self.default_prompt_name = getattr(replica, "default_prompt_name", None)
         capabilities = set(engine.capabilities)
         if "embed" in capabilities:
             self.role = Role.EMBED
@@ -220,6 +259,33 @@ class InfinityModel(ModelEngine):
                 f"model '{spec.served_id}' is a {'/'.join(sorted(capabilities))} model; "
                 "this worker serves embedding and reranking models"
             )
+
+    def _guard_batch_threads(self, replica: Any) -> None:
+        """Infinity's upstream issue #609: an exception in a batch thread (tokenise, forward,
+        post-process) kills that thread, and every pending and later request waits for ever.
+
+        The replica's three stage methods are wrapped so that the first exception reports the engine
+        dead: the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and asks
+        RunPod for a replacement. The exception is re-raised, so Infinity behaves as before.
+        """
+        for stage in ("encode_pre", "encode_core", "encode_post"):
+            method = getattr(replica, stage)
+
+            @functools.wraps(method)
+            def guarded(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
+                try:
+                    return _method(*args)
+                except Exception as exc:
+                    log.error(
+                        "model '%s': Infinity batch thread died in %s: %s",
+                        self.served_id,
+                        _stage,
+                        redacted_traceback(exc),
+                    )
+                    self.report_dead(f"its batch thread died in {_stage} ({type(exc).__name__})")
+                    raise
+
+            setattr(replica, stage, guarded)
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         vectors, _ = await self.engine.embed(sentences=texts)
@@ -261,14 +327,20 @@ def cpu_has_native_bf16() -> bool:
 
 def is_sequence_classifier(source: str) -> bool:
     """Whether the model's config.json names a *ForSequenceClassification architecture (a reranker or
-    classifier). Reads the local copy, or fetches that one small file of a hub model (the engine
-    downloads the rest right after)."""
+    classifier), read from its folder or the hub cache (no network: the kind detection has fetched
+    it already). A config that cannot be read here counts as not."""
     path = Path(source) / "config.json"
-    if not path.is_file():
-        from huggingface_hub import hf_hub_download
+    try:
+        if not path.is_file():
+            from huggingface_hub import try_to_load_from_cache
 
-        path = Path(hf_hub_download(source, "config.json"))
-    architectures = json.loads(path.read_text(encoding="utf-8")).get("architectures") or []
+            cached = try_to_load_from_cache(source, "config.json")
+            if not isinstance(cached, str):
+                return False
+            path = Path(cached)
+        architectures = json.loads(path.read_text(encoding="utf-8")).get("architectures") or []
+    except Exception:  # a name that is no repo id, an unreadable file: the loader reports it
+        return False
     return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
@@ -330,15 +402,26 @@ class ModelRegistry:
         """Load every model now (cold start is paid once, before the first job)."""
         from infinity_emb import AsyncEmbeddingEngine, AsyncEngineArray
 
+        from .llm_reranker import LLMReranker, detect_kind
+
         health = Health()
         common = dict(queue_size=config.queue_size, timeout_s=config.request_timeout_s, health=health)
         infinity_engines = []
         models: list[ModelEngine] = []
         for spec in config.models:
-            log.info("loading %s from %s", spec.served_id, spec.source)
             try:
-                engine = AsyncEmbeddingEngine.from_args(_engine_args(spec, config))
-                model = InfinityModel(spec, engine, **common)
+                kind = detect_kind(spec, config.trust_remote_code)
+                log.info("loading %s from %s (%s)", spec.served_id, spec.source, kind)
+                model: ModelEngine
+                if kind == "llm-reranker":
+                    # Beside the AsyncEngineArray: Infinity cannot run these (see llm_reranker.py).
+                    model = LLMReranker.load(
+                        spec, trust_remote_code=config.trust_remote_code, **common
+                    )
+                else:
+                    engine = AsyncEmbeddingEngine.from_args(_engine_args(spec, config))
+                    model = InfinityModel(spec, engine, **common)
+                    infinity_engines.append(engine)
             except ModelLoadError:
                 raise
             except Exception as exc:  # any loader failure, named
@@ -346,7 +429,6 @@ class ModelRegistry:
                     f"could not load model '{spec.served_id}' from {spec.source!r}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            infinity_engines.append(engine)
             models.append(model)
         array = AsyncEngineArray(infinity_engines) if infinity_engines else None
         return cls(models, health, array)

@@ -47,8 +47,11 @@ def invalid_input(message: str, param: str | None = None, code: str = "invalid_i
     return APIError(400, message, type="invalid_request_error", code=code, param=param)
 
 
-def too_large(message: str, param: str | None = None) -> APIError:
-    return APIError(413, message, type="invalid_request_error", code="request_too_large", param=param)
+def too_large(
+    message: str, param: str | None = None, code: str = "request_too_large"
+) -> APIError:
+    """413: the request, or the answer it asks for, is over a size limit (named in the message)."""
+    return APIError(413, message, type="invalid_request_error", code=code, param=param)
 
 
 def model_not_found(message: str) -> APIError:
@@ -57,6 +60,14 @@ def model_not_found(message: str) -> APIError:
 
 def not_found(message: str) -> APIError:
     return APIError(404, message, type="invalid_request_error", code="not_found")
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+def method_not_allowed(message: str) -> APIError:
+    return APIError(405, message, type="invalid_request_error", code="method_not_allowed")
 
 
 def overloaded(message: str) -> APIError:

@@ -7,7 +7,6 @@ and builds the response body. Transport concerns (RunPod's wrapper, HTTP) live e
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,17 +14,12 @@ import numpy as np
 from . import errors, prompts, protocol
 from .encoding import encode_vectors
 from .engines import ModelEngine, ModelRegistry, Role
+from .limits import Limits, check_embedding_answer, check_rerank_answer
 from .protocol import EmbeddingRequest, RerankRequest
 
 # Tokenising on the event loop is cheaper than a thread hop for small requests; big ones go to a
 # thread so that other requests keep flowing meanwhile (the Rust tokenizer releases the GIL).
 _TOKENIZE_INLINE_MAX = 64
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_inputs: int = 2048
-    max_request_tokens: int = 300_000
 
 
 async def _count(model: ModelEngine, texts: Sequence[str]) -> list[int]:
@@ -108,6 +102,14 @@ def _resize(vectors: np.ndarray, dimensions: int | None, model: ModelEngine) -> 
     return cut / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
+def _check_finite(values: np.ndarray, model: ModelEngine) -> None:
+    """A model that overflows (float16) gives NaN, which is not JSON: fail instead of answering it."""
+    if not np.isfinite(values).all():
+        raise errors.internal(
+            f"model '{model.served_id}' produced NaN or infinite values; try another DTYPES"
+        )
+
+
 async def create_embeddings(
     registry: ModelRegistry, request: EmbeddingRequest, limits: Limits
 ) -> dict[str, Any]:
@@ -116,6 +118,11 @@ async def create_embeddings(
     _check_count(len(request.input), limits, "input")
     if model.dimensions is not None:
         _check_dimensions(request.dimensions, model.dimensions, model)
+    # Refuse an answer RunPod could not carry before any work is done.
+    dimensions = request.dimensions or model.dimensions
+    count = len(request.input)
+    if dimensions is not None:
+        check_embedding_answer(count, dimensions, request.encoding_format, limits)
 
     if request.is_tokens:
         # The caller built these tokens: never prefixed.
@@ -128,6 +135,9 @@ async def create_embeddings(
 
     vectors = await model.embed(texts)
     vectors = _resize(vectors, request.dimensions, model)
+    if dimensions is None:
+        check_embedding_answer(count, vectors.shape[1], request.encoding_format, limits)
+    _check_finite(vectors, model)
     return protocol.embedding_response(
         model.served_id, encode_vectors(vectors, request.encoding_format), tokens
     )
@@ -138,13 +148,17 @@ async def rerank(registry: ModelRegistry, request: RerankRequest, limits: Limits
     _require_role(model, Role.RERANK)
     docs = request.documents
     _check_count(len(docs), limits, "documents")
+    returned = len(docs) if request.top_n is None else min(request.top_n, len(docs))
+    check_rerank_answer(docs, returned, request.return_documents, limits)
+    pairs = (request.query, docs, request.instruction)
     if len(docs) <= _TOKENIZE_INLINE_MAX:
-        lengths = model.tokens.count_pairs(request.query, docs)
+        lengths = model.rerank_lengths(*pairs)
     else:
-        lengths = await asyncio.to_thread(model.tokens.count_pairs, request.query, docs)
+        lengths = await asyncio.to_thread(model.rerank_lengths, *pairs)
     tokens = _check_lengths(model, lengths, request.truncate, limits, "documents")
 
     scores = await model.rerank(request.query, docs, request.instruction)
+    _check_finite(scores, model)
     # Stable sort by score, highest first: equal scores keep the documents' order.
     order = np.argsort(-scores, kind="stable")
     if request.top_n is not None:

@@ -11,6 +11,8 @@ A model that declares nothing is never prefixed.
   "Instruct: {instruction}\\nQuery:{text}", with no space after "Query:".
 - Both: `prompt_type` picks the prompt; `instruction` replaces its task when that prompt is an
   instruction prompt, and is ignored for prompts without one ("document" embeds the raw text).
+- Neither: the model's `default_prompt_name` prompt if it declares one (as sentence-transformers'
+  encode() does), else no prefix.
 """
 
 from __future__ import annotations
@@ -24,19 +26,23 @@ if TYPE_CHECKING:
     from .engines import ModelEngine
     from .protocol import EmbeddingRequest
 
-_INSTRUCTION_PROMPT = re.compile(r"^Instruct: (?P<task>[^\n]*)\n(?P<tail>[^\n]*)$")
+# \Z, not $: "$" also matches before a final newline, which would drop it from the tail.
+_INSTRUCTION_PROMPT = re.compile(r"Instruct: (?P<task>[^\n]*)\n(?P<tail>[^\n]*)\Z")
 
 
-def instruction_template(prompt: str) -> str | None:
-    """"Instruct: {instruction}\\n<tail>" for an instruction prompt, else None."""
+def with_instruction(prompt: str, instruction: str) -> str | None:
+    """The instruction prompt `prompt` with its task replaced by `instruction`; None if it has none.
+
+    Plain concatenation, not str.format: braces in either part are text.
+    """
     match = _INSTRUCTION_PROMPT.match(prompt)
     if match is None:
         return None
-    return "Instruct: {instruction}\n" + match.group("tail")
+    return "Instruct: " + instruction + "\n" + match.group("tail")
 
 
 def _instruction_prompt_name(prompts: dict[str, str]) -> str | None:
-    names = [name for name, text in prompts.items() if instruction_template(text) is not None]
+    names = [name for name, text in prompts.items() if _INSTRUCTION_PROMPT.match(text)]
     if "query" in names:
         return "query"
     return names[0] if names else None
@@ -62,11 +68,14 @@ def embedding_prefix(model: "ModelEngine", instruction: str | None, prompt_type:
                 "cannot be applied; send the prefixed text in 'input' instead",
                 param="instruction",
             )
+    elif model.default_prompt_name in prompts:
+        name = model.default_prompt_name  # as sentence-transformers' encode() does
     else:
         return ""
-    template = instruction_template(prompts[name])
-    if instruction is not None and template is not None:
-        return template.format(instruction=instruction)
+    if instruction is not None:
+        instructed = with_instruction(prompts[name], instruction)
+        if instructed is not None:
+            return instructed
     return prompts[name]
 
 

@@ -1,0 +1,108 @@
+"""Load through the RunPod handler in-process, against the raw Infinity engine as the baseline.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py [--jobs 4000] [--concurrency 300] [--model tiny|minilm]
+
+Both runs send the same jobs (1 to 4 short texts each) at the same concurrency, in the same process:
+the baseline awaits `AsyncEmbeddingEngine.embed` directly; the worker run goes through runpod's
+`run_job` and the worker's handler (validation, limits, tokenizer counts, encoding). It prints jobs/s,
+latency percentiles, the worker/engine throughput ratio and the RSS growth over the worker run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "WARN")  # runpod prints a line per job at INFO
+
+from runpod.serverless.modules.rp_job import run_job  # noqa: E402
+
+from embedding_worker.app import runpod_handler  # noqa: E402
+from embedding_worker.config import DEFAULT_MODEL_ID, load_config  # noqa: E402
+from embedding_worker.dispatch import Worker  # noqa: E402
+
+WORDS = "alpha beta gamma delta river stone cloud paper light green quick slow open".split()
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_jobs(count: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    pool = [f"{i} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for i in range(300)]
+    return [rng.sample(pool, rng.randint(1, 4)) for _ in range(count)]
+
+
+async def timed(calls, concurrency: int) -> tuple[float, list[float]]:
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def one(call):
+        async with gate:
+            started = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(c) for c in calls))
+    return time.perf_counter() - started, sorted(latencies)
+
+
+def pct(values: list[float], p: float) -> float:
+    return 1e3 * values[min(len(values) - 1, int(p * len(values)))]
+
+
+async def main(args) -> None:
+    if args.model == "tiny":
+        from tests.model_factory import make_bert_embedder
+
+        source = str(make_bert_embedder(Path(tempfile.mkdtemp()) / "tiny-bert-embedder"))
+    else:
+        source = DEFAULT_MODEL_ID
+    worker = Worker.from_config(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
+    await worker.start()
+    model = worker.registry.models[0]
+    handler = runpod_handler(worker)
+    jobs = make_jobs(args.jobs, seed=1)
+
+    async def engine_call(texts):
+        await model.engine.embed(sentences=texts)
+
+    def worker_job(i, texts):
+        job = {"id": f"job-{i}", "input": {"model": model.served_id, "input": texts}}
+        return lambda: run_job(handler, job)
+
+    await timed([lambda t=t: engine_call(t) for t in jobs[:200]], args.concurrency)  # warm-up
+    base_s, base_lat = await timed([lambda t=t: engine_call(t) for t in jobs], args.concurrency)
+    rss_before = rss_mib()
+    work_s, work_lat = await timed([worker_job(i, t) for i, t in enumerate(jobs)], args.concurrency)
+    rss_after = rss_mib()
+    await worker.stop()
+
+    n = len(jobs)
+    print(f"model {model.served_id}, {n} jobs ({sum(map(len, jobs))} texts), concurrency {args.concurrency}")
+    print(f"engine alone : {n / base_s:7.0f} jobs/s  p50 {pct(base_lat, .5):6.0f} ms  p99 {pct(base_lat, .99):6.0f} ms")
+    print(f"worker       : {n / work_s:7.0f} jobs/s  p50 {pct(work_lat, .5):6.0f} ms  p99 {pct(work_lat, .99):6.0f} ms")
+    print(f"worker / engine throughput: {base_s / work_s:.2f}")
+    print(f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB over the worker run")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=300)
+    parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
+    asyncio.run(main(parser.parse_args()))

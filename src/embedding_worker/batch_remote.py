@@ -1,0 +1,221 @@
+"""`--endpoint URL`: a batch file answered by a deployed RunPod endpoint instead of this machine.
+
+Lines go in chunks as batch jobs (`{"input": {"batch": [line, ...]}}`, answered by
+`batch.answer_job` on the workers) through RunPod's `/run`, `jobs` of them at once, so RunPod's
+autoscaling spreads them over many workers; each job is polled on `/status/{id}`. A job that fails,
+times out or cannot be sent is sent again, and so are the lines it answered with a full queue or a
+timeout (429/503), at most `retries` times with exponential backoff; lines still unanswered then are
+left out of the output, for the next run. The output file, resuming and skipping are batch.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from typing import Any, Iterator
+
+import httpx
+
+from .batch import BatchRun, Request, bounded, error_line, is_retryable
+
+log = logging.getLogger(__name__)
+
+RETRY_STATES = frozenset({"FAILED", "CANCELLED", "TIMED_OUT"})
+MAX_POLL_S = 5.0
+MAX_POLL_FAILURES = 5
+
+
+class EndpointError(Exception):
+    """The endpoint refuses the jobs themselves (API key, payload, a worker without batch jobs):
+    sending them again cannot help, so the run stops."""
+
+
+class _JobFailed(Exception):
+    """This attempt failed; another may succeed."""
+
+
+class _TooLarge(Exception):
+    """The job's answers together are over the worker's answer limit: send fewer lines a job."""
+
+
+async def run_endpoint(run: BatchRun, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    """Answer the run's remaining lines through `run.options.endpoint`. `transport` is for tests
+    that inject network faults in front of a real server."""
+    options = run.options
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per poll
+    key = os.environ.get("RUNPOD_API_KEY")
+    if not key:
+        log.warning("RUNPOD_API_KEY is not set: jobs are sent without an API key")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    timeout = httpx.Timeout(120.0, connect=10.0)
+    async with httpx.AsyncClient(
+        base_url=options.endpoint or "", headers=headers, timeout=timeout, transport=transport
+    ) as client:
+        endpoint = _Endpoint(client, run)
+        try:
+            await bounded(_chunks(run), endpoint.answer_chunk, options.jobs)
+        except EndpointError as exc:
+            run.summary.aborted = str(exc)
+
+
+def _chunks(run: BatchRun) -> Iterator[list[Request]]:
+    """The remaining requests in chunks of `chunk_size`; bad lines are answered here, unsent."""
+    chunk: list[Request] = []
+    for line in run.lines():
+        if not isinstance(line, Request):
+            run.write(error_line(line.custom_id, line.error))
+            continue
+        chunk.append(line)
+        if len(chunk) == run.options.chunk_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Endpoint:
+    def __init__(self, client: httpx.AsyncClient, run: BatchRun) -> None:
+        self.client = client
+        self.run = run
+        self.options = run.options
+        self.status_method = "GET"
+
+    async def answer_chunk(self, chunk: list[Request]) -> None:
+        """Send one chunk as a job and write its answers, retrying what failed."""
+        pending = chunk
+        retries = self.options.retries
+        for attempt in range(retries + 1):
+            if attempt:
+                await asyncio.sleep(self.options.backoff_s * 2 ** (attempt - 1))
+            try:
+                outputs = await self._run_job(pending)
+            except _TooLarge as exc:
+                if len(pending) == 1:
+                    raise EndpointError(str(exc)) from None
+                half = len(pending) // 2  # answers too large together: two smaller jobs
+                await self.answer_chunk(pending[:half])
+                await self.answer_chunk(pending[half:])
+                return
+            except _JobFailed as exc:
+                log.warning(
+                    "job of %d lines failed (try %d of %d): %s",
+                    len(pending), attempt + 1, retries + 1, exc,
+                )
+                continue
+            retry = []
+            for request, output in zip(pending, outputs):
+                if is_retryable(output) and attempt < retries:
+                    retry.append(request)
+                else:
+                    self.run.write(output)  # a retryable answer on the last try: left out
+            pending = retry
+            if not pending:
+                return
+        self.run.leave_unanswered(len(pending))
+
+    async def _run_job(self, lines: list[Request]) -> list[dict[str, Any]]:
+        job = await self._request(
+            "POST", "/run", json={"input": {"batch": [r.to_batch_line() for r in lines]}}
+        )
+        job_id = job.get("id")
+        if not isinstance(job_id, str):
+            raise _JobFailed(f"/run answered no job id: {_short(job)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.job_timeout_s
+        delay = self.options.poll_s
+        poll_failures = 0
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, MAX_POLL_S)
+            try:
+                status = await self._request(self.status_method, f"/status/{job_id}")
+                poll_failures = 0
+            except _JobFailed:
+                poll_failures += 1
+                if poll_failures >= MAX_POLL_FAILURES:
+                    raise
+                continue
+            state = status.get("status")
+            if state == "COMPLETED":
+                return _outputs(status.get("output"), lines)
+            if state in RETRY_STATES:
+                _raise_if_refused(status.get("error"))
+                raise _JobFailed(f"job {job_id} {state}: {_short(status.get('error'))}")
+            if loop.time() > deadline:
+                await self._cancel(job_id)
+                waited = self.options.job_timeout_s
+                raise _JobFailed(f"job {job_id} unfinished after {waited:.0f} s")
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = await self._send(method, path, **kwargs)
+        if response.status_code == 405 and path.startswith("/status/") and method == "GET":
+            # RunPod's API answers GET /status; its local test server (--rp_serve_api) only POST.
+            self.status_method = "POST"
+            response = await self._send("POST", path, **kwargs)
+        if response.status_code in (401, 403):
+            raise EndpointError(
+                f"the endpoint refused the API key (HTTP {response.status_code}): "
+                "set RUNPOD_API_KEY"
+            )
+        if response.status_code == 404 and path.startswith("/status/"):
+            raise _JobFailed(f"{method} {path}: the job is unknown (expired?)")
+        if response.status_code == 429 or response.status_code >= 500:
+            raise _JobFailed(f"{method} {path}: HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise EndpointError(
+                f"{method} {path}: HTTP {response.status_code}: {_short(response.text)}"
+            )
+        try:
+            body = response.json()
+        except ValueError:
+            raise _JobFailed(f"{method} {path}: an answer that is not JSON") from None
+        if not isinstance(body, dict):
+            raise _JobFailed(f"{method} {path}: unexpected answer {_short(body)}")
+        return body
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise _JobFailed(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+
+    async def _cancel(self, job_id: str) -> None:
+        try:
+            await self.client.post(f"/cancel/{job_id}")
+        except httpx.HTTPError:
+            pass  # best effort: the job is sent again either way
+
+
+def _outputs(output: Any, lines: list[Request]) -> list[dict[str, Any]]:
+    """A completed job's output lines, checked against the lines sent."""
+    data = output.get("data") if isinstance(output, dict) else None
+    if not isinstance(data, list) or len(data) != len(lines):
+        raise _JobFailed(f"unexpected job output: {_short(output)}")
+    for request, line in zip(lines, data):
+        if not isinstance(line, dict) or line.get("custom_id") != request.custom_id:
+            raise _JobFailed("job output does not match the lines sent")
+    return data
+
+
+def _raise_if_refused(error: Any) -> None:
+    """A job the worker refused as a request (4xx other than 429) fails the same way every time."""
+    try:
+        parsed = json.loads(error) if isinstance(error, str) else None
+    except ValueError:
+        return
+    status = parsed.get("status") if isinstance(parsed, dict) else None
+    if isinstance(status, int) and 400 <= status < 500 and status != 429:
+        body = parsed.get("error")
+        message = body.get("message") if isinstance(body, dict) else None
+        if isinstance(body, dict) and body.get("code") == "response_too_large":
+            raise _TooLarge(message)
+        raise EndpointError(
+            f"the endpoint refused the batch job ({status}): {message or _short(error)}"
+        )
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

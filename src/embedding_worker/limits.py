@@ -1,0 +1,153 @@
+"""The worker's limits on requests and answers, and the cheap checks that enforce them.
+
+A job's input arrives already parsed (runpod parses the JSON), so its size is estimated in one pass over
+the parsed values, which stops as soon as the limit is passed: strings count their exact UTF-8 bytes,
+numbers their digits. The same pass refuses what the standard json module lets through but no model or
+JSON writer can handle: NaN/Infinity, lone UTF-16 surrogates ("\\ud800"), absurd nesting.
+
+Answers are estimated before any work is done (vectors x dimensions x bytes per number), so a request
+whose answer could not get back through RunPod is refused at once instead of vanishing on the way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from . import errors
+
+# RunPod's documented payload limit for /runsync is 20 MB (its SDK counts 1 MB = 1,000,000 bytes).
+RUNPOD_PAYLOAD_LIMIT = 20_000_000
+
+# A valid request nests at most 6 levels (job > openai_input > extra_body > input > list > token id).
+MAX_JSON_DEPTH = 32
+
+# Bytes of JSON per number in a float answer: the shortest float32 text plus ", ". Unit vectors
+# average 12.6 to 13.7 (measured, 8 to 4096 dims); 16 covers the longest forms like -1.2345678e-05.
+FLOAT_BYTES = 16
+# '{"object": "embedding", "embedding": ..., "index": 2047}, ' and the like.
+ITEM_OVERHEAD_BYTES = 64
+# '{"index": 2047, "relevance_score": 0.12345678901234567, "document": {"text": ...}}, '
+RERANK_ITEM_BYTES = 96
+ENVELOPE_BYTES = 512  # object, model, usage, id, created
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_inputs: int = 2048
+    max_request_tokens: int = 300_000
+    max_request_bytes: int = RUNPOD_PAYLOAD_LIMIT
+    max_response_bytes: int = RUNPOD_PAYLOAD_LIMIT
+
+
+def inspect_request(body: Any, limits: Limits) -> None:
+    """One pass over a parsed request body: size, nesting, NaN/Infinity, invalid unicode.
+
+    Raises a 413 naming MAX_REQUEST_BYTES, or a 400 naming the top-level field at fault. Cost: one
+    visit per value, and never more values than the byte limit allows (each counts at least 1 byte).
+    """
+    budget = limits.max_request_bytes
+    size = 0
+    # (value, depth, the top-level field it belongs to)
+    stack: list[tuple[Any, int, str | None]] = [(body, 0, None)]
+    while stack:
+        value, depth, field = stack.pop()
+        kind = type(value)
+        if kind is str:
+            size += _utf8_size(value, field) + 3  # quotes and a separator
+        elif kind is int:
+            size += 2 + value.bit_length() * 77 // 256  # digits (log10(2) ~ 77/256) and a separator
+        elif kind is list or kind is dict:
+            if depth >= MAX_JSON_DEPTH:
+                raise errors.invalid_input(
+                    f"the request is nested deeper than {MAX_JSON_DEPTH} levels", param=field
+                )
+            if kind is list:
+                size += 2 + len(value)
+                stack.extend((item, depth + 1, field) for item in value)
+            else:
+                size += 2 + 4 * len(value)
+                for key, item in value.items():
+                    if type(key) is not str:
+                        raise errors.invalid_input("object keys must be strings", param=field)
+                    size += _utf8_size(key, field)
+                    stack.append((item, depth + 1, key if depth == 0 else field))
+        elif kind is float:
+            if not math.isfinite(value):
+                raise errors.invalid_input(
+                    "NaN and Infinity are not valid JSON numbers", param=field
+                )
+            size += 24
+        elif value is None or kind is bool:
+            size += 6
+        else:
+            raise errors.invalid_input("the request holds a value that is not JSON", param=field)
+        if size > budget:
+            raise errors.too_large(
+                f"the request is larger than the limit of {budget} bytes (MAX_REQUEST_BYTES); "
+                "split it into smaller requests",
+                param=field,
+            )
+
+
+def _utf8_size(text: str, field: str | None) -> int:
+    if text.isascii():  # O(1) in CPython: the common case costs nothing
+        return len(text)
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800"): the json module accepts it, the tokenizer raises TypeError
+        # and runpod could not send it back (it writes UTF-8).
+        raise errors.invalid_input(
+            "a string holds invalid unicode (an unpaired surrogate)", param=field
+        ) from None
+
+
+def embedding_answer_bytes(count: int, dimensions: int, encoding_format: str) -> int:
+    """An upper estimate of the JSON size of an embeddings answer."""
+    if encoding_format == "base64":
+        per_vector = 4 * math.ceil(4 * dimensions / 3) + 2
+    else:
+        per_vector = FLOAT_BYTES * dimensions
+    return ENVELOPE_BYTES + count * (per_vector + ITEM_OVERHEAD_BYTES)
+
+
+def check_embedding_answer(
+    count: int, dimensions: int, encoding_format: str, limits: Limits
+) -> None:
+    estimate = embedding_answer_bytes(count, dimensions, encoding_format)
+    if estimate <= limits.max_response_bytes:
+        return
+    advice = "send fewer inputs or ask for fewer 'dimensions'"
+    if encoding_format != "base64":
+        advice = 'ask for "encoding_format": "base64" (about 3x smaller), ' + advice
+    raise errors.too_large(
+        f"the answer ({count} vectors of {dimensions} numbers) would be about {estimate} bytes, "
+        f"more than the limit of {limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops "
+        f"answers over its 20 MB payload limit); {advice}",
+        param="input",
+        code="response_too_large",
+    )
+
+
+def check_rerank_answer(
+    documents: Sequence[str], returned: int, return_documents: bool, limits: Limits
+) -> None:
+    """`returned` results, each with its document's text when asked: the largest ones, to be safe."""
+    estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
+    if return_documents:
+        # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
+        # escaped quotes, backslashes and control characters.
+        sizes = sorted((len(d.encode("utf-8")) for d in documents), reverse=True)[:returned]
+        text = sum(sizes)
+        estimate += text + text // 8
+    if estimate <= limits.max_response_bytes:
+        return
+    raise errors.too_large(
+        f"the answer would be about {estimate} bytes, more than the limit of "
+        f"{limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over its 20 MB "
+        "payload limit); leave out 'return_documents', set 'top_n', or send fewer documents",
+        param="documents",
+        code="response_too_large",
+    )

@@ -1,0 +1,380 @@
+"""Rerankers that are language models (Qwen3-Reranker), served exactly per the official recipe.
+
+Infinity loads a `Qwen3ForCausalLM` reranker as an embedder and refuses to rerank with it, and it strips
+whitespace from the converted single-logit checkpoints (which drops the template's trailing "\\n\\n" and
+changes their scores). So these models run here, beside Infinity's AsyncEngineArray, behind the same
+`ModelEngine` interface (same queue bound, timeouts and errors).
+
+The recipe (Qwen3-Reranker model card):
+- input: PREFIX + "<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {document}" + SUFFIX;
+  only the middle part is tokenised with truncation, to `max_length` less the prefix and suffix tokens;
+- left padding; score = softmax([logit("no"), logit("yes")])[1] at the last position, which equals
+  sigmoid(logit_yes - logit_no). A converted single-logit checkpoint (score weight = W_yes - W_no) gives
+  that difference as its one logit: score = sigmoid(logit), the same input.
+
+Batching: pairs from concurrent requests wait in one queue; a batcher task takes up to 8 x batch_size of
+them in arrival order, sorts them by length and runs batch_size chunks (as Infinity does). Tokenising
+and forwards run on one worker thread per model, under torch.inference_mode, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import errors
+from .config import ModelSpec
+from .engines import ModelEngine, ModelLoadError, Role, TokenCounter
+
+log = logging.getLogger(__name__)
+
+PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".'
+    "<|im_end|>\n<|im_start|>user\n"
+)
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+MAX_LENGTH = 8192  # the recipe's max_length, prefix and suffix included
+_WINDOW = 8  # batches taken from the queue at once, sorted by length together (Infinity's factor)
+
+
+def format_pair(query: str, document: str, instruction: str | None) -> str:
+    """The middle part of the template (the only part that is truncated)."""
+    if instruction is None:
+        instruction = DEFAULT_INSTRUCTION
+    return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+
+
+# ------------------------------------------------------------------------------------ detection
+
+
+def _file(source: str, name: str) -> str | None:
+    """The path of one of the model's files (local folder or hub cache), or None if it has none."""
+    local = Path(source)
+    if local.is_dir():
+        path = local / name
+        return str(path) if path.is_file() else None
+    from transformers.utils import cached_file
+
+    return cached_file(
+        source,
+        name,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+
+
+def _yes_no_ids(tokenizer: Any) -> tuple[int, int] | None:
+    """Ids of the single tokens "yes" and "no", or None if either is not a single token."""
+    ids = []
+    for word in ("yes", "no"):
+        token_id = tokenizer.convert_tokens_to_ids(word)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            return None
+        ids.append(int(token_id))
+    return ids[0], ids[1]
+
+
+def detect_kind(spec: ModelSpec, trust_remote_code: bool) -> str:
+    """'llm-reranker' or 'infinity' for one model: MODEL_KINDS if set, else from the model's files.
+
+    LLM rerankers: a `*ForCausalLM` without a sentence-transformers layout (modules.json) whose tokenizer
+    has the single tokens "yes" and "no" (Qwen3-Reranker); a single-label
+    `Qwen3ForSequenceClassification` with a Qwen tokenizer (its converted checkpoints). Anything
+    else, or anything whose config cannot be read here, is left to Infinity.
+    """
+    if spec.kind != "auto":
+        return spec.kind
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
+    except Exception:  # Infinity's loader reports the real problem
+        return "infinity"
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith("ForCausalLM") for a in architectures)
+    single_logit = "Qwen3ForSequenceClassification" in architectures and config.num_labels == 1
+    if not (causal or single_logit):
+        return "infinity"
+    if causal and _file(spec.source, "modules.json") is not None:
+        return "infinity"  # a sentence-transformers embedder built on a causal LM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
+    except Exception:
+        return "infinity"
+    if causal:
+        return "llm-reranker" if _yes_no_ids(tokenizer) is not None else "infinity"
+    return "llm-reranker" if type(tokenizer).__name__.startswith("Qwen2Tokenizer") else "infinity"
+
+
+# ------------------------------------------------------------------------------------ the engine
+
+
+@dataclass
+class _Request:
+    """One rerank call waiting for its scores."""
+
+    future: asyncio.Future
+    scores: np.ndarray
+    remaining: int
+
+
+@dataclass
+class _Pair:
+    request: _Request
+    index: int  # position of the document in its request
+    text: str  # the middle part of the template
+    ids: list[int] = field(default_factory=list)
+
+
+def _torch_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype in ("float32", "float16", "bfloat16"):
+        return getattr(torch, dtype)
+    raise ValueError(
+        f"dtype '{dtype}' is not available for LLM rerankers; use auto, float32, float16 or bfloat16"
+    )
+
+
+class LLMReranker(ModelEngine):
+    """A language-model reranker (Qwen3-Reranker or its single-logit conversion)."""
+
+    role = Role.RERANK
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        backbone: Any,
+        head: Any,
+        tokenizer: Any,
+        max_length: int,
+        device: str,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(spec, TokenCounter(tokenizer), max_length, **kwargs)
+        self.backbone = backbone  # the transformer without its LM head: last hidden states
+        # (2, hidden) rows of W_yes and W_no, or (1, hidden) for a single-logit checkpoint
+        self.head = head
+        self.tokenizer = tokenizer  # used only on the worker thread
+        self.device = device
+        self.batch_size = spec.batch_size
+        self.prefix_ids: list[int] = tokenizer.encode(PREFIX, add_special_tokens=False)
+        self.suffix_ids: list[int] = tokenizer.encode(SUFFIX, add_special_tokens=False)
+        self.middle_max = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.middle_max < 1:
+            raise ModelLoadError(
+                f"model '{spec.served_id}': max length {max_length} leaves no room between the "
+                "reranker template's prefix and suffix"
+            )
+        self._waiting: list[_Pair] = []
+        self._wake: asyncio.Event | None = None
+        self._batcher: asyncio.Task | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def load(cls, spec: ModelSpec, *, trust_remote_code: bool, **kwargs: Any) -> "LLMReranker":
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import AutoTokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = _torch_dtype(spec.dtype, device)
+        config = AutoConfig.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
+        tokenizer.padding_side = "left"  # the recipe pads on the left; the score is at position -1
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ModelLoadError(f"model '{spec.served_id}': its tokenizer has no pad token")
+            tokenizer.pad_token = tokenizer.eos_token  # padding is masked out: any token will do
+        architectures = list(getattr(config, "architectures", None) or [])
+        load_args = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        if any(a.endswith("ForCausalLM") for a in architectures):
+            yes_no = _yes_no_ids(tokenizer)
+            if yes_no is None:
+                raise ModelLoadError(
+                    f"model '{spec.served_id}' cannot be an LLM reranker: its tokenizer has no single "
+                    "tokens 'yes' and 'no'"
+                )
+            model = AutoModelForCausalLM.from_pretrained(spec.source, **load_args)
+            # Only two rows of the LM head matter: project onto them instead of the whole vocabulary.
+            head = model.get_output_embeddings().weight[list(yes_no)].detach().clone()
+        elif any(a.endswith("ForSequenceClassification") for a in architectures):
+            if config.num_labels != 1:
+                raise ModelLoadError(
+                    f"model '{spec.served_id}' cannot be an LLM reranker: it has "
+                    f"{config.num_labels} labels, not 1"
+                )
+            model = AutoModelForSequenceClassification.from_pretrained(spec.source, **load_args)
+            score = getattr(model, "score", None)
+            if score is None or getattr(score, "bias", None) is not None:
+                raise ModelLoadError(
+                    f"model '{spec.served_id}' cannot be an LLM reranker: no bias-free 'score' head"
+                )
+            head = score.weight.detach().clone()
+        else:
+            raise ModelLoadError(
+                f"model '{spec.served_id}' cannot be an LLM reranker: architecture "
+                f"{', '.join(architectures) or 'unknown'} is neither *ForCausalLM nor "
+                "*ForSequenceClassification"
+            )
+        backbone = model.base_model.to(device).eval()  # the transformer, final norm included
+        limits = [MAX_LENGTH, getattr(config, "max_position_embeddings", MAX_LENGTH)]
+        return cls(
+            spec,
+            backbone=backbone,
+            head=head.to(device),
+            tokenizer=tokenizer,
+            max_length=min(limits),
+            device=device,
+            **kwargs,
+        )
+
+    # --------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._batcher is not None:
+            return
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"llm-reranker-{self.served_id}")
+        self._wake = asyncio.Event()
+        self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher {self.served_id}")
+
+    async def stop(self) -> None:
+        if self._batcher is None:
+            return
+        self._batcher.cancel()
+        try:
+            await self._batcher
+        except asyncio.CancelledError:
+            pass
+        self._batcher = None
+        self._fail(self._waiting, errors.unavailable(f"model '{self.served_id}' is stopping"))
+        self._waiting.clear()
+        assert self._thread is not None
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._thread = None
+
+    # --------------------------------------------------------------------------- requests
+
+    def rerank_lengths(self, query: str, docs: Sequence[str], instruction: str | None) -> list[int]:
+        """Tokens of each full template, untruncated (the prefix and suffix are counted too)."""
+        fixed = len(self.prefix_ids) + len(self.suffix_ids)
+        middles = [format_pair(query, d, instruction) for d in docs]
+        return [fixed + n for n in self.tokens.count(middles)]
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        raise errors.invalid_input(
+            f"model '{self.served_id}' is a rerank model and cannot embed",
+            param="model",
+            code="model_not_embedding",
+        )
+
+    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
+        if self._batcher is None or self._wake is None:
+            raise errors.unavailable(f"model '{self.served_id}' is not started")
+        request = _Request(
+            asyncio.get_running_loop().create_future(), np.empty(len(docs)), len(docs)
+        )
+        self._waiting.extend(
+            _Pair(request, i, format_pair(query, d, instruction)) for i, d in enumerate(docs)
+        )
+        self._wake.set()
+        return await request.future
+
+    # --------------------------------------------------------------------------- batching
+
+    async def _batch_loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                taken = self._waiting[: _WINDOW * self.batch_size]
+                del self._waiting[: len(taken)]
+                # A request that timed out or was cancelled is not worth a forward.
+                window = [p for p in taken if not p.request.future.done()]
+                if window:
+                    await self._run_window(loop, window)
+
+    async def _run_window(self, loop: asyncio.AbstractEventLoop, window: list[_Pair]) -> None:
+        try:
+            ids = await loop.run_in_executor(self._thread, self._tokenize, [p.text for p in window])
+            for pair, pair_ids in zip(window, ids):
+                pair.ids = pair_ids
+            window.sort(key=lambda p: len(p.ids))
+            for start in range(0, len(window), self.batch_size):
+                chunk = window[start : start + self.batch_size]
+                live = [p for p in chunk if not p.request.future.done()]
+                if not live:
+                    continue
+                scores = await loop.run_in_executor(self._thread, self._forward, [p.ids for p in live])
+                for pair, score in zip(live, scores.tolist()):
+                    self._deliver(pair, score)
+        except asyncio.CancelledError:  # stopping: nobody will answer these
+            self._fail(window, errors.unavailable(f"model '{self.served_id}' is stopping"))
+            raise
+        except Exception as exc:  # the batcher survives; the requests in this window fail
+            log.exception("%s: batch failed", self.served_id)
+            self._fail(window, exc)
+
+    @staticmethod
+    def _fail(pairs: list[_Pair], exc: BaseException) -> None:
+        for pair in pairs:
+            if not pair.request.future.done():
+                pair.request.future.set_exception(exc)
+
+    @staticmethod
+    def _deliver(pair: _Pair, score: float) -> None:
+        request = pair.request
+        if request.future.done():
+            return
+        request.scores[pair.index] = score
+        request.remaining -= 1
+        if request.remaining == 0:
+            request.future.set_result(request.scores)
+
+    # --------------------------------------------------------------------------- worker thread
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """The recipe's tokenisation: only the middle part is truncated, then prefix + it + suffix."""
+        middles = self.tokenizer(
+            texts,
+            padding=False,
+            truncation="longest_first",
+            return_attention_mask=False,
+            max_length=self.middle_max,
+        )["input_ids"]
+        return [self.prefix_ids + ids + self.suffix_ids for ids in middles]
+
+    def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
+        """Scores of one batch: sigmoid(logit_yes - logit_no) (or of the single logit) at the end."""
+        import torch
+
+        # Left padding with the pad token, masked out (what the recipe's tokenizer.pad builds).
+        width = max(len(ids) for ids in batch_ids)
+        input_ids = torch.full((len(batch_ids), width), self.tokenizer.pad_token_id)
+        attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        with torch.inference_mode():
+            hidden = self.backbone(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            ).last_hidden_state[:, -1, :]
+            logits = hidden @ self.head.T
+            if logits.shape[1] == 2:
+                logits = logits[:, :1] - logits[:, 1:]
+            return torch.sigmoid(logits[:, 0].float()).cpu().numpy().astype(np.float64)

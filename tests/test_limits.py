@@ -1,0 +1,230 @@
+"""Limits on requests and answers, and the input JSON lets through but nothing else can handle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from embedding_worker import limits
+from embedding_worker.limits import Limits
+
+
+def _wire(reply) -> bytes:
+    """What runpod sends back: json.dumps(ensure_ascii=False) written as UTF-8."""
+    return json.dumps(reply.runpod_output(), ensure_ascii=False).encode("utf-8")
+
+
+def _error(reply, status: int, code: str) -> dict:
+    assert reply.status == status, reply.body
+    error = reply.body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    _wire(reply)
+    return error
+
+
+def _both_flavours(body: dict, route: str = "/v1/embeddings") -> list:
+    return [body, {"openai_route": route, "openai_input": body}]
+
+
+@pytest.fixture
+def small_limits(worker, monkeypatch):
+    def set_limits(**values):
+        monkeypatch.setattr(worker, "limits", Limits(**values))
+
+    return set_limits
+
+
+# ------------------------------------------------------------------------------------ request size
+
+
+async def test_a_request_over_max_request_bytes_is_413_naming_the_limit(worker, ids, small_limits):
+    small_limits(max_request_bytes=10_000)
+    big = {"model": ids["embedder"], "input": ["word " * 100] * 30}  # about 15,000 bytes
+    for job in _both_flavours(big):
+        error = _error(await worker.dispatch(job), 413, "request_too_large")
+        assert "MAX_REQUEST_BYTES" in error["message"] and "10000" in error["message"]
+        assert error["param"] == "input"
+    fits = {"model": ids["embedder"], "input": ["word " * 100] * 10}  # about 5,000 bytes
+    for job in _both_flavours(fits):
+        assert (await worker.dispatch(job)).status == 200
+
+
+async def test_request_size_counts_utf8_bytes_and_token_ids(worker, ids, small_limits):
+    small_limits(max_request_bytes=10_000)
+    # 2,000 characters of 3 UTF-8 bytes each: 6,000 bytes, under; 4,000 of them: 12,000, over.
+    assert (await worker.dispatch({"model": ids["embedder"], "input": "語" * 2000})).status == 200
+    reply = await worker.dispatch({"model": ids["embedder"], "input": "語" * 4000})
+    _error(reply, 413, "request_too_large")
+    # 3,000 five-digit token ids are about 18,000 bytes of JSON.
+    reply = await worker.dispatch({"model": ids["embedder"], "input": [10000] * 3000})
+    _error(reply, 413, "request_too_large")
+
+
+def test_request_size_estimate_is_close_to_the_json_text():
+    body = {"model": "m", "input": ["héllo wörld " * 20] * 50, "user": "u", "dimensions": 64,
+            "extra": [12345] * 500 + [None, True, 1.5]}
+    text = len(json.dumps(body, ensure_ascii=False).encode("utf-8"))
+    size = text  # the estimate must stop just above the real size and pass just below it
+    limits.inspect_request(body, Limits(max_request_bytes=int(size * 1.1)))
+    with pytest.raises(Exception) as refused:
+        limits.inspect_request(body, Limits(max_request_bytes=int(size * 0.9)))
+    assert refused.value.status == 413
+
+
+# ------------------------------------------------------------------------------------ answer size
+
+
+def test_default_answer_limit_refuses_2048_float_vectors_of_1024_dims_but_not_base64():
+    # FINDINGS: about 40 MB of float JSON (RunPod drops it), about 11 MB of base64.
+    with pytest.raises(Exception) as refused:
+        limits.check_embedding_answer(2048, 1024, "float", Limits())
+    assert refused.value.status == 413 and refused.value.code == "response_too_large"
+    assert "base64" in refused.value.message and "MAX_RESPONSE_BYTES" in refused.value.message
+    limits.check_embedding_answer(2048, 1024, "base64", Limits())
+    limits.check_embedding_answer(2048, 384, "float", Limits())  # MiniLM at full batch: ~13 MB
+
+
+async def test_answer_estimate_bounds_the_real_answer_closely(worker, ids):
+    texts = [f"sentence number {i} about various things" for i in range(64)]
+    for encoding in ("float", "base64"):
+        for dimensions in (None, 32):
+            body = {"model": ids["minilm"], "input": texts, "encoding_format": encoding}
+            if dimensions:
+                body["dimensions"] = dimensions
+            for job in _both_flavours(body):
+                reply = await worker.dispatch(job)
+                real = len(_wire(reply))
+                estimate = limits.embedding_answer_bytes(len(texts), dimensions or 384, encoding)
+                assert real <= estimate <= 1.6 * real + 1024, (encoding, dimensions, real, estimate)
+
+
+async def test_an_answer_over_max_response_bytes_is_refused_before_any_work(
+    worker, ids, small_limits, monkeypatch
+):
+    model = worker.registry.resolve(ids["minilm"], None)
+
+    async def must_not_run(*args, **kwargs):
+        raise AssertionError("the engine ran for a request that had to be refused")
+
+    texts = ["a short text"] * 100
+    # 100 x 384 floats: ~620 kB as float, ~210 kB as base64.
+    small_limits(max_response_bytes=400_000)
+    with monkeypatch.context() as patch:
+        patch.setattr(model, "embed", must_not_run)
+        for job in _both_flavours({"model": ids["minilm"], "input": texts}):
+            error = _error(await worker.dispatch(job), 413, "response_too_large")
+            assert "MAX_RESPONSE_BYTES" in error["message"] and "400000" in error["message"]
+            assert "base64" in error["message"] and "20 MB" in error["message"]
+        small_limits(max_response_bytes=100_000)
+        reply = await worker.dispatch(
+            {"model": ids["minilm"], "input": texts, "encoding_format": "base64"}
+        )
+        error = _error(reply, 413, "response_too_large")
+        assert "encoding_format" not in error["message"]  # already base64: fewer inputs or dims
+    small_limits(max_response_bytes=400_000)
+    base64 = {"model": ids["minilm"], "input": texts, "encoding_format": "base64"}
+    assert (await worker.dispatch(base64)).status == 200
+    fewer_dims = {"model": ids["minilm"], "input": texts, "dimensions": 128}
+    assert (await worker.dispatch(fewer_dims)).status == 200
+
+
+async def test_a_rerank_answer_with_documents_over_the_limit_is_refused(worker, ids, small_limits):
+    small_limits(max_response_bytes=50_000)
+    docs = ["x" * 5_000] * 20  # 100 kB of documents
+    body = {"model": ids["reranker"], "query": "q", "documents": docs, "return_documents": True}
+    for job in _both_flavours(body, "/v1/rerank"):
+        error = _error(await worker.dispatch(job), 413, "response_too_large")
+        assert "return_documents" in error["message"] and "top_n" in error["message"]
+    assert (await worker.dispatch(dict(body, return_documents=False))).status == 200
+    assert (await worker.dispatch(dict(body, top_n=5))).status == 200
+
+
+# ------------------------------------------------------------------------------------ odd JSON
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": [NAN]}, "input"),
+        ({"input": "x", "dimensions": NAN}, "dimensions"),
+        ({"input": "x", "dimensions": INF}, "dimensions"),
+        ({"input": "x", "user": -INF}, "user"),
+        ({"input": "x", "anything": {"deep": [1, NAN]}}, "anything"),
+        ({"input": "\ud800"}, "input"),
+        ({"input": ["fine", "bad \udfff end"]}, "input"),
+        ({"input": "x", "model": "m\ud83d"}, "model"),
+        ({"input": "x", "prompt_type": "\ud800"}, "prompt_type"),
+    ],
+)
+async def test_nan_infinity_and_lone_surrogates_are_typed_400s(worker, ids, body, param):
+    body = {"model": ids["embedder"], **body}
+    for job in _both_flavours(body):
+        error = _error(await worker.dispatch(job), 400, "invalid_input")
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"query": "\ud800", "documents": ["a"]}, "query"),
+        ({"query": "q", "documents": ["a", {"text": "b\udc00"}]}, "documents"),
+        ({"query": "q", "documents": ["a"], "top_n": INF}, "top_n"),
+    ],
+)
+async def test_rerank_odd_json_is_a_typed_400(worker, ids, body, param):
+    for job in _both_flavours({"model": ids["reranker"], **body}, "/v1/rerank"):
+        error = _error(await worker.dispatch(job), 400, "invalid_input")
+        assert error["param"] == param
+
+
+async def test_deep_nesting_is_a_typed_400_without_recursion(worker, ids):
+    deep: list = [1]
+    for _ in range(100_000):
+        deep = [deep]
+    for job in _both_flavours({"model": ids["embedder"], "input": deep}):
+        error = _error(await worker.dispatch(job), 400, "invalid_input")
+        assert "nested deeper than" in error["message"] and error["param"] == "input"
+    # Nesting at the limit's edge inside ignored fields is fine; one level more is not.
+    ok: list = []
+    for _ in range(limits.MAX_JSON_DEPTH - 2):
+        ok = [ok]
+    assert (await worker.dispatch({"model": ids["embedder"], "input": "x", "meta": ok})).status == 200
+
+
+async def test_a_wide_request_is_walked_with_bounded_cost(worker, ids, small_limits):
+    # A million tiny values: refused at the byte limit, long before pydantic would see them all.
+    small_limits(max_request_bytes=100_000)
+    reply = await worker.dispatch({"model": ids["embedder"], "input": "x", "meta": [0] * 1_000_000})
+    _error(reply, 413, "request_too_large")
+
+
+# ------------------------------------------------------------------------------------ ranges
+
+
+@pytest.mark.parametrize("dimensions", [0, -1, -(2**70), 385, 2**70])
+async def test_dimensions_out_of_range(worker, ids, dimensions):
+    reply = await worker.dispatch({"model": ids["minilm"], "input": "x", "dimensions": dimensions})
+    assert _error(reply, 400, "invalid_input")["param"] == "dimensions"
+
+
+@pytest.mark.parametrize("top_n", [0, -1, -(2**70), "2", True, 1.0])
+async def test_top_n_out_of_range(worker, ids, top_n):
+    body = {"model": ids["reranker"], "query": "q", "documents": ["a", "b"], "top_n": top_n}
+    assert _error(await worker.dispatch(body), 400, "invalid_input")["param"] == "top_n"
+
+
+async def test_top_n_above_the_documents_returns_them_all(worker, ids):
+    body = {"model": ids["reranker"], "query": "q", "documents": ["a", "b"], "top_n": 2**70}
+    reply = await worker.dispatch(body)
+    assert reply.status == 200 and len(reply.body["results"]) == 2
+
+
+@pytest.mark.parametrize("token", [-1, -(2**70), 2**31, 2**70])
+async def test_token_ids_outside_the_vocabulary(worker, ids, token):
+    reply = await worker.dispatch({"model": ids["minilm"], "input": [[101, token]]})
+    error = _error(reply, 400, "invalid_input")
+    assert error["param"] == "input" and "vocabulary" in error["message"]

@@ -1,0 +1,161 @@
+"""Security: no remote code unless asked, no model loaded by a request, no payload or token in logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from runpod.serverless.modules import rp_logger
+from runpod.serverless.modules.rp_job import run_job
+
+from embedding_worker import engines
+from embedding_worker.app import runpod_handler
+from embedding_worker.config import load_config
+from tests.conftest import ROOT
+
+SECRET = "hf_" + "Zq7" * 12  # looks like a Hugging Face token
+
+
+# ------------------------------------------------------------------------------ trust_remote_code
+
+
+def test_trust_remote_code_is_off_unless_configured(monkeypatch, bert_embedder):
+    from infinity_emb import EngineArgs
+
+    # Infinity's own default is True (INFINITY_TRUST_REMOTE_CODE): the worker must pass False.
+    assert EngineArgs(model_name_or_path=str(bert_embedder)).trust_remote_code is True
+    monkeypatch.setenv("INFINITY_TRUST_REMOTE_CODE", "true")
+    config = load_config({"MODEL_NAMES": str(bert_embedder)})
+    assert engines._engine_args(config.models[0], config).trust_remote_code is False
+    config = load_config({"MODEL_NAMES": str(bert_embedder), "TRUST_REMOTE_CODE": "true"})
+    assert engines._engine_args(config.models[0], config).trust_remote_code is True
+
+
+def test_the_running_engines_do_not_trust_remote_code(worker):
+    for model in worker.registry.models:
+        assert model.engine._engine_args.trust_remote_code is False
+
+
+# ------------------------------------------------------------------------------ model names
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "BAAI/bge-small-en-v1.5",
+        "https://huggingface.co/BAAI/bge-small-en-v1.5",
+        "../../../etc/passwd",
+        "/tmp",
+        "__MODELS_DIR__",  # a real directory holding real models that are not served as such
+    ],
+)
+async def test_a_request_model_name_never_loads_or_downloads_a_model(
+    worker, monkeypatch, models_dir, name
+):
+    import huggingface_hub
+    import infinity_emb
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a request tried to load or download a model")
+
+    for module, attr in [
+        (infinity_emb.AsyncEmbeddingEngine, "from_args"),
+        (huggingface_hub, "snapshot_download"),
+        (huggingface_hub, "hf_hub_download"),
+    ]:
+        monkeypatch.setattr(module, attr, forbidden)
+    name = str(models_dir) if name == "__MODELS_DIR__" else name
+    served = list(worker.registry.models)
+    for job in (
+        {"model": name, "input": "x"},
+        {"model": name, "query": "q", "documents": ["a"]},
+        {"openai_route": "/v1/embeddings", "openai_input": {"model": name, "input": "x"}},
+    ):
+        reply = await worker.dispatch(job)
+        assert reply.status == 404 and reply.body["error"]["code"] == "model_not_found"
+    assert worker.registry.models == served
+
+
+# ------------------------------------------------------------------------------ logs
+
+
+def _jobs_carrying_the_secret(ids) -> list[dict]:
+    return [
+        {"id": "job-ok", "input": {"model": ids["minilm"], "input": [SECRET, "fine"]}},
+        {"id": "job-rerank", "input": {"query": SECRET, "docs": [SECRET], "return_docs": True}},
+        {"id": "job-bad-type", "input": {"model": ids["minilm"], "input": [SECRET, 5]}},
+        {"id": "job-bad-model", "input": {"model": SECRET, "input": "x"}},
+        {"id": "job-too-long", "input": {"model": ids["minilm"], "input": SECRET * 200, "truncate": False}},
+        {"id": "job-surrogate", "input": {"model": ids["minilm"], "input": SECRET + "\ud800"}},
+        {"id": "job-route", "input": {"openai_route": SECRET, "openai_input": {"input": SECRET}}},
+    ]
+
+
+async def test_logs_never_echo_payloads_or_tokens(worker, ids, caplog, capsys, monkeypatch):
+    monkeypatch.setattr(rp_logger.RunPodLogger, "level", "INFO")  # the worker's default for runpod
+    caplog.set_level(logging.DEBUG)
+    handler = runpod_handler(worker)
+    model = worker.registry.resolve(ids["minilm"], None)
+
+    def count_that_quotes_its_input(texts):
+        raise ValueError(f"tokenizer failed on {texts!r}")  # a library error quoting the payload
+
+    results = [await run_job(handler, job) for job in _jobs_carrying_the_secret(ids)]
+    with monkeypatch.context() as patch:
+        patch.setattr(model.tokens, "count", count_that_quotes_its_input)
+        crashed = await run_job(handler, {"id": "job-crash", "input": {"model": ids["minilm"], "input": SECRET}})
+    assert "output" in results[0] and "error" in results[2]
+    assert json.loads(crashed["error"])["status"] == 500
+    assert SECRET not in crashed["error"]
+    captured = capsys.readouterr()
+    assert "job job-crash" in caplog.text  # the crash was logged, under its job...
+    for text in (caplog.text, captured.out, captured.err):
+        assert SECRET not in text  # ...and nothing quoted the payload
+    # What the default protects from: runpod at DEBUG prints every job's output (here the
+    # documents the rerank job asked back).
+    monkeypatch.setattr(rp_logger.RunPodLogger, "level", "DEBUG")
+    await run_job(handler, _jobs_carrying_the_secret(ids)[1])
+    assert SECRET in capsys.readouterr().out
+
+
+async def test_each_log_line_of_the_worker_names_its_job(worker, ids, caplog):
+    caplog.set_level(logging.DEBUG, logger="embedding_worker")
+    await worker.dispatch({"model": ids["minilm"], "input": "fine"}, job_id="job-a1")
+    await worker.dispatch({"model": ids["minilm"], "input": ""}, job_id="job-b2")
+    await worker.dispatch({"openai_route": "/nope"}, job_id="job-c3")
+    ours = [r for r in caplog.records if r.name.startswith("embedding_worker")]
+    assert {"job-a1", "job-b2", "job-c3"} <= {r.getMessage().split(":")[0][4:] for r in ours}
+    for record in ours:
+        assert record.getMessage().startswith("job job-"), record.getMessage()
+
+
+def test_runpod_logs_at_info_unless_asked_and_start_errors_hide_tokens():
+    probe = (
+        "import embedding_worker.app;"
+        "from runpod.serverless.modules.rp_logger import RunPodLogger;"
+        "print(RunPodLogger().level)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    level = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert level.stdout.strip() == "INFO", level.stderr[-2000:]
+    level = subprocess.run(
+        [sys.executable, "-c", probe], env={**env, "RUNPOD_DEBUG_LEVEL": "DEBUG"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert level.stdout.strip() == "DEBUG"
+
+    start = subprocess.run(
+        [sys.executable, "handler.py"],
+        cwd=ROOT,
+        env={**env, "HF_HUB_OFFLINE": "1", "HF_TOKEN": SECRET, "MODEL_NAMES": "no-such/model"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert start.returncode == 2 and "no-such/model" in start.stderr
+    assert SECRET not in start.stdout + start.stderr
