@@ -128,10 +128,13 @@ def markdown(r: dict[str, Any]) -> str:
     if "skipped" in server:
         lines.append(f"Skipped: {server['skipped']}.")
     else:
-        lines += ["| concurrency | engine req/s | server req/s | server / engine |",
-                  "| ---: | ---: | ---: | ---: |"]
+        lines += ["`python handler.py --serve` in its own process (float32), httpx clients in the benchmark's "
+                  "process on the same CPU; the raw engine in the benchmark's process.", "",
+                  "| concurrency | engine req/s | server req/s | server / engine | client CPU ms per request |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
         for key, v in server.items():
-            lines.append(f"| {key[1:]} | {v['engine_rps']:.0f} | {v['server_rps']:.0f} | {v['server_vs_engine']:.2f} |")
+            lines.append(f"| {key[1:]} | {v['engine_rps']:.0f} | {v['server_rps']:.0f} "
+                         f"| {v['server_vs_engine']:.2f} | {v['client_cpu_ms_per_request']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
