@@ -5,7 +5,6 @@ requests."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import os
@@ -26,6 +25,7 @@ from embedding_worker.app import runpod_handler
 from embedding_worker.batch import BatchOptions, BatchRun, run_batch, run_local
 from embedding_worker.batch_remote import run_endpoint
 from tests.conftest import ROOT
+from tests.helpers import decode_vectors
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while rain falls on quiet hills near old stone "
@@ -93,17 +93,6 @@ def options(tmp_path: Path, source: Path, **overrides: Any) -> BatchOptions:
     return BatchOptions(**values)
 
 
-def _vectors(body: dict[str, Any]) -> list[np.ndarray]:
-    out = []
-    for item in body["data"]:
-        value = item["embedding"]
-        if isinstance(value, str):
-            out.append(np.frombuffer(base64.b64decode(value), dtype="<f4"))
-        else:
-            out.append(np.asarray(value, dtype=np.float32))
-    return out
-
-
 def assert_same_answer(got: dict[str, Any], want_status: int, want: dict[str, Any]) -> None:
     """A batch answer against the single request's: equal but for ids, timestamps and the float
     noise of being batched with other requests."""
@@ -125,7 +114,7 @@ def assert_same_answer(got: dict[str, Any], want_status: int, want: dict[str, An
         assert [type(d["embedding"]) for d in body["data"]] == [
             type(d["embedding"]) for d in want["data"]
         ]
-        for mine, theirs in zip(_vectors(body), _vectors(want), strict=True):
+        for mine, theirs in zip(decode_vectors(body), decode_vectors(want), strict=True):
             assert mine.shape == theirs.shape and np.allclose(mine, theirs, atol=1e-5)
 
 
@@ -260,7 +249,7 @@ async def test_plain_text_lines_use_the_command_line_options(worker, ids, tmp_pa
     assert set(outputs) == {"line-1", "mine", "line-3"}
     single = await worker.call("/v1/embeddings", {**defaults, "input": "first document"})
     assert_same_answer(outputs["line-1"]["response"], single.status, single.body)
-    assert len(_vectors(outputs["mine"]["response"]["body"])[0]) == 8
+    assert len(decode_vectors(outputs["mine"]["response"]["body"])[0]) == 8
     # An empty text is a valid line whose request is refused.
     assert outputs["line-3"]["response"]["status_code"] == 400
 
@@ -475,7 +464,7 @@ def test_command_line_resumes_a_text_file_into_the_same_output(bert_embedder, tm
     for output in outputs[2:]:
         body = output["response"]["body"]
         assert body["model"] == served
-        assert len(_vectors(body)[0]) == 16
+        assert len(decode_vectors(body)[0]) == 16
     assert "cut off a partly written last line" in proc.stderr
     assert "line/s" in proc.stderr  # the progress bar
     assert f"{len(expected) - 2} lines answered" in proc.stderr

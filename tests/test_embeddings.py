@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from tests.helpers import decode_vectors
+
 TEXTS = [
     "a kitten sleeps on the sofa",
     "a cat naps on the couch",
     "the stock market fell today",
 ]
-
-
-def _vectors(body) -> np.ndarray:
-    rows = []
-    for expected_index, item in enumerate(body["data"]):
-        assert item["object"] == "embedding" and item["index"] == expected_index
-        value = item["embedding"]
-        if isinstance(value, str):
-            rows.append(np.frombuffer(base64.b64decode(value), dtype="<f4"))
-        else:
-            rows.append(np.asarray(value, dtype=np.float32))
-    return np.stack(rows)
 
 
 async def embed(worker, **body):
@@ -42,7 +31,7 @@ async def embed_error(worker, **body):
 
 async def test_minilm_matches_sentence_transformers_and_ranks_meaning(worker, ids, minilm_path):
     body = await embed(worker, model=ids["minilm"], input=TEXTS)
-    got = _vectors(body)
+    got = decode_vectors(body)
     expected = SentenceTransformer(str(minilm_path), device="cpu").encode(
         TEXTS, normalize_embeddings=True
     )
@@ -71,19 +60,19 @@ async def test_single_string_is_one_embedding(worker, ids):
     body = await embed(worker, model=ids["minilm"], input=TEXTS[0])
     many = await embed(worker, model=ids["minilm"], input=TEXTS)
     assert len(body["data"]) == 1
-    np.testing.assert_allclose(_vectors(body)[0], _vectors(many)[0], atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(body)[0], decode_vectors(many)[0], atol=1e-5)
 
 
-async def test_base64_is_little_endian_float32_of_the_same_vectors(worker, ids):
-    floats = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
+async def test_base64_is_little_endian_float32_of_the_samedecode_vectors(worker, ids):
+    floats = decode_vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
     b64 = await embed(worker, model=ids["minilm"], input=TEXTS, encoding_format="base64")
     assert all(isinstance(item["embedding"], str) for item in b64["data"])
-    np.testing.assert_allclose(_vectors(b64), floats, atol=1e-6)
+    np.testing.assert_allclose(decode_vectors(b64), floats, atol=1e-6)
 
 
 async def test_float_answer_round_trips_float32_in_short_text(worker, ids):
     body = await embed(worker, model=ids["minilm"], input=TEXTS, encoding_format="base64")
-    exact = _vectors(body)
+    exact = decode_vectors(body)
     body = await embed(worker, model=ids["minilm"], input=TEXTS)
     text = json.dumps(body["data"][0]["embedding"])  # what runpod does with the job result
     assert np.array_equal(np.asarray(json.loads(text), dtype=np.float32), exact[0])
@@ -92,25 +81,25 @@ async def test_float_answer_round_trips_float32_in_short_text(worker, ids):
 
 
 async def test_dimensions_cut_then_renormalise(worker, ids):
-    full = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
-    cut = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS, dimensions=64))
+    full = decode_vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
+    cut = decode_vectors(await embed(worker, model=ids["minilm"], input=TEXTS, dimensions=64))
     assert cut.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(cut, axis=1), 1.0, atol=1e-5)
     expected = full[:, :64] / np.linalg.norm(full[:, :64], axis=1, keepdims=True)
     np.testing.assert_allclose(cut, expected, atol=1e-5)
-    same = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS, dimensions=384))
+    same = decode_vectors(await embed(worker, model=ids["minilm"], input=TEXTS, dimensions=384))
     np.testing.assert_allclose(same, full, atol=1e-6)
 
 
 async def test_token_id_inputs_embed_like_their_text(worker, ids):
     tokenizer = worker.registry.resolve(ids["minilm"], None).tokens.tokenizer
     token_lists = [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
-    from_text = _vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
+    from_text = decode_vectors(await embed(worker, model=ids["minilm"], input=TEXTS))
     from_ids = await embed(worker, model=ids["minilm"], input=token_lists)
-    np.testing.assert_allclose(_vectors(from_ids), from_text, atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(from_ids), from_text, atol=1e-5)
     assert from_ids["usage"]["prompt_tokens"] == sum(len(t) for t in token_lists)
     one = await embed(worker, model=ids["minilm"], input=token_lists[1])
-    np.testing.assert_allclose(_vectors(one)[0], from_text[1], atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(one)[0], from_text[1], atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -163,7 +152,7 @@ async def test_more_than_2048_inputs_is_refused(worker, ids):
 
 async def test_tiny_random_embedder_matches_sentence_transformers(worker, ids, bert_embedder):
     texts = ["the quick brown fox", "jumps over the lazy dog", "a"]
-    got = _vectors(await embed(worker, model=ids["embedder"], input=texts))
+    got = decode_vectors(await embed(worker, model=ids["embedder"], input=texts))
     expected = SentenceTransformer(str(bert_embedder), device="cpu").encode(
         texts, normalize_embeddings=True
     )

@@ -6,7 +6,6 @@ last-token pooling, L2 normalisation, and `Instruct: {task}\\nQuery:{query}` wri
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 
@@ -21,6 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from tests.helpers import decode_vectors
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
 QUERIES = [
@@ -85,18 +85,6 @@ def reference(qwen3_embedder) -> Reference:
 # ------------------------------------------------------------------ helpers
 
 
-def vectors(body) -> np.ndarray:
-    rows = []
-    for i, item in enumerate(body["data"]):
-        assert item["index"] == i
-        value = item["embedding"]
-        if isinstance(value, str):
-            rows.append(np.frombuffer(base64.b64decode(value), dtype="<f4"))
-        else:
-            rows.append(np.asarray(value, dtype=np.float32))
-    return np.stack(rows)
-
-
 async def embed(worker, **body):
     reply = await worker.dispatch(body)
     assert reply.status == 200, reply.body
@@ -120,7 +108,7 @@ async def test_instruction_matches_the_model_card_across_batches_and_padding(
     body = await embed(qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES, instruction=task)
     golden = [f"Instruct: {task}\nQuery:{q}" for q in QUERIES]
     assert golden == [get_detailed_instruct(task, q) for q in QUERIES]
-    np.testing.assert_allclose(vectors(body), reference.embed(golden, batch_size), atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(body), reference.embed(golden, batch_size), atol=1e-5)
     assert body["usage"] == {
         "prompt_tokens": reference.tokens(golden),
         "total_tokens": reference.tokens(golden),
@@ -131,7 +119,7 @@ async def test_the_exact_spacing_matters(qwen3_worker, qwen3_ids, reference):
     # What the public fork sent (a space after "Query:") embeds differently: the golden test can fail.
     body = await embed(qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES[:3], instruction=TASK)
     spaced = reference.embed([f"Instruct: {TASK}\nQuery: {q}" for q in QUERIES[:3]], 3)
-    assert np.abs(vectors(body) - spaced).max() > 1e-3
+    assert np.abs(decode_vectors(body) - spaced).max() > 1e-3
 
 
 async def test_prompt_type_query_is_the_models_own_prompt(qwen3_worker, qwen3_ids, reference):
@@ -141,7 +129,7 @@ async def test_prompt_type_query_is_the_models_own_prompt(qwen3_worker, qwen3_id
         f"Query:{q}"
         for q in QUERIES
     ]
-    np.testing.assert_allclose(vectors(body), reference.embed(golden, 4), atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(body), reference.embed(golden, 4), atol=1e-5)
     assert body["usage"]["prompt_tokens"] == reference.tokens(golden)
 
 
@@ -153,7 +141,7 @@ async def test_documents_and_plain_requests_are_not_prefixed(
     qwen3_worker, qwen3_ids, reference, fields
 ):
     body = await embed(qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES, **fields)
-    np.testing.assert_allclose(vectors(body), reference.embed(QUERIES, 2), atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(body), reference.embed(QUERIES, 2), atol=1e-5)
     assert body["usage"]["prompt_tokens"] == reference.tokens(QUERIES)
 
 
@@ -166,7 +154,7 @@ async def test_instruction_with_prompt_type_query_replaces_the_task(
         instruction=task,
     )
     golden = [f"Instruct: {task}\nQuery:{q}" for q in QUERIES[:2]]
-    np.testing.assert_allclose(vectors(body), reference.embed(golden, 2), atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(body), reference.embed(golden, 2), atol=1e-5)
 
 
 async def test_token_id_inputs_are_never_prefixed(qwen3_worker, qwen3_ids, reference):
@@ -174,7 +162,7 @@ async def test_token_id_inputs_are_never_prefixed(qwen3_worker, qwen3_ids, refer
     body = await embed(
         qwen3_worker, model=qwen3_ids["embedder"], input=ids, instruction=TASK, prompt_type="query"
     )
-    np.testing.assert_allclose(vectors(body), reference.embed(QUERIES[:3], 3), atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(body), reference.embed(QUERIES[:3], 3), atol=1e-5)
     assert body["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
 
 
@@ -193,9 +181,9 @@ async def test_openai_route_top_level_and_nested_extra_body(qwen3_worker, qwen3_
             {"openai_route": "/v1/embeddings", "openai_input": body}
         )
         assert reply.status == 200, reply.body
-        np.testing.assert_allclose(vectors(reply.runpod_output()[0]), golden, atol=1e-5)
+        np.testing.assert_allclose(decode_vectors(reply.runpod_output()[0]), golden, atol=1e-5)
     standard = await embed(qwen3_worker, **base, extra_body={"instruction": "Find it"})
-    np.testing.assert_allclose(vectors(standard), golden, atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(standard), golden, atol=1e-5)
 
 
 async def test_the_openai_sdk_extra_body_reaches_the_model(qwen3_worker, qwen3_ids, reference):
@@ -244,7 +232,7 @@ async def test_models_without_prompts_are_never_prefixed(worker, ids, bert_embed
     expected = SentenceTransformer(str(bert_embedder), device="cpu").encode(
         QUERIES[:2], normalize_embeddings=True
     )
-    np.testing.assert_allclose(vectors(plain), expected, atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(plain), expected, atol=1e-5)
     err = await error(worker, model=ids["embedder"], input="x", instruction=TASK)
     assert err["param"] == "instruction" and "no instruction template" in err["message"]
     err = await error(worker, model=ids["embedder"], input="x", prompt_type="query")
@@ -265,5 +253,5 @@ async def test_default_prompt_name_applies_as_in_sentence_transformers(
     finally:
         await worker.stop()
     expected = SentenceTransformer(str(path), device="cpu").encode(QUERIES[:3])  # default prompt
-    np.testing.assert_allclose(vectors(plain), expected, atol=1e-5)
-    np.testing.assert_allclose(vectors(document), reference.embed(QUERIES[:3], 3), atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(plain), expected, atol=1e-5)
+    np.testing.assert_allclose(decode_vectors(document), reference.embed(QUERIES[:3], 3), atol=1e-5)

@@ -8,7 +8,6 @@ does not grow with the number of jobs. Throughput figures live in bench/load.py,
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import json
 import random
@@ -18,6 +17,7 @@ import numpy as np
 from runpod.serverless.modules.rp_job import run_job
 
 from embedding_worker.app import runpod_handler
+from tests.helpers import decode_vectors
 
 WORDS = "alpha beta gamma delta river stone cloud paper light green quick slow open".split()
 
@@ -25,18 +25,6 @@ WORDS = "alpha beta gamma delta river stone cloud paper light green quick slow o
 def _texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [f"{i} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for i in range(n)]
-
-
-def _rows(body: dict) -> np.ndarray:
-    rows = []
-    for i, item in enumerate(body["data"]):
-        assert item["index"] == i and item["object"] == "embedding"
-        value = item["embedding"]
-        if isinstance(value, str):
-            rows.append(np.frombuffer(base64.b64decode(value), dtype="<f4"))
-        else:
-            rows.append(np.asarray(value, dtype=np.float32))
-    return np.stack(rows)
 
 
 def _rss_bytes() -> int:
@@ -49,7 +37,7 @@ def _rss_bytes() -> int:
 async def _reference(worker, model: str, texts: list[str]) -> dict[str, np.ndarray]:
     reply = await worker.dispatch({"model": model, "input": texts, "encoding_format": "base64"})
     assert reply.status == 200
-    return dict(zip(texts, _rows(reply.body)))
+    return dict(zip(texts, decode_vectors(reply.body)))
 
 
 def _make_jobs(model: str, texts: list[str], count: int, seed: int, prefix: str) -> list[dict]:
@@ -93,7 +81,7 @@ def _check_answers(jobs, answers, reference) -> None:
         request = body["openai_input"] if proxied else body
         output = result["output"]
         answer = output[0] if proxied else output
-        got = _rows(answer)
+        got = decode_vectors(answer)
         expected = np.stack([reference[text] for text in request["input"]])
         np.testing.assert_allclose(got, expected, atol=1e-5)
         json.dumps(result, ensure_ascii=False)
@@ -144,7 +132,7 @@ async def test_a_texts_vector_does_not_depend_on_its_batch_mates(worker, ids):
         alone = {}
         for text in texts[::5] + texts[-2:]:
             reply = await worker.dispatch({"model": model, "input": text, "encoding_format": "base64"})
-            alone[text] = _rows(reply.body)[0]
+            alone[text] = decode_vectors(reply.body)[0]
         # The whole batch, sent while other jobs share the engine's batches.
         noise = [
             worker.dispatch({"model": model, "input": _texts(8, seed=100 + i)}) for i in range(6)
@@ -152,6 +140,6 @@ async def test_a_texts_vector_does_not_depend_on_its_batch_mates(worker, ids):
         together, *_ = await asyncio.gather(
             worker.dispatch({"model": model, "input": texts, "encoding_format": "base64"}), *noise
         )
-        in_batch = dict(zip(texts, _rows(together.body)))
+        in_batch = dict(zip(texts, decode_vectors(together.body)))
         for text, vector in alone.items():
             np.testing.assert_allclose(in_batch[text], vector, atol=1e-5)

@@ -32,6 +32,7 @@ from embedding_worker.engines import Health, ModelEngine, ModelRegistry, Role, T
 from embedding_worker.server import SERVER_VARIABLES, ServerSettings, create_app, uvicorn_server
 from tests import model_factory
 from tests.conftest import ROOT
+from tests.helpers import decode_vectors
 
 TEXTS = [
     "The cat sits on the warm windowsill.",
@@ -102,10 +103,6 @@ def sdk(served, prefix: str = "/v1", api_key: str = "unused") -> openai.OpenAI:
 
 def vectors(response) -> np.ndarray:
     return np.array([item.embedding for item in response.data], dtype=np.float32)
-
-
-def http_vectors(body: dict) -> np.ndarray:
-    return np.array([item["embedding"] for item in body["data"]], dtype=np.float32)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -237,13 +234,13 @@ def test_runsync_wraps_the_same_answer_as_the_openai_route(served, http):
     direct = http.post("/v1/embeddings", json=body).json()
     job = http.post("/runsync", json={"input": body}).json()
     assert job["status"] == "COMPLETED" and job["id"]
-    np.testing.assert_allclose(http_vectors(job["output"]), http_vectors(direct), atol=1e-6)
+    np.testing.assert_allclose(decode_vectors(job["output"]), decode_vectors(direct), atol=1e-6)
     assert job["output"]["usage"] == direct["usage"]
     proxied = http.post(
         "/runsync", json={"input": {"openai_route": "/v1/embeddings", "openai_input": body}}
     ).json()
     assert isinstance(proxied["output"], list) and len(proxied["output"]) == 1
-    np.testing.assert_allclose(http_vectors(proxied["output"][0]), http_vectors(direct), atol=1e-6)
+    np.testing.assert_allclose(decode_vectors(proxied["output"][0]), decode_vectors(direct), atol=1e-6)
 
 
 def test_runsync_failure_is_a_failed_job_with_the_typed_error(served, http):
@@ -262,7 +259,7 @@ def test_run_answers_at_once_then_status_gives_the_result(served, http):
     finished = poll(http, queued["id"])
     assert finished["status"] == "COMPLETED"
     expected = http.post("/runsync", json=body).json()["output"]
-    np.testing.assert_allclose(http_vectors(finished["output"]), http_vectors(expected), atol=1e-6)
+    np.testing.assert_allclose(decode_vectors(finished["output"]), decode_vectors(expected), atol=1e-6)
     # Asking again gives the same answer; cancelling a finished job changes nothing.
     assert http.get(f"/status/{queued['id']}").json() == finished
     assert http.post(f"/status/{queued['id']}").json() == finished  # runpod's local API uses POST
@@ -334,7 +331,7 @@ def test_many_concurrent_clients_each_get_their_own_answer(served, http):
         if path == "/v1/rerank":
             in_order = sorted(data["results"], key=lambda r: r["index"])
             return np.array([r["relevance_score"] for r in in_order])
-        return http_vectors(data)[0]
+        return decode_vectors(data)[0]
 
     one_by_one = [answer(r) for r in requests]
     with ThreadPoolExecutor(clients) as pool:
@@ -535,7 +532,7 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
                 if isinstance(ours_out, list):
                     assert isinstance(rp_out, list) and len(rp_out) == 1
                     ours_out, rp_out = ours_out[0], rp_out[0]
-                np.testing.assert_allclose(http_vectors(rp_out), http_vectors(ours_out), atol=1e-6)
+                np.testing.assert_allclose(decode_vectors(rp_out), decode_vectors(ours_out), atol=1e-6)
             rp_failed = theirs.post("/runsync", json=bad_job).json()
             ours_failed = http.post("/runsync", json=bad_job).json()
             assert rp_failed["status"] == ours_failed["status"] == "FAILED"
@@ -544,8 +541,8 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
             queued = theirs.post("/run", json=embed_job).json()
             finished = poll(theirs, queued["id"], timeout=120, method="POST")
             assert finished["status"] == "COMPLETED"
-            expected = http_vectors(http.post("/runsync", json=embed_job).json()["output"])
-            np.testing.assert_allclose(http_vectors(finished["output"]), expected, atol=1e-6)
+            expected = decode_vectors(http.post("/runsync", json=embed_job).json()["output"])
+            np.testing.assert_allclose(decode_vectors(finished["output"]), expected, atol=1e-6)
     finally:
         try:
             runpod_api.stop(timeout=30)

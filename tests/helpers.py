@@ -1,0 +1,24 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+
+
+def decode_vectors(body: dict[str, Any]) -> np.ndarray:
+    """The embeddings of an answer body as a float32 matrix, whichever encoding it used.
+
+    Checks on the way that every item is an embedding object and that `index` runs 0, 1, 2, ...
+    """
+    rows = []
+    for i, item in enumerate(body["data"]):
+        assert item["object"] == "embedding" and item["index"] == i, item.keys()
+        value = item["embedding"]
+        if isinstance(value, str):
+            rows.append(np.frombuffer(base64.b64decode(value), dtype="<f4"))
+        else:
+            rows.append(np.asarray(value, dtype=np.float32))
+    return np.stack(rows)
