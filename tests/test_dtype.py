@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from embedding_worker import engines
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines import resolve_dtype
+from tests.helpers import decode_vectors
 
 TEXTS = [
     "a kitten sleeps on the sofa",
@@ -83,7 +83,6 @@ async def test_auto_vectors_stay_within_cosine_0999_of_float32(worker, ids):
     finally:
         await auto.stop()
     assert got.status == 200 and ref.status == 200
-    a = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in got.body["data"]])
-    b = np.asarray([d["embedding"] for d in ref.body["data"]], dtype=np.float32)
+    a, b = decode_vectors(got.body), decode_vectors(ref.body)
     cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cosine.min() >= 0.999, cosine
