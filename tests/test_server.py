@@ -514,7 +514,8 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
     url = f"http://127.0.0.1:{port}"
     runpod_api = HandlerProcess(
         "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port),
-        env={"MODEL_NAMES": str(bert_embedder)},
+        # the served fixture's dtype: DTYPES=auto is bfloat16 on CPUs with native bfloat16
+        env={"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32"},
     )
     model = served.ids["embedder"]
     embed_job = {"input": {"model": model, "input": TEXTS, "encoding_format": "float"}}

@@ -1,0 +1,36 @@
+"""Start-up costs the worker adds over the engine (bench/run.py measures the cold start itself)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+PROBE = """
+import json, sys, time
+sys.path.insert(0, "src")
+import cpuinfo, cpuinfo.cpuinfo
+from embedding_worker import app
+probes = []
+real = cpuinfo.cpuinfo.get_cpu_info_json  # what starts py-cpuinfo's subprocess
+cpuinfo.cpuinfo.get_cpu_info_json = lambda: probes.append(1) or real()
+runpod = app.import_runpod()
+from runpod.serverless.utils import rp_debugger
+print(json.dumps({"processor": rp_debugger.PROCESSOR, "expected": app.processor_name(),
+                  "full_probes": len(probes), "restored": cpuinfo.get_cpu_info.__module__,
+                  "start": callable(runpod.serverless.start)}))
+"""
+
+
+def test_runpod_imports_without_the_cpu_probe_subprocess_and_keeps_its_processor_name():
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["full_probes"] == 0  # py-cpuinfo's subprocess probe never ran
+    assert got["processor"] == got["expected"] and got["processor"]
+    assert got["restored"] == "cpuinfo.cpuinfo"  # the real function is back for anyone else
+    assert got["start"]
