@@ -123,17 +123,19 @@ def markdown(r: dict[str, Any]) -> str:
     if r.get("failed"):
         lines += ["", "### Not measured", ""]
         lines += [f"- {name}: {why.splitlines()[0]}" for name, why in r["failed"].items()]
-    lines += ["", "### Local HTTP server (one short text per request)", ""]
+    lines += ["", "### Local HTTP server (one text per request)", ""]
     server = r["server"]
     if "skipped" in server:
         lines.append(f"Skipped: {server['skipped']}.")
     else:
-        lines += ["`python handler.py --serve` in its own process (float32), httpx clients in the benchmark's "
-                  "process on the same CPU; the raw engine in the benchmark's process.", "",
-                  "| concurrency | engine req/s | server req/s | server / engine | client CPU ms per request |",
-                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["`python handler.py --serve` in its own process (float32), keep-alive HTTP clients in the "
+                  "benchmark's process on the same CPU; the raw engine in the benchmark's process.", "",
+                  "| inputs | concurrency | engine req/s | server req/s | server / engine "
+                  "| client CPU ms per request |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for key, v in server.items():
-            lines.append(f"| {key[1:]} | {v['engine_rps']:.0f} | {v['server_rps']:.0f} "
+            length, concurrency = key.split(" c")
+            lines.append(f"| {length} | {concurrency} | {v['engine_rps']:.0f} | {v['server_rps']:.0f} "
                          f"| {v['server_vs_engine']:.2f} | {v['client_cpu_ms_per_request']:.2f} |")
     return "\n".join(lines) + "\n"
 

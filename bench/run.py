@@ -486,15 +486,46 @@ def bench_cold_start(path: Path, repeats: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- local HTTP server
 
 
+class KeepAliveClient:
+    """One HTTP/1.1 keep-alive connection that posts pre-encoded JSON: the leanest client Python has.
+
+    httpx costs the client ~2.5 ms of CPU a request here (one pool of 64: ~10 ms), CPU the server on
+    the same 2 cores then lacks; this one ~0.1 ms, so the figure is the server's, not the client's.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, port: int) -> "KeepAliveClient":
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    @staticmethod
+    def request(path: str, body: Any) -> bytes:
+        data = json.dumps(body).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        return (head + f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        at = head.lower().index(b"content-length:") + len(b"content-length:")
+        body = await self.reader.readexactly(int(head[at:head.index(b"\r\n", at)]))
+        return status, body
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
 async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any]:
     """The local HTTP server (`python handler.py --serve`, where this branch has it) in its own process,
-    as clients meet it, at concurrency 1, 16 and 64; against the raw engine (in this process) answering
-    the same one-text requests at the same concurrency. The httpx client shares this machine's CPU."""
+    as clients meet it, at concurrency 1, 16 and 64, one text per request, short and medium texts;
+    against the raw engine (in this process) answering the same requests at the same concurrency."""
     if not (ROOT / "src" / "embedding_worker" / "server.py").exists():
         return {"skipped": "embedding_worker.server is not part of this branch"}
     import socket
-
-    import httpx
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -510,63 +541,65 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
     worker = Worker.from_config(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
     await worker.start()
     engine = worker.registry.models[0].engine
-    texts = texts_of_length(worker.registry.models[0].tokens.tokenizer, LENGTHS["short"], requests)
+    tokenizer = worker.registry.models[0].tokens.tokenizer
     out: dict[str, Any] = {}
-    # Eight clients of eight connections, not one of 64: httpcore's pool scans all its connections on
-    # every event, which at 64 costs the client ~10 ms of CPU per request on a 2-core machine (measured),
-    # CPU the server then lacks.
-    clients = [
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300,
-                          limits=httpx.Limits(max_connections=8, max_keepalive_connections=8))
-        for _ in range(8)
-    ]
-    client = clients[0]
     try:
         deadline = time.monotonic() + 600
-        while True:  # until the server has loaded its model
+        while True:  # until the server has loaded its model and listens
             if server.poll() is not None:
                 log_file.seek(0)
                 raise RuntimeError(f"server exited: {log_file.read()[-2000:].decode(errors='replace')}")
             try:
-                if (await client.get("/health")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not answer /health within 600 s")
-            await asyncio.sleep(0.5)
-        for concurrency in (1, 16, 64):
-            gate = asyncio.Semaphore(concurrency)
-            turn = itertools.cycle(clients)
+                await (await KeepAliveClient.connect(port)).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not listen within 600 s") from None
+                await asyncio.sleep(0.5)
+        for length, count in (("short", requests), ("medium", max(16, requests // 4))):
+            texts = texts_of_length(tokenizer, LENGTHS[length], count)
+            posts = [KeepAliveClient.request("/v1/embeddings", {"input": [t]}) for t in texts]
+            for concurrency in (1, 16, 64):
 
-            async def post(text: str) -> None:
-                async with gate:
-                    r = await next(turn).post("/v1/embeddings", json={"input": [text]})
-                    r.raise_for_status()
+                async def through_server(concurrency: int = concurrency) -> None:
+                    todo = iter(posts)
 
-            async def raw(text: str) -> None:
-                async with gate:
-                    await engine.embed(sentences=[text])
+                    async def connection() -> None:
+                        # Fresh connections each round: uvicorn closes idle ones after 5 s.
+                        client = await KeepAliveClient.connect(port)
+                        try:
+                            for request in todo:
+                                status, body = await client.send(request)
+                                if status != 200:
+                                    raise RuntimeError(f"server answered {status}: {body[:300]!r}")
+                        finally:
+                            await client.close()
 
-            variants = {
-                "engine": lambda: asyncio.gather(*(raw(t) for t in texts)),
-                "server": lambda: asyncio.gather(*(post(t) for t in texts)),
-            }
-            await interleaved(variants, 1)
-            cpu: dict[str, list[float]] = {}
-            times = await interleaved(variants, repeats, cpu)
-            out[f"c{concurrency}"] = {
-                "engine_rps": requests / statistics.median(times["engine"]),
-                "server_rps": requests / statistics.median(times["server"]),
-                "server_vs_engine": paired_ratio(times, "server", "engine"),
-                # CPU of this process while the server answers: the HTTP client's own cost
-                "client_cpu_ms_per_request": 1e3 * statistics.median(cpu["server"]) / requests,
-            }
+                    await asyncio.gather(*(connection() for _ in range(concurrency)))
+
+                async def through_engine(concurrency: int = concurrency) -> None:
+                    gate = asyncio.Semaphore(concurrency)
+
+                    async def one(text: str) -> None:
+                        async with gate:
+                            await engine.embed(sentences=[text])
+
+                    await asyncio.gather(*(one(t) for t in texts))
+
+                variants = {"engine": through_engine, "server": through_server}
+                await interleaved(variants, 1)
+                cpu: dict[str, list[float]] = {}
+                times = await interleaved(variants, repeats, cpu)
+                out[f"{length} c{concurrency}"] = {
+                    "engine_rps": count / statistics.median(times["engine"]),
+                    "server_rps": count / statistics.median(times["server"]),
+                    "server_vs_engine": paired_ratio(times, "server", "engine"),
+                    # CPU of this process while the server answers: the HTTP client's own cost
+                    "client_cpu_ms_per_request": 1e3 * statistics.median(cpu["server"]) / count,
+                }
     except Exception as exc:  # say so, keep the rest of the run
         out = {"skipped": f"server benchmark failed: {type(exc).__name__}: {exc}"}
     finally:
-        for c in clients:
-            await c.aclose()
         server.terminate()
         try:
             server.wait(60)
