@@ -165,3 +165,13 @@ async def test_runpod_gets_an_async_handler_and_the_configured_concurrency(worke
     config = runpod_config(limited)
     assert inspect.iscoroutinefunction(config["handler"])  # a sync handler would block the loop
     assert config["concurrency_modifier"](1) == 17
+
+
+async def test_job_output_is_plain_json_with_a_short_repr(worker, ids):
+    """runpod formats each output into DEBUG f-strings even when DEBUG is off: the repr stays short."""
+    reply = await worker.dispatch({"model": ids["minilm"], "input": ["a", "b"]})
+    output = reply.runpod_output()
+    assert json.loads(json.dumps(output)) == reply.body  # JSON sees an ordinary dict
+    assert repr(output) == f"<list: 2 items, model {ids['minilm']}>"
+    proxied = await worker.call("/v1/embeddings", {"model": ids["minilm"], "input": "a"})
+    assert len(repr(proxied.runpod_output())) < 100
