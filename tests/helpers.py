@@ -22,3 +22,10 @@ def decode_vectors(body: dict[str, Any]) -> np.ndarray:
         else:
             rows.append(np.asarray(value, dtype=np.float32))
     return np.stack(rows)
+
+
+async def answer(worker: Any, **body: Any) -> dict[str, Any]:
+    """The body of a standard-flavour job that must succeed."""
+    reply = await worker.dispatch(body)
+    assert reply.status == 200, reply.body
+    return reply.body

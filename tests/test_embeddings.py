@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from tests.helpers import answer as embed
 from tests.helpers import decode_vectors
 
 TEXTS = [
@@ -15,12 +16,6 @@ TEXTS = [
     "a cat naps on the couch",
     "the stock market fell today",
 ]
-
-
-async def embed(worker, **body):
-    reply = await worker.dispatch(body)
-    assert reply.status == 200, reply.body
-    return reply.body
 
 
 async def embed_error(worker, **body):

@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from tests.helpers import answer as embed
 from tests.helpers import decode_vectors
 
 TASK = "Given a web search query, retrieve relevant passages that answer the query"
@@ -83,12 +84,6 @@ def reference(qwen3_embedder) -> Reference:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def embed(worker, **body):
-    reply = await worker.dispatch(body)
-    assert reply.status == 200, reply.body
-    return reply.body
 
 
 async def error(worker, **body):

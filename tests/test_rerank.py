@@ -9,6 +9,8 @@ import pytest
 import torch
 from sentence_transformers import CrossEncoder
 
+from tests.helpers import answer as rerank
+
 QUERY = "which product has warranty coverage"
 DOCS = [
     "product a comes with a two year warranty",
@@ -16,12 +18,6 @@ DOCS = [
     "all electronics include a standard one year warranty",
     "the weather is nice today",
 ]
-
-
-async def rerank(worker, **body):
-    reply = await worker.dispatch(body)
-    assert reply.status == 200, reply.body
-    return reply.body
 
 
 async def test_scores_match_the_cross_encoder_sorted_with_original_indexes(
