@@ -101,10 +101,7 @@ def _per_model(env: Mapping[str, str], name: str, count: int, default: str) -> l
     return values
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
+def _whole_number(name: str, raw: str, minimum: int = 1) -> int:
     try:
         value = int(raw)
     except ValueError:
@@ -112,6 +109,11 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name, "").strip()
+    return _whole_number(name, raw, minimum) if raw else default
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
@@ -188,12 +190,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     models = []
     served_ids: set[str] = set()
     for name, batch_raw, dtype_raw, kind in zip(names, batch_sizes, dtypes, kinds):
-        try:
-            batch_size = int(batch_raw)
-        except ValueError:
-            raise ConfigError(f"BATCH_SIZES must hold whole numbers, got {batch_raw!r}") from None
-        if batch_size < 1:
-            raise ConfigError(f"BATCH_SIZES must be at least 1, got {batch_size}")
+        batch_size = _whole_number("BATCH_SIZES", batch_raw)
         dtype = DTYPE_ALIASES.get(dtype_raw.lower())
         if dtype is None:
             raise ConfigError(

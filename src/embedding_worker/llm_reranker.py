@@ -20,7 +20,6 @@ and forwards run on one worker thread per model, under torch.inference_mode, nev
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +30,9 @@ import numpy as np
 from . import errors
 from .config import ModelSpec
 from .engines import ModelEngine, ModelLoadError, Role, TokenCounter
+from .logs import get_logger, redacted_traceback
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
@@ -327,7 +327,7 @@ class LLMReranker(ModelEngine):
             self._fail(window, errors.unavailable(f"model '{self.served_id}' is stopping"))
             raise
         except Exception as exc:  # the batcher survives; the requests in this window fail
-            log.exception("%s: batch failed", self.served_id)
+            log.error("%s: batch failed: %s", self.served_id, redacted_traceback(exc))
             self._fail(window, exc)
 
     @staticmethod

@@ -7,7 +7,7 @@ and builds the response body. Transport concerns (RunPod's wrapper, HTTP) live e
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -22,10 +22,11 @@ from .protocol import EmbeddingRequest, RerankRequest
 _TOKENIZE_INLINE_MAX = 64
 
 
-async def _count(model: ModelEngine, texts: Sequence[str]) -> list[int]:
-    if len(texts) <= _TOKENIZE_INLINE_MAX:
-        return model.tokens.count(texts)
-    return await asyncio.to_thread(model.tokens.count, texts)
+async def _tokenize(items: int, count: Callable[..., list[int]], *args: Any) -> list[int]:
+    """Run a token count inline for small requests, in a thread for big ones."""
+    if items <= _TOKENIZE_INLINE_MAX:
+        return count(*args)
+    return await asyncio.to_thread(count, *args)
 
 
 def _check_lengths(
@@ -130,7 +131,7 @@ async def create_embeddings(
         lengths = [len(ids) for ids in request.input]  # type: ignore[misc]
     else:
         texts = prompts.apply_embedding_prompt(model, request)
-        lengths = await _count(model, texts)
+        lengths = await _tokenize(len(texts), model.tokens.count, texts)
     tokens = _check_lengths(model, lengths, request.truncate, limits, "input")
 
     vectors = await model.embed(texts)
@@ -150,11 +151,9 @@ async def rerank(registry: ModelRegistry, request: RerankRequest, limits: Limits
     _check_count(len(docs), limits, "documents")
     returned = len(docs) if request.top_n is None else min(request.top_n, len(docs))
     check_rerank_answer(docs, returned, request.return_documents, limits)
-    pairs = (request.query, docs, request.instruction)
-    if len(docs) <= _TOKENIZE_INLINE_MAX:
-        lengths = model.rerank_lengths(*pairs)
-    else:
-        lengths = await asyncio.to_thread(model.rerank_lengths, *pairs)
+    lengths = await _tokenize(
+        len(docs), model.rerank_lengths, request.query, docs, request.instruction
+    )
     tokens = _check_lengths(model, lengths, request.truncate, limits, "documents")
 
     scores = await model.rerank(request.query, docs, request.instruction)

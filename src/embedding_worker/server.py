@@ -27,6 +27,7 @@ from .config import _float, _int
 from .dispatch import Reply, Worker
 from .errors import APIError
 from .jobs import Job, JobStatus, JobStore
+from .logs import redacted_traceback
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ def json_response(
 ) -> Response:
     try:
         content = orjson.dumps(body)
-    except orjson.JSONEncodeError:  # a bug upstream; the client still gets an error object
-        log.exception("an answer could not be written as JSON")
+    except orjson.JSONEncodeError as exc:  # a bug upstream; the client still gets an error object
+        log.error("an answer could not be written as JSON: %s", redacted_traceback(exc))
         error = errors.internal()
         content, status = orjson.dumps(error.to_dict()), error.status
     return Response(content, status, headers, media_type="application/json")
@@ -158,8 +159,8 @@ def create_app(worker: Worker, settings: ServerSettings | None = None) -> FastAP
         try:
             body = job_answer(job.id, await worker.dispatch(job_input, job.id))
             answer = orjson.dumps(body)
-        except Exception:  # dispatch never raises; this guards the job against being lost
-            log.exception("job %s: could not record its answer", job.id)
+        except Exception as exc:  # dispatch never raises; this guards the job against being lost
+            log.error("job %s: could not record its answer: %s", job.id, redacted_traceback(exc))
             body = job_answer(job.id, Reply(500, errors.internal().to_dict()))
             answer = orjson.dumps(body)
         jobs.finish(job, JobStatus(body["status"]), answer)
