@@ -1,13 +1,16 @@
-"""How the arrival of requests shapes the raw engine's batches: the baseline behind the server figure.
+"""How the arrival of requests shapes Infinity's batches, and what the worker's paced queue changes.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/arrival.py [--requests 1500] [--rounds 3]
 
-64 clients each send one short text, wait for the answer, then send the next, straight into Infinity's
-engine in this process. "Together": the next request goes at once, so answers released together come
-back together and form full batches (what bench/run.py's engine baseline does). "Spread": each client
-waits a random 0-1 ms or 0-3 ms first, as requests arriving over sockets do. Infinity pops a batch as
-soon as its model takes the previous one, so spread arrivals form smaller batches and lower throughput
-of the engine itself, with no HTTP involved. Ratios are paired medians of interleaved rounds.
+64 clients each send one short text, wait for the answer, then send the next, straight into an engine
+in this process (no HTTP). "Together": the next request goes at once, so answers released together
+come back together and form full batches (what bench/run.py's engine baseline does). "Spread": each
+client waits a random 0-1 ms or 0-3 ms first, as requests arriving over sockets do.
+
+Two engines, same model and EngineArgs: Infinity on its own, which pops a batch as soon as its model
+takes the previous one (spread arrivals then make small batches), and the worker's engine, whose paced
+queue (src/embedding_worker/pacing.py) holds a part-filled batch while the model is busy. Every rate is
+given as a ratio to the plain engine with arrivals together, paired by round, rounds interleaved.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.baseline import raw_engine_for  # noqa: E402
 from embedding_worker.config import load_config  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
 
@@ -34,11 +38,12 @@ SPREADS_S = {"together": 0.0, "spread 0-1 ms": 0.001, "spread 0-3 ms": 0.003}
 async def main(args: argparse.Namespace) -> None:
     worker = Worker.from_config(load_config({"DTYPES": "float32"}))
     await worker.start()
-    engine = worker.registry.models[0].engine
+    engines = {"Infinity": raw_engine_for(worker), "worker (paced)": worker.registry.models[0].engine}
+    await engines["Infinity"].astart()
     texts = [f"{i} the quick brown fox jumps over the dog" for i in range(args.requests)]
     rng = random.Random(0)
 
-    async def run(spread_s: float) -> float:
+    async def run(engine, spread_s: float) -> float:
         todo = iter(texts)
 
         async def client() -> None:
@@ -51,17 +56,21 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.gather(*(client() for _ in range(64)))
         return len(texts) / (time.perf_counter() - started)
 
-    await run(0.0)  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in SPREADS_S}
-    names = list(SPREADS_S)
+    cases = [(e, s) for e in engines for s in SPREADS_S]
+    for engine_name in engines:  # warm-up
+        await run(engines[engine_name], 0.0)
+    rates: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            rates[name].append(await run(SPREADS_S[name]))
+        for engine_name, spread in cases[r % len(cases):] + cases[: r % len(cases)]:
+            rates[engine_name, spread].append(await run(engines[engine_name], SPREADS_S[spread]))
+    await engines["Infinity"].astop()
     await worker.stop()
     print(f"{worker.registry.models[0].served_id}, float32, {args.requests} one-text requests, 64 clients")
-    for name in names:
-        ratio = statistics.median(s / t for s, t in zip(rates[name], rates["together"]))
-        print(f"{name:14} {statistics.median(rates[name]):6.0f} req/s   x together {ratio:.2f}")
+    base = rates["Infinity", "together"]
+    for engine_name, spread in cases:
+        got = rates[engine_name, spread]
+        ratio = statistics.median(g / b for g, b in zip(got, base))
+        print(f"{engine_name:15} {spread:14} {statistics.median(got):6.0f} req/s   x Infinity together {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py [--jobs 4000] [--concurrency 300] [--model tiny|minilm]
 
 Both runs send the same jobs (1 to 4 short texts each) at the same concurrency, in the same process:
-the baseline awaits `AsyncEmbeddingEngine.embed` directly; the worker run goes through runpod's
+the baseline awaits a plain `AsyncEmbeddingEngine.embed` (bench/baseline.py); the worker run goes through runpod's
 `run_job` and the worker's handler (validation, limits, tokenizer counts, encoding). It prints jobs/s,
 latency percentiles, the worker/engine throughput ratio and the RSS growth over the worker run.
 """
@@ -26,6 +26,7 @@ os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "WARN")  # runpod prints a line per 
 
 from runpod.serverless.modules.rp_job import run_job  # noqa: E402
 
+from bench.baseline import raw_engine_for  # noqa: E402
 from embedding_worker.app import runpod_handler  # noqa: E402
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
@@ -74,12 +75,14 @@ async def main(args) -> None:
         source = DEFAULT_MODEL_ID
     worker = Worker.from_config(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
     await worker.start()
+    engine = raw_engine_for(worker)
+    await engine.astart()
     model = worker.registry.models[0]
     handler = runpod_handler(worker)
     jobs = make_jobs(args.jobs, seed=1)
 
     async def engine_call(texts):
-        await model.engine.embed(sentences=texts)
+        await engine.embed(sentences=texts)
 
     def worker_job(i, texts):
         job = {"id": f"job-{i}", "input": {"model": model.served_id, "input": texts}}
@@ -91,6 +94,7 @@ async def main(args) -> None:
     work_s, work_lat = await timed([worker_job(i, t) for i, t in enumerate(jobs)], args.concurrency)
     rss_after = rss_mib()
     await worker.stop()
+    await engine.astop()
 
     n = len(jobs)
     print(f"model {model.served_id}, {n} jobs ({sum(map(len, jobs))} texts), concurrency {args.concurrency}")

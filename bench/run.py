@@ -76,6 +76,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
+from bench.baseline import raw_engine_for  # noqa: E402
 from embedding_worker import app, encoding, protocol  # noqa: E402
 from embedding_worker.config import DEFAULT_MODEL_ID, bundled_model_path, load_config  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
@@ -237,7 +238,8 @@ class Subjects:
         self.auto_dtype = str(loaded).removeprefix("torch.")
         self.model = self.workers["float32"].registry.models[0]
         self.served_id = self.model.served_id
-        self.engine = self.model.engine  # the very engine the float32 worker calls: same weights
+        # Infinity on its own, with the float32 worker's EngineArgs (same files, same dtype)
+        self.engine = raw_engine_for(self.workers["float32"])
         self.handler = app.runpod_handler(self.workers["float32"])
         self.handler_auto = app.runpod_handler(self.workers["auto"])
         self.st = SentenceTransformer(str(path), device=device)
@@ -245,10 +247,12 @@ class Subjects:
         self.max_length = self.model.max_length
 
     async def start(self) -> None:
+        await self.engine.astart()
         for worker in self.workers.values():
             await worker.start()
 
     async def stop(self) -> None:
+        await self.engine.astop()
         for worker in self.workers.values():
             await worker.stop()
 
@@ -538,9 +542,10 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
         cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
     )
     worker = Worker.from_config(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
-    await worker.start()
-    engine = worker.registry.models[0].engine
     tokenizer = worker.registry.models[0].tokens.tokenizer
+    engine = raw_engine_for(worker)  # the baseline: Infinity on its own, the server's EngineArgs
+    del worker
+    await engine.astart()
     out: dict[str, Any] = {}
     try:
         deadline = time.monotonic() + 600
@@ -605,7 +610,7 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
         except subprocess.TimeoutExpired:
             server.kill()
         log_file.close()
-        await worker.stop()
+        await engine.astop()
     return out
 
 

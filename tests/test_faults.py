@@ -48,13 +48,14 @@ def _replica(worker: Worker, tail: str):
     return model, model.engine._model_replicas[0]
 
 
-def _raise_once(target, name: str, exc: Exception) -> None:
+def _raise_once(target, name: str, exc: Exception, after_s: float = 0.0) -> None:
     original = getattr(target, name)
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
+            time.sleep(after_s)  # a failure that takes a moment: the other jobs queue meanwhile
             raise exc
         return original(*args, **kwargs)
 
@@ -101,7 +102,7 @@ def _forward_of_cross_encoder(replica):
 async def test_a_batch_thread_that_raises_fails_every_waiting_job_at_once(fragile, tail, where):
     model, replica = _replica(fragile, tail)
     target, name = where(replica)
-    _raise_once(target, name, RuntimeError("CUDA error: an illegal memory access (injected)"))
+    _raise_once(target, name, RuntimeError("CUDA error: an illegal memory access (injected)"), 0.5)
     handler = runpod_handler(fragile)
 
     started = time.monotonic()

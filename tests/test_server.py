@@ -297,6 +297,8 @@ def test_http_errors_are_openai_error_objects(http, method, path, content, statu
     error = response.json()["error"]
     assert error["code"] == code and error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+    if status == 405:
+        assert response.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods allowed
 
 
 def test_health_reports_ok_and_job_counts(http):

@@ -12,15 +12,11 @@ import hmac
 import logging
 import os
 import uuid
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import orjson
 import uvicorn
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import errors
 from .config import _float, _int
@@ -67,16 +63,67 @@ class ServerSettings:
         )
 
 
-def json_response(
-    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
-) -> Response:
+Headers = Sequence[tuple[bytes, bytes]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    headers: Headers = ()
+
+
+def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Response:
     try:
         content = orjson.dumps(body)
     except orjson.JSONEncodeError as exc:  # a bug upstream; the client still gets an error object
         log.error("an answer could not be written as JSON: %s", redacted_traceback(exc))
         error = errors.internal()
-        content, status = orjson.dumps(error.to_dict()), error.status
-    return Response(content, status, headers, media_type="application/json")
+        content, status, headers = orjson.dumps(error.to_dict()), error.status, ()
+    return Response(status, content, headers)
+
+
+def error_response(error: APIError) -> Response:
+    headers = ((b"www-authenticate", b"Bearer"),) if error.status == 401 else ()
+    return json_response(error.to_dict(), error.status, headers)
+
+
+class Request:
+    """One HTTP request as a route sees it: method, path parameter, headers, and a bounded body."""
+
+    def __init__(self, scope: Mapping[str, Any], receive: Receive, param: str, max_body: int):
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.param = param  # the {job_id} of /status/{job_id} and /cancel/{job_id}
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        self._receive = receive
+        self._max_body = max_body
+
+    async def json(self) -> Any:
+        """The body as JSON, refusing bodies over the limit before reading them whole."""
+        declared = self.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body:
+            raise _body_too_large(self._max_body)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise errors.invalid_input("the client went away before sending its body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise _body_too_large(self._max_body)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        try:
+            return orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError:
+            raise errors.invalid_input("the request body is not valid JSON") from None
 
 
 def job_answer(job_id: str, reply: Reply) -> dict[str, Any]:
@@ -88,177 +135,179 @@ def job_answer(job_id: str, reply: Reply) -> dict[str, Any]:
     return {"id": job_id, "status": JobStatus.FAILED.value, "error": output["error"]}
 
 
-def create_app(worker: Worker, settings: ServerSettings | None = None) -> FastAPI:
-    """The ASGI app. Its lifespan starts the worker's engines in the server's event loop and stops
-    them (and any unfinished /run job) on shutdown."""
-    settings = settings or ServerSettings()
-    jobs = JobStore(
-        ttl_s=settings.job_ttl_s,
-        max_finished=settings.max_finished_jobs,
-        max_bytes=settings.max_job_result_bytes,
-    )
+class LocalServer:
+    """The ASGI app: a table of routes over the worker, and the ASGI lifespan that starts the
+    worker's engines in the server's event loop and stops them (and any unfinished /run job).
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await worker.start()
+    Plain ASGI, not a web framework: every request is one dict lookup and one call. On the
+    2-core benchmark machine a framework's layers (FastAPI here before) took as much CPU per
+    request as the worker itself, CPU the model then lacked (README, "Performance").
+    """
+
+    def __init__(self, worker: Worker, settings: ServerSettings | None = None) -> None:
+        self.worker = worker
+        self.settings = settings or ServerSettings()
+        self.jobs = JobStore(
+            ttl_s=self.settings.job_ttl_s,
+            max_finished=self.settings.max_finished_jobs,
+            max_bytes=self.settings.max_job_result_bytes,
+        )
+        self._api_key = self.settings.api_key.encode() if self.settings.api_key else None
+        # path -> {method: handler}; /status/ and /cancel/ take the job id as the rest of the path.
+        self._routes: dict[str, dict[str, Handler]] = {
+            "/runsync": {"POST": self.runsync},
+            "/run": {"POST": self.run},
+            # RunPod's API answers GET; runpod's local API (--rp_serve_api) only POST: take both.
+            "/status/": {"GET": self.status, "POST": self.status},
+            "/cancel/": {"POST": self.cancel},
+            "/health": {"GET": self.health},
+        }
+        for prefix in OPENAI_PREFIXES:
+            self._routes[prefix + "/models"] = {"GET": self.models}
+            self._routes[prefix + "/embeddings"] = {"POST": self.embeddings}
+            self._routes[prefix + "/rerank"] = {"POST": self.rerank}
+        self._open = {"/health"}  # answered without the API key, for load balancers and probes
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            response = await self._respond(scope, receive)
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(response.body)).encode()),
+                *response.headers,
+            ]
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            await send({"type": "http.response.body", "body": response.body})
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _respond(self, scope: dict[str, Any], receive: Receive) -> Response:
+        path = scope["path"].rstrip("/") or "/"
+        method = scope["method"]
+        methods, param = self._routes.get(path), ""
+        if methods is None:
+            head, slash, param = path.partition("/")[2].partition("/")
+            methods = self._routes.get(f"/{head}/") if slash and param else None
         try:
-            yield
-        finally:
-            running = [job.task for job in jobs.unfinished() if job.task is not None]
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            await worker.stop()
+            if methods is None:
+                raise errors.not_found(f"no route {method} {scope['path']}")
+            handler = methods.get(method)
+            if handler is None:
+                error = errors.method_not_allowed(f"{method} is not allowed on {scope['path']}")
+                allow = ((b"allow", ", ".join(methods).encode()),)
+                return json_response(error.to_dict(), error.status, allow)
+            if self._api_key is not None and path not in self._open:
+                self._check_bearer(scope)
+            return await handler(Request(scope, receive, param, self.settings.max_body_bytes))
+        except APIError as exc:
+            return error_response(exc)
+        except Exception as exc:  # a bug: answered as an error object, never a dropped connection
+            log.error("%s %s failed: %s", method, scope["path"], redacted_traceback(exc))
+            return error_response(errors.internal())
 
-    guarded = [Depends(_bearer_check(settings.api_key))] if settings.api_key else []
-    app = FastAPI(
-        title="embedding worker",
-        lifespan=lifespan,
-        openapi_url=None,  # the routes are RunPod's and OpenAI's; the README documents them
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.state.jobs = jobs
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return json_response(exc.to_dict(), exc.status, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # Unknown paths and wrong methods answer the OpenAI error object too, not FastAPI's shape.
-        if exc.status_code == 405:
-            error = errors.method_not_allowed(
-                f"{request.method} is not allowed on {request.url.path}"
+    def _check_bearer(self, scope: Mapping[str, Any]) -> None:
+        assert self._api_key is not None
+        value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        scheme, _, token = value.partition(b" ")
+        # compare_digest: the time taken does not tell how much of the key was right.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._api_key):
+            raise errors.unauthorized(
+                f"missing or wrong API key: send 'Authorization: Bearer <{API_KEY_ENV}>'"
             )
-        else:
-            error = errors.not_found(f"no route {request.method} {request.url.path}")
-        return json_response(error.to_dict(), error.status)
 
-    async def read_json(request: Request) -> Any:
-        return await _read_json(request, settings.max_body_bytes)
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.worker.start()
+                except Exception as exc:  # uvicorn then exits: a worker without engines is no use
+                    log.error("the engines did not start: %s", redacted_traceback(exc))
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                running = [job.task for job in self.jobs.unfinished() if job.task is not None]
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+                await self.worker.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     # --- RunPod's endpoint routes -------------------------------------------------------------
 
-    @app.post("/runsync", dependencies=guarded)
-    async def runsync(request: Request) -> Response:
-        job_input = _job_input(await read_json(request))
+    async def runsync(self, request: Request) -> Response:
+        job_input = _job_input(await request.json())
         job_id = f"sync-{uuid.uuid4()}"
-        return json_response(job_answer(job_id, await worker.dispatch(job_input, job_id)))
+        return json_response(job_answer(job_id, await self.worker.dispatch(job_input, job_id)))
 
-    @app.post("/run", dependencies=guarded)
-    async def run(request: Request) -> Response:
-        job_input = _job_input(await read_json(request))
-        job = jobs.add()
-        job.task = asyncio.create_task(run_job(job, job_input))
+    async def run(self, request: Request) -> Response:
+        job_input = _job_input(await request.json())
+        job = self.jobs.add()
+        job.task = asyncio.create_task(self._run_job(job, job_input))
         return json_response({"id": job.id, "status": job.status.value})
 
-    async def run_job(job: Job, job_input: Any) -> None:
+    async def _run_job(self, job: Job, job_input: Any) -> None:
         job.status = JobStatus.IN_PROGRESS
         try:
-            body = job_answer(job.id, await worker.dispatch(job_input, job.id))
+            body = job_answer(job.id, await self.worker.dispatch(job_input, job.id))
             answer = orjson.dumps(body)
         except Exception as exc:  # dispatch never raises; this guards the job against being lost
             log.error("job %s: could not record its answer: %s", job.id, redacted_traceback(exc))
             body = job_answer(job.id, Reply(500, errors.internal().to_dict()))
             answer = orjson.dumps(body)
-        jobs.finish(job, JobStatus(body["status"]), answer)
+        self.jobs.finish(job, JobStatus(body["status"]), answer)
 
-    # RunPod's API answers GET; runpod's local API (--rp_serve_api) only POST: take both.
-    @app.api_route("/status/{job_id}", methods=["GET", "POST"], dependencies=guarded)
-    async def status(job_id: str) -> Response:
-        return status_response(known_job(job_id))
+    async def status(self, request: Request) -> Response:
+        return self._status_response(self._known_job(request.param))
 
-    @app.post("/cancel/{job_id}", dependencies=guarded)
-    async def cancel(job_id: str) -> Response:
-        job = known_job(job_id)
+    async def cancel(self, request: Request) -> Response:
+        job = self._known_job(request.param)
         if not job.finished:
             if job.task is not None:
                 job.task.cancel()
             answer = {"id": job.id, "status": JobStatus.CANCELLED.value}
-            jobs.finish(job, JobStatus.CANCELLED, orjson.dumps(answer))
-        return status_response(job)
+            self.jobs.finish(job, JobStatus.CANCELLED, orjson.dumps(answer))
+        return self._status_response(job)
 
-    def known_job(job_id: str) -> Job:
-        job = jobs.get(job_id)
+    def _known_job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
         if job is None:
             raise errors.not_found("no such job: unknown, or its result has expired")
         return job
 
-    def status_response(job: Job) -> Response:
+    @staticmethod
+    def _status_response(job: Job) -> Response:
         if job.answer is not None:
-            return Response(job.answer, media_type="application/json")
+            return Response(200, job.answer)
         return json_response({"id": job.id, "status": job.status.value})
 
-    @app.get("/health")
-    async def health() -> Response:
-        # Open without the API key, so load balancers and probes can ask.
-        body: dict[str, Any] = {
-            "status": "ok" if worker.healthy else "unhealthy",
-            "jobs": jobs.counts(),
-        }
-        if not worker.healthy:
-            body["reason"] = worker.registry.health.reason
-        return json_response(body, 200 if worker.healthy else 503)
+    async def health(self, request: Request) -> Response:
+        healthy = self.worker.healthy
+        body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy", "jobs": self.jobs.counts()}
+        if not healthy:
+            body["reason"] = self.worker.registry.health.reason
+        return json_response(body, 200 if healthy else 503)
 
     # --- OpenAI routes: the OpenAI body, with its HTTP status -----------------------------------
 
-    async def models() -> Response:
-        return reply_response(await worker.call("/v1/models", None))
+    async def models(self, request: Request) -> Response:
+        return reply_response(await self.worker.call("/v1/models", None))
 
-    async def embeddings(request: Request) -> Response:
-        return reply_response(await worker.call("/v1/embeddings", await read_json(request)))
+    async def embeddings(self, request: Request) -> Response:
+        return reply_response(await self.worker.call("/v1/embeddings", await request.json()))
 
-    async def rerank(request: Request) -> Response:
-        return reply_response(await worker.call("/v1/rerank", await read_json(request)))
+    async def rerank(self, request: Request) -> Response:
+        return reply_response(await self.worker.call("/v1/rerank", await request.json()))
 
-    for prefix in OPENAI_PREFIXES:
-        for path, route, method in (
-            ("/models", models, "GET"),
-            ("/embeddings", embeddings, "POST"),
-            ("/rerank", rerank, "POST"),
-        ):
-            app.add_api_route(prefix + path, route, methods=[method], dependencies=guarded)
 
-    return app
+def create_app(worker: Worker, settings: ServerSettings | None = None) -> LocalServer:
+    return LocalServer(worker, settings)
 
 
 def reply_response(reply: Reply) -> Response:
     return json_response(reply.body, reply.status)
-
-
-def _bearer_check(api_key: str):
-    expected = api_key.encode()
-
-    async def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        # compare_digest: the time taken does not tell how much of the key was right.
-        given = token.strip().encode("latin-1", errors="replace")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given, expected):
-            raise errors.unauthorized(
-                f"missing or wrong API key: send 'Authorization: Bearer <{API_KEY_ENV}>'"
-            )
-
-    return check
-
-
-async def _read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing bodies over `limit` bytes before reading them whole."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _body_too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _body_too_large(limit)
-        chunks.append(chunk)
-    try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError:
-        raise errors.invalid_input("the request body is not valid JSON") from None
 
 
 def _body_too_large(limit: int) -> APIError:
@@ -274,7 +323,7 @@ def _job_input(body: Any) -> Any:
     return body["input"]
 
 
-def uvicorn_server(app: FastAPI, host: str, port: int) -> uvicorn.Server:
+def uvicorn_server(app: LocalServer, host: str, port: int) -> uvicorn.Server:
     """A uvicorn server for `app`, logging through the worker's logging set-up."""
     config = uvicorn.Config(
         app,
