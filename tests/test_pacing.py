@@ -1,0 +1,130 @@
+"""The paced queue (pacing.py): full batches for Infinity when requests arrive one by one.
+
+First the release rule on Infinity's own queue and items, then a real engine whose model is held busy:
+requests that arrive one by one meanwhile must run as one batch, where Infinity alone splits them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from infinity_emb.inference.queue import CustomFIFOQueue
+from infinity_emb.primitives import EmbeddingInner, EmbeddingSingle, PrioritizedQueueItem
+
+from embedding_worker.config import load_config
+from embedding_worker.dispatch import Worker
+from embedding_worker.pacing import PacedQueue
+
+
+def _items(n: int) -> list[PrioritizedQueueItem]:
+    loop = asyncio.get_running_loop()
+    return [
+        PrioritizedQueueItem(
+            priority=i,
+            item=EmbeddingInner(content=EmbeddingSingle(sentence=f"t{i}"), future=loop.create_future()),
+        )
+        for i in range(n)
+    ]
+
+
+def _pop(queue: PacedQueue, timeout: float = 0.05) -> list[int]:
+    """What Infinity's publisher would hand the model now: the size of each batch released."""
+    return [len(batch) for batch in queue.pop_optimal_batches(4, 8, timeout=timeout)]
+
+
+async def test_a_part_filled_batch_waits_while_the_model_is_busy():
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.extend(_items(1))
+    assert _pop(queue) == [1]  # the model was idle: a lone request goes at once
+    queue.extend(_items(3))
+    assert _pop(queue) == []  # the model is busy: three wait for a fourth
+    queue.extend(_items(2))
+    assert _pop(queue) == [4]  # a full batch goes ahead of the model; the fifth item waits
+    queue.extend(_items(1))
+    assert _pop(queue) == []  # two batches in the model already: nothing more goes
+    queue.batch_finished()
+    assert _pop(queue) == []  # one is still computing, and what waits is no full batch
+    queue.batch_finished()
+    assert _pop(queue) == [2]  # the model is idle: everything waiting goes
+    assert len(queue) == 0 and queue.in_model == 1
+
+
+async def test_full_batches_go_together_and_cancelled_items_are_dropped():
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.extend(_items(1))
+    assert _pop(queue) == [1]
+    items = _items(9)
+    items[0].item.future.cancel()  # a request that went away while it waited
+    queue.extend(items)
+    assert _pop(queue) == [4, 3]  # two full batches' worth (one item dropped); the ninth waits
+    assert len(queue) == 1
+
+
+async def test_a_waiting_publisher_wakes_when_the_model_finishes_not_at_its_timeout():
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.extend(_items(1))
+    assert _pop(queue) == [1]
+    queue.extend(_items(2))
+    released: list[list[int]] = []
+    publisher = threading.Thread(target=lambda: released.append(_pop(queue, timeout=30)))
+    publisher.start()
+    await asyncio.sleep(0.2)
+    assert not released  # held while the model computes
+    started = time.monotonic()
+    queue.batch_finished()
+    publisher.join(10)
+    assert released == [[2]] and time.monotonic() - started < 5
+
+
+@pytest.fixture
+async def busy_engine(bert_embedder):
+    """A worker on the tiny BERT whose first forward pass takes 1 s, and the batch sizes its model
+    sees, in order."""
+    worker = Worker.from_config(load_config({"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32"}))
+    await worker.start()
+    model = worker.registry.models[0]
+    replica = model.engine._model_replicas[0]
+    guarded = replica.encode_core  # the worker's guard, which also tells the queue
+    sizes: list[int] = []
+
+    def encode_core(features):
+        sizes.append(int(features["input_ids"].shape[0]))
+        if len(sizes) == 1:
+            time.sleep(1.0)
+        return guarded(features)
+
+    replica.encode_core = encode_core
+    yield worker, model, sizes
+    await worker.stop()
+
+
+async def _one_by_one(model, count: int) -> None:
+    """One request, then `count` more one at a time while its forward pass runs."""
+    first = asyncio.ensure_future(model.embed(["first"]))
+    await asyncio.sleep(0.1)
+    later = []
+    for i in range(count):
+        later.append(asyncio.ensure_future(model.embed([f"text {i}"])))
+        await asyncio.sleep(0.02)
+    vectors = await asyncio.wait_for(asyncio.gather(first, *later), 60)
+    assert all(v.shape == (1, model.dimensions) for v in vectors)
+
+
+async def test_requests_arriving_one_by_one_run_as_one_batch(busy_engine):
+    worker, model, sizes = busy_engine
+    await _one_by_one(model, 12)
+    assert sizes == [1, 12]
+
+
+async def test_without_pacing_infinity_splits_them(busy_engine):
+    """What the paced queue is for: Infinity's own queue hands them over a few at a time."""
+    worker, model, sizes = busy_engine
+    handler = model.engine._batch_handler
+    handler._queue_prio = handler._queue_prio.inner
+    await asyncio.sleep(0.5)  # Infinity's publisher asks the paced queue (0.2 s) one last time
+    await _one_by_one(model, 12)
+    assert sizes[0] == 1 and sum(sizes) == 13
+    assert len(sizes) > 3, sizes
