@@ -39,6 +39,14 @@ async def test_minilm_matches_sentence_transformers_and_ranks_meaning(worker, id
     assert kitten @ cat > kitten @ market + 0.2
 
 
+@pytest.mark.parametrize("count", [1, 8, 9, 70])  # one text at a time up to 8, batched beyond
+async def test_token_counts_equal_the_tokenizers_one_by_one_and_batched(worker, ids, count):
+    model = worker.registry.resolve(ids["minilm"], None)
+    texts = [f"{i} " + "déjà vu " * (i % 7) for i in range(count)]
+    expected = [len(model.tokens.tokenizer(t)["input_ids"]) for t in texts]
+    assert model.tokens.count(texts) == expected
+
+
 async def test_answer_shape_and_usage_counts_real_tokens(worker, ids):
     body = await embed(worker, model=ids["minilm"], input=TEXTS[:2], user="someone")
     assert body["object"] == "list"

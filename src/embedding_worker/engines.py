@@ -60,6 +60,12 @@ class Health:
         self.reason = reason
 
 
+# Requests of up to this many texts are counted one text at a time. encode_batch hands even one
+# text to the tokenizer's thread pool, whose threads then compete with the model's for the CPU:
+# one-text requests through the local server reached 0.86x the engine with it, 0.94x without.
+_ONE_BY_ONE_MAX = 8
+
+
 class TokenCounter:
     """Counts tokens exactly as the model's tokenizer does, special tokens included.
 
@@ -87,6 +93,8 @@ class TokenCounter:
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if self._fast is not None:
+            if len(texts) <= _ONE_BY_ONE_MAX:
+                return [len(self._fast.encode(text).ids) for text in texts]
             return [len(e.ids) for e in self._encode_batch(list(texts))]
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
