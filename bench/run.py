@@ -560,10 +560,12 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not listen within 600 s") from None
                 await asyncio.sleep(0.5)
-        for length, count in (("short", requests), ("medium", max(16, requests // 4))):
-            texts = texts_of_length(tokenizer, LENGTHS[length], count)
-            posts = [KeepAliveClient.request("/v1/embeddings", {"input": [t]}) for t in texts]
+        for length, most in (("short", requests), ("medium", max(16, requests // 4))):
             for concurrency in (1, 16, 64):
+                # Rounds of a few seconds each: one client alone gets through far fewer requests.
+                count = most if concurrency > 1 else max(16, most // 8)
+                texts = texts_of_length(tokenizer, LENGTHS[length], count)
+                posts = [KeepAliveClient.request("/v1/embeddings", {"input": [t]}) for t in texts]
 
                 async def through_server(concurrency: int = concurrency) -> None:
                     todo = iter(posts)
@@ -655,7 +657,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"{name} failed: {type(exc).__name__}: {exc}")
             results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
     log("local HTTP server")
-    results["server"] = await bench_server(bundled_model_path(), repeats, 64 if args.quick else 256)
+    results["server"] = await bench_server(bundled_model_path(), repeats, 256 if args.quick else 1024)
     # The peak again at the end, best of both: the machine may be busier at one time than the other.
     for dtype, flops in matmul_peak(device, 10).items():
         peak[dtype] = max(peak[dtype], flops)
