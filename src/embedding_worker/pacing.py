@@ -8,8 +8,9 @@ moment later (bench/arrival.py: ~0.7x the throughput at 64 concurrent one-text c
 
 `PacedQueue` replaces Infinity's queue of waiting items and only lets a batch go when it is full, or
 when the model has nothing else to do. A lone request is never held back: with the model idle it goes
-at once, as before. Full batches still run ahead of the model (pre-processed while the previous batch
-computes), up to `AHEAD` of them per model replica.
+at once, as before. Full batches still run ahead of the model (tokenised while the previous batch
+computes) whenever fewer than `AHEAD` per model replica are in it; the full batches waiting then go in
+one pop (up to Infinity's 8), which Infinity sorts by length as before.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterator
 
-# Batches a replica may have between leaving the queue and finishing its forward pass: the one
-# computing and one being tokenised behind it. Holding the rest in the queue lets Infinity sort more
-# items by length when it pops them, so batches pad less.
+# Full batches go while a replica has fewer than this many between leaving the queue and finishing
+# its forward pass: the one computing and one being tokenised behind it. What waits meanwhile goes in
+# one larger pop, which Infinity sorts by length, so batches pad less.
 AHEAD = 2
 
 
