@@ -104,7 +104,7 @@ async def busy_engine(bert_embedder):
 async def _one_by_one(model, count: int) -> None:
     """One request, then `count` more one at a time while its forward pass runs."""
     first = asyncio.ensure_future(model.embed(["first"]))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # its batch is in the model, which now takes 1 s
     later = []
     for i in range(count):
         later.append(asyncio.ensure_future(model.embed([f"text {i}"])))
