@@ -92,19 +92,20 @@ def error_response(error: APIError) -> Response:
 
 
 class Request:
-    """One HTTP request as a route sees it: method, path parameter, headers, and a bounded body."""
+    """One HTTP request as a route sees it: its path parameter, headers, and a bounded body."""
 
     def __init__(self, scope: Mapping[str, Any], receive: Receive, param: str, max_body: int):
-        self.method: str = scope["method"]
-        self.path: str = scope["path"]
         self.param = param  # the {job_id} of /status/{job_id} and /cancel/{job_id}
-        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        self._headers: list[tuple[bytes, bytes]] = scope["headers"]  # names lower-case (ASGI)
         self._receive = receive
         self._max_body = max_body
 
+    def header(self, name: bytes) -> bytes:
+        return next((value for key, value in self._headers if key == name), b"")
+
     async def json(self) -> Any:
         """The body as JSON, refusing bodies over the limit before reading them whole."""
-        declared = self.headers.get("content-length", "")
+        declared = self.header(b"content-length")
         if declared.isdigit() and int(declared) > self._max_body:
             raise _body_too_large(self._max_body)
         chunks: list[bytes] = []
@@ -196,19 +197,19 @@ class LocalServer:
                 error = errors.method_not_allowed(f"{method} is not allowed on {scope['path']}")
                 allow = ((b"allow", ", ".join(methods).encode()),)
                 return json_response(error.to_dict(), error.status, allow)
+            request = Request(scope, receive, param, self.settings.max_body_bytes)
             if self._api_key is not None and path not in self._open:
-                self._check_bearer(scope)
-            return await handler(Request(scope, receive, param, self.settings.max_body_bytes))
+                self._check_bearer(request.header(b"authorization"))
+            return await handler(request)
         except APIError as exc:
             return error_response(exc)
         except Exception as exc:  # a bug: answered as an error object, never a dropped connection
             log.error("%s %s failed: %s", method, scope["path"], redacted_traceback(exc))
             return error_response(errors.internal())
 
-    def _check_bearer(self, scope: Mapping[str, Any]) -> None:
+    def _check_bearer(self, authorization: bytes) -> None:
         assert self._api_key is not None
-        value = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = value.partition(b" ")
+        scheme, _, token = authorization.partition(b" ")
         # compare_digest: the time taken does not tell how much of the key was right.
         if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._api_key):
             raise errors.unauthorized(
