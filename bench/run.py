@@ -522,6 +522,35 @@ class KeepAliveClient:
         await self.writer.wait_closed()
 
 
+async def one_text_each_to_server(port: int, posts: list[bytes], concurrency: int) -> None:
+    """`posts` (KeepAliveClient.request bodies) over `concurrency` keep-alive connections."""
+    todo = iter(posts)
+
+    async def connection() -> None:
+        # Fresh connections each round: uvicorn closes idle ones after 5 s.
+        client = await KeepAliveClient.connect(port)
+        try:
+            for request in todo:
+                status, body = await client.send(request)
+                if status != 200:
+                    raise RuntimeError(f"server answered {status}: {body[:300]!r}")
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+
+
+async def one_text_each_to_engine(engine: Any, texts: list[str], concurrency: int) -> None:
+    """The same requests straight into an Infinity engine, `concurrency` at a time."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(text: str) -> None:
+        async with gate:
+            await engine.embed(sentences=[text])
+
+    await asyncio.gather(*(one(t) for t in texts))
+
+
 async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any]:
     """The local HTTP server (`python handler.py --serve`, where this branch has it) in its own process,
     as clients meet it, at concurrency 1, 16 and 64, one text per request, short and medium texts;
@@ -567,32 +596,10 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
                 texts = texts_of_length(tokenizer, LENGTHS[length], count)
                 posts = [KeepAliveClient.request("/v1/embeddings", {"input": [t]}) for t in texts]
 
-                async def through_server(concurrency: int = concurrency) -> None:
-                    todo = iter(posts)
-
-                    async def connection() -> None:
-                        # Fresh connections each round: uvicorn closes idle ones after 5 s.
-                        client = await KeepAliveClient.connect(port)
-                        try:
-                            for request in todo:
-                                status, body = await client.send(request)
-                                if status != 200:
-                                    raise RuntimeError(f"server answered {status}: {body[:300]!r}")
-                        finally:
-                            await client.close()
-
-                    await asyncio.gather(*(connection() for _ in range(concurrency)))
-
-                async def through_engine(concurrency: int = concurrency) -> None:
-                    gate = asyncio.Semaphore(concurrency)
-
-                    async def one(text: str) -> None:
-                        async with gate:
-                            await engine.embed(sentences=[text])
-
-                    await asyncio.gather(*(one(t) for t in texts))
-
-                variants = {"engine": through_engine, "server": through_server}
+                variants = {
+                    "engine": lambda t=texts, c=concurrency: one_text_each_to_engine(engine, t, c),
+                    "server": lambda p=posts, c=concurrency: one_text_each_to_server(port, p, c),
+                }
                 await interleaved(variants, 1)
                 cpu: dict[str, list[float]] = {}
                 times = await interleaved(variants, repeats, cpu)
