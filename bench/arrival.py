@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.baseline import raw_engine_for  # noqa: E402
+from bench.baseline import raw_engine  # noqa: E402
 from embedding_worker.config import load_config  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
 
@@ -38,7 +38,7 @@ SPREADS_S = {"together": 0.0, "spread 0-1 ms": 0.001, "spread 0-3 ms": 0.003}
 async def main(args: argparse.Namespace) -> None:
     worker = Worker.from_config(load_config({"DTYPES": "float32"}))
     await worker.start()
-    engines = {"Infinity": raw_engine_for(worker), "worker (paced)": worker.registry.models[0].engine}
+    engines = {"Infinity": raw_engine(worker.config), "worker (paced)": worker.registry.models[0].engine}
     await engines["Infinity"].astart()
     texts = [f"{i} the quick brown fox jumps over the dog" for i in range(args.requests)]
     rng = random.Random(0)

@@ -9,11 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 
-def raw_engine_for(worker: Any) -> Any:
-    """A new, unstarted `AsyncEmbeddingEngine` loading the worker's first model the way it does."""
+def raw_engine(config: Any) -> Any:
+    """A new, unstarted `AsyncEmbeddingEngine` loading the first model of a worker's `WorkerConfig`
+    the way the worker does."""
     from infinity_emb import AsyncEmbeddingEngine
 
     from embedding_worker.engines import _engine_args
 
-    model = worker.registry.models[0]
-    return AsyncEmbeddingEngine.from_args(_engine_args(model.spec, worker.config))
+    return AsyncEmbeddingEngine.from_args(_engine_args(config.models[0], config))
+
+
+def engine_tokenizer(engine: Any) -> Any:
+    """The Hugging Face tokenizer of an Infinity engine's model."""
+    return engine._model_replicas[0].tokenizer

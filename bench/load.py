@@ -27,7 +27,7 @@ os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "WARN")  # runpod prints a line per 
 
 from runpod.serverless.modules.rp_job import run_job  # noqa: E402
 
-from bench.baseline import raw_engine_for  # noqa: E402
+from bench.baseline import raw_engine  # noqa: E402
 from embedding_worker.app import runpod_handler  # noqa: E402
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
@@ -76,7 +76,7 @@ async def main(args) -> None:
         source = DEFAULT_MODEL_ID
     worker = Worker.from_config(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
     await worker.start()
-    engine = raw_engine_for(worker)
+    engine = raw_engine(worker.config)
     await engine.astart()
     model = worker.registry.models[0]
     handler = runpod_handler(worker)

@@ -76,7 +76,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import report  # noqa: E402
-from bench.baseline import raw_engine_for  # noqa: E402
+from bench.baseline import engine_tokenizer, raw_engine  # noqa: E402
 from embedding_worker import app, encoding, protocol  # noqa: E402
 from embedding_worker.config import DEFAULT_MODEL_ID, bundled_model_path, load_config  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
@@ -239,7 +239,7 @@ class Subjects:
         self.model = self.workers["float32"].registry.models[0]
         self.served_id = self.model.served_id
         # Infinity on its own, with the float32 worker's EngineArgs (same files, same dtype)
-        self.engine = raw_engine_for(self.workers["float32"])
+        self.engine = raw_engine(self.workers["float32"].config)
         self.handler = app.runpod_handler(self.workers["float32"])
         self.handler_auto = app.runpod_handler(self.workers["auto"])
         self.st = SentenceTransformer(str(path), device=device)
@@ -551,44 +551,54 @@ async def one_text_each_to_engine(engine: Any, texts: list[str], concurrency: in
     await asyncio.gather(*(one(t) for t in texts))
 
 
+def start_local_server(checkout: Path | str, env: dict[str, str], log_file: Any) -> tuple[subprocess.Popen, int]:
+    """`handler.py --serve` of `checkout` on a free loopback port, float32, with `env` on top."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+    full_env.update({"MODEL_NAMES": DEFAULT_MODEL_ID, "DTYPES": "float32", "LOG_LEVEL": "WARNING", **env})
+    server = subprocess.Popen(
+        [sys.executable, "handler.py", "--serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=checkout, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    return server, port
+
+
+async def wait_listening(server: subprocess.Popen, port: int, log_file: Any, limit_s: float = 600) -> None:
+    """Until the server has loaded its model and listens; its log's tail if it exits instead."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if server.poll() is not None:
+            log_file.seek(0)
+            raise RuntimeError(f"server exited: {log_file.read()[-2000:].decode(errors='replace')}")
+        try:
+            await (await KeepAliveClient.connect(port)).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not listen within {limit_s:g} s") from None
+            await asyncio.sleep(0.5)
+
+
 async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any]:
     """The local HTTP server (`python handler.py --serve`, where this branch has it) in its own process,
     as clients meet it, at concurrency 1, 16 and 64, one text per request, short and medium texts;
     against the raw engine (in this process) answering the same requests at the same concurrency."""
     if not (ROOT / "src" / "embedding_worker" / "server.py").exists():
         return {"skipped": "embedding_worker.server is not part of this branch"}
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
-    env.update({"MODEL_NAMES": source, "DTYPES": "float32", "LOG_LEVEL": "WARNING"})
     log_file = tempfile.TemporaryFile()
-    server = subprocess.Popen(
-        [sys.executable, "handler.py", "--serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-    )
-    worker = Worker.from_config(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
-    tokenizer = worker.registry.models[0].tokens.tokenizer
-    engine = raw_engine_for(worker)  # the baseline: Infinity on its own, the server's EngineArgs
-    del worker
+    server, port = start_local_server(ROOT, {"MODEL_NAMES": source}, log_file)
+    # The baseline: Infinity on its own, with the server's EngineArgs.
+    engine = raw_engine(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
+    tokenizer = engine_tokenizer(engine)
     await engine.astart()
     out: dict[str, Any] = {}
     try:
-        deadline = time.monotonic() + 600
-        while True:  # until the server has loaded its model and listens
-            if server.poll() is not None:
-                log_file.seek(0)
-                raise RuntimeError(f"server exited: {log_file.read()[-2000:].decode(errors='replace')}")
-            try:
-                await (await KeepAliveClient.connect(port)).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not listen within 600 s") from None
-                await asyncio.sleep(0.5)
+        await wait_listening(server, port, log_file)
         for length, most in (("short", requests), ("medium", max(16, requests // 4))):
             for concurrency in (1, 16, 64):
                 # Rounds of a few seconds each: one client alone gets through far fewer requests.

@@ -16,17 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.baseline import raw_engine_for  # noqa: E402
+from bench.baseline import engine_tokenizer, raw_engine  # noqa: E402
 from bench.run import (  # noqa: E402
     LENGTHS,
     KeepAliveClient,
@@ -34,47 +35,29 @@ from bench.run import (  # noqa: E402
     one_text_each_to_engine,
     one_text_each_to_server,
     paired_ratio,
+    start_local_server,
     texts_of_length,
+    wait_listening,
 )
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config  # noqa: E402
-from embedding_worker.dispatch import Worker  # noqa: E402
 
 
-def start_server(spec: str) -> tuple[subprocess.Popen, int]:
+def start_server(spec: str, log_file: Any) -> tuple[subprocess.Popen, int]:
+    """A server for `CHECKOUT[|VAR=VALUE...]`."""
     checkout, *settings = spec.split("|")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
-    env.update({"MODEL_NAMES": DEFAULT_MODEL_ID, "DTYPES": "float32", "LOG_LEVEL": "WARNING"})
-    env.update(setting.split("=", 1) for setting in settings)
-    command = [sys.executable, "handler.py", "--serve", "--port", str(port)]
-    server = subprocess.Popen(command, cwd=checkout, env=env, stdout=subprocess.DEVNULL)
-    return server, port
-
-
-async def wait_listening(server: subprocess.Popen, port: int) -> None:
-    while True:
-        if server.poll() is not None:
-            raise SystemExit(f"a server exited with {server.returncode}")
-        try:
-            await (await KeepAliveClient.connect(port)).close()
-            return
-        except OSError:
-            await asyncio.sleep(0.5)
+    return start_local_server(checkout, dict(setting.split("=", 1) for setting in settings), log_file)
 
 
 async def main(args: argparse.Namespace) -> None:
-    servers = {spec: start_server(spec) for spec in args.checkouts}
-    worker = Worker.from_config(load_config({"MODEL_NAMES": DEFAULT_MODEL_ID, "DTYPES": "float32"}))
-    texts = texts_of_length(worker.registry.models[0].tokens.tokenizer, LENGTHS[args.length], args.requests)
-    engine = raw_engine_for(worker)
-    del worker
+    logs = {spec: tempfile.TemporaryFile() for spec in args.checkouts}
+    servers = {spec: start_server(spec, logs[spec]) for spec in args.checkouts}
+    engine = raw_engine(load_config({"MODEL_NAMES": DEFAULT_MODEL_ID, "DTYPES": "float32"}))
+    texts = texts_of_length(engine_tokenizer(engine), LENGTHS[args.length], args.requests)
     await engine.astart()
     posts = [KeepAliveClient.request("/v1/embeddings", {"input": [t]}) for t in texts]
     try:
-        for server, port in servers.values():
-            await wait_listening(server, port)
+        for spec, (server, port) in servers.items():
+            await wait_listening(server, port, logs[spec])
         for concurrency in args.concurrency:
             variants = {
                 "engine": lambda c=concurrency: one_text_each_to_engine(engine, texts, c),
@@ -92,6 +75,8 @@ async def main(args: argparse.Namespace) -> None:
         for server, _ in servers.values():
             server.terminate()
             server.wait(60)
+        for log_file in logs.values():
+            log_file.close()
         await engine.astop()
 
 
