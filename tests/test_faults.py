@@ -5,7 +5,7 @@ waits for ever. The worker must answer every request with an error within REQUES
 itself unhealthy and ask RunPod for a replacement (`refresh_worker`, which runpod turns into stopPod).
 
 Each test gets its own worker (the shared one must stay healthy). The fault is injected below the
-worker's guard, where a real failure would come from: the model's forward pass or its tokenizer.
+worker's guard, where a real failure would come from: the model's forward pass or its tokenize step.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def _forward_of_embedder(replica):
 
 
 def _tokenizer_of_embedder(replica):
-    return replica, "tokenize"
+    # The worker's encodings are padded there instead of tokenizing again (tokenization.py).
+    return replica.encode_pre.__wrapped__, "pad"
 
 
 def _forward_of_cross_encoder(replica):

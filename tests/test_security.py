@@ -101,12 +101,12 @@ async def test_logs_never_echo_payloads_or_tokens(worker, ids, caplog, capsys, m
     handler = runpod_handler(worker)
     model = worker.registry.resolve(ids["minilm"], None)
 
-    def count_that_quotes_its_input(texts):
+    def tokenize_that_quotes_its_input(texts):
         raise ValueError(f"tokenizer failed on {texts!r}")  # a library error quoting the payload
 
     results = [await run_job(handler, job) for job in _jobs_carrying_the_secret(ids)]
     with monkeypatch.context() as patch:
-        patch.setattr(model.tokens, "count", count_that_quotes_its_input)
+        patch.setattr(model.tokens, "tokenize", tokenize_that_quotes_its_input)
         crashed = await run_job(handler, {"id": "job-crash", "input": {"model": ids["minilm"], "input": SECRET}})
     assert "output" in results[0] and "error" in results[2]
     assert json.loads(crashed["error"])["status"] == 500

@@ -28,7 +28,8 @@ from transformers import AutoTokenizer
 
 from embedding_worker.config import DEFAULT_MODEL_ID, ConfigError, load_config
 from embedding_worker.dispatch import Reply, Worker
-from embedding_worker.engines import Health, ModelEngine, ModelRegistry, Role, TokenCounter
+from embedding_worker.engines import Health, ModelEngine, ModelRegistry, Role
+from embedding_worker.tokenization import TokenCounter
 from embedding_worker.server import SERVER_VARIABLES, ServerSettings, create_app, uvicorn_server
 from tests import model_factory
 from tests.conftest import ROOT

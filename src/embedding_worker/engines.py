@@ -8,7 +8,6 @@ Infinity-backed models share one AsyncEngineArray; LLM rerankers (llm_reranker.p
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import json
 import os
@@ -21,9 +20,10 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from . import errors, pacing
+from . import errors, pacing, tokenization
 from .config import ModelSpec, WorkerConfig
 from .logs import get_logger, redacted_traceback
+from .tokenization import TokenCounter
 
 log = get_logger(__name__)
 
@@ -57,57 +57,6 @@ class Health:
             log.error("worker marked unhealthy: %s", reason)
         self.healthy = False
         self.reason = reason
-
-
-# Requests of up to this many texts are counted one text at a time. encode_batch hands even one
-# text to the tokenizer's thread pool, whose threads then compete with the model's for the CPU:
-# one-text requests through the local server reached 0.86x the engine with it, 0.95x without.
-_ONE_BY_ONE_MAX = 8
-
-
-class TokenCounter:
-    """Counts tokens exactly as the model's tokenizer does, special tokens included.
-
-    Uses its own copy of the Rust tokenizer with truncation and padding off: the engine's copy is
-    used from Infinity's threads, and a fast tokenizer whose settings change while another thread
-    encodes raises "Already borrowed".
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._fast = copy.deepcopy(backend) if backend is not None else None
-        if self._fast is not None:
-            self._fast.no_truncation()
-            self._fast.no_padding()
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    def _encode_batch(self, inputs: list[Any]) -> list[Any]:
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less time, same ids.
-        encode = getattr(self._fast, "encode_batch_fast", None) or self._fast.encode_batch
-        return encode(inputs)
-
-    def count(self, texts: Sequence[str]) -> list[int]:
-        if self._fast is not None:
-            if len(texts) <= _ONE_BY_ONE_MAX:
-                return [len(self._fast.encode(text).ids) for text in texts]
-            return [len(e.ids) for e in self._encode_batch(list(texts))]
-        return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
-
-    def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
-        if self._fast is not None:
-            return [len(e.ids) for e in self._encode_batch([(query, d) for d in docs])]
-        encoded = self.tokenizer([query] * len(docs), list(docs), truncation=False)
-        return [len(ids) for ids in encoded["input_ids"]]
-
-    def decode(self, ids: list[int]) -> str:
-        # The engine tokenizes text again and adds the model's special tokens itself.
-        if self._fast is not None:
-            return self._fast.decode(ids, skip_special_tokens=True)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class ModelEngine(ABC):
@@ -258,8 +207,6 @@ class InfinityModel(ModelEngine):
         super().__init__(spec, TokenCounter(tokenizer), int(max_length), **kwargs)
         self.engine = engine
         self._paced: pacing.PacedQueue | None = None  # set by start(): Infinity makes its queue there
-        for each_replica in engine._model_replicas:
-            self._guard_batch_threads(each_replica)
         self.prompts = dict(getattr(replica, "prompts", None) or {})
         self.default_prompt_name = getattr(replica, "default_prompt_name", None)
         capabilities = set(engine.capabilities)
@@ -274,6 +221,10 @@ class InfinityModel(ModelEngine):
                 f"model '{spec.served_id}' is a {'/'.join(sorted(capabilities))} model; "
                 "this worker serves embedding and reranking models"
             )
+        for each_replica in engine._model_replicas:
+            if self.role is Role.EMBED and tokenization.reuse_encodings(each_replica, self.tokens):
+                log.debug("%s: the engine reuses the worker's token encodings", spec.served_id)
+            self._guard_batch_threads(each_replica)
 
     def _guard_batch_threads(self, replica: Any) -> None:
         """Infinity's upstream issue #609: an exception in a batch thread (tokenise, forward,

@@ -29,8 +29,9 @@ import numpy as np
 
 from . import errors
 from .config import ModelSpec
-from .engines import ModelEngine, ModelLoadError, Role, TokenCounter
+from .engines import ModelEngine, ModelLoadError, Role
 from .logs import get_logger, redacted_traceback
+from .tokenization import TokenCounter
 
 log = get_logger(__name__)
 

@@ -7,7 +7,7 @@ and builds the response body. Transport concerns (RunPod's wrapper, HTTP) live e
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -21,12 +21,14 @@ from .protocol import EmbeddingRequest, RerankRequest
 # thread so that other requests keep flowing meanwhile (the Rust tokenizer releases the GIL).
 _TOKENIZE_INLINE_MAX = 64
 
+T = TypeVar("T")
 
-async def _tokenize(items: int, count: Callable[..., list[int]], *args: Any) -> list[int]:
-    """Run a token count inline for small requests, in a thread for big ones."""
+
+async def _tokenize(items: int, tokenize: Callable[..., T], *args: Any) -> T:
+    """Run a tokenizer call inline for small requests, in a thread for big ones."""
     if items <= _TOKENIZE_INLINE_MAX:
-        return count(*args)
-    return await asyncio.to_thread(count, *args)
+        return tokenize(*args)
+    return await asyncio.to_thread(tokenize, *args)
 
 
 def _check_lengths(
@@ -131,7 +133,7 @@ async def create_embeddings(
         lengths = [len(ids) for ids in request.input]  # type: ignore[misc]
     else:
         texts = prompts.apply_embedding_prompt(model, request)
-        lengths = await _tokenize(len(texts), model.tokens.count, texts)
+        texts, lengths = await _tokenize(len(texts), model.tokens.tokenize, texts)
     tokens = _check_lengths(model, lengths, request.truncate, limits, "input")
 
     vectors = await model.embed(texts)
