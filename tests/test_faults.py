@@ -84,7 +84,7 @@ def _forward_of_embedder(replica):
 
 
 def _tokenizer_of_embedder(replica):
-    # The worker's encodings are padded there instead of tokenizing again (tokenization.py).
+    # The worker's token ids are padded there instead of tokenizing again (tokenization.py).
     return replica.encode_pre.__wrapped__, "pad"
 
 

@@ -1,4 +1,4 @@
-"""One tokenization per text: the engine pads the worker's encodings instead of tokenizing again.
+"""One tokenization per text: the engine pads the worker's token ids instead of tokenizing again.
 
 Checked against the replicas' own tokenize step (sentence-transformers on the real tokenizers): the
 same tensors exactly, on right-padding WordPiece (MiniLM, tiny BERT) and left-padding BPE (Qwen3).
@@ -13,7 +13,7 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from embedding_worker.tokenization import ReusedEncodings, TokenCounter, TokenizedText, reuse_encodings
+from embedding_worker.tokenization import ReusedTokenIds, TokenCounter, TokenizedText, reuse_token_ids
 from tests.helpers import answer as embed
 from tests.helpers import decode_vectors
 
@@ -32,9 +32,9 @@ def _served(worker, tail: str):
     return model, model.engine._model_replicas[0]
 
 
-def _reused(replica) -> ReusedEncodings:
+def _reused(replica) -> ReusedTokenIds:
     step = replica.encode_pre.__wrapped__  # under the batch-thread guard
-    assert isinstance(step, ReusedEncodings)
+    assert isinstance(step, ReusedTokenIds)
     return step
 
 
@@ -46,19 +46,22 @@ def _assert_same_tensors(got: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("tail", ["all-MiniLM-L6-v2", "tiny-bert-embedder", "tiny-qwen3-embedder"])
-async def test_padded_encodings_equal_the_models_own_tokenize_step(worker, qwen3_worker, tail):
+async def test_padded_ids_equal_the_models_own_tokenize_step(worker, qwen3_worker, tail):
     model, replica = _served(qwen3_worker if "qwen3" in tail else worker, tail)
-    assert model.tokens.reuse_up_to == model.max_length
-    texts, lengths = model.tokens.tokenize(TEXTS)
-    assert all(isinstance(t, TokenizedText) for t in texts)
-    assert [str(t) for t in texts] == TEXTS  # the engine still gets the caller's text
+    assert model.tokens.model_input is not None
+    assert model.tokens.model_input.max_length == model.max_length
+    texts = [*TEXTS, "words to cut " * model.max_length]
+    tokenized, lengths = model.tokens.tokenize(texts)
+    assert all(isinstance(t, TokenizedText) for t in tokenized)
+    assert [str(t) for t in tokenized] == texts  # the engine still gets the caller's text
+    assert lengths[-1] > model.max_length == len(tokenized[-1].ids)  # counted whole, then cut
     step = _reused(replica)
-    own = step.own_step(TEXTS)
-    _assert_same_tensors(step.pad([t.encoding for t in texts]), own)
-    assert lengths == own["attention_mask"].sum(dim=1).tolist()
+    own = step.own_step(texts)
+    _assert_same_tensors(step.pad(tokenized), own)
+    assert lengths[:-1] == own["attention_mask"].sum(dim=1).tolist()[:-1]
 
 
-async def test_a_batch_without_encodings_takes_the_models_own_step(worker, monkeypatch):
+async def test_a_batch_without_ids_takes_the_models_own_step(worker, monkeypatch):
     model, replica = _served(worker, "tiny-bert-embedder")
     step = _reused(replica)
     calls = []
@@ -71,13 +74,8 @@ async def test_a_batch_without_encodings_takes_the_models_own_step(worker, monke
     assert calls == [[texts[0], "a plain string"]]
 
 
-async def test_a_text_that_needs_truncating_is_left_to_the_engine(worker, ids, bert_embedder):
-    model, _ = _served(worker, "tiny-bert-embedder")
-    long_text = "many words here " * model.max_length
-    texts, lengths = model.tokens.tokenize([long_text, "short"])
-    assert not isinstance(texts[0], TokenizedText) and isinstance(texts[1], TokenizedText)
-    assert lengths[0] > model.max_length
-    # In one batch with a reused text, the answer is still sentence-transformers' (truncated).
+async def test_a_cut_text_in_a_batch_embeds_as_in_sentence_transformers(worker, ids, bert_embedder):
+    long_text = "many words here " * 200
     got = decode_vectors(
         await embed(worker, model=ids["embedder"], input=[long_text, "short"], truncate=True)
     )
@@ -102,21 +100,26 @@ def _replica_like(first_module, own_step) -> types.SimpleNamespace:
     return types.SimpleNamespace(_first_module=lambda: first_module, encode_pre=own_step)
 
 
-def test_reuse_is_installed_only_where_it_reproduces_the_step_exactly(bert_embedder):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_reuse_is_installed_only_where_it_reproduces_the_step_exactly(bert_embedder, side):
     st = SentenceTransformer(str(bert_embedder), device="cpu")
+    st.tokenizer.truncation_side = side
     faithful = _replica_like(st[0], st.tokenize)
     counter = TokenCounter(st.tokenizer)
-    assert reuse_encodings(faithful, counter)
-    assert isinstance(faithful.encode_pre, ReusedEncodings)
+    assert reuse_token_ids(faithful, counter)
+    assert isinstance(faithful.encode_pre, ReusedTokenIds)
+    texts = ["first words " * 100 + "the end", "short"]
+    tokenized, _ = counter.tokenize(texts)
+    _assert_same_tensors(faithful.encode_pre.pad(tokenized), st.tokenize(texts))
 
-    # A model whose tokenize step adds to the text: the worker's encodings would differ.
+    # A model whose tokenize step adds to the text: the worker's ids would differ.
     def own_step(texts):
         return st.tokenize([t + " [extra]" for t in texts])
 
     different = _replica_like(st[0], own_step)
     counter = TokenCounter(st.tokenizer)
-    assert not reuse_encodings(different, counter)
+    assert not reuse_token_ids(different, counter)
     assert different.encode_pre is own_step
-    assert counter.reuse_up_to == 0 and counter.prepare is None
-    texts, _ = counter.tokenize(["hello"])
-    assert not isinstance(texts[0], TokenizedText)
+    assert counter.model_input is None
+    tokenized, _ = counter.tokenize(["hello"])
+    assert not isinstance(tokenized[0], TokenizedText)

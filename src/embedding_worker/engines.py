@@ -222,8 +222,8 @@ class InfinityModel(ModelEngine):
                 "this worker serves embedding and reranking models"
             )
         for each_replica in engine._model_replicas:
-            if self.role is Role.EMBED and tokenization.reuse_encodings(each_replica, self.tokens):
-                log.debug("%s: the engine reuses the worker's token encodings", spec.served_id)
+            if self.role is Role.EMBED and tokenization.reuse_token_ids(each_replica, self.tokens):
+                log.debug("%s: the engine reuses the worker's token ids", spec.served_id)
             self._guard_batch_threads(each_replica)
 
     def _guard_batch_threads(self, replica: Any) -> None:

@@ -3,12 +3,13 @@
 The worker tokenizes every input before the engine sees it: `usage` and the token limits need exact
 counts. Infinity then tokenizes the same texts again in its pre-processing thread. For an embedder
 whose own tokenization the worker can reproduce exactly (checked on probe texts when the model loads),
-each counted text carries its encoding to the engine, and the engine's tokenize step only pads them.
+each counted text carries its token ids to the engine, and the engine's tokenize step only pads them.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ log = get_logger(__name__)
 _ONE_BY_ONE_MAX = 8
 
 # The check that reuse gives the engine exactly what its own tokenize step gives: surrounding
-# spaces, case, accents, CJK, an emoji, and lengths that need padding.
+# spaces, case, accents, CJK, an emoji, and lengths that need padding (and one that needs a cut).
 PROBE_TEXTS = (
     "Hello world",
     "  Leading and trailing spaces \n",
@@ -36,10 +37,24 @@ _FEATURE_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 
 
 class TokenizedText(str):
-    """A text with the encoding the worker counted for it (the text as the model's tokenize step sees
-    it, special tokens included, not truncated). Engines that cannot use it see a plain string."""
+    """A text with the token ids the model's tokenize step would make of it (prepared, truncated,
+    special tokens added). Engines that cannot use them see a plain string.
 
-    encoding: Any
+    Plain int64 arrays, not the tokenizer's Encoding: that holds the token strings and masks too,
+    ~27 KB for a 227-token text against 1.8 KB, and texts wait in the queue with them."""
+
+    ids: np.ndarray
+    type_ids: np.ndarray | None  # None when the model takes no token_type_ids
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a model's own tokenize step does to a text, for the worker to do the same."""
+
+    prepare: Callable[[str], str]  # first, on the text (sentence-transformers strips it)
+    max_length: int  # special tokens included
+    truncation_side: str  # "right" or "left"
+    with_type_ids: bool  # whether the model takes token_type_ids
 
 
 class TokenCounter:
@@ -57,27 +72,25 @@ class TokenCounter:
         if self._fast is not None:
             self._fast.no_truncation()
             self._fast.no_padding()
-        # What the model's tokenize step does to a text first (sentence-transformers strips it).
-        self.prepare: Callable[[str], str] | None = None
-        # Texts of up to this many tokens carry their encoding to the engine (0: none do).
-        self.reuse_up_to = 0
+        # Set when the engine takes the counter's ids (reuse_token_ids): texts then carry them.
+        self.model_input: ModelInput | None = None
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def _encode_batch(self, inputs: list[Any]) -> list[Any]:
+    def _encode_batch(self, inputs: list[Any], add_special_tokens: bool = True) -> list[Any]:
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less time, same ids.
         encode = getattr(self._fast, "encode_batch_fast", None) or self._fast.encode_batch
-        return encode(inputs)
+        return encode(inputs, add_special_tokens=add_special_tokens)
 
-    def _encode(self, texts: Sequence[str]) -> list[Any]:
+    def _encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[Any]:
         assert self._fast is not None
-        if self.prepare is not None:
-            texts = [self.prepare(text) for text in texts]
+        if self.model_input is not None:
+            texts = [self.model_input.prepare(text) for text in texts]
         if len(texts) <= _ONE_BY_ONE_MAX:
-            return [self._fast.encode(text) for text in texts]
-        return self._encode_batch(list(texts))
+            return [self._fast.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+        return self._encode_batch(list(texts), add_special_tokens)
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if self._fast is not None:
@@ -85,21 +98,27 @@ class TokenCounter:
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
-        """The texts to hand to the engine, and their token counts.
+        """The texts to hand to the engine, and their token counts (untruncated).
 
-        With reuse on, each text that fits the model untruncated becomes a `TokenizedText`; a longer
-        one stays plain (the engine truncates it its own way).
+        When the engine takes the counter's ids, each text becomes a `TokenizedText`, cut to the
+        model's maximum the way its tokenizer cuts (the count is taken before the cut).
         """
-        if not self.reuse_up_to:
+        spec = self.model_input
+        if spec is None or self._fast is None:
             return list(texts), self.count(texts)
-        encodings = self._encode(texts)
-        lengths = [len(e.ids) for e in encodings]
+        specials = self._fast.num_special_tokens_to_add(False)
+        keep = spec.max_length - specials
         out: list[str] = []
-        for text, encoding, length in zip(texts, encodings, lengths):
-            if length <= self.reuse_up_to:
-                text = TokenizedText(text)
-                text.encoding = encoding
-            out.append(text)
+        lengths = []
+        for text, encoding in zip(texts, self._encode(texts, add_special_tokens=False)):
+            lengths.append(len(encoding.ids) + specials)
+            if len(encoding.ids) > keep:
+                encoding.truncate(keep, direction=spec.truncation_side)
+            encoding = self._fast.post_process(encoding)
+            tokenized = TokenizedText(text)
+            tokenized.ids = np.array(encoding.ids, dtype=np.int64)
+            tokenized.type_ids = np.array(encoding.type_ids, dtype=np.int64) if spec.with_type_ids else None
+            out.append(tokenized)
         return out, lengths
 
     def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
@@ -116,7 +135,7 @@ class TokenCounter:
 
 
 class PaddedBatch:
-    """Pads encodings into the tensors a Hugging Face tokenizer returns for a batch (padding to the
+    """Pads the ids of `TokenizedText`s into the tensors a Hugging Face tokenizer returns for a batch (padding to the
     longest, on the tokenizer's side, with its pad ids)."""
 
     def __init__(self, tokenizer: Any) -> None:
@@ -126,20 +145,25 @@ class PaddedBatch:
         self.pad_id = tokenizer.pad_token_id
         self.pad_type_id = tokenizer.pad_token_type_id
 
-    def __call__(self, encodings: Sequence[Any]) -> dict[str, Any]:
+    @property
+    def with_type_ids(self) -> bool:
+        return "token_type_ids" in self.names
+
+    def __call__(self, texts: Sequence[TokenizedText]) -> dict[str, Any]:
         import torch
 
-        rows, width = len(encodings), max(len(e.ids) for e in encodings)
+        rows, width = len(texts), max(len(t.ids) for t in texts)
         arrays = {
             "input_ids": np.full((rows, width), self.pad_id, dtype=np.int64),
             "token_type_ids": np.full((rows, width), self.pad_type_id, dtype=np.int64),
             "attention_mask": np.zeros((rows, width), dtype=np.int64),
         }
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
+        for row, text in enumerate(texts):
+            n = len(text.ids)
             cols = slice(width - n, width) if self.left else slice(0, n)
-            arrays["input_ids"][row, cols] = encoding.ids
-            arrays["token_type_ids"][row, cols] = encoding.type_ids
+            arrays["input_ids"][row, cols] = text.ids
+            if text.type_ids is not None:
+                arrays["token_type_ids"][row, cols] = text.type_ids
             arrays["attention_mask"][row, cols] = 1
         return {name: torch.from_numpy(arrays[name]) for name in self.names}
 
@@ -156,24 +180,23 @@ def _same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
-class ReusedEncodings:
-    """An embedder's tokenize step (Infinity's `encode_pre`) that pads the encodings the worker made
-    when counting. A batch in which any text lacks one (token-id input, a text that must be truncated,
-    a caller that is not the worker) goes through the replica's own step, unchanged."""
+class ReusedTokenIds:
+    """An embedder's tokenize step (Infinity's `encode_pre`) that pads the token ids the worker made
+    when counting. A batch in which any text has none (token-id input, decoded; a caller that is not
+    the worker) goes through the replica's own step, unchanged."""
 
     def __init__(self, own_step: Callable[[list[Any]], dict[str, Any]], pad: PaddedBatch) -> None:
         self.own_step = own_step
         self.pad = pad
 
     def __call__(self, sentences: list[Any]) -> dict[str, Any]:
-        encodings = [getattr(s, "encoding", None) for s in sentences]
-        if any(e is None for e in encodings):
-            return self.own_step(sentences)
-        return self.pad(encodings)
+        if all(isinstance(s, TokenizedText) for s in sentences):
+            return self.pad(sentences)
+        return self.own_step(sentences)
 
 
-def reuse_encodings(replica: Any, counter: TokenCounter) -> bool:
-    """Let `replica` (an Infinity sentence-transformers embedder) take the counter's encodings instead
+def reuse_token_ids(replica: Any, counter: TokenCounter) -> bool:
+    """Let `replica` (an Infinity sentence-transformers embedder) take the counter's token ids instead
     of tokenizing again. Installed only when the reuse gives exactly the tensors of the replica's own
     tokenize step on the probe texts; returns whether it was installed.
     """
@@ -191,17 +214,22 @@ def reuse_encodings(replica: Any, counter: TokenCounter) -> bool:
         return text.lower() if first.do_lower_case else text
 
     own_step = replica.encode_pre
-    counter.prepare, counter.reuse_up_to = prepare, int(max_length)
-    probes, _ = counter.tokenize(list(PROBE_TEXTS))
+    counter.model_input = ModelInput(
+        prepare=prepare,
+        max_length=int(max_length),
+        truncation_side=getattr(tokenizer, "truncation_side", "right"),
+        with_type_ids=pad.with_type_ids,
+    )
+    # One probe longer than the model's maximum, to check the cut too.
+    texts = [*PROBE_TEXTS, "many words " * int(max_length)]
     try:
-        reusable = all(isinstance(p, TokenizedText) for p in probes) and _same_features(
-            pad([p.encoding for p in probes]), own_step(list(PROBE_TEXTS))
-        )
+        probes, lengths = counter.tokenize(texts)
+        reusable = lengths == counter.count(texts) and _same_features(pad(probes), own_step(texts))  # type: ignore[arg-type]
     except Exception as exc:  # a tokenizer this cannot reproduce: keep the engine's own step
         log.debug("token reuse check failed: %s", exc)
         reusable = False
     if not reusable:
-        counter.prepare, counter.reuse_up_to = None, 0
+        counter.model_input = None
         return False
-    replica.encode_pre = ReusedEncodings(own_step, pad)
+    replica.encode_pre = ReusedTokenIds(own_step, pad)
     return True
