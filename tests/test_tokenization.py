@@ -13,7 +13,12 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from embedding_worker.tokenization import ReusedTokenIds, TokenCounter, TokenizedText, reuse_token_ids
+from embedding_worker.tokenization import (
+    ReusedTokenIds,
+    TokenCounter,
+    TokenizedText,
+    reuse_token_ids,
+)
 from tests.helpers import answer as embed
 from tests.helpers import decode_vectors
 

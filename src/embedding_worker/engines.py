@@ -20,10 +20,10 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from . import errors, pacing, tokenization
+from . import errors, pacing
 from .config import ModelSpec, WorkerConfig
 from .logs import get_logger, redacted_traceback
-from .tokenization import TokenCounter
+from .tokenization import TokenCounter, reuse_token_ids
 
 log = get_logger(__name__)
 
@@ -222,7 +222,7 @@ class InfinityModel(ModelEngine):
                 "this worker serves embedding and reranking models"
             )
         for each_replica in engine._model_replicas:
-            if self.role is Role.EMBED and tokenization.reuse_token_ids(each_replica, self.tokens):
+            if self.role is Role.EMBED and reuse_token_ids(each_replica, self.tokens):
                 log.debug("%s: the engine reuses the worker's token ids", spec.served_id)
             self._guard_batch_threads(each_replica)
 

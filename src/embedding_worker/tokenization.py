@@ -117,7 +117,9 @@ class TokenCounter:
             encoding = self._fast.post_process(encoding)
             tokenized = TokenizedText(text)
             tokenized.ids = np.array(encoding.ids, dtype=np.int64)
-            tokenized.type_ids = np.array(encoding.type_ids, dtype=np.int64) if spec.with_type_ids else None
+            tokenized.type_ids = None
+            if spec.with_type_ids:
+                tokenized.type_ids = np.array(encoding.type_ids, dtype=np.int64)
             out.append(tokenized)
         return out, lengths
 
@@ -135,8 +137,8 @@ class TokenCounter:
 
 
 class PaddedBatch:
-    """Pads the ids of `TokenizedText`s into the tensors a Hugging Face tokenizer returns for a batch (padding to the
-    longest, on the tokenizer's side, with its pad ids)."""
+    """Pads the ids of `TokenizedText`s into the tensors a Hugging Face tokenizer returns for a batch:
+    to the longest, on the tokenizer's padding side, with its pad ids."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.names = [name for name in tokenizer.model_input_names if name in _FEATURE_NAMES]
@@ -203,7 +205,9 @@ def reuse_token_ids(replica: Any, counter: TokenCounter) -> bool:
     first = getattr(replica, "_first_module", lambda: None)()
     tokenizer = getattr(first, "tokenizer", None)
     max_length = getattr(first, "max_seq_length", None)
-    if counter._fast is None or tokenizer is None or not max_length or not hasattr(first, "do_lower_case"):
+    if counter._fast is None or tokenizer is None or not max_length:
+        return False
+    if not hasattr(first, "do_lower_case"):  # not sentence_transformers.models.Transformer
         return False
     pad = PaddedBatch(tokenizer)
     if not pad.complete or pad.pad_id is None:
@@ -224,7 +228,8 @@ def reuse_token_ids(replica: Any, counter: TokenCounter) -> bool:
     texts = [*PROBE_TEXTS, "many words " * int(max_length)]
     try:
         probes, lengths = counter.tokenize(texts)
-        reusable = lengths == counter.count(texts) and _same_features(pad(probes), own_step(texts))  # type: ignore[arg-type]
+        padded = pad(probes)  # type: ignore[arg-type]
+        reusable = lengths == counter.count(texts) and _same_features(padded, own_step(texts))
     except Exception as exc:  # a tokenizer this cannot reproduce: keep the engine's own step
         log.debug("token reuse check failed: %s", exc)
         reusable = False

@@ -1,0 +1,86 @@
+"""The handler with and without one tokenization per text (tokenization.py), against the raw engine.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reuse_ab.py [--model minilm] [--length short] [--inputs 1024]
+
+Two workers on one model (float32; the bundled MiniLM or a random-initialised one of bench/run.py's
+shapes), one of them with the reuse switched off, and a plain Infinity engine, called in interleaved
+rounds of concurrent 16-input requests. Prints paired median
+ratios of wall and CPU time; > 1 means the first named is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from bench.baseline import raw_engine  # noqa: E402
+from bench.run import (  # noqa: E402
+    FULL_MODELS,
+    LENGTHS,
+    REQUEST_SIZE,
+    RESULTS,
+    interleaved,
+    model_dir,
+    paired_ratio,
+    texts_of_length,
+)
+from embedding_worker import app  # noqa: E402
+from embedding_worker.config import DEFAULT_MODEL_ID, bundled_model_path, load_config  # noqa: E402
+from embedding_worker.dispatch import Worker  # noqa: E402
+
+
+async def main(args: argparse.Namespace) -> None:
+    path = model_dir(args.model, RESULTS / "models")
+    source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
+    config = load_config({"MODEL_NAMES": source, "DTYPES": "float32", "BATCH_SIZES": "32"})
+    reusing, plain = Worker.from_config(config), Worker.from_config(config)
+    plain_model = plain.registry.models[0]
+    plain_model.tokens.model_input = None  # texts carry no ids: Infinity tokenizes them itself
+    engine = raw_engine(config)
+    await engine.astart()
+    await reusing.start()
+    await plain.start()
+    served = plain_model.served_id
+    texts = texts_of_length(plain_model.tokens.tokenizer, LENGTHS[args.length], args.inputs)
+    requests = [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
+
+    async def raw() -> None:
+        await asyncio.gather(*(engine.embed(sentences=r) for r in requests))
+
+    def through(worker: Worker):
+        handler = app.runpod_handler(worker)
+
+        async def call() -> None:
+            jobs = [{"id": str(i), "input": {"model": served, "input": r}} for i, r in enumerate(requests)]
+            outputs = await asyncio.gather(*(handler(job) for job in jobs))
+            if any("error" in output for output in outputs):
+                raise RuntimeError(outputs[0])
+
+        return call
+
+    variants = {"engine": raw, "reuse": through(reusing), "no_reuse": through(plain)}
+    await interleaved(variants, 2)  # warm-up
+    cpu: dict[str, list[float]] = {}
+    times = await interleaved(variants, args.rounds, cpu)
+    for a, b in (("reuse", "engine"), ("no_reuse", "engine"), ("reuse", "no_reuse")):
+        print(
+            f"{args.model} {args.length} x{args.inputs}, {args.rounds} rounds: {a} / {b}: "
+            f"wall {paired_ratio(times, a, b):.3f}, CPU {paired_ratio(cpu, a, b):.3f}"
+        )
+    await engine.astop()
+    await reusing.stop()
+    await plain.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
+    parser.add_argument("--length", choices=list(LENGTHS), default="short")
+    parser.add_argument("--inputs", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=41)
+    asyncio.run(main(parser.parse_args()))
