@@ -30,6 +30,12 @@ def _items(n: int) -> list[PrioritizedQueueItem]:
     ]
 
 
+async def _submit(queue: PacedQueue, items: list[PrioritizedQueueItem]) -> None:
+    """Items in, and the event loop's turn ended (what a request's task does when it awaits)."""
+    queue.extend(items)
+    await asyncio.sleep(0)
+
+
 def _pop(queue: PacedQueue, timeout: float = 0.05) -> list[int]:
     """What Infinity's publisher would hand the model now: the size of each batch released."""
     return [len(batch) for batch in queue.pop_optimal_batches(4, 8, timeout=timeout)]
@@ -37,13 +43,13 @@ def _pop(queue: PacedQueue, timeout: float = 0.05) -> list[int]:
 
 async def test_a_part_filled_batch_waits_while_the_model_is_busy():
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
-    queue.extend(_items(1))
+    await _submit(queue, _items(1))
     assert _pop(queue) == [1]  # the model was idle: a lone request goes at once
-    queue.extend(_items(3))
+    await _submit(queue, _items(3))
     assert _pop(queue) == []  # the model is busy: three wait for a fourth
-    queue.extend(_items(2))
+    await _submit(queue, _items(2))
     assert _pop(queue) == [4]  # a full batch goes ahead of the model; the fifth item waits
-    queue.extend(_items(1))
+    await _submit(queue, _items(1))
     assert _pop(queue) == []  # two batches in the model already: nothing more goes
     queue.batch_finished()
     assert _pop(queue) == []  # one is still computing, and what waits is no full batch
@@ -52,22 +58,33 @@ async def test_a_part_filled_batch_waits_while_the_model_is_busy():
     assert len(queue) == 0 and queue.in_model == 1
 
 
+async def test_an_idle_model_takes_what_one_turn_of_the_loop_submits_together():
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.extend(_items(1))  # the first request of a turn...
+    assert _pop(queue, timeout=0) == []  # ...waits for the others the same turn submits
+    queue.extend(_items(2))
+    await asyncio.sleep(0)  # the turn ends
+    assert _pop(queue, timeout=0) == [3]  # they go together
+    queue.extend(_items(4))
+    assert _pop(queue, timeout=0) == [4]  # a full batch need not wait for the turn's end
+
+
 async def test_full_batches_go_together_and_cancelled_items_are_dropped():
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
-    queue.extend(_items(1))
+    await _submit(queue, _items(1))
     assert _pop(queue) == [1]
     items = _items(9)
     items[0].item.future.cancel()  # a request that went away while it waited
-    queue.extend(items)
+    await _submit(queue, items)
     assert _pop(queue) == [4, 3]  # two full batches' worth (one item dropped); the ninth waits
     assert len(queue) == 1
 
 
 async def test_a_waiting_publisher_wakes_when_the_model_finishes_not_at_its_timeout():
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
-    queue.extend(_items(1))
+    await _submit(queue, _items(1))
     assert _pop(queue) == [1]
-    queue.extend(_items(2))
+    await _submit(queue, _items(2))
     released: list[list[int]] = []
     publisher = threading.Thread(target=lambda: released.append(_pop(queue, timeout=30)))
     publisher.start()
@@ -128,3 +145,34 @@ async def test_without_pacing_infinity_splits_them(busy_engine):
     await _one_by_one(model, 12)
     assert sizes[0] == 1 and sum(sizes) == 13
     assert len(sizes) > 3, sizes
+
+
+async def test_jobs_submitted_in_one_turn_of_the_loop_share_batches(bert_embedder):
+    """Jobs that arrive together are validated and counted one after another; the model, idle, must
+    not take the first job's texts alone before the others are in."""
+    worker = Worker.from_config(
+        load_config({"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32", "BATCH_SIZES": "32"})
+    )
+    await worker.start()
+    try:
+        model = worker.registry.models[0]
+        replica = model.engine._model_replicas[0]
+        guarded = replica.encode_core
+        sizes: list[int] = []
+
+        def encode_core(features):
+            sizes.append(int(features["input_ids"].shape[0]))
+            return guarded(features)
+
+        replica.encode_core = encode_core
+        for _ in range(3):
+            sizes.clear()
+            jobs = [
+                {"model": model.served_id, "input": [f"job {j} text {i} " * 3 for i in range(16)]}
+                for j in range(8)
+            ]
+            replies = await asyncio.wait_for(asyncio.gather(*(worker.dispatch(j) for j in jobs)), 60)
+            assert all(r.status == 200 for r in replies)
+            assert sizes == [32, 32, 32, 32]
+    finally:
+        await worker.stop()
