@@ -8,10 +8,11 @@ moment later (bench/arrival.py: ~0.7x the throughput at 64 concurrent one-text c
 
 `PacedQueue` replaces Infinity's queue of waiting items and only lets a batch go when it is full, or
 when the model has nothing else to do. A lone request is never held back: with the model idle it goes
-at the end of the event loop's turn, so that the requests that same turn submits go with it (jobs that
-arrive together are validated and counted one after another, and the first would otherwise go alone). Full batches still run ahead of the model (tokenised while the previous batch
-computes) whenever fewer than `AHEAD` per model replica are in it; the full batches waiting then go in
-one pop (up to Infinity's 8), which Infinity sorts by length as before.
+at the end of the event loop's turn that submitted it, together with whatever else that turn submits
+(jobs that arrive together are validated and counted one after another in one turn, and the first
+would otherwise go alone). Full batches still run ahead of the model (tokenised while the previous
+batch computes) whenever fewer than `AHEAD` per model replica are in it; the full batches waiting then
+go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
 """
 
 from __future__ import annotations
