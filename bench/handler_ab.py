@@ -1,11 +1,16 @@
-"""The handler with and without one tokenization per text (tokenization.py), against the raw engine.
+"""The handler with and without one of its optimisations, against the raw engine, in one run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/reuse_ab.py [--model minilm] [--length short] [--inputs 1024]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/handler_ab.py --without reuse [--model minilm]
+        [--length short] [--inputs 1024] [--rounds 41]
+
+--without reuse: one tokenization per text off (tokenization.py): Infinity tokenizes the texts again.
+--without turn-wake: the paced queue wakes Infinity's publisher at each submission, not at the end of
+the event loop's turn (pacing.py).
 
 Two workers on one model (float32; the bundled MiniLM or a random-initialised one of bench/run.py's
-shapes), one of them with the reuse switched off, and a plain Infinity engine, called in interleaved
-rounds of concurrent 16-input requests. Prints paired median
-ratios of wall and CPU time; > 1 means the first named is faster.
+shapes), one of them with the optimisation off, and a plain Infinity engine, called in interleaved
+rounds of concurrent 16-input requests. Prints paired median ratios of wall and CPU time; > 1 means the
+first named is faster.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
@@ -38,15 +44,25 @@ async def main(args: argparse.Namespace) -> None:
     path = model_dir(args.model, RESULTS / "models")
     source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
     config = load_config({"MODEL_NAMES": source, "DTYPES": "float32", "BATCH_SIZES": "32"})
-    reusing, plain = Worker.from_config(config), Worker.from_config(config)
-    plain_model = plain.registry.models[0]
-    plain_model.tokens.model_input = None  # texts carry no ids: Infinity tokenizes them itself
+    full, without = Worker.from_config(config), Worker.from_config(config)
     engine = raw_engine(config)
     await engine.astart()
-    await reusing.start()
-    await plain.start()
-    served = plain_model.served_id
-    texts = texts_of_length(plain_model.tokens.tokenizer, LENGTHS[args.length], args.inputs)
+    await full.start()
+    await without.start()
+    model = without.registry.models[0]
+    if args.without == "reuse":
+        model.tokens.model_input = None  # texts carry no ids: Infinity tokenizes them itself
+    else:
+        paced = model._paced
+        assert paced is not None
+
+        def extend(items: list[Any]) -> None:  # the wake at once, as before the turn rule
+            paced.inner.extend(items)
+            paced._wake()
+
+        paced.extend = extend  # type: ignore[method-assign]
+    served = model.served_id
+    texts = texts_of_length(model.tokens.tokenizer, LENGTHS[args.length], args.inputs)
     requests = [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
 
     async def raw() -> None:
@@ -63,22 +79,24 @@ async def main(args: argparse.Namespace) -> None:
 
         return call
 
-    variants = {"engine": raw, "reuse": through(reusing), "no_reuse": through(plain)}
+    off = f"without {args.without}"
+    variants = {"engine": raw, "handler": through(full), off: through(without)}
     await interleaved(variants, 2)  # warm-up
     cpu: dict[str, list[float]] = {}
     times = await interleaved(variants, args.rounds, cpu)
-    for a, b in (("reuse", "engine"), ("no_reuse", "engine"), ("reuse", "no_reuse")):
+    for a, b in (("handler", "engine"), (off, "engine"), ("handler", off)):
         print(
             f"{args.model} {args.length} x{args.inputs}, {args.rounds} rounds: {a} / {b}: "
             f"wall {paired_ratio(times, a, b):.3f}, CPU {paired_ratio(cpu, a, b):.3f}"
         )
     await engine.astop()
-    await reusing.stop()
-    await plain.stop()
+    await full.stop()
+    await without.stop()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--without", choices=["reuse", "turn-wake"], required=True)
     parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
     parser.add_argument("--length", choices=list(LENGTHS), default="short")
     parser.add_argument("--inputs", type=int, default=1024)
