@@ -29,3 +29,9 @@ async def answer(worker: Any, **body: Any) -> dict[str, Any]:
     reply = await worker.dispatch(body)
     assert reply.status == 200, reply.body
     return reply.body
+
+
+def model_and_replica(worker: Any, tail: str) -> tuple[Any, Any]:
+    """The served model whose id ends with `tail`, and its (first) Infinity model replica."""
+    model = next(m for m in worker.registry.models if m.served_id.endswith(tail))
+    return model, model.engine._model_replicas[0]

@@ -21,6 +21,7 @@ from runpod.serverless.modules.rp_job import run_job
 from embedding_worker.app import runpod_handler
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from tests.helpers import model_and_replica
 
 TIMEOUT_S = 4.0
 NO_HANG_S = TIMEOUT_S + 20  # a test that waits longer than this has found a hang
@@ -41,11 +42,6 @@ async def fragile(bert_embedder, bert_reranker):
     await worker.start()
     yield worker
     await worker.stop()
-
-
-def _replica(worker: Worker, tail: str):
-    model = next(m for m in worker.registry.models if m.served_id.endswith(tail))
-    return model, model.engine._model_replicas[0]
 
 
 def _raise_once(target, name: str, exc: Exception, after_s: float = 0.0) -> None:
@@ -101,7 +97,7 @@ def _forward_of_cross_encoder(replica):
     ],
 )
 async def test_a_batch_thread_that_raises_fails_every_waiting_job_at_once(fragile, tail, where):
-    model, replica = _replica(fragile, tail)
+    model, replica = model_and_replica(fragile, tail)
     target, name = where(replica)
     _raise_once(target, name, RuntimeError("CUDA error: an illegal memory access (injected)"), 0.5)
     handler = runpod_handler(fragile)
@@ -129,7 +125,7 @@ async def test_a_batch_thread_that_raises_fails_every_waiting_job_at_once(fragil
 
 async def test_without_the_guard_infinity_hangs_until_the_timeout(fragile):
     """The upstream failure itself, to show what the guard is for: the timeout still ends it."""
-    model, replica = _replica(fragile, "tiny-bert-embedder")
+    model, replica = model_and_replica(fragile, "tiny-bert-embedder")
     # Inject the fault above the guard: the batch thread dies and nobody is told.
     _raise_once(replica, "encode_core", RuntimeError("injected"))
     handler = runpod_handler(fragile)
@@ -142,7 +138,7 @@ async def test_without_the_guard_infinity_hangs_until_the_timeout(fragile):
 
 
 async def test_an_engine_that_stalls_answers_503_within_the_timeout(fragile):
-    model, replica = _replica(fragile, "tiny-bert-embedder")
+    model, replica = model_and_replica(fragile, "tiny-bert-embedder")
     release = threading.Event()
     original = replica.forward
 

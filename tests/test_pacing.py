@@ -97,12 +97,19 @@ async def test_a_waiting_publisher_wakes_when_the_model_finishes_not_at_its_time
 
 
 @pytest.fixture
-async def busy_engine(bert_embedder):
-    """A worker on the tiny BERT whose first forward pass takes 1 s, and the batch sizes its model
-    sees, in order."""
-    worker = Worker.from_config(load_config({"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32"}))
+async def tiny_worker(bert_embedder):
+    """A worker of its own on the tiny BERT (batches of 32)."""
+    worker = Worker.from_config(
+        load_config({"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32", "BATCH_SIZES": "32"})
+    )
     await worker.start()
-    model = worker.registry.models[0]
+    yield worker
+    await worker.stop()
+
+
+def _record_batch_sizes(model, first_pass_s: float = 0.0) -> list[int]:
+    """The batch sizes the model's forward pass sees, in order, from now on; the first pass takes
+    `first_pass_s` longer."""
     replica = model.engine._model_replicas[0]
     guarded = replica.encode_core  # the worker's guard, which also tells the queue
     sizes: list[int] = []
@@ -110,12 +117,18 @@ async def busy_engine(bert_embedder):
     def encode_core(features):
         sizes.append(int(features["input_ids"].shape[0]))
         if len(sizes) == 1:
-            time.sleep(1.0)
+            time.sleep(first_pass_s)
         return guarded(features)
 
     replica.encode_core = encode_core
-    yield worker, model, sizes
-    await worker.stop()
+    return sizes
+
+
+@pytest.fixture
+async def busy_engine(tiny_worker):
+    """The tiny worker whose first forward pass takes 1 s, and the batch sizes its model sees."""
+    model = tiny_worker.registry.models[0]
+    return tiny_worker, model, _record_batch_sizes(model, first_pass_s=1.0)
 
 
 async def _one_by_one(model, count: int) -> None:
@@ -147,32 +160,17 @@ async def test_without_pacing_infinity_splits_them(busy_engine):
     assert len(sizes) > 3, sizes
 
 
-async def test_jobs_submitted_in_one_turn_of_the_loop_share_batches(bert_embedder):
+async def test_jobs_submitted_in_one_turn_of_the_loop_share_batches(tiny_worker):
     """Jobs that arrive together are validated and counted one after another; the model, idle, must
     not take the first job's texts alone before the others are in."""
-    worker = Worker.from_config(
-        load_config({"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32", "BATCH_SIZES": "32"})
-    )
-    await worker.start()
-    try:
-        model = worker.registry.models[0]
-        replica = model.engine._model_replicas[0]
-        guarded = replica.encode_core
-        sizes: list[int] = []
-
-        def encode_core(features):
-            sizes.append(int(features["input_ids"].shape[0]))
-            return guarded(features)
-
-        replica.encode_core = encode_core
-        for _ in range(3):
-            sizes.clear()
-            jobs = [
-                {"model": model.served_id, "input": [f"job {j} text {i} " * 3 for i in range(16)]}
-                for j in range(8)
-            ]
-            replies = await asyncio.wait_for(asyncio.gather(*(worker.dispatch(j) for j in jobs)), 60)
-            assert all(r.status == 200 for r in replies)
-            assert sizes == [32, 32, 32, 32]
-    finally:
-        await worker.stop()
+    model = tiny_worker.registry.models[0]
+    sizes = _record_batch_sizes(model)
+    for _ in range(3):
+        sizes.clear()
+        jobs = [
+            {"model": model.served_id, "input": [f"job {j} text {i} " * 3 for i in range(16)]}
+            for j in range(8)
+        ]
+        replies = await asyncio.wait_for(asyncio.gather(*(tiny_worker.dispatch(j) for j in jobs)), 60)
+        assert all(r.status == 200 for r in replies)
+        assert sizes == [32, 32, 32, 32]

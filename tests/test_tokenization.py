@@ -20,7 +20,7 @@ from embedding_worker.tokenization import (
     reuse_token_ids,
 )
 from tests.helpers import answer as embed
-from tests.helpers import decode_vectors
+from tests.helpers import decode_vectors, model_and_replica
 
 # Not the probe texts the reuse is checked on when a model loads.
 TEXTS = [
@@ -30,11 +30,6 @@ TEXTS = [
     "a longer sentence that pads every other row of the batch to its own length " * 3,
     "   ",
 ]
-
-
-def _served(worker, tail: str):
-    model = next(m for m in worker.registry.models if m.served_id.endswith(tail))
-    return model, model.engine._model_replicas[0]
 
 
 def _reused(replica) -> ReusedTokenIds:
@@ -52,7 +47,7 @@ def _assert_same_tensors(got: dict, expected: dict) -> None:
 
 @pytest.mark.parametrize("tail", ["all-MiniLM-L6-v2", "tiny-bert-embedder", "tiny-qwen3-embedder"])
 async def test_padded_ids_equal_the_models_own_tokenize_step(worker, qwen3_worker, tail):
-    model, replica = _served(qwen3_worker if "qwen3" in tail else worker, tail)
+    model, replica = model_and_replica(qwen3_worker if "qwen3" in tail else worker, tail)
     assert model.tokens.model_input is not None
     assert model.tokens.model_input.max_length == model.max_length
     texts = [*TEXTS, "words to cut " * model.max_length]
@@ -67,7 +62,7 @@ async def test_padded_ids_equal_the_models_own_tokenize_step(worker, qwen3_worke
 
 
 async def test_a_batch_without_ids_takes_the_models_own_step(worker, monkeypatch):
-    model, replica = _served(worker, "tiny-bert-embedder")
+    model, replica = model_and_replica(worker, "tiny-bert-embedder")
     step = _reused(replica)
     calls = []
     own_step = step.own_step
