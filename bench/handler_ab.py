@@ -6,18 +6,22 @@
 --without reuse: one tokenization per text off (tokenization.py): Infinity tokenizes the texts again.
 --without turn-wake: the paced queue wakes Infinity's publisher at each submission, not at the end of
 the event loop's turn (pacing.py).
+--without full-wake: a full batch submitted during a turn of the event loop waits for the turn's end
+(pacing.py), instead of going to the model at once.
 
 Two workers on one model (float32; the bundled MiniLM or a random-initialised one of bench/run.py's
 shapes), one of them with the optimisation off, and a plain Infinity engine, called in interleaved
-rounds of concurrent 16-input requests. Prints paired median ratios of wall and CPU time; > 1 means the
-first named is faster.
+rounds of concurrent 16-input requests. Prints paired median ratios of wall and CPU time (> 1 means the
+first named is faster), and each variant's median time from a round's start to its first forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,9 @@ async def main(args: argparse.Namespace) -> None:
     model = without.registry.models[0]
     if args.without == "reuse":
         model.tokens.model_input = None  # texts carry no ids: Infinity tokenizes them itself
+    elif args.without == "full-wake":
+        assert model._paced is not None
+        model._paced._notify = lambda: None  # type: ignore[method-assign]
     else:
         paced = model._paced
         assert paced is not None
@@ -65,14 +72,30 @@ async def main(args: argparse.Namespace) -> None:
     texts = texts_of_length(model.tokens.tokenizer, LENGTHS[args.length], args.inputs)
     requests = [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
 
+    # Seconds from each round's start to its first forward pass, per variant.
+    first_forward: dict[str, list[float]] = {}
+    round_start: dict[str, float] = {}
+
+    def watch_first_forward(name: str, replica: Any) -> None:
+        forward = replica.encode_core
+
+        def timed(*args: Any) -> Any:
+            if name in round_start:
+                first_forward.setdefault(name, []).append(time.perf_counter() - round_start.pop(name))
+            return forward(*args)
+
+        replica.encode_core = timed
+
     async def raw() -> None:
+        round_start["engine"] = time.perf_counter()
         await asyncio.gather(*(engine.embed(sentences=r) for r in requests))
 
-    def through(worker: Worker):
+    def through(name: str, worker: Worker):
         handler = app.runpod_handler(worker)
 
         async def call() -> None:
             jobs = [{"id": str(i), "input": {"model": served, "input": r}} for i, r in enumerate(requests)]
+            round_start[name] = time.perf_counter()
             outputs = await asyncio.gather(*(handler(job) for job in jobs))
             if any("error" in output for output in outputs):
                 raise RuntimeError(outputs[0])
@@ -80,8 +103,10 @@ async def main(args: argparse.Namespace) -> None:
         return call
 
     off = f"without {args.without}"
-    variants = {"engine": raw, "handler": through(full), off: through(without)}
+    variants = {"engine": raw, "handler": through("handler", full), off: through(off, without)}
     await interleaved(variants, 2)  # warm-up
+    for name, subject in (("engine", engine), ("handler", full.registry.models[0].engine), (off, model.engine)):
+        watch_first_forward(name, subject._model_replicas[0])
     cpu: dict[str, list[float]] = {}
     times = await interleaved(variants, args.rounds, cpu)
     for a, b in (("handler", "engine"), (off, "engine"), ("handler", off)):
@@ -89,6 +114,9 @@ async def main(args: argparse.Namespace) -> None:
             f"{args.model} {args.length} x{args.inputs}, {args.rounds} rounds: {a} / {b}: "
             f"wall {paired_ratio(times, a, b):.3f}, CPU {paired_ratio(cpu, a, b):.3f}"
         )
+    print("first forward pass after (median): " + ", ".join(
+        f"{name} {1e3 * statistics.median(seconds):.1f} ms" for name, seconds in first_forward.items()
+    ))
     await engine.astop()
     await full.stop()
     await without.stop()
@@ -96,7 +124,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--without", choices=["reuse", "turn-wake"], required=True)
+    parser.add_argument("--without", choices=["reuse", "turn-wake", "full-wake"], required=True)
     parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
     parser.add_argument("--length", choices=list(LENGTHS), default="short")
     parser.add_argument("--inputs", type=int, default=1024)

@@ -7,6 +7,7 @@ from xml.sax.saxutils import escape
 
 VARIANT_NAMES = {
     "engine": "Infinity engine (raw, float32)",
+    "engine_again": "a second Infinity engine, identical (A/A control)",
     "handler": "worker handler (float32)",
     "handler_auto": "worker handler (DTYPES=auto)",
     "sentence_transformers": "sentence-transformers encode (float32)",
@@ -17,22 +18,32 @@ def _g(value: float) -> str:
     return f"{value / 1e9:.0f}"
 
 
+def _aa(variants: dict[str, Any]) -> tuple[str, str]:
+    """The A/A control's ratio, and the handler's against the second engine (runs before had none)."""
+    again = variants.get("engine_again")
+    if not again:
+        return "-", "-"
+    return f"{again['vs_engine']:.2f}", f"{variants['handler']['vs_engine_again']:.2f}"
+
+
 def summary(r: dict[str, Any]) -> list[str]:
     """The targets at a glance: one row per model and input length."""
     lines = [
-        "| model | inputs | handler / engine | handler / engine, CPU time | auto ({dtype}) / engine float32 "
-        "| sentence-transformers / engine | engine float32 inputs/s | engine of matmul peak |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | inputs | handler / engine | handler / engine, CPU time | second engine / engine (A/A) "
+        "| handler / second engine | auto ({dtype}) / engine float32 | sentence-transformers / engine "
+        "| engine float32 inputs/s | engine of matmul peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     dtypes = {m["auto_dtype"] for m in r["models"]}
     lines[0] = lines[0].replace("{dtype}", "/".join(sorted(dtypes)) or "-")
     for model in r["models"]:
         for length, row in model["throughput"].items():
             v = row["variants"]
+            aa, handler_vs_again = _aa(v)
             lines.append(
                 f"| {model['model']} | {length} ({row['tokens_per_input']:.0f} tok) "
                 f"| {v['handler']['vs_engine']:.2f} | {v['handler']['cpu_vs_engine']:.3f} "
-                f"| {v['handler_auto']['vs_engine']:.2f} "
+                f"| {aa} | {handler_vs_again} | {v['handler_auto']['vs_engine']:.2f} "
                 f"| {v['sentence_transformers']['vs_engine']:.2f} | {v['engine']['inputs_per_s']:.1f} "
                 f"| {100 * v['engine']['of_matmul_peak']:.0f}% |"
             )
@@ -49,7 +60,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"Command: `{r['command']}` ({r['started']}). Ratios are paired medians of interleaved rounds "
         f"in this run; requests of {r['request_size']} inputs, all sent at once. \"CPU time\" ratios "
         "compare the process's CPU seconds for the same work (steadier than wall time on a shared "
-        "machine; they show the worker's own cost, not waiting).",
+        "machine; they show the worker's own cost, not waiting). \"A/A\" is a second raw engine, "
+        "identical to the first, measured like the others: how far apart two equal subjects land in "
+        "this run, the smallest difference the row can resolve.",
         "",
         "Matmul peak (the physical limit): "
         + ", ".join(f"{k} {_g(v)} GFLOP/s" for k, v in r["matmul_peak_flop_per_s"].items()),
@@ -84,15 +97,18 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "### Latency of one short request (one text)",
         "",
-        "| model | engine p50 / p99 ms | Worker.dispatch p50 / p99 ms | runpod handler p50 / p99 ms | added p50 ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| model | engine p50 / p99 ms | Worker.dispatch p50 / p99 ms | runpod handler p50 / p99 ms "
+        "| added p50 ms | second engine, added p50 ms (A/A) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for model in r["models"]:
         lat = model["latency"]
         cells = " | ".join(
             f"{lat[v]['p50_ms']:.2f} / {lat[v]['p99_ms']:.2f}" for v in ("engine", "dispatch", "handler")
         )
-        lines.append(f"| {model['model']} | {cells} | {lat['added_p50_ms']:+.2f} |")
+        aa = lat.get("engine_again_added_p50_ms")
+        lines.append(f"| {model['model']} | {cells} | {lat['added_p50_ms']:+.2f} "
+                     f"| {'-' if aa is None else f'{aa:+.2f}'} |")
     lines += [
         "",
         "### Cold start (process start to first answer) and peak memory (RSS)",
@@ -131,18 +147,20 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["`python handler.py --serve` in its own process (float32), keep-alive HTTP clients in the "
                   "benchmark's process on the same CPU; the raw engine in the benchmark's process.", "",
                   "| inputs | concurrency | engine req/s | server req/s | server / engine "
-                  "| client CPU ms per request |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| second engine / engine (A/A) | client CPU ms per request |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for key, v in server.items():
             length, concurrency = key.split(" c")
+            aa = v.get("engine_again_vs_engine")
             lines.append(f"| {length} | {concurrency} | {v['engine_rps']:.0f} | {v['server_rps']:.0f} "
-                         f"| {v['server_vs_engine']:.2f} | {v['client_cpu_ms_per_request']:.2f} |")
+                         f"| {v['server_vs_engine']:.2f} | {'-' if aa is None else f'{aa:.2f}'} "
+                         f"| {v['client_cpu_ms_per_request']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def svg_chart(r: dict[str, Any]) -> str:
     """Horizontal bars: each variant's throughput relative to the raw engine (1.0 = engine)."""
-    colours = {"engine": "#9e9e9e", "handler": "#1f77b4", "handler_auto": "#2ca02c",
+    colours = {"engine": "#9e9e9e", "engine_again": "#cfcfcf", "handler": "#1f77b4", "handler_auto": "#2ca02c",
                "sentence_transformers": "#ff7f0e"}
     rows = []
     for model in r["models"]:
@@ -155,14 +173,15 @@ def svg_chart(r: dict[str, Any]) -> str:
     top_ratio = max([2.0] + [v["vs_engine"] for _, vs in rows for v in vs.values()])
     scale = width / top_ratio
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" height="{height}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(left + width + 60, left + 135 * len(colours))}" '
+        f'height="{height}" '
         'font-family="sans-serif" font-size="11">',
         f'<text x="{left}" y="14" font-size="13">Throughput relative to the raw Infinity engine '
         f'({escape(r["machine"]["device"])})</text>',
     ]
     for i, (variant, colour) in enumerate(colours.items()):
-        out.append(f'<rect x="{left + i * 110}" y="22" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{left + i * 110 + 14}" y="31">{escape(variant)}</text>')
+        out.append(f'<rect x="{left + i * 135}" y="22" width="10" height="10" fill="{colour}"/>'
+                   f'<text x="{left + i * 135 + 14}" y="31">{escape(variant)}</text>')
     y = top
     for label, variants in rows:
         out.append(f'<text x="{left - 6}" y="{y + per_row / 2}" text-anchor="end">{escape(label)}</text>')

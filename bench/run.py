@@ -45,8 +45,8 @@ FULL_MODELS = ["minilm", "bge-small", "bge-large", "qwen3-0.6b"]
 # the one-request latency; scaled to what each model costs on a 2-core CPU (a GPU takes them in stride).
 PLAN_QUICK = {"minilm": ((128, 32, 8), 3, 30)}
 PLAN_FULL = {
-    "minilm": ((256, 64, 16), 5, 100),
-    "bge-small": ((128, 32, 8), 5, 60),
+    "minilm": ((256, 64, 16), 7, 100),
+    "bge-small": ((128, 32, 8), 7, 60),
     "bge-large": ((16, 4, 2), 3, 20),
     "qwen3-0.6b": ((16, 4, 2), 3, 20),
 }
@@ -223,7 +223,14 @@ def peak_rss_mb() -> float:
 
 class Subjects:
     """What is measured for one model: the worker in float32 (and its engine, called raw), the worker
-    with DTYPES=auto, and sentence-transformers' own encode."""
+    with DTYPES=auto, and sentence-transformers' own encode.
+
+    A second raw engine, identical to the first, is the A/A control. Two identical engines in one
+    process differ here by up to ~8% in a run, and the gap holds round after round (it is not load
+    from elsewhere, which interleaving spreads over all variants; the cause is each engine's own
+    threads and memory), so a handler / engine ratio within the A/A gap of its row is not a difference
+    this run can resolve.
+    """
 
     def __init__(self, path: Path, device: str) -> None:
         from sentence_transformers import SentenceTransformer
@@ -240,6 +247,7 @@ class Subjects:
         self.served_id = self.model.served_id
         # Infinity on its own, with the float32 worker's EngineArgs (same files, same dtype)
         self.engine = raw_engine(self.workers["float32"].config)
+        self.engine_again = raw_engine(self.workers["float32"].config)
         self.handler = app.runpod_handler(self.workers["float32"])
         self.handler_auto = app.runpod_handler(self.workers["auto"])
         self.st = SentenceTransformer(str(path), device=device)
@@ -248,19 +256,22 @@ class Subjects:
 
     async def start(self) -> None:
         await self.engine.astart()
+        await self.engine_again.astart()
         for worker in self.workers.values():
             await worker.start()
 
     async def stop(self) -> None:
         await self.engine.astop()
+        await self.engine_again.astop()
         for worker in self.workers.values():
             await worker.stop()
 
     def requests(self, texts: list[str]) -> list[list[str]]:
         return [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
 
-    async def raw(self, texts: list[str]) -> None:
-        await asyncio.gather(*(self.engine.embed(sentences=c) for c in self.requests(texts)))
+    async def raw(self, texts: list[str], engine: Any = None) -> None:
+        engine = engine or self.engine
+        await asyncio.gather(*(engine.embed(sentences=c) for c in self.requests(texts)))
 
     async def via(self, handler: Any, texts: list[str]) -> None:
         jobs = [
@@ -305,6 +316,7 @@ async def bench_model(name: str, path: Path, counts: tuple[int, int, int], repea
             flops = sum(forward_flops(subjects.config, min(n, subjects.max_length)) for n in lengths)
             variants = {
                 "engine": lambda t=texts: subjects.raw(t),
+                "engine_again": lambda t=texts: subjects.raw(t, subjects.engine_again),
                 "handler": lambda t=texts: subjects.via(subjects.handler, t),
                 "handler_auto": lambda t=texts: subjects.via(subjects.handler_auto, t),
                 "sentence_transformers": lambda t=texts: subjects.sentence_transformers(t),
@@ -325,6 +337,7 @@ async def bench_model(name: str, path: Path, counts: tuple[int, int, int], repea
                     "flop_per_s": fps,
                     "of_matmul_peak": fps / peak.get(dtype, peak["float32"]),
                     "vs_engine": paired_ratio(times, variant, "engine"),
+                    "vs_engine_again": paired_ratio(times, variant, "engine_again"),
                     "cpu_vs_engine": paired_ratio(cpu, variant, "engine"),
                 }
             result["throughput"][length] = row
@@ -339,6 +352,7 @@ async def bench_model(name: str, path: Path, counts: tuple[int, int, int], repea
 
         variants = {
             "engine": one(lambda t: subjects.engine.embed(sentences=[t])),
+            "engine_again": one(lambda t: subjects.engine_again.embed(sentences=[t])),
             "dispatch": one(lambda t: subjects.workers["float32"].dispatch({"model": subjects.served_id, "input": [t]})),
             "handler": one(lambda t: subjects.handler({"id": "l", "input": {"model": subjects.served_id, "input": [t]}})),
         }
@@ -349,9 +363,9 @@ async def bench_model(name: str, path: Path, counts: tuple[int, int, int], repea
             result["latency"][variant] = {
                 "p50_ms": 1e3 * percentile(seconds, 50), "p99_ms": 1e3 * percentile(seconds, 99)
             }
-        result["latency"]["added_p50_ms"] = (
-            result["latency"]["handler"]["p50_ms"] - result["latency"]["engine"]["p50_ms"]
-        )
+        p50 = {variant: result["latency"][variant]["p50_ms"] for variant in variants}
+        result["latency"]["added_p50_ms"] = p50["handler"] - p50["engine"]
+        result["latency"]["engine_again_added_p50_ms"] = p50["engine_again"] - p50["engine"]
         result["process_peak_rss_mb"] = peak_rss_mb()
     finally:
         await subjects.stop()
@@ -592,10 +606,12 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
     source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
     log_file = tempfile.TemporaryFile()
     server, port = start_local_server(ROOT, {"MODEL_NAMES": source}, log_file)
-    # The baseline: Infinity on its own, with the server's EngineArgs.
-    engine = raw_engine(load_config({"MODEL_NAMES": source, "DTYPES": "float32"}))
+    # The baseline: Infinity on its own, with the server's EngineArgs; a second one is the A/A control.
+    config = load_config({"MODEL_NAMES": source, "DTYPES": "float32"})
+    engine, engine_again = raw_engine(config), raw_engine(config)
     tokenizer = engine_tokenizer(engine)
     await engine.astart()
+    await engine_again.astart()
     out: dict[str, Any] = {}
     try:
         await wait_listening(server, port, log_file)
@@ -608,6 +624,7 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
 
                 variants = {
                     "engine": lambda t=texts, c=concurrency: one_text_each_to_engine(engine, t, c),
+                    "engine_again": lambda t=texts, c=concurrency: one_text_each_to_engine(engine_again, t, c),
                     "server": lambda p=posts, c=concurrency: one_text_each_to_server(port, p, c),
                 }
                 await interleaved(variants, 1)
@@ -617,6 +634,7 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
                     "engine_rps": count / statistics.median(times["engine"]),
                     "server_rps": count / statistics.median(times["server"]),
                     "server_vs_engine": paired_ratio(times, "server", "engine"),
+                    "engine_again_vs_engine": paired_ratio(times, "engine_again", "engine"),
                     # CPU of this process while the server answers: the HTTP client's own cost
                     "client_cpu_ms_per_request": 1e3 * statistics.median(cpu["server"]) / count,
                 }
@@ -630,6 +648,7 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
             server.kill()
         log_file.close()
         await engine.astop()
+        await engine_again.astop()
     return out
 
 

@@ -69,6 +69,39 @@ async def test_an_idle_model_takes_what_one_turn_of_the_loop_submits_together():
     assert _pop(queue, timeout=0) == [4]  # a full batch need not wait for the turn's end
 
 
+async def test_a_full_batch_wakes_the_publisher_before_the_turn_ends():
+    # Many jobs in one turn of the loop: the model starts on the first full batch while the turn
+    # goes on validating and tokenizing the others (a GPU would otherwise wait for all of them).
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.extend(_items(1))
+    released: list[list[int]] = []
+    publisher = threading.Thread(target=lambda: released.append(_pop(queue, timeout=5)))
+    publisher.start()
+    started = time.monotonic()
+    queue.extend(_items(4))  # the same turn: no await between
+    publisher.join(10)  # blocks the loop, so the turn cannot end meanwhile
+    assert released == [[4]] and time.monotonic() - started < 2
+    assert len(queue) == 1  # the part-filled rest waits: for the turn's end, then for the model
+    await asyncio.sleep(0)
+    assert _pop(queue, timeout=0) == []
+    queue.batch_finished()
+    assert _pop(queue, timeout=0) == [1]
+
+
+async def test_a_request_alone_in_its_turn_goes_whole_at_the_turns_end():
+    # Not split by when the publisher happens to look: the same request batches the same way each time.
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    released: list[list[int]] = []
+    publisher = threading.Thread(target=lambda: released.append(_pop(queue, timeout=5)))
+    publisher.start()
+    queue.extend(_items(6))
+    time.sleep(0.2)  # blocks the loop: the turn goes on
+    assert not released
+    await asyncio.sleep(0)  # the turn ends
+    publisher.join(10)
+    assert released == [[4, 2]]
+
+
 async def test_full_batches_go_together_and_cancelled_items_are_dropped():
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
     await _submit(queue, _items(1))

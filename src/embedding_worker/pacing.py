@@ -10,7 +10,8 @@ moment later (bench/arrival.py: ~0.7x the throughput at 64 concurrent one-text c
 when the model has nothing else to do. A lone request is never held back: with the model idle it goes
 at the end of the event loop's turn that submitted it, together with whatever else that turn submits
 (jobs that arrive together are validated and counted one after another in one turn, and the first
-would otherwise go alone). Full batches still run ahead of the model (tokenised while the previous
+would otherwise go alone). A full batch that a later job of the turn completes goes at once, without
+waiting for the turn's end. Full batches still run ahead of the model (tokenised while the previous
 batch computes) whenever fewer than `AHEAD` per model replica are in it; the full batches waiting then
 go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
 """
@@ -51,16 +52,27 @@ class PacedQueue:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # not called from an event loop: nothing more comes with these
             loop = None
-        if loop is not None and not self._wake_pending:
+        first_of_turn = loop is not None and not self._wake_pending
+        if first_of_turn:
             self._wake_pending = True  # before the items are in: the publisher reads both
             loop.call_soon(self._wake)  # after the tasks already due in this turn of the loop
+        before = len(self.inner)
         self.inner.extend(items)
         if loop is None:
             self._wake()
+        elif not first_of_turn and before // self.batch_size < len(self.inner) // self.batch_size:
+            # A later job of the turn completed a full batch: the model starts on it while the rest
+            # of the turn's jobs are still validated and tokenized. A turn's first request is never
+            # split this way, so a request alone is batched the same way every time (same answer).
+            self._notify()
 
     def _wake(self) -> None:
         with self._changed:
             self._wake_pending = False
+            self._changed.notify_all()
+
+    def _notify(self) -> None:
+        with self._changed:
             self._changed.notify_all()
 
     def batch_finished(self) -> None:

@@ -1,0 +1,80 @@
+"""Identical raw Infinity engines against each other in one process: how far apart equal subjects land.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/engine_aa.py [--model minilm] [--length medium]
+        [--inputs 64] [--engines 4] [--rounds 11] [--shared-weights]
+
+Every engine is built from the same EngineArgs (bench/baseline.py) and called in interleaved rounds of
+concurrent 16-input requests, as bench/run.py calls its variants. Prints each engine's paired median
+ratio to the first one and its time per round. --shared-weights points every engine's parameters at the
+first engine's tensors, to tell where the weights sit in memory apart from everything else per engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from bench.baseline import engine_tokenizer, raw_engine  # noqa: E402
+from bench.run import (  # noqa: E402
+    FULL_MODELS,
+    LENGTHS,
+    REQUEST_SIZE,
+    RESULTS,
+    interleaved,
+    model_dir,
+    paired_ratio,
+    texts_of_length,
+)
+from embedding_worker.config import DEFAULT_MODEL_ID, bundled_model_path, load_config  # noqa: E402
+
+
+async def main(args: argparse.Namespace) -> None:
+    path = model_dir(args.model, RESULTS / "models")
+    source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
+    config = load_config({"MODEL_NAMES": source, "DTYPES": "float32", "BATCH_SIZES": "32"})
+    engines = [raw_engine(config) for _ in range(args.engines)]
+    for engine in engines:
+        await engine.astart()
+    if args.shared_weights:
+        first = dict(engines[0]._model_replicas[0].named_parameters())
+        for engine in engines[1:]:
+            for name, parameter in engine._model_replicas[0].named_parameters():
+                parameter.data = first[name].data
+    texts = texts_of_length(engine_tokenizer(engines[0]), LENGTHS[args.length], args.inputs)
+    requests = [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
+
+    def calls(engine):
+        async def call() -> None:
+            await asyncio.gather(*(engine.embed(sentences=r) for r in requests))
+
+        return call
+
+    variants = {f"engine {i}": calls(engine) for i, engine in enumerate(engines)}
+    await interleaved(variants, 2)  # warm-up
+    times = await interleaved(variants, args.rounds)
+    shared = ", weights shared" if args.shared_weights else ""
+    print(f"{args.model} {args.length} x{args.inputs}, {args.rounds} rounds{shared}:")
+    for name, seconds in times.items():
+        print(
+            f"  {name} / engine 0: {paired_ratio(times, name, 'engine 0'):.3f}   "
+            f"median {1e3 * statistics.median(seconds):.0f} ms a round"
+        )
+    for engine in engines:
+        await engine.astop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
+    parser.add_argument("--length", choices=list(LENGTHS), default="medium")
+    parser.add_argument("--inputs", type=int, default=64)
+    parser.add_argument("--engines", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--shared-weights", action="store_true")
+    asyncio.run(main(parser.parse_args()))
