@@ -33,21 +33,17 @@ from bench.run import (  # noqa: E402
     FULL_MODELS,
     LENGTHS,
     REQUEST_SIZE,
-    RESULTS,
+    float32_config,
     interleaved,
-    model_dir,
     paired_ratio,
     texts_of_length,
 )
 from embedding_worker import app  # noqa: E402
-from embedding_worker.config import DEFAULT_MODEL_ID, bundled_model_path, load_config  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
-    path = model_dir(args.model, RESULTS / "models")
-    source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
-    config = load_config({"MODEL_NAMES": source, "DTYPES": "float32", "BATCH_SIZES": "32"})
+    config = float32_config(args.model)
     full, without = Worker.from_config(config), Worker.from_config(config)
     engine = raw_engine(config)
     await engine.astart()

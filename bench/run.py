@@ -151,6 +151,17 @@ def model_dir(name: str, cache: Path) -> Path:
     return model_factory.make_qwen3_embedder(path, max_seq_length=8192, **shape)
 
 
+def model_source(path: Path) -> str:
+    """What MODEL_NAMES says for a model directory of model_dir (the bundled MiniLM by its id)."""
+    return DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
+
+
+def float32_config(name: str) -> Any:
+    """The worker configuration the A/B scripts run a bench model with: float32, batches of 32."""
+    path = model_dir(name, RESULTS / "models")
+    return load_config({"MODEL_NAMES": model_source(path), "DTYPES": "float32", "BATCH_SIZES": "32"})
+
+
 def texts_of_length(tokenizer: Any, tokens: int, count: int) -> list[str]:
     """`count` different texts of about `tokens` tokens each (special tokens included)."""
     from tests.model_factory import CORPUS
@@ -235,7 +246,7 @@ class Subjects:
     def __init__(self, path: Path, device: str) -> None:
         from sentence_transformers import SentenceTransformer
 
-        source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
+        source = model_source(path)
         self.workers = {}
         for dtype in ("float32", "auto"):
             config = load_config({"MODEL_NAMES": source, "DTYPES": dtype, "BATCH_SIZES": "32"})
@@ -473,7 +484,7 @@ def _timed_child(cmd: list[str], env: dict[str, str], marker: str) -> dict[str, 
 
 def bench_cold_start(path: Path, repeats: int) -> dict[str, Any]:
     """`python handler.py --test_input` (the worker, float32) against the raw engine's own start."""
-    source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
+    source = model_source(path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
     env.update({"PYTHONUNBUFFERED": "1", "MODEL_NAMES": source, "DTYPES": "float32",
                 "LOG_LEVEL": "WARNING", "RUNPOD_DEBUG_LEVEL": "INFO"})
@@ -603,7 +614,7 @@ async def bench_server(path: Path, repeats: int, requests: int) -> dict[str, Any
     against the raw engine (in this process) answering the same requests at the same concurrency."""
     if not (ROOT / "src" / "embedding_worker" / "server.py").exists():
         return {"skipped": "embedding_worker.server is not part of this branch"}
-    source = DEFAULT_MODEL_ID if path == bundled_model_path() else str(path)
+    source = model_source(path)
     log_file = tempfile.TemporaryFile()
     server, port = start_local_server(ROOT, {"MODEL_NAMES": source}, log_file)
     # The baseline: Infinity on its own, with the server's EngineArgs; a second one is the A/A control.
