@@ -237,10 +237,10 @@ class Subjects:
     with DTYPES=auto, and sentence-transformers' own encode.
 
     A second raw engine, identical to the first, is the A/A control. Two identical engines in one
-    process differ here by up to ~8% in a run, and the gap holds round after round (it is not load
-    from elsewhere, which interleaving spreads over all variants; the cause is each engine's own
-    threads and memory), so a handler / engine ratio within the A/A gap of its row is not a difference
-    this run can resolve.
+    process differed here by up to 17% in a row, and the gap held round after round: it is not load
+    from elsewhere, which interleaving spreads over all variants, nor where the weights sit in memory
+    (bench/engine_aa.py --shared-weights); its cause was not found. A handler / engine ratio within
+    the A/A gap of its row is not a difference the run can resolve.
     """
 
     def __init__(self, path: Path, device: str) -> None:
