@@ -46,6 +46,7 @@ def test_model_names_are_trimmed_and_local_dirs_served_by_last_two_segments(tmp_
         ({"INFINITY_QUEUE_SIZE": "-1"}, "INFINITY_QUEUE_SIZE must be at least 1"),
         ({"RUNPOD_MAX_CONCURRENCY": "lots"}, "RUNPOD_MAX_CONCURRENCY must be a whole number"),
         ({"TRUST_REMOTE_CODE": "maybe"}, "TRUST_REMOTE_CODE must be true or false"),
+        ({"KEEP_FREED_MEMORY": "2"}, "KEEP_FREED_MEMORY must be true or false"),
         ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT must be a positive number"),
     ],
 )
@@ -70,7 +71,9 @@ def test_numbers_and_flags():
             "RUNPOD_MAX_CONCURRENCY": "7",
             "TRUST_REMOTE_CODE": "true",
             "BACKEND": "optimum",
+            "KEEP_FREED_MEMORY": "off",
         }
     )
     assert (config.queue_size, config.max_concurrency, config.trust_remote_code) == (100, 7, True)
+    assert config.keep_freed_memory is False and load_config({}).keep_freed_memory is True
     assert config.models[0].backend == "optimum"

@@ -19,6 +19,7 @@ from typing import Any, Callable, MutableMapping
 os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
 
 from . import batch  # noqa: E402
+from .allocator import keep_freed_memory  # noqa: E402
 from .config import ConfigError, WorkerConfig, load_config  # noqa: E402
 from .dispatch import Worker  # noqa: E402
 from .engines import ModelLoadError  # noqa: E402
@@ -64,6 +65,9 @@ def build_worker() -> Worker:
     configure_logging()
     try:
         config = load_config()
+        # before any engine thread allocates: a thread keeps the heap it first got
+        if keep_freed_memory(os.environ, config.keep_freed_memory):
+            log.info("malloc keeps freed memory for the next batch (KEEP_FREED_MEMORY=false: glibc's defaults)")
         prepare_hub_environment(config, os.environ)
         return Worker.from_config(config)
     except (ConfigError, ModelLoadError) as exc:

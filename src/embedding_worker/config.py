@@ -64,6 +64,7 @@ class WorkerConfig:
     max_request_tokens: int = 300_000
     max_request_bytes: int = 20_000_000  # RunPod's /runsync payload limit
     max_response_bytes: int = 20_000_000
+    keep_freed_memory: bool = True  # allocator.py
 
     @property
     def all_local(self) -> bool:
@@ -226,4 +227,5 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         max_request_tokens=_int(env, "MAX_REQUEST_TOKENS", 300_000),
         max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 20_000_000),
         max_response_bytes=_int(env, "MAX_RESPONSE_BYTES", 20_000_000),
+        keep_freed_memory=_bool(env, "KEEP_FREED_MEMORY", True),
     )
