@@ -1,18 +1,21 @@
 """Identical raw Infinity engines against each other in one process: how far apart equal subjects land.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/engine_aa.py [--model minilm] [--length medium]
-        [--inputs 64] [--engines 4] [--rounds 11] [--shared-weights]
+        [--inputs 64] [--engines 4] [--rounds 11] [--shared-weights] [--glibc-malloc]
 
 Every engine is built from the same EngineArgs (bench/baseline.py) and called in interleaved rounds of
 concurrent 16-input requests, as bench/run.py calls its variants. Prints each engine's paired median
 ratio to the first one and its time per round. --shared-weights points every engine's parameters at the
 first engine's tensors, to tell where the weights sit in memory apart from everything else per engine.
+The process runs with the worker's malloc settings; under glibc's defaults (--glibc-malloc) each engine's
+allocation history sets its speed apart (src/embedding_worker/allocator.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -30,9 +33,11 @@ from bench.run import (  # noqa: E402
     paired_ratio,
     texts_of_length,
 )
+from embedding_worker.allocator import keep_freed_memory  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
+    keep_freed_memory(os.environ, enabled=not args.glibc_malloc)  # as the worker, unless told
     config = float32_config(args.model)
     engines = [raw_engine(config) for _ in range(args.engines)]
     for engine in engines:
@@ -73,4 +78,6 @@ if __name__ == "__main__":
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--shared-weights", action="store_true")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="glibc's default malloc settings, not the worker's (src/embedding_worker/allocator.py)")
     asyncio.run(main(parser.parse_args()))

@@ -1,7 +1,7 @@
 """The handler with and without one of its optimisations, against the raw engine, in one run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/handler_ab.py --without reuse [--model minilm]
-        [--length short] [--inputs 1024] [--rounds 41]
+        [--length short] [--inputs 1024] [--rounds 41] [--glibc-malloc]
 
 --without reuse: one tokenization per text off (tokenization.py): Infinity tokenizes the texts again.
 --without turn-wake: the paced queue wakes Infinity's publisher at each submission, not at the end of
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -38,11 +39,13 @@ from bench.run import (  # noqa: E402
     paired_ratio,
     texts_of_length,
 )
+from embedding_worker.allocator import keep_freed_memory  # noqa: E402
 from embedding_worker import app  # noqa: E402
 from embedding_worker.dispatch import Worker  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
+    keep_freed_memory(os.environ, enabled=not args.glibc_malloc)  # as the worker, unless told
     config = float32_config(args.model)
     full, without = Worker.from_config(config), Worker.from_config(config)
     engine = raw_engine(config)
@@ -125,4 +128,6 @@ if __name__ == "__main__":
     parser.add_argument("--length", choices=list(LENGTHS), default="short")
     parser.add_argument("--inputs", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="glibc's default malloc settings, not the worker's (src/embedding_worker/allocator.py)")
     asyncio.run(main(parser.parse_args()))

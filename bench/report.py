@@ -62,7 +62,9 @@ def markdown(r: dict[str, Any]) -> str:
         "compare the process's CPU seconds for the same work (steadier than wall time on a shared "
         "machine; they show the worker's own cost, not waiting). \"A/A\" is a second raw engine, "
         "identical to the first, measured like the others: how far apart two equal subjects land in "
-        "this run, the smallest difference the row can resolve.",
+        "this run, the smallest difference the row can resolve. "
+        + ("This process ran with the worker's malloc settings (KEEP_FREED_MEMORY), as the worker does."
+           if m.get("malloc_kept") else "This process ran with glibc's default malloc settings."),
         "",
         "Matmul peak (the physical limit): "
         + ", ".join(f"{k} {_g(v)} GFLOP/s" for k, v in r["matmul_peak_flop_per_s"].items()),
@@ -122,6 +124,25 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {c['worker_vs_engine']:.2f} | {c['engine']['peak_rss_mb']:.0f} "
             f"| {c['worker']['peak_rss_mb']:.0f} |"
         )
+    a = r.get("allocator")
+    if a:
+        lines += [
+            "",
+            "### Malloc settings (the worker's KEEP_FREED_MEMORY) against glibc's defaults",
+            "",
+            f"A raw {a['model']} engine in processes of its own, {a['pairs']} pairs alternated "
+            "(bench/allocator_ab.py); the rows above all ran in this process, with the worker's settings.",
+            "",
+            "| inputs | defaults' time / kept time | page faults a round, defaults / kept "
+            "| kernel CPU ms a round, defaults / kept |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for length, row in a["rows"].items():
+            lines.append(
+                f"| {length} x{a['inputs'][length]} | {row['defaults_vs_kept']:.2f} "
+                f"| {row['defaults_faults']:.0f} / {row['kept_faults']:.0f} "
+                f"| {1e3 * row['defaults_kernel_s']:.0f} / {1e3 * row['kept_kernel_s']:.0f} |"
+            )
     s = r["serialisation"]
     lines += [
         "",

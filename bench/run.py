@@ -72,6 +72,13 @@ os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
+from embedding_worker.allocator import keep_freed_memory  # noqa: E402
+
+# This process's malloc as the worker's own (app.build_worker), before any thread allocates: every
+# in-process variant then differs only by the layers over the engine. bench/allocator_ab.py measures
+# the settings themselves, process against process.
+MALLOC_KEPT = ARGS is not None and keep_freed_memory(os.environ)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -103,6 +110,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "load_average_start": os.getloadavg(),
+        "malloc_kept": MALLOC_KEPT,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -703,6 +711,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:
             log(f"{name} failed: {type(exc).__name__}: {exc}")
             results.setdefault("failed", {})[name] = f"{type(exc).__name__}: {exc}"[:2000]
+    log("malloc settings: processes with and without them")
+    from bench import allocator_ab
+
+    lengths = ("short", "medium", "long")
+    results["allocator"] = {
+        "model": "minilm",
+        "inputs": dict(zip(lengths, PLAN_FULL["minilm"][0])),
+        "pairs": 2 if args.quick else 4,
+        "rows": allocator_ab.compare("minilm", ",".join(lengths), list(PLAN_FULL["minilm"][0]),
+                                     pairs=2 if args.quick else 4, rounds=2 if args.quick else 3),
+    }
     log("local HTTP server")
     results["server"] = await bench_server(bundled_model_path(), repeats, 256 if args.quick else 1024)
     # The peak again at the end, best of both: the machine may be busier at one time than the other.
