@@ -6,7 +6,8 @@
 The settings are per process, so this cannot interleave within one: it alternates pairs of processes
 (kept, defaults; then defaults, kept; ...), each running a raw Infinity engine over the same inputs
 as bench/run.py's throughput rows, and reports per length the median over pairs of the defaults' time
-/ the kept time (> 1: keeping is faster), with the page faults and kernel CPU time of a round.
+/ the kept time (> 1: keeping is faster), with the page faults and kernel CPU time of a round and the
+memory the process holds after the rounds of each length (short, then medium, then long).
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def resident_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 async def child(args: argparse.Namespace) -> dict[str, Any]:
     """One process: a raw engine, `args.rounds` rounds per length after a warm-up round."""
     sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
     from embedding_worker.allocator import keep_freed_memory
 
-    if args.child == "kept" and not keep_freed_memory(os.environ):
+    if args.child == "kept" and not keep_freed_memory(os.environ, True):
         raise SystemExit("the malloc settings could not be applied here")
     from bench.baseline import engine_tokenizer, raw_engine
     from bench.run import LENGTHS, REQUEST_SIZE, float32_config, texts_of_length
@@ -55,6 +61,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": statistics.median(seconds),
             "faults": statistics.median(faults),
             "kernel_s": statistics.median(kernel),
+            "rss_mb": resident_mb(),  # what the process holds after these rounds (lengths run in order)
         }
     await engine.astop()
     return out
@@ -87,7 +94,7 @@ def compare(model: str, lengths: str, inputs: list[int], pairs: int, rounds: int
             **{
                 f"{name}_{field}": statistics.median(r[field] for r in rows)
                 for name, rows in (("kept", kept), ("defaults", defaults))
-                for field in ("faults", "kernel_s")
+                for field in ("faults", "kernel_s", "rss_mb")
             },
         }
     return out
@@ -112,5 +119,6 @@ if __name__ == "__main__":
             print(
                 f"  {length}: glibc defaults / kept {row['defaults_vs_kept']:.3f}x the time; page faults a round "
                 f"{row['defaults_faults']:.0f} vs {row['kept_faults']:.0f}, kernel CPU "
-                f"{1e3 * row['defaults_kernel_s']:.0f} vs {1e3 * row['kept_kernel_s']:.0f} ms"
+                f"{1e3 * row['defaults_kernel_s']:.0f} vs {1e3 * row['kept_kernel_s']:.0f} ms, resident after "
+                f"{row['defaults_rss_mb']:.0f} vs {row['kept_rss_mb']:.0f} MB"
             )

@@ -37,7 +37,7 @@ from embedding_worker.allocator import keep_freed_memory  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
-    keep_freed_memory(os.environ, enabled=not args.glibc_malloc)  # as the worker, unless told
+    keep_freed_memory(os.environ, False if args.glibc_malloc else None)  # as the worker, unless told
     config = float32_config(args.model)
     engines = [raw_engine(config) for _ in range(args.engines)]
     for engine in engines:

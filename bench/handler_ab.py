@@ -45,7 +45,7 @@ from embedding_worker.dispatch import Worker  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
-    keep_freed_memory(os.environ, enabled=not args.glibc_malloc)  # as the worker, unless told
+    keep_freed_memory(os.environ, False if args.glibc_malloc else None)  # as the worker, unless told
     config = float32_config(args.model)
     full, without = Worker.from_config(config), Worker.from_config(config)
     engine = raw_engine(config)

@@ -134,14 +134,15 @@ def markdown(r: dict[str, Any]) -> str:
             "(bench/allocator_ab.py); the rows above all ran in this process, with the worker's settings.",
             "",
             "| inputs | defaults' time / kept time | page faults a round, defaults / kept "
-            "| kernel CPU ms a round, defaults / kept |",
-            "| --- | ---: | ---: | ---: |",
+            "| kernel CPU ms a round, defaults / kept | resident MB after, defaults / kept |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
         for length, row in a["rows"].items():
             lines.append(
                 f"| {length} x{a['inputs'][length]} | {row['defaults_vs_kept']:.2f} "
                 f"| {row['defaults_faults']:.0f} / {row['kept_faults']:.0f} "
-                f"| {1e3 * row['defaults_kernel_s']:.0f} / {1e3 * row['kept_kernel_s']:.0f} |"
+                f"| {1e3 * row['defaults_kernel_s']:.0f} / {1e3 * row['kept_kernel_s']:.0f} "
+                f"| {row['defaults_rss_mb']:.0f} / {row['kept_rss_mb']:.0f} |"
             )
     s = r["serialisation"]
     lines += [

@@ -244,11 +244,12 @@ class Subjects:
     """What is measured for one model: the worker in float32 (and its engine, called raw), the worker
     with DTYPES=auto, and sentence-transformers' own encode.
 
-    A second raw engine, identical to the first, is the A/A control. Two identical engines in one
-    process differed here by up to 17% in a row, and the gap held round after round: it is not load
-    from elsewhere, which interleaving spreads over all variants, nor where the weights sit in memory
-    (bench/engine_aa.py --shared-weights); its cause was not found. A handler / engine ratio within
-    the A/A gap of its row is not a difference the run can resolve.
+    A second raw engine, identical to the first, is the A/A control. Under glibc's default malloc two
+    identical engines in one process differed here by up to 17% in a row, round after round: each
+    engine's thread has its own arena, whose history decided how much memory a batch gave back and
+    faulted in again. This process runs with the worker's malloc settings (MALLOC_KEPT), which keep
+    that memory. A handler / engine ratio within the A/A gap of its row is not a difference the run
+    can resolve.
     """
 
     def __init__(self, path: Path, device: str) -> None:

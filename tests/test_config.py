@@ -75,5 +75,8 @@ def test_numbers_and_flags():
         }
     )
     assert (config.queue_size, config.max_concurrency, config.trust_remote_code) == (100, 7, True)
-    assert config.keep_freed_memory is False and load_config({}).keep_freed_memory is True
+    assert config.keep_freed_memory is False
+    assert load_config({"KEEP_FREED_MEMORY": "yes"}).keep_freed_memory is True
+    assert load_config({}).keep_freed_memory is None  # auto
+    assert load_config({"KEEP_FREED_MEMORY": " Auto "}).keep_freed_memory is None
     assert config.models[0].backend == "optimum"

@@ -11,8 +11,11 @@ jemalloc and tcmalloc are configured to in the CPU set-ups PyTorch recommends, w
 another allocator: one heap for every thread, no mmap for large chunks, no trimming.
 
 The cost is resident memory: the process keeps its high-water mark (the largest batch's activations)
-instead of handing it back between jobs. KEEP_FREED_MEMORY=false leaves glibc's defaults, and so does
-any MALLOC_* or GLIBC_TUNABLES variable: whoever set one has chosen their own.
+instead of handing it back between jobs. KEEP_FREED_MEMORY=auto (the default) applies the settings
+where the models compute on the CPU; with a GPU the activations live in torch's own caching allocator,
+and a single heap could only make the CPU threads that tokenize wait on each other. true or false
+decides for every machine; any MALLOC_* or GLIBC_TUNABLES variable leaves glibc alone: whoever set one
+has chosen their own.
 """
 
 from __future__ import annotations
@@ -39,11 +42,20 @@ def user_chose_allocator(environ: Mapping[str, str]) -> bool:
     return "GLIBC_TUNABLES" in environ or any(name.startswith("MALLOC_") for name in environ)
 
 
-def keep_freed_memory(environ: Mapping[str, str], enabled: bool = True) -> bool:
+def models_compute_on_cpu() -> bool:
+    import torch
+
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
+def keep_freed_memory(environ: Mapping[str, str], enabled: bool | None = None) -> bool:
     """Apply KEEP_SETTINGS to this process's glibc malloc; True if they were applied.
+    `enabled` None is auto: where the models compute on the CPU.
 
     Call it before the process starts threads that allocate: a thread keeps the heap it was given.
     """
+    if enabled is None:
+        enabled = models_compute_on_cpu()
     if not enabled or user_chose_allocator(environ) or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt

@@ -64,7 +64,7 @@ class WorkerConfig:
     max_request_tokens: int = 300_000
     max_request_bytes: int = 20_000_000  # RunPod's /runsync payload limit
     max_response_bytes: int = 20_000_000
-    keep_freed_memory: bool = True  # allocator.py
+    keep_freed_memory: bool | None = None  # None: auto, where the models compute on the CPU (allocator.py)
 
     @property
     def all_local(self) -> bool:
@@ -139,6 +139,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {env[name]!r}")
+
+
+def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
+    """true / false, or None for auto (unset, empty or "auto")."""
+    if env.get(name, "").strip().lower() in ("", "auto"):
+        return None
+    return _bool(env, name, False)
 
 
 def served_id_for(source: str) -> str:
@@ -227,5 +234,5 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         max_request_tokens=_int(env, "MAX_REQUEST_TOKENS", 300_000),
         max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 20_000_000),
         max_response_bytes=_int(env, "MAX_RESPONSE_BYTES", 20_000_000),
-        keep_freed_memory=_bool(env, "KEEP_FREED_MEMORY", True),
+        keep_freed_memory=_auto_bool(env, "KEEP_FREED_MEMORY"),
     )
