@@ -47,8 +47,8 @@ PLAN_QUICK = {"minilm": ((128, 32, 8), 3, 30)}
 PLAN_FULL = {
     "minilm": ((256, 64, 16), 7, 100),
     "bge-small": ((128, 32, 8), 7, 60),
-    "bge-large": ((16, 4, 2), 3, 20),
-    "qwen3-0.6b": ((16, 4, 2), 3, 20),
+    "bge-large": ((16, 4, 2), 3, 40),
+    "qwen3-0.6b": ((16, 4, 2), 3, 40),
 }
 REQUEST_SIZE = 16  # inputs per request: many concurrent requests, batched together by the engine
 
