@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0", "TOKENIZERS_PARALLELISM": "false"}
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def resident_mb() -> float:
@@ -90,7 +94,9 @@ def compare(model: str, lengths: str, inputs: list[int], pairs: int, rounds: int
         kept = [r[length] for r in runs["kept"]]
         defaults = [r[length] for r in runs["defaults"]]
         out[length] = {
-            "defaults_vs_kept": statistics.median(d["seconds"] / k["seconds"] for d, k in zip(defaults, kept)),
+            "defaults_vs_kept": statistics.median(
+                d["seconds"] / k["seconds"] for d, k in zip(defaults, kept)
+            ),
             **{
                 f"{name}_{field}": statistics.median(r[field] for r in rows)
                 for name, rows in (("kept", kept), ("defaults", defaults))
@@ -117,8 +123,9 @@ if __name__ == "__main__":
         print(f"{args.model}, {args.pairs} pairs of processes, {args.rounds} rounds each:")
         for length, row in result.items():
             print(
-                f"  {length}: glibc defaults / kept {row['defaults_vs_kept']:.3f}x the time; page faults a round "
-                f"{row['defaults_faults']:.0f} vs {row['kept_faults']:.0f}, kernel CPU "
-                f"{1e3 * row['defaults_kernel_s']:.0f} vs {1e3 * row['kept_kernel_s']:.0f} ms, resident after "
+                f"  {length}: glibc defaults / kept {row['defaults_vs_kept']:.3f}x the time; "
+                f"page faults a round {row['defaults_faults']:.0f} vs {row['kept_faults']:.0f}, "
+                f"kernel CPU {1e3 * row['defaults_kernel_s']:.0f} vs "
+                f"{1e3 * row['kept_kernel_s']:.0f} ms, resident after "
                 f"{row['defaults_rss_mb']:.0f} vs {row['kept_rss_mb']:.0f} MB"
             )

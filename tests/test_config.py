@@ -46,7 +46,7 @@ def test_model_names_are_trimmed_and_local_dirs_served_by_last_two_segments(tmp_
         ({"INFINITY_QUEUE_SIZE": "-1"}, "INFINITY_QUEUE_SIZE must be at least 1"),
         ({"RUNPOD_MAX_CONCURRENCY": "lots"}, "RUNPOD_MAX_CONCURRENCY must be a whole number"),
         ({"TRUST_REMOTE_CODE": "maybe"}, "TRUST_REMOTE_CODE must be true or false"),
-        ({"KEEP_FREED_MEMORY": "2"}, "KEEP_FREED_MEMORY must be true or false"),
+        ({"KEEP_FREED_MEMORY": "2"}, "KEEP_FREED_MEMORY must be auto, true or false"),
         ({"REQUEST_TIMEOUT": "nan"}, "REQUEST_TIMEOUT must be a positive number"),
     ],
 )

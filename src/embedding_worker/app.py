@@ -67,7 +67,7 @@ def build_worker() -> Worker:
         config = load_config()
         # before any engine thread allocates: a thread keeps the heap it first got
         if keep_freed_memory(os.environ, config.keep_freed_memory):
-            log.info("malloc keeps freed memory for the next batch (KEEP_FREED_MEMORY=false: glibc's defaults)")
+            log.info("malloc keeps freed memory for the next batch (KEEP_FREED_MEMORY=false: off)")
         prepare_hub_environment(config, os.environ)
         return Worker.from_config(config)
     except (ConfigError, ModelLoadError) as exc:

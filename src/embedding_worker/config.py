@@ -64,7 +64,7 @@ class WorkerConfig:
     max_request_tokens: int = 300_000
     max_request_bytes: int = 20_000_000  # RunPod's /runsync payload limit
     max_response_bytes: int = 20_000_000
-    keep_freed_memory: bool | None = None  # None: auto, where the models compute on the CPU (allocator.py)
+    keep_freed_memory: bool | None = None  # None: auto, on where models compute on the CPU
 
     @property
     def all_local(self) -> bool:
@@ -145,7 +145,10 @@ def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
     """true / false, or None for auto (unset, empty or "auto")."""
     if env.get(name, "").strip().lower() in ("", "auto"):
         return None
-    return _bool(env, name, False)
+    try:
+        return _bool(env, name, False)
+    except ConfigError:
+        raise ConfigError(f"{name} must be auto, true or false, got {env[name]!r}") from None
 
 
 def served_id_for(source: str) -> str:
