@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from embedding_worker.allocator import is_malloc_variable, keep_freed_memory  # noqa: E402
+
 CHILD_ENV = {
     "HF_HUB_OFFLINE": "1",
     "INFINITY_ANONYMOUS_USAGE_STATS": "0",
@@ -38,20 +42,17 @@ def resident_mb() -> float:
 
 async def child(args: argparse.Namespace) -> dict[str, Any]:
     """One process: a raw engine, `args.rounds` rounds per length after a warm-up round."""
-    sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-    from embedding_worker.allocator import keep_freed_memory
-
     if args.child == "kept" and not keep_freed_memory(os.environ, True):
         raise SystemExit("the malloc settings could not be applied here")
     from bench.baseline import engine_tokenizer, raw_engine
-    from bench.run import LENGTHS, REQUEST_SIZE, float32_config, texts_of_length
+    from bench.run import LENGTHS, float32_config, in_requests, texts_of_length
 
     engine = raw_engine(float32_config(args.model))
     await engine.astart()
     out = {}
     for length, count in zip(args.lengths.split(","), args.inputs):
         texts = texts_of_length(engine_tokenizer(engine), LENGTHS[length], count)
-        requests = [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
+        requests = in_requests(texts)
         seconds, faults, kernel = [], [], []
         for r in range(args.rounds + 1):
             before, start = resource.getrusage(resource.RUSAGE_SELF), asyncio.get_running_loop().time()
@@ -72,7 +73,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_child(setting: str, model: str, lengths: str, inputs: list[int], rounds: int) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = {k: v for k, v in os.environ.items() if not is_malloc_variable(k)}
     env.update(CHILD_ENV)
     command = [sys.executable, __file__, "--child", setting, "--model", model, "--lengths", lengths,
                "--inputs", ",".join(map(str, inputs)), "--rounds", str(rounds)]  # fmt: skip

@@ -27,8 +27,8 @@ from bench.baseline import engine_tokenizer, raw_engine  # noqa: E402
 from bench.run import (  # noqa: E402
     FULL_MODELS,
     LENGTHS,
-    REQUEST_SIZE,
     float32_config,
+    in_requests,
     interleaved,
     paired_ratio,
     texts_of_length,
@@ -48,7 +48,7 @@ async def main(args: argparse.Namespace) -> None:
             for name, parameter in engine._model_replicas[0].named_parameters():
                 parameter.data = first[name].data
     texts = texts_of_length(engine_tokenizer(engines[0]), LENGTHS[args.length], args.inputs)
-    requests = [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
+    requests = in_requests(texts)
 
     def calls(engine):
         async def call() -> None:

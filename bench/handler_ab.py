@@ -33,8 +33,8 @@ from bench.baseline import raw_engine  # noqa: E402
 from bench.run import (  # noqa: E402
     FULL_MODELS,
     LENGTHS,
-    REQUEST_SIZE,
     float32_config,
+    in_requests,
     interleaved,
     paired_ratio,
     texts_of_length,
@@ -69,7 +69,7 @@ async def main(args: argparse.Namespace) -> None:
         paced.extend = extend  # type: ignore[method-assign]
     served = model.served_id
     texts = texts_of_length(model.tokens.tokenizer, LENGTHS[args.length], args.inputs)
-    requests = [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
+    requests = in_requests(texts)
 
     # Seconds from each round's start to its first forward pass, per variant.
     first_forward: dict[str, list[float]] = {}

@@ -170,6 +170,11 @@ def float32_config(name: str) -> Any:
     return load_config({"MODEL_NAMES": model_source(path), "DTYPES": "float32", "BATCH_SIZES": "32"})
 
 
+def in_requests(texts: list[str]) -> list[list[str]]:
+    """The texts as the benchmark sends them: requests of REQUEST_SIZE inputs."""
+    return [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
+
+
 def texts_of_length(tokenizer: Any, tokens: int, count: int) -> list[str]:
     """`count` different texts of about `tokens` tokens each (special tokens included)."""
     from tests.model_factory import CORPUS
@@ -286,17 +291,14 @@ class Subjects:
         for worker in self.workers.values():
             await worker.stop()
 
-    def requests(self, texts: list[str]) -> list[list[str]]:
-        return [texts[i : i + REQUEST_SIZE] for i in range(0, len(texts), REQUEST_SIZE)]
-
     async def raw(self, texts: list[str], engine: Any = None) -> None:
         engine = engine or self.engine
-        await asyncio.gather(*(engine.embed(sentences=c) for c in self.requests(texts)))
+        await asyncio.gather(*(engine.embed(sentences=c) for c in in_requests(texts)))
 
     async def via(self, handler: Any, texts: list[str]) -> None:
         jobs = [
             {"id": f"bench-{i}", "input": {"model": self.served_id, "input": chunk}}
-            for i, chunk in enumerate(self.requests(texts))
+            for i, chunk in enumerate(in_requests(texts))
         ]
         outputs = await asyncio.gather(*(handler(job) for job in jobs))
         for output in outputs:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from embedding_worker.allocator import keep_freed_memory
+from embedding_worker.allocator import is_malloc_variable, keep_freed_memory
 from tests.conftest import ROOT
 
 # A real worker process on the bundled MiniLM: the page faults of its later batches of long texts.
@@ -39,8 +39,9 @@ print(json.dumps(asyncio.run(main())))
 
 
 def page_faults_per_batch(keep: str | None) -> list[int]:
-    drop = ("KEEP_FREED_MEMORY", "GLIBC_TUNABLES")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in drop}
+    env = {
+        k: v for k, v in os.environ.items() if not is_malloc_variable(k) and k != "KEEP_FREED_MEMORY"
+    }
     # on the CPU, where auto keeps freed memory, on any machine
     env.update(CUDA_VISIBLE_DEVICES="", DTYPES="float32", TOKENIZERS_PARALLELISM="false")
     if keep is not None:

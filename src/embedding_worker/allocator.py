@@ -42,8 +42,13 @@ KEEP_SETTINGS = {
 }
 
 
+def is_malloc_variable(name: str) -> bool:
+    """An environment variable through which glibc malloc is configured at process start."""
+    return name == "GLIBC_TUNABLES" or name.startswith("MALLOC_")
+
+
 def user_chose_allocator(environ: Mapping[str, str]) -> bool:
-    return "GLIBC_TUNABLES" in environ or any(name.startswith("MALLOC_") for name in environ)
+    return any(is_malloc_variable(name) for name in environ)
 
 
 def models_compute_on_cpu() -> bool:
