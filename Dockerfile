@@ -47,7 +47,11 @@ COPY builder/requirements.txt builder/requirements.txt
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
     && pip install -r builder/requirements.txt
 
+# The package itself (its dependencies are the lock above).
+COPY pyproject.toml README.md ./
 COPY src src
+RUN pip install --no-deps .
+
 COPY builder/bake_models.py builder/bake_models.py
 
 # Models named at build time are written to /models/<org>/<name>; the worker finds them there.

@@ -1,16 +1,10 @@
-"""RunPod serverless worker for text embeddings and reranking (Infinity engine).
+"""RunPod's entry point: `python handler.py` runs the serverless worker (embedding_worker.cli).
 
-Models load at import, so the cold start is paid once, before the first job.
+On RunPod it takes jobs; elsewhere runpod's local test answers ./test_input.json and prints the
+answer. `--serve` and `--batch FILE --output FILE` run the local modes; `--help` lists every flag.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-
-from embedding_worker.app import build_worker, main  # noqa: E402
-
-worker = build_worker()
+from embedding_worker.cli import handler_main
 
 if __name__ == "__main__":
-    main(worker, sys.argv[1:])
+    handler_main()

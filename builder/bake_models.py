@@ -19,10 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from embedding_worker.config import DEFAULT_MODEL_ID, served_id_for  # noqa: E402
-from embedding_worker.model_paths import (  # noqa: E402
+from embedding_worker.config import DEFAULT_MODEL_ID, served_id_for
+from embedding_worker.model_paths import (
     BAKED_MODELS_DIR,
     baked_model_dir,
     is_hub_id,
@@ -70,7 +68,11 @@ def copy_model(source: Path, target: Path) -> None:
     try:
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source).as_posix()
-            if path.is_dir() or relative.startswith(".cache/") or _skipped(relative, has_safetensors):
+            if (
+                path.is_dir()
+                or relative.startswith(".cache/")
+                or _skipped(relative, has_safetensors)
+            ):
                 continue
             destination = staging / relative
             destination.parent.mkdir(parents=True, exist_ok=True)

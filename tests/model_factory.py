@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -165,28 +165,81 @@ We'll meet at the cafe at half past six.
 
 _WORDS = {
     "subjects": [
-        "the engineer", "a student", "my neighbor", "the scientist", "our team",
-        "the children", "a farmer", "the pilot", "the doctor", "her brother",
-        "the small robot", "an old man", "the teacher", "a young woman", "the chef",
+        "the engineer",
+        "a student",
+        "my neighbor",
+        "the scientist",
+        "our team",
+        "the children",
+        "a farmer",
+        "the pilot",
+        "the doctor",
+        "her brother",
+        "the small robot",
+        "an old man",
+        "the teacher",
+        "a young woman",
+        "the chef",
     ],
     "verbs": [
-        "reads", "writes", "builds", "finds", "explains", "cooks", "paints",
-        "repairs", "sells", "studies", "measures", "describes", "carries", "watches",
+        "reads",
+        "writes",
+        "builds",
+        "finds",
+        "explains",
+        "cooks",
+        "paints",
+        "repairs",
+        "sells",
+        "studies",
+        "measures",
+        "describes",
+        "carries",
+        "watches",
     ],
     "objects": [
-        "a long book", "the new bridge", "a fresh loaf of bread", "the broken engine",
-        "an interesting article", "the weather report", "a map of the city",
-        "the results of the experiment", "a red bicycle", "the history of music",
-        "a wooden table", "the latest news", "a cup of hot soup", "the night sky",
+        "a long book",
+        "the new bridge",
+        "a fresh loaf of bread",
+        "the broken engine",
+        "an interesting article",
+        "the weather report",
+        "a map of the city",
+        "the results of the experiment",
+        "a red bicycle",
+        "the history of music",
+        "a wooden table",
+        "the latest news",
+        "a cup of hot soup",
+        "the night sky",
     ],
     "places": [
-        "at home", "in the park", "at school", "in the laboratory", "near the station",
-        "in the kitchen", "on the beach", "in the office", "at the market", "in London",
-        "in Tokyo", "in New York", "on the farm", "in the garden",
+        "at home",
+        "in the park",
+        "at school",
+        "in the laboratory",
+        "near the station",
+        "in the kitchen",
+        "on the beach",
+        "in the office",
+        "at the market",
+        "in London",
+        "in Tokyo",
+        "in New York",
+        "on the farm",
+        "in the garden",
     ],
     "times": [
-        "every morning", "on Sunday", "after lunch", "at night", "in winter",
-        "yesterday", "last year", "today", "before dinner", "twice a week",
+        "every morning",
+        "on Sunday",
+        "after lunch",
+        "at night",
+        "in winter",
+        "yesterday",
+        "last year",
+        "today",
+        "before dinner",
+        "twice a week",
     ],
 }
 
@@ -243,7 +296,7 @@ CORPUS: list[str] = (
 # --------------------------------------------------------------------------- tokenizers
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wordpiece_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from tokenizers.processors import TemplateProcessing
@@ -283,7 +336,7 @@ def _bert_tokenizer(model_max_length: int):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bpe_json(vocab_size: int, append_eos: bool) -> str:
     from tokenizers import (
         AddedToken,
@@ -406,8 +459,18 @@ def _write_st_files(
 ) -> None:
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+        {
+            "idx": 2,
+            "name": "2",
+            "path": "2_Normalize",
+            "type": "sentence_transformers.models.Normalize",
+        },
     ]
     _write_json(path / "modules.json", modules)
     _write_json(
@@ -454,8 +517,17 @@ def _skip_init(enabled: bool):
         yield
 
 
-def _bert_config(tokenizer, *, hidden_size, num_layers, num_heads, intermediate_size, max_position,
-                 vocab_size, **extra):
+def _bert_config(
+    tokenizer,
+    *,
+    hidden_size,
+    num_layers,
+    num_heads,
+    intermediate_size,
+    max_position,
+    vocab_size,
+    **extra,
+):
     from transformers import BertConfig
 
     return BertConfig(
@@ -470,8 +542,20 @@ def _bert_config(tokenizer, *, hidden_size, num_layers, num_heads, intermediate_
     )
 
 
-def _qwen3_config(tokenizer, *, hidden_size, num_layers, num_heads, num_kv_heads, head_dim,
-                  intermediate_size, max_position, vocab_size, tie_word_embeddings, **extra):
+def _qwen3_config(
+    tokenizer,
+    *,
+    hidden_size,
+    num_layers,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    intermediate_size,
+    max_position,
+    vocab_size,
+    tie_word_embeddings,
+    **extra,
+):
     from transformers import Qwen3Config
 
     eos = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
@@ -515,15 +599,21 @@ def make_bert_embedder(
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _bert_tokenizer(max_position)
     config = _bert_config(
-        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        intermediate_size=intermediate_size, max_position=max_position, vocab_size=vocab_size,
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position=max_position,
+        vocab_size=vocab_size,
         architectures=["BertModel"],
     )
     torch.manual_seed(seed)
     BertModel(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
-    _write_st_files(path, dim=hidden_size, pooling="mean", max_seq_length=max_seq_length,
-                    do_lower_case=False)
+    _write_st_files(
+        path, dim=hidden_size, pooling="mean", max_seq_length=max_seq_length, do_lower_case=False
+    )
     return path
 
 
@@ -545,9 +635,15 @@ def make_bert_cross_encoder(
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _bert_tokenizer(max_position)
     config = _bert_config(
-        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        intermediate_size=intermediate_size, max_position=max_position, vocab_size=vocab_size,
-        num_labels=1, architectures=["BertForSequenceClassification"],
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position=max_position,
+        vocab_size=vocab_size,
+        num_labels=1,
+        architectures=["BertForSequenceClassification"],
     )
     torch.manual_seed(seed)
     BertForSequenceClassification(config).eval().save_pretrained(path)
@@ -580,16 +676,26 @@ def make_qwen3_embedder(
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _qwen_tokenizer(append_eos=True, model_max_length=max_position)
     config = _qwen3_config(
-        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size,
-        max_position=max_position, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate_size,
+        max_position=max_position,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
         architectures=["Qwen3Model"],
     )
     torch.manual_seed(seed)
     Qwen3Model(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     _write_st_files(
-        path, dim=hidden_size, pooling="lasttoken", max_seq_length=max_seq_length,
+        path,
+        dim=hidden_size,
+        pooling="lasttoken",
+        max_seq_length=max_seq_length,
         prompts={"query": QWEN3_QUERY_PROMPT, "document": ""},
     )
     return path
@@ -616,9 +722,16 @@ def make_qwen3_reranker(
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _qwen_tokenizer(append_eos=False, model_max_length=max_position)
     config = _qwen3_config(
-        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size,
-        max_position=max_position, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate_size,
+        max_position=max_position,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
         architectures=["Qwen3ForCausalLM"],
     )
     torch.manual_seed(seed)
@@ -633,7 +746,12 @@ def make_qwen3_single_logit_reranker(causal_lm_path, path) -> Path:
     score.weight = lm_head.weight[yes] - lm_head.weight[no], so the logit equals
     logit_yes - logit_no of the causal LM (sigmoid of it = the official score).
     """
-    from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM, Qwen3ForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        Qwen3ForCausalLM,
+        Qwen3ForSequenceClassification,
+    )
 
     causal_lm_path, path = Path(causal_lm_path), Path(path)
     path.mkdir(parents=True, exist_ok=True)

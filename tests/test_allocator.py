@@ -17,11 +17,10 @@ from tests.conftest import ROOT
 # tokens), which its defaults map and unmap every time.
 FAULTS = """
 import asyncio, json, resource, sys
-sys.path.insert(0, "src")
-from embedding_worker import app
+from embedding_worker import startup
 from tests.model_factory import CORPUS
 
-worker = app.build_worker()
+worker = startup.build_worker()
 texts = [" ".join(CORPUS[i:] + CORPUS[:i]) for i in range(16)]  # each over the 256-token maximum
 
 async def main():
@@ -40,14 +39,21 @@ print(json.dumps(asyncio.run(main())))
 
 def page_faults_per_batch(keep: str | None) -> list[int]:
     env = {
-        k: v for k, v in os.environ.items() if not is_malloc_variable(k) and k != "KEEP_FREED_MEMORY"
+        k: v
+        for k, v in os.environ.items()
+        if not is_malloc_variable(k) and k != "KEEP_FREED_MEMORY"
     }
     # on the CPU, where auto keeps freed memory, on any machine
     env.update(CUDA_VISIBLE_DEVICES="", DTYPES="float32", TOKENIZERS_PARALLELISM="false")
     if keep is not None:
         env["KEEP_FREED_MEMORY"] = keep
     proc = subprocess.run(
-        [sys.executable, "-c", FAULTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", FAULTS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -55,7 +61,9 @@ def page_faults_per_batch(keep: str | None) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_a_cpu_worker_keeps_freed_memory_and_its_batches_stop_faulting_pages_in():
-    kept = page_faults_per_batch(None)[3:]  # the default (auto); after the batches that grow the heap
+    kept = page_faults_per_batch(None)[
+        3:
+    ]  # the default (auto); after the batches that grow the heap
     released = page_faults_per_batch("false")[3:]
     # glibc's defaults give large chunks back and fault them in again, batch after batch ...
     assert sum(released) > 20_000, released

@@ -22,7 +22,9 @@ HUB_ID = "acme/tiny-embedder"
 
 @pytest.fixture(scope="module")
 def bake_models():
-    spec = importlib.util.spec_from_file_location("bake_models", ROOT / "builder" / "bake_models.py")
+    spec = importlib.util.spec_from_file_location(
+        "bake_models", ROOT / "builder" / "bake_models.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -62,8 +64,14 @@ def test_a_hub_id_is_baked_from_the_hub_cache_offline(bake_models, tmp_path, ber
     cache = tmp_path / "hf-cache"
     snapshot = hub_cache_entry(cache, HUB_ID, bert_embedder, "0123abcd")
     dest = tmp_path / "models"
-    args = ["--models", f" {HUB_ID} ; {DEFAULT_MODEL_ID}", "--dest", str(dest),
-            "--download-cache", str(cache)]
+    args = [
+        "--models",
+        f" {HUB_ID} ; {DEFAULT_MODEL_ID}",
+        "--dest",
+        str(dest),
+        "--download-cache",
+        str(cache),
+    ]
     assert bake_models.main(args) == 0
     baked = dest / HUB_ID
     assert not any(p.is_symlink() for p in baked.rglob("*"))  # real files, not links into the cache
@@ -79,8 +87,16 @@ def test_a_hub_id_is_baked_from_the_hub_cache_offline(bake_models, tmp_path, ber
 
 def test_a_model_that_cannot_be_fetched_fails_the_build_naming_it(bake_models, tmp_path, capsys):
     dest = tmp_path / "models"
-    code = bake_models.main(["--models", "no-such-org/no-such-model", "--dest", str(dest),
-                             "--download-cache", str(tmp_path / "empty-cache")])
+    code = bake_models.main(
+        [
+            "--models",
+            "no-such-org/no-such-model",
+            "--dest",
+            str(dest),
+            "--download-cache",
+            str(tmp_path / "empty-cache"),
+        ]
+    )
     assert code == 1
     assert "could not download 'no-such-org/no-such-model'" in capsys.readouterr().err
     assert not (dest / "no-such-org" / "no-such-model").exists()  # nothing half-written
@@ -108,19 +124,27 @@ def test_cold_start_from_baked_models_runs_without_the_hub(tmp_path, bert_embedd
     baked = tmp_path / "models" / HUB_ID
     shutil.copytree(bert_embedder, baked)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update({
-        "MODEL_NAMES": HUB_ID,
-        "MODELS_DIR": str(tmp_path / "models"),
-        "MODEL_CACHE_DIR": str(tmp_path / "no-cache"),
-        "HF_ENDPOINT": "http://127.0.0.1:9",  # any hub call would fail
-        "RUNPOD_DEBUG_LEVEL": "INFO",
-    })
+    env.update(
+        {
+            "MODEL_NAMES": HUB_ID,
+            "MODELS_DIR": str(tmp_path / "models"),
+            "MODEL_CACHE_DIR": str(tmp_path / "no-cache"),
+            "HF_ENDPOINT": "http://127.0.0.1:9",  # any hub call would fail
+            "RUNPOD_DEBUG_LEVEL": "INFO",
+        }
+    )
     job = {"input": {"model": HUB_ID, "input": ["baked and offline"]}}
     proc = subprocess.run(
         [sys.executable, "handler.py", "--test_input", json.dumps(job)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     assert "Job local_test completed successfully" in output
-    assert f"Job result: {{'output': <list: 1 items, model {HUB_ID}>}}" in output  # served by its id
+    assert (
+        f"Job result: {{'output': <list: 1 items, model {HUB_ID}>}}" in output
+    )  # served by its id

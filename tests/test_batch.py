@@ -20,10 +20,11 @@ import httpx
 import numpy as np
 import pytest
 
-from embedding_worker import batch
-from embedding_worker.app import runpod_handler
-from embedding_worker.batch import BatchOptions, BatchRun, run_batch, run_local
-from embedding_worker.batch_remote import run_endpoint
+from embedding_worker.operations import batch
+from embedding_worker.transports import batch_files
+from embedding_worker.transports.batch_files import BatchOptions, BatchRun, run_batch, run_local
+from embedding_worker.transports.remote import run_endpoint
+from embedding_worker.transports.runpod import runpod_handler
 from tests.conftest import ROOT
 from tests.helpers import decode_vectors
 
@@ -50,8 +51,13 @@ def make_lines(count: int, ids: dict[str, str], seed: int = 0) -> list[str]:
         json.dumps({"custom_id": "{cid}", "method": "POST", "url": "/v1/embeddings", "body": "x"}),
         # Valid lines whose request is refused: answered with the HTTP error.
         json.dumps({"custom_id": "{cid}", "url": "/v1/embeddings", "body": {"input": ""}}),
-        json.dumps({"custom_id": "{cid}", "url": "/v1/embeddings",
-                    "body": {"model": "no-such-model", "input": "x"}}),
+        json.dumps(
+            {
+                "custom_id": "{cid}",
+                "url": "/v1/embeddings",
+                "body": {"model": "no-such-model", "input": "x"},
+            }
+        ),
     ]
     lines = []
     for n in range(count):
@@ -61,19 +67,38 @@ def make_lines(count: int, ids: dict[str, str], seed: int = 0) -> list[str]:
         elif n % 250 == 7:
             lines.append("")
         elif n % 25 == 3:
-            body = {"model": ids["reranker"], "query": _text(rng),
-                    "documents": [_text(rng) for _ in range(3)], "return_documents": n % 2 == 0}
-            lines.append(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/rerank",
-                                     "body": body}))
+            body = {
+                "model": ids["reranker"],
+                "query": _text(rng),
+                "documents": [_text(rng) for _ in range(3)],
+                "return_documents": n % 2 == 0,
+            }
+            lines.append(
+                json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/rerank", "body": body})
+            )
         else:
             texts = [_text(rng) for _ in range(rng.randint(1, 3))]
-            body = {"model": ids["embedder"], "input": texts,
-                    "encoding_format": "base64" if n % 3 == 0 else "float"}
-            lines.append(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings",
-                                     "body": body}))
+            body = {
+                "model": ids["embedder"],
+                "input": texts,
+                "encoding_format": "base64" if n % 3 == 0 else "float",
+            }
+            lines.append(
+                json.dumps(
+                    {"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": body}
+                )
+            )
     # A custom_id repeated: the first occurrence is the one answered.
-    lines.insert(10, json.dumps({"custom_id": "req-1", "url": "/v1/embeddings",
-                                 "body": {"model": ids["embedder"], "input": "a repeat"}}))
+    lines.insert(
+        10,
+        json.dumps(
+            {
+                "custom_id": "req-1",
+                "url": "/v1/embeddings",
+                "body": {"model": ids["embedder"], "input": "a repeat"},
+            }
+        ),
+    )
     return lines
 
 
@@ -87,8 +112,15 @@ def read_output(path: Path) -> list[dict[str, Any]]:
 
 
 def options(tmp_path: Path, source: Path, **overrides: Any) -> BatchOptions:
-    values = dict(input=source, output=tmp_path / "results.jsonl", text=False, defaults={},
-                  progress=False, backoff_s=0.01, poll_s=0.05)
+    values = dict(
+        input=source,
+        output=tmp_path / "results.jsonl",
+        text=False,
+        defaults={},
+        progress=False,
+        backoff_s=0.01,
+        poll_s=0.05,
+    )
     values.update(overrides)
     return BatchOptions(**values)
 
@@ -157,9 +189,7 @@ async def check_against_single_requests(worker, source: Path, outputs: list[dict
     assert set(by_id) == expected_ids
     for start in range(0, len(requests), 200):
         group = requests[start : start + 200]
-        singles = await asyncio.gather(
-            *(worker.call(url, body) for _, url, body in group)
-        )
+        singles = await asyncio.gather(*(worker.call(url, body) for _, url, body in group))
         for (output, _, _), single in zip(group, singles):
             assert_same_answer(output["response"], single.status, single.body)
     return requests
@@ -231,7 +261,7 @@ async def test_a_foreign_output_file_is_refused_not_appended(worker, ids, tmp_pa
     source = write_lines(tmp_path / "requests.jsonl", make_lines(5, ids))
     foreign = tmp_path / "results.jsonl"
     foreign.write_text('{"something": "else"}\n')
-    with pytest.raises(batch.OutputFileError, match="line 1"):
+    with pytest.raises(batch_files.OutputFileError, match="line 1"):
         await run_batch(worker, options(tmp_path, source))
     assert foreign.read_text() == '{"something": "else"}\n'
 
@@ -239,9 +269,12 @@ async def test_a_foreign_output_file_is_refused_not_appended(worker, ids, tmp_pa
 async def test_plain_text_lines_use_the_command_line_options(worker, ids, tmp_path):
     source = tmp_path / "docs.jsonl"
     source.write_text(
-        json.dumps({"text": "first document"}) + "\n"
-        + json.dumps({"text": "second", "custom_id": "mine"}) + "\n"
-        + json.dumps({"text": ""}) + "\n"
+        json.dumps({"text": "first document"})
+        + "\n"
+        + json.dumps({"text": "second", "custom_id": "mine"})
+        + "\n"
+        + json.dumps({"text": ""})
+        + "\n"
     )
     defaults = {"model": ids["embedder"], "dimensions": 8, "encoding_format": "base64"}
     await run_batch(worker, options(tmp_path, source, defaults=defaults))
@@ -317,15 +350,23 @@ def endpoint_servers(bert_embedder, bert_reranker, tmp_path_factory):
     """Both local endpoints on the tiny BERTs (the same files as the test worker), started with the
     module so that they load while the tests before the endpoint tests run."""
     logs = tmp_path_factory.mktemp("endpoints")
-    env = _env(MODEL_NAMES=f"{bert_embedder};{bert_reranker}", BATCH_SIZES="16", DTYPES="float32",
-               MAX_RESPONSE_BYTES=str(MAX_RESPONSE_BYTES), WORKER_API_KEY=API_KEY)
+    env = _env(
+        MODEL_NAMES=f"{bert_embedder};{bert_reranker}",
+        BATCH_SIZES="16",
+        DTYPES="float32",
+        MAX_RESPONSE_BYTES=str(MAX_RESPONSE_BYTES),
+        WORKER_API_KEY=API_KEY,
+    )
     servers = {}
     for name, (flags, ready_path) in SERVERS.items():
         port = _free_port()
         log_file = open(logs / f"{name}.log", "w")  # a pipe nobody reads would block the server
         process = subprocess.Popen(
             [sys.executable, "handler.py", *flags, str(port)],
-            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         servers[name] = (process, f"http://127.0.0.1:{port}", ready_path, logs / f"{name}.log")
         log_file.close()  # the child has its own copy
@@ -451,10 +492,26 @@ def test_command_line_resumes_a_text_file_into_the_same_output(bert_embedder, tm
     result.write_text("".join(json.dumps(o) + "\n" for o in done) + '{"id": "batch_req_c", "cus')
     served = "/".join(Path(bert_embedder).parts[-2:])
     proc = subprocess.run(
-        [sys.executable, "handler.py", "--batch", str(docs), "--output", str(result),
-         "--model", served, "--encoding-format", "base64", "--dimensions", "16"],
-        cwd=ROOT, env=_env(MODEL_NAMES=str(bert_embedder)), capture_output=True, text=True,
-        timeout=180, check=False,
+        [
+            sys.executable,
+            "handler.py",
+            "--batch",
+            str(docs),
+            "--output",
+            str(result),
+            "--model",
+            served,
+            "--encoding-format",
+            "base64",
+            "--dimensions",
+            "16",
+        ],
+        cwd=ROOT,
+        env=_env(MODEL_NAMES=str(bert_embedder)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     outputs = read_output(result)

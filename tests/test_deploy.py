@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from embedding_worker.app import runpod_handler
 from embedding_worker.config import BACKENDS, DEFAULT_MODEL_ID, DTYPE_ALIASES, load_config
 from embedding_worker.model_paths import BAKED_MODELS_DIR, RUNPOD_MODEL_CACHE
+from embedding_worker.transports.runpod import runpod_handler
 from tests.conftest import ROOT
 
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
@@ -93,17 +93,17 @@ def variables_read_by_the_worker() -> set[str]:
     """Every environment variable the worker's code reads, found in its source.
 
     Reads are `env.get("X")`, `os.environ.get("X")`, `env["X"]`, `os.getenv("X")` and helper calls
-    that take the environment and a literal name (`_int(env, "X", ...)`); `setdefault` is the worker
+    that take the environment and a literal name (`int_var(env, "X", ...)`); `setdefault` is the worker
     setting a variable for a library, not reading one.
     """
     found: set[str] = set()
-    # server.py is the local server (--serve), not RunPod serverless: its variables are no hub
-    # inputs (tests/test_server.py checks the README documents them). batch_remote.py is a client
-    # of a deployed endpoint (--batch --endpoint): its RUNPOD_API_KEY is the caller's.
-    not_the_worker = ("server.py", "batch_remote.py")
+    # transports/http.py is the local server (serve), not RunPod serverless: its variables are no
+    # hub inputs (tests/test_server.py checks the docs document them). transports/remote.py is a
+    # client of a deployed endpoint (batch --endpoint): its RUNPOD_API_KEY is the caller's.
     package = ROOT / "src" / "embedding_worker"
+    not_the_worker = (package / "transports" / "http.py", package / "transports" / "remote.py")
     sources = [
-        *(p for p in package.glob("*.py") if p.name not in not_the_worker),
+        *(p for p in package.rglob("*.py") if p not in not_the_worker),
         ROOT / "handler.py",
     ]
     for source in sources:
@@ -123,8 +123,17 @@ def variables_read_by_the_worker() -> set[str]:
 
 def test_the_variable_scan_finds_the_known_variables():
     found = variables_read_by_the_worker()
-    for name in ("MODEL_NAMES", "BATCH_SIZES", "DTYPES", "BACKEND", "INFINITY_QUEUE_SIZE",
-                 "TRUST_REMOTE_CODE", "LOG_LEVEL", "MODELS_DIR", "MODEL_CACHE_DIR"):
+    for name in (
+        "MODEL_NAMES",
+        "BATCH_SIZES",
+        "DTYPES",
+        "BACKEND",
+        "INFINITY_QUEUE_SIZE",
+        "TRUST_REMOTE_CODE",
+        "LOG_LEVEL",
+        "MODELS_DIR",
+        "MODEL_CACHE_DIR",
+    ):
         assert name in found
     assert "INFINITY_ANONYMOUS_USAGE_STATS" not in found  # set by the worker, not read
 
@@ -143,11 +152,18 @@ def test_every_hub_input_is_a_variable_something_reads():
     assert not unknown, f"hub.json offers variables nothing reads: {sorted(unknown)}"
 
 
-def test_the_readme_table_documents_every_hub_variable():
-    readme = (ROOT / "README.md").read_text()
-    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.M))
+def test_the_configuration_table_documents_every_hub_variable():
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", docs, re.M))
     missing = set(hub_inputs()) - table
-    assert not missing, f"README's configuration table lacks {sorted(missing)}"
+    assert not missing, f"docs/configuration.md's table lacks {sorted(missing)}"
+
+
+def test_the_configuration_table_documents_every_variable_the_worker_reads():
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", docs, re.M))
+    missing = variables_read_by_the_worker() - table - LIBRARY_VARIABLES
+    assert not missing, f"docs/configuration.md's table lacks {sorted(missing)}"
 
 
 # --- hub.json and tests.json against RunPod's schema (FINDINGS.md) -------------------------------
@@ -159,7 +175,9 @@ PY_TYPES = {"string": str, "number": (int, float), "boolean": bool, "huggingface
 def check_keys(obj: Any, where: str, required: set[str], optional: set[str] = frozenset()) -> None:
     assert isinstance(obj, dict), f"{where} must be an object"
     assert required <= set(obj), f"{where} lacks {sorted(required - set(obj))}"
-    assert set(obj) <= required | optional, f"{where} has unknown {sorted(set(obj) - required - optional)}"
+    assert set(obj) <= required | optional, (
+        f"{where} has unknown {sorted(set(obj) - required - optional)}"
+    )
 
 
 def test_hub_json_follows_the_schema():
@@ -183,7 +201,9 @@ def test_hub_json_follows_the_schema():
         check_keys(entry, f"env {entry.get('key')}", {"key", "input"})
         spec = entry["input"]
         check_keys(
-            spec, f"input {entry['key']}", {"name", "type", "description"},
+            spec,
+            f"input {entry['key']}",
+            {"name", "type", "description"},
             {"default", "options", "advanced"},
         )
         assert spec["type"] in INPUT_TYPES
@@ -240,8 +260,12 @@ def test_hub_defaults_are_the_worker_defaults():
 def test_presets_cover_the_promised_models_and_each_is_a_valid_configuration():
     presets = HUB["config"]["presets"]
     all_models = " ".join(p["defaults"].get("MODEL_NAMES", "") for p in presets)
-    for model in ("BAAI/bge-small-en-v1.5", "Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Reranker-0.6B",
-                  "BAAI/bge-m3"):
+    for model in (
+        "BAAI/bge-small-en-v1.5",
+        "Qwen/Qwen3-Embedding-0.6B",
+        "Qwen/Qwen3-Reranker-0.6B",
+        "BAAI/bge-m3",
+    ):
         assert model in all_models
     assert any("CPU" in p["name"] for p in presets)
     for preset in presets:
@@ -322,7 +346,9 @@ async def test_hub_test_job_gets_a_real_answer(name, job_input, worker, stand_in
         body, request = output, job
         route = "/v1/rerank" if "query" in job else "/v1/embeddings"
     if route == "/v1/embeddings":
-        dims = {m["id"]: m.get("dimensions") for m in (await worker.call("/v1/models", {})).body["data"]}
+        dims = {
+            m["id"]: m.get("dimensions") for m in (await worker.call("/v1/models", {})).body["data"]
+        }
         check_embeddings(body, request, dims[request["model"]])
     elif route == "/v1/rerank":
         check_rerank(body, request)

@@ -8,14 +8,17 @@ import json
 import pytest
 from runpod.serverless.modules.rp_job import run_job
 
-from embedding_worker.app import runpod_handler
+from embedding_worker.transports.runpod import runpod_handler
 
 
 async def test_standard_flavour_answers_the_body_openai_route_a_one_element_list(worker, ids):
     standard = await worker.dispatch({"model": ids["minilm"], "input": "hello"})
     assert standard.runpod_output()["object"] == "list"
     proxied = await worker.dispatch(
-        {"openai_route": "/v1/embeddings", "openai_input": {"model": ids["minilm"], "input": "hello"}}
+        {
+            "openai_route": "/v1/embeddings",
+            "openai_input": {"model": ids["minilm"], "input": "hello"},
+        }
     )
     output = proxied.runpod_output()
     assert isinstance(output, list) and len(output) == 1
@@ -146,8 +149,9 @@ async def test_queue_bound_refuses_then_recovers(worker, ids, monkeypatch):
     )
     assert first.status == 200
     assert second.status == 429
-    assert second.body["error"]["code"] == "queue_full" and "INFINITY_QUEUE_SIZE" in (
-        second.body["error"]["message"]
+    assert (
+        second.body["error"]["code"] == "queue_full"
+        and "INFINITY_QUEUE_SIZE" in (second.body["error"]["message"])
     )
     assert model.pending == 0
     again = await worker.dispatch({"model": ids["embedder"], "input": texts})
@@ -158,8 +162,8 @@ async def test_runpod_gets_an_async_handler_and_the_configured_concurrency(worke
     import dataclasses
     import inspect
 
-    from embedding_worker.app import runpod_config
     from embedding_worker.dispatch import Worker
+    from embedding_worker.transports.runpod import runpod_config
 
     limited = Worker(dataclasses.replace(worker.config, max_concurrency=17), worker.registry)
     config = runpod_config(limited)
@@ -168,10 +172,17 @@ async def test_runpod_gets_an_async_handler_and_the_configured_concurrency(worke
 
 
 async def test_job_output_is_plain_json_with_a_short_repr(worker, ids):
-    """runpod formats each output into DEBUG f-strings even when DEBUG is off: the repr stays short."""
+    """runpod formats each output into DEBUG f-strings even when DEBUG is off, and prints it in a
+    local test: the repr is a preview of the answer, short whatever its size."""
     reply = await worker.dispatch({"model": ids["minilm"], "input": ["a", "b"]})
     output = reply.runpod_output()
     assert json.loads(json.dumps(output)) == reply.body  # JSON sees an ordinary dict
-    assert repr(output) == f"<list: 2 items, model {ids['minilm']}>"
+    shown = json.loads(repr(output))
+    assert shown["model"] == ids["minilm"] and len(shown["data"]) == 2
+    first = reply.body["data"][0]["embedding"]
+    assert shown["data"][0]["embedding"][:4] == [round(x, 6) for x in first[:4]]
+    assert shown["data"][0]["embedding"][4] == "... 384 numbers"
+    many = await worker.dispatch({"model": ids["minilm"], "input": ["a"] * 200})
+    assert len(repr(many.runpod_output())) < 2 * len(repr(output))
     proxied = await worker.call("/v1/embeddings", {"model": ids["minilm"], "input": "a"})
-    assert len(repr(proxied.runpod_output())) < 100
+    assert len(repr(proxied.runpod_output())) < 2 * len(repr(output))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from embedding_worker import engines
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.engines import resolve_dtype
+from embedding_worker.engines import dtype as dtype_policy
+from embedding_worker.engines.dtype import resolve_dtype
 from tests.helpers import decode_vectors
 
 TEXTS = [
@@ -30,20 +30,20 @@ def cpu_only(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8", "fp8"])
 def test_an_explicit_dtype_is_never_changed(dtype, cpu_only, monkeypatch):
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dtype_policy, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype(dtype, "torch") == dtype
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
 def test_auto_on_a_cpu_follows_native_bfloat16(native, expected, cpu_only, monkeypatch):
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(dtype_policy, "cpu_has_native_bf16", lambda: native)
     assert resolve_dtype("auto", "torch") == expected
 
 
 def test_auto_keeps_rerankers_in_float32_and_embedders_in_bfloat16(
     bert_embedder, bert_reranker, minilm_path, cpu_only, monkeypatch
 ):
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dtype_policy, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "torch", str(bert_reranker)) == "float32"
     assert resolve_dtype("auto", "torch", str(bert_embedder)) == "bfloat16"
     assert resolve_dtype("auto", "torch", str(minilm_path)) == "bfloat16"
@@ -52,12 +52,12 @@ def test_auto_keeps_rerankers_in_float32_and_embedders_in_bfloat16(
 
 def test_auto_on_a_gpu_is_left_to_infinity(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dtype_policy, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "torch") == "auto"
 
 
 def test_auto_with_another_backend_is_left_to_it(cpu_only, monkeypatch):
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dtype_policy, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "optimum") == "auto"
 
 
@@ -66,7 +66,7 @@ def test_native_bf16_probe_agrees_with_the_cpu_flags():
     flags = next(
         line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
     ).split()
-    assert engines.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert dtype_policy.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 async def test_auto_vectors_stay_within_cosine_0999_of_float32(worker, ids):
@@ -77,7 +77,7 @@ async def test_auto_vectors_stay_within_cosine_0999_of_float32(worker, ids):
         loaded = next(model.engine._model_replicas[0].parameters()).dtype
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
-            assert loaded == (torch.bfloat16 if engines.cpu_has_native_bf16() else torch.float32)
+            assert loaded == (torch.bfloat16 if dtype_policy.cpu_has_native_bf16() else torch.float32)
         got = await auto.dispatch({"input": TEXTS, "encoding_format": "base64"})
         ref = await worker.dispatch({"model": ids["minilm"], "input": TEXTS})
     finally:

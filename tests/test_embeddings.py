@@ -140,7 +140,9 @@ async def test_bad_input_is_a_typed_400_naming_the_field(worker, ids, body, para
 
 
 async def test_missing_input_is_required(worker, ids):
-    reply = await worker.dispatch({"openai_route": "/v1/embeddings", "openai_input": {"model": "x"}})
+    reply = await worker.dispatch(
+        {"openai_route": "/v1/embeddings", "openai_input": {"model": "x"}}
+    )
     assert reply.status == 400
     assert reply.body["error"]["param"] == "input"
     assert "'input' is required" in reply.body["error"]["message"]

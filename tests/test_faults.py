@@ -18,9 +18,9 @@ import time
 import pytest
 from runpod.serverless.modules.rp_job import run_job
 
-from embedding_worker.app import runpod_handler
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import runpod_handler
 from tests.helpers import model_and_replica
 
 TIMEOUT_S = 4.0

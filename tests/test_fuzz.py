@@ -39,8 +39,9 @@ numbers = (
 scalars = st.none() | st.booleans() | numbers | texts
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
     max_leaves=10,
 )
 model_names = st.sampled_from(SERVED) | texts | json_values
@@ -56,7 +57,9 @@ shared_fields = {
     "model": model_names,
     "truncate": st.booleans() | json_values,
     "instruction": texts | json_values,
-    "extra_body": st.dictionaries(st.sampled_from(["dimensions", "input", "model", "top_n"]), json_values, max_size=2),
+    "extra_body": st.dictionaries(
+        st.sampled_from(["dimensions", "input", "model", "top_n"]), json_values, max_size=2
+    ),
 }
 embedding_bodies = st.fixed_dictionaries(
     {"input": embedding_inputs},
@@ -80,7 +83,9 @@ rerank_bodies = st.fixed_dictionaries(
         "return_docs": st.booleans(),
     },
 )
-routes = st.sampled_from(["/v1/embeddings", "/v1/rerank", "/v1/models", "/v1/embeddings/", "/v1/chat"])
+routes = st.sampled_from(
+    ["/v1/embeddings", "/v1/rerank", "/v1/models", "/v1/embeddings/", "/v1/chat"]
+)
 
 
 def _proxied(bodies):
@@ -158,7 +163,9 @@ plausible_reranks = st.fixed_dictionaries(
     {
         "model": st.just("tiny-bert-reranker"),
         "query": words,
-        "documents": st.lists(words | st.fixed_dictionaries({"text": words}), min_size=1, max_size=5),
+        "documents": st.lists(
+            words | st.fixed_dictionaries({"text": words}), min_size=1, max_size=5
+        ),
     },
     optional={
         "top_n": st.integers(min_value=1, max_value=7),
@@ -180,7 +187,11 @@ async def test_fuzzed_plausible_jobs_reach_the_engines(worker, body, proxied):
     _check_reply(job, reply)
     if reply.ok and route == "/v1/embeddings":
         given_input = body["input"]
-        count = 1 if isinstance(given_input, str) or isinstance(given_input[0], int) else len(given_input)
+        count = (
+            1
+            if isinstance(given_input, str) or isinstance(given_input[0], int)
+            else len(given_input)
+        )
         assert [item["index"] for item in reply.body["data"]] == list(range(count))
 
 

@@ -112,13 +112,17 @@ async def test_instruction_matches_the_model_card_across_batches_and_padding(
 
 async def test_the_exact_spacing_matters(qwen3_worker, qwen3_ids, reference):
     # What the public fork sent (a space after "Query:") embeds differently: the golden test can fail.
-    body = await embed(qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES[:3], instruction=TASK)
+    body = await embed(
+        qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES[:3], instruction=TASK
+    )
     spaced = reference.embed([f"Instruct: {TASK}\nQuery: {q}" for q in QUERIES[:3]], 3)
     assert np.abs(decode_vectors(body) - spaced).max() > 1e-3
 
 
 async def test_prompt_type_query_is_the_models_own_prompt(qwen3_worker, qwen3_ids, reference):
-    body = await embed(qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES, prompt_type="query")
+    body = await embed(
+        qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES, prompt_type="query"
+    )
     golden = [
         "Instruct: Given a web search query, retrieve relevant passages that answer the query\n"
         f"Query:{q}"
@@ -145,7 +149,10 @@ async def test_instruction_with_prompt_type_query_replaces_the_task(
 ):
     task = "Find {braces} and \\n literally"  # braces and backslashes are text, never a template
     body = await embed(
-        qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES[:2], prompt_type="query",
+        qwen3_worker,
+        model=qwen3_ids["embedder"],
+        input=QUERIES[:2],
+        prompt_type="query",
         instruction=task,
     )
     golden = [f"Instruct: {task}\nQuery:{q}" for q in QUERIES[:2]]
@@ -190,7 +197,9 @@ async def test_the_openai_sdk_extra_body_reaches_the_model(qwen3_worker, qwen3_i
         sent.append(body)
         route = request.url.path.removeprefix("/openai")
         reply = await qwen3_worker.dispatch({"openai_route": route, "openai_input": body})
-        return httpx.Response(reply.status, json=reply.runpod_output()[0] if reply.ok else reply.body)
+        return httpx.Response(
+            reply.status, json=reply.runpod_output()[0] if reply.ok else reply.body
+        )
 
     client = AsyncOpenAI(
         base_url="http://endpoint.invalid/openai/v1",
@@ -240,7 +249,9 @@ async def test_default_prompt_name_applies_as_in_sentence_transformers(
     path = tmp_path / "qwen3-default-query"
     shutil.copytree(qwen3_embedder, path)
     st_config = path / "config_sentence_transformers.json"
-    st_config.write_text(json.dumps({**json.loads(st_config.read_text()), "default_prompt_name": "query"}))
+    st_config.write_text(
+        json.dumps({**json.loads(st_config.read_text()), "default_prompt_name": "query"})
+    )
     worker = Worker.from_config(load_config({"MODEL_NAMES": str(path), "DTYPES": "float32"}))
     try:
         plain = await embed(worker, input=QUERIES[:3])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from embedding_worker.jobs import JobStatus, JobStore
+from embedding_worker.transports.jobs import JobStatus, JobStore
 
 
 class Clock:
@@ -68,7 +68,11 @@ def test_unfinished_jobs_are_never_dropped_by_the_bounds():
     assert jobs.get(waiting.id) is waiting
     assert jobs.unfinished() == [waiting]
     assert jobs.counts() == {
-        "inQueue": 1, "inProgress": 0, "completed": 0, "failed": 0, "cancelled": 0,
+        "inQueue": 1,
+        "inProgress": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 0,
     }
 
 

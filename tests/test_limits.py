@@ -8,6 +8,7 @@ import pytest
 
 from embedding_worker import limits
 from embedding_worker.limits import Limits
+from embedding_worker.operations.embeddings import answer_bytes, check_answer_size
 
 
 def _wire(reply) -> bytes:
@@ -63,8 +64,13 @@ async def test_request_size_counts_utf8_bytes_and_token_ids(worker, ids, small_l
 
 
 def test_request_size_estimate_is_close_to_the_json_text():
-    body = {"model": "m", "input": ["héllo wörld " * 20] * 50, "user": "u", "dimensions": 64,
-            "extra": [12345] * 500 + [None, True, 1.5]}
+    body = {
+        "model": "m",
+        "input": ["héllo wörld " * 20] * 50,
+        "user": "u",
+        "dimensions": 64,
+        "extra": [12345] * 500 + [None, True, 1.5],
+    }
     text = len(json.dumps(body, ensure_ascii=False).encode("utf-8"))
     size = text  # the estimate must stop just above the real size and pass just below it
     limits.inspect_request(body, Limits(max_request_bytes=int(size * 1.1)))
@@ -79,11 +85,11 @@ def test_request_size_estimate_is_close_to_the_json_text():
 def test_default_answer_limit_refuses_2048_float_vectors_of_1024_dims_but_not_base64():
     # FINDINGS: about 40 MB of float JSON (RunPod drops it), about 11 MB of base64.
     with pytest.raises(Exception) as refused:
-        limits.check_embedding_answer(2048, 1024, "float", Limits())
+        check_answer_size(2048, 1024, "float", Limits())
     assert refused.value.status == 413 and refused.value.code == "response_too_large"
     assert "base64" in refused.value.message and "MAX_RESPONSE_BYTES" in refused.value.message
-    limits.check_embedding_answer(2048, 1024, "base64", Limits())
-    limits.check_embedding_answer(2048, 384, "float", Limits())  # MiniLM at full batch: ~13 MB
+    check_answer_size(2048, 1024, "base64", Limits())
+    check_answer_size(2048, 384, "float", Limits())  # MiniLM at full batch: ~13 MB
 
 
 async def test_answer_estimate_bounds_the_real_answer_closely(worker, ids):
@@ -96,7 +102,7 @@ async def test_answer_estimate_bounds_the_real_answer_closely(worker, ids):
             for job in _both_flavours(body):
                 reply = await worker.dispatch(job)
                 real = len(_wire(reply))
-                estimate = limits.embedding_answer_bytes(len(texts), dimensions or 384, encoding)
+                estimate = answer_bytes(len(texts), dimensions or 384, encoding)
                 assert real <= estimate <= 1.6 * real + 1024, (encoding, dimensions, real, estimate)
 
 
@@ -192,7 +198,9 @@ async def test_deep_nesting_is_a_typed_400_without_recursion(worker, ids):
     ok: list = []
     for _ in range(limits.MAX_JSON_DEPTH - 2):
         ok = [ok]
-    assert (await worker.dispatch({"model": ids["embedder"], "input": "x", "meta": ok})).status == 200
+    assert (
+        await worker.dispatch({"model": ids["embedder"], "input": "x", "meta": ok})
+    ).status == 200
 
 
 async def test_a_wide_request_is_walked_with_bounded_cost(worker, ids, small_limits):

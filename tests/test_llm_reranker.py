@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from embedding_worker.config import ModelSpec, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines import ModelLoadError, ModelRegistry
-from embedding_worker.llm_reranker import LLMReranker, detect_kind
+from embedding_worker.engines.kinds import kind_of
+from embedding_worker.engines.llm_reranker import LLMReranker
 
 # The recipe passes max_length to tokenizer.pad, which ignores it (and says so).
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored")
@@ -63,9 +64,7 @@ class Reference:
             instruction = (
                 "Given a web search query, retrieve relevant passages that answer the query"
             )
-        return "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}".format(
-            instruction=instruction, query=query, doc=doc
-        )
+        return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
 
     def process_inputs(self, pairs):
         inputs = self.tokenizer(
@@ -129,7 +128,9 @@ def model_of(worker, served_id) -> LLMReranker:
 
 
 @pytest.mark.parametrize("which", ["reranker", "single_logit"])
-@pytest.mark.parametrize("instruction", [None, "Given a question, find the passage that answers it"])
+@pytest.mark.parametrize(
+    "instruction", [None, "Given a question, find the passage that answers it"]
+)
 @pytest.mark.parametrize("batch_size", [1, 4, len(DOCS)])
 async def test_scores_match_the_model_card_across_batches_and_padding(
     qwen3_worker, qwen3_ids, reference, which, instruction, batch_size
@@ -155,7 +156,9 @@ async def test_single_logit_checkpoint_by_plain_transformers(
     pairs = [reference.format_instruction(None, QUERY, d) for d in DOCS]
     with torch.no_grad():
         expected = torch.sigmoid(model(**reference.process_inputs(pairs)).logits[:, 0]).numpy()
-    answer = await rerank(qwen3_worker, model=qwen3_ids["single_logit"], query=QUERY, documents=DOCS)
+    answer = await rerank(
+        qwen3_worker, model=qwen3_ids["single_logit"], query=QUERY, documents=DOCS
+    )
     np.testing.assert_allclose(in_doc_order(answer), expected, rtol=0, atol=1e-5)
 
 
@@ -171,7 +174,9 @@ async def test_the_template_is_exact(qwen3_worker, qwen3_ids, reference):
     # Infinity's whitespace stripping (no trailing "\n\n") scores differently: the tests can fail.
     stripped = reference.process_inputs([reference.format_instruction(None, QUERY, DOCS[0])])
     stripped = {k: v[:, :-1] for k, v in stripped.items()}
-    answer = await rerank(qwen3_worker, model=qwen3_ids["reranker"], query=QUERY, documents=DOCS[:1])
+    answer = await rerank(
+        qwen3_worker, model=qwen3_ids["reranker"], query=QUERY, documents=DOCS[:1]
+    )
     assert abs(in_doc_order(answer)[0] - reference.compute_logits(stripped)[0]) > 1e-4
 
 
@@ -187,7 +192,10 @@ async def test_usage_counts_the_template_tokens_fed(qwen3_worker, qwen3_ids, ref
 async def test_rerank_through_the_openai_route_with_extra_body(qwen3_worker, qwen3_ids, reference):
     expected = reference.scores(QUERY, DOCS[:3], "Find it")
     base = {"model": qwen3_ids["reranker"], "query": QUERY, "documents": DOCS[:3]}
-    for body in ({**base, "instruction": "Find it"}, {**base, "extra_body": {"instruction": "Find it"}}):
+    for body in (
+        {**base, "instruction": "Find it"},
+        {**base, "extra_body": {"instruction": "Find it"}},
+    ):
         reply = await qwen3_worker.call("/v1/rerank", body)
         assert reply.status == 200, reply.body
         np.testing.assert_allclose(in_doc_order(reply.runpod_output()[0]), expected, atol=1e-5)
@@ -217,7 +225,9 @@ def short_reranker(qwen3_reranker, tmp_path_factory):
 
 async def test_only_the_middle_is_truncated_to_the_max_length(short_reranker):
     reference = Reference(short_reranker, max_length=96)
-    worker = Worker.from_config(load_config({"MODEL_NAMES": str(short_reranker), "BATCH_SIZES": "2"}))
+    worker = Worker.from_config(
+        load_config({"MODEL_NAMES": str(short_reranker), "BATCH_SIZES": "2"})
+    )
     try:
         docs = [DOCS[1] * 3, DOCS[0], DOCS[5] * 2]
         answer = await rerank(worker, query=QUERY, documents=docs)
@@ -252,7 +262,10 @@ async def test_concurrent_requests_are_batched_together_off_the_event_loop(
     queries = [f"query number {i}: {d[:20]}" for i, d in enumerate(DOCS)]
     requests = [(q, DOCS[i : i + 2]) for i, q in enumerate(queries[:6])]
     answers = await asyncio.gather(
-        *(rerank(qwen3_worker, model=qwen3_ids["reranker"], query=q, documents=d) for q, d in requests)
+        *(
+            rerank(qwen3_worker, model=qwen3_ids["reranker"], query=q, documents=d)
+            for q, d in requests
+        )
     )
     for (query, docs), answer in zip(requests, answers):
         np.testing.assert_allclose(in_doc_order(answer), reference.scores(query, docs), atol=1e-5)
@@ -288,8 +301,12 @@ async def test_the_queue_bound_refuses_with_429(qwen3_worker, qwen3_ids, monkeyp
     model = model_of(qwen3_worker, qwen3_ids["reranker"])
     monkeypatch.setattr(model, "queue_size", 3)
     first, second = await asyncio.gather(
-        qwen3_worker.dispatch({"model": qwen3_ids["reranker"], "query": "a", "documents": DOCS[:2]}),
-        qwen3_worker.dispatch({"model": qwen3_ids["reranker"], "query": "b", "documents": DOCS[:2]}),
+        qwen3_worker.dispatch(
+            {"model": qwen3_ids["reranker"], "query": "a", "documents": DOCS[:2]}
+        ),
+        qwen3_worker.dispatch(
+            {"model": qwen3_ids["reranker"], "query": "b", "documents": DOCS[:2]}
+        ),
     )
     assert first.status == 200
     assert second.status == 429 and second.body["error"]["code"] == "queue_full"
@@ -326,18 +343,31 @@ def causal_lm_with_st_layout(qwen3_reranker, tmp_path_factory) -> str:
     """A causal LM in sentence-transformers layout (like LLM-based embedders): not a reranker."""
     path = tmp_path_factory.mktemp("st-causal") / "causal-embedder"
     shutil.copytree(qwen3_reranker, path)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-    ]))
+    (path / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+            ]
+        )
+    )
     return str(path)
 
 
 def test_detection_from_the_model_files(
-    qwen3_reranker, qwen3_single_logit_reranker, qwen3_embedder, bert_reranker, bert_embedder,
+    qwen3_reranker,
+    qwen3_single_logit_reranker,
+    qwen3_embedder,
+    bert_reranker,
+    bert_embedder,
     causal_lm_with_st_layout,
 ):
     def kind(path, forced="auto"):
-        return detect_kind(ModelSpec(source=str(path), served_id="x", kind=forced), False)
+        return kind_of(ModelSpec(source=str(path), served_id="x", kind=forced), False).name
 
     assert kind(qwen3_reranker) == "llm-reranker"
     assert kind(qwen3_single_logit_reranker) == "llm-reranker"
@@ -353,10 +383,12 @@ async def test_model_kinds_forces_a_checkpoint_that_detection_misses(
     causal_lm_with_st_layout, reference
 ):
     config = load_config({"MODEL_NAMES": causal_lm_with_st_layout, "MODEL_KINDS": "llm-reranker"})
-    worker = Worker(config, ModelRegistry.load(config))
+    worker = Worker(config, ModelRegistry.load(config.models, config.engine_settings))
     try:
         answer = await rerank(worker, query=QUERY, documents=DOCS[:3])
-        np.testing.assert_allclose(in_doc_order(answer), reference.scores(QUERY, DOCS[:3]), atol=1e-5)
+        np.testing.assert_allclose(
+            in_doc_order(answer), reference.scores(QUERY, DOCS[:3]), atol=1e-5
+        )
     finally:
         await worker.stop()
 
@@ -364,10 +396,10 @@ async def test_model_kinds_forces_a_checkpoint_that_detection_misses(
 def test_forcing_llm_reranker_on_an_encoder_is_a_named_load_error(bert_embedder):
     config = load_config({"MODEL_NAMES": str(bert_embedder), "MODEL_KINDS": "llm-reranker"})
     with pytest.raises(ModelLoadError, match="tiny-bert-embedder.*cannot be an LLM reranker"):
-        ModelRegistry.load(config)
+        ModelRegistry.load(config.models, config.engine_settings)
 
 
 def test_int8_is_refused_for_llm_rerankers(qwen3_reranker):
     config = load_config({"MODEL_NAMES": str(qwen3_reranker), "DTYPES": "int8"})
     with pytest.raises(ModelLoadError, match="tiny-qwen3-reranker.*dtype 'int8'"):
-        ModelRegistry.load(config)
+        ModelRegistry.load(config.models, config.engine_settings)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from runpod.serverless.modules.rp_job import run_job
 
-from embedding_worker.app import runpod_handler
+from embedding_worker.transports.runpod import runpod_handler
 from tests.helpers import decode_vectors
 
 WORDS = "alpha beta gamma delta river stone cloud paper light green quick slow open".split()
@@ -131,7 +131,9 @@ async def test_a_texts_vector_does_not_depend_on_its_batch_mates(worker, ids):
     for model in (ids["minilm"], ids["embedder"]):
         alone = {}
         for text in texts[::5] + texts[-2:]:
-            reply = await worker.dispatch({"model": model, "input": text, "encoding_format": "base64"})
+            reply = await worker.dispatch(
+                {"model": model, "input": text, "encoding_format": "base64"}
+            )
             alone[text] = decode_vectors(reply.body)[0]
         # The whole batch, sent while other jobs share the engine's batches.
         noise = [

@@ -7,7 +7,6 @@ import shutil
 import time
 from pathlib import Path
 
-from embedding_worker.app import prepare_hub_environment
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.model_paths import (
     cached_snapshot,
@@ -15,6 +14,7 @@ from embedding_worker.model_paths import (
     is_hub_id,
     volume_download_home,
 )
+from embedding_worker.startup import prepare_hub_environment
 
 HUB_ID = "acme/tiny-embedder"
 
@@ -56,8 +56,11 @@ def test_a_baked_model_loads_from_disk_under_its_hub_id(tmp_path, bert_embedder)
 
 def test_a_model_in_runpods_cache_loads_from_its_snapshot(tmp_path, bert_embedder):
     snapshot = hub_cache_entry(tmp_path / "hub", HUB_ID, bert_embedder, "abc123")
-    env = {"MODEL_NAMES": HUB_ID, "MODEL_CACHE_DIR": str(tmp_path / "hub"),
-           "MODELS_DIR": str(tmp_path / "none")}
+    env = {
+        "MODEL_NAMES": HUB_ID,
+        "MODEL_CACHE_DIR": str(tmp_path / "hub"),
+        "MODELS_DIR": str(tmp_path / "none"),
+    }
     (model,) = load_config(env).models
     assert Path(model.source) == snapshot
     assert model.served_id == HUB_ID  # not "snapshots/abc123"
@@ -87,7 +90,11 @@ def test_an_incomplete_copy_is_not_used(tmp_path, bert_embedder):
     cache = tmp_path / "hub"
     (cache / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / "abc").mkdir(parents=True)
     (model,) = load_config(
-        {"MODEL_NAMES": HUB_ID, "MODELS_DIR": str(tmp_path / "models"), "MODEL_CACHE_DIR": str(cache)}
+        {
+            "MODEL_NAMES": HUB_ID,
+            "MODELS_DIR": str(tmp_path / "models"),
+            "MODEL_CACHE_DIR": str(cache),
+        }
     ).models
     assert model.source == HUB_ID  # downloaded as usual
     assert not load_config({"MODEL_NAMES": HUB_ID}).all_local
@@ -104,7 +111,8 @@ def test_only_hub_ids_are_looked_up(tmp_path, bert_embedder):
 def test_directories_and_the_bundled_model_keep_their_ids(tmp_path, bert_embedder):
     cfg = load_config({"MODEL_NAMES": f"{DEFAULT_MODEL_ID};{bert_embedder}"})
     assert [m.served_id for m in cfg.models] == [
-        DEFAULT_MODEL_ID, "/".join(bert_embedder.resolve().parts[-2:])
+        DEFAULT_MODEL_ID,
+        "/".join(bert_embedder.resolve().parts[-2:]),
     ]
     assert cfg.all_local
 

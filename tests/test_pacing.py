@@ -16,7 +16,7 @@ from infinity_emb.primitives import EmbeddingInner, EmbeddingSingle, Prioritized
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.pacing import PacedQueue
+from embedding_worker.engines.pacing import PacedQueue
 
 
 def _items(n: int) -> list[PrioritizedQueueItem]:
@@ -24,7 +24,9 @@ def _items(n: int) -> list[PrioritizedQueueItem]:
     return [
         PrioritizedQueueItem(
             priority=i,
-            item=EmbeddingInner(content=EmbeddingSingle(sentence=f"t{i}"), future=loop.create_future()),
+            item=EmbeddingInner(
+                content=EmbeddingSingle(sentence=f"t{i}"), future=loop.create_future()
+            ),
         )
         for i in range(n)
     ]
@@ -204,6 +206,8 @@ async def test_jobs_submitted_in_one_turn_of_the_loop_share_batches(tiny_worker)
             {"model": model.served_id, "input": [f"job {j} text {i} " * 3 for i in range(16)]}
             for j in range(8)
         ]
-        replies = await asyncio.wait_for(asyncio.gather(*(tiny_worker.dispatch(j) for j in jobs)), 60)
+        replies = await asyncio.wait_for(
+            asyncio.gather(*(tiny_worker.dispatch(j) for j in jobs)), 60
+        )
         assert all(r.status == 200 for r in replies)
         assert sizes == [32, 32, 32, 32]

@@ -12,9 +12,9 @@ import pytest
 from runpod.serverless.modules import rp_logger
 from runpod.serverless.modules.rp_job import run_job
 
-from embedding_worker import engines
-from embedding_worker.app import runpod_handler
 from embedding_worker.config import load_config
+from embedding_worker.engines.infinity import engine_args
+from embedding_worker.transports.runpod import runpod_handler
 from tests.conftest import ROOT
 
 SECRET = "hf_" + "Zq7" * 12  # looks like a Hugging Face token
@@ -30,9 +30,9 @@ def test_trust_remote_code_is_off_unless_configured(monkeypatch, bert_embedder):
     assert EngineArgs(model_name_or_path=str(bert_embedder)).trust_remote_code is True
     monkeypatch.setenv("INFINITY_TRUST_REMOTE_CODE", "true")
     config = load_config({"MODEL_NAMES": str(bert_embedder)})
-    assert engines._engine_args(config.models[0], config).trust_remote_code is False
+    assert engine_args(config.models[0], config.engine_settings).trust_remote_code is False
     config = load_config({"MODEL_NAMES": str(bert_embedder), "TRUST_REMOTE_CODE": "true"})
-    assert engines._engine_args(config.models[0], config).trust_remote_code is True
+    assert engine_args(config.models[0], config.engine_settings).trust_remote_code is True
 
 
 def test_the_running_engines_do_not_trust_remote_code(worker):
@@ -89,7 +89,10 @@ def _jobs_carrying_the_secret(ids) -> list[dict]:
         {"id": "job-rerank", "input": {"query": SECRET, "docs": [SECRET], "return_docs": True}},
         {"id": "job-bad-type", "input": {"model": ids["minilm"], "input": [SECRET, 5]}},
         {"id": "job-bad-model", "input": {"model": SECRET, "input": "x"}},
-        {"id": "job-too-long", "input": {"model": ids["minilm"], "input": SECRET * 200, "truncate": False}},
+        {
+            "id": "job-too-long",
+            "input": {"model": ids["minilm"], "input": SECRET * 200, "truncate": False},
+        },
         {"id": "job-surrogate", "input": {"model": ids["minilm"], "input": SECRET + "\ud800"}},
         {"id": "job-route", "input": {"openai_route": SECRET, "openai_input": {"input": SECRET}}},
     ]
@@ -107,7 +110,9 @@ async def test_logs_never_echo_payloads_or_tokens(worker, ids, caplog, capsys, m
     results = [await run_job(handler, job) for job in _jobs_carrying_the_secret(ids)]
     with monkeypatch.context() as patch:
         patch.setattr(model.tokens, "tokenize", tokenize_that_quotes_its_input)
-        crashed = await run_job(handler, {"id": "job-crash", "input": {"model": ids["minilm"], "input": SECRET}})
+        crashed = await run_job(
+            handler, {"id": "job-crash", "input": {"model": ids["minilm"], "input": SECRET}}
+        )
     assert "output" in results[0] and "error" in results[2]
     assert json.loads(crashed["error"])["status"] == 500
     assert SECRET not in crashed["error"]
@@ -120,7 +125,7 @@ async def test_logs_never_echo_payloads_or_tokens(worker, ids, caplog, capsys, m
     monkeypatch.setattr(rp_logger.RunPodLogger, "level", "DEBUG")
     await run_job(handler, _jobs_carrying_the_secret(ids)[1])
     debug_out = capsys.readouterr().out
-    assert "Handler output: <rerank: 1 items" in debug_out
+    assert 'Handler output: {"object": "rerank"' in debug_out
     assert SECRET not in debug_out
 
 
@@ -137,19 +142,21 @@ async def test_each_log_line_of_the_worker_names_its_job(worker, ids, caplog):
 
 def test_runpod_logs_at_info_unless_asked_and_start_errors_hide_tokens():
     probe = (
-        "import embedding_worker.app;"
+        "from embedding_worker.transports.runpod import import_runpod; import_runpod();"
         "from runpod.serverless.modules.rp_logger import RunPodLogger;"
         "print(RunPodLogger().level)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
-    env["PYTHONPATH"] = str(ROOT / "src")
     level = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
     )
     assert level.stdout.strip() == "INFO", level.stderr[-2000:]
     level = subprocess.run(
-        [sys.executable, "-c", probe], env={**env, "RUNPOD_DEBUG_LEVEL": "DEBUG"},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", probe],
+        env={**env, "RUNPOD_DEBUG_LEVEL": "DEBUG"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert level.stdout.strip() == "DEBUG"
 
@@ -157,7 +164,9 @@ def test_runpod_logs_at_info_unless_asked_and_start_errors_hide_tokens():
         [sys.executable, "handler.py"],
         cwd=ROOT,
         env={**env, "HF_HUB_OFFLINE": "1", "HF_TOKEN": SECRET, "MODEL_NAMES": "no-such/model"},
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert start.returncode == 2 and "no-such/model" in start.stderr
     assert SECRET not in start.stdout + start.stderr

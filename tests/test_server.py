@@ -27,10 +27,16 @@ import pytest
 from transformers import AutoTokenizer
 
 from embedding_worker.config import DEFAULT_MODEL_ID, ConfigError, load_config
-from embedding_worker.dispatch import Reply, Worker
-from embedding_worker.engines import Health, ModelEngine, ModelRegistry, Role
-from embedding_worker.tokenization import TokenCounter
-from embedding_worker.server import SERVER_VARIABLES, ServerSettings, create_app, uvicorn_server
+from embedding_worker.dispatch import Worker
+from embedding_worker.engines import Embedder, EngineSettings, Health, ModelRegistry
+from embedding_worker.engines.tokenization import TokenCounter
+from embedding_worker.reply import Reply
+from embedding_worker.transports.http import (
+    SERVER_VARIABLES,
+    ServerSettings,
+    create_app,
+    uvicorn_server,
+)
 from tests import model_factory
 from tests.conftest import ROOT
 from tests.helpers import decode_vectors
@@ -54,7 +60,7 @@ class ServerThread:
         self.server = uvicorn_server(app, "127.0.0.1", 0)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         deadline = time.monotonic() + 120
         while not self.server.started:
@@ -241,7 +247,9 @@ def test_runsync_wraps_the_same_answer_as_the_openai_route(served, http):
         "/runsync", json={"input": {"openai_route": "/v1/embeddings", "openai_input": body}}
     ).json()
     assert isinstance(proxied["output"], list) and len(proxied["output"]) == 1
-    np.testing.assert_allclose(decode_vectors(proxied["output"][0]), decode_vectors(direct), atol=1e-6)
+    np.testing.assert_allclose(
+        decode_vectors(proxied["output"][0]), decode_vectors(direct), atol=1e-6
+    )
 
 
 def test_runsync_failure_is_a_failed_job_with_the_typed_error(served, http):
@@ -260,7 +268,9 @@ def test_run_answers_at_once_then_status_gives_the_result(served, http):
     finished = poll(http, queued["id"])
     assert finished["status"] == "COMPLETED"
     expected = http.post("/runsync", json=body).json()["output"]
-    np.testing.assert_allclose(decode_vectors(finished["output"]), decode_vectors(expected), atol=1e-6)
+    np.testing.assert_allclose(
+        decode_vectors(finished["output"]), decode_vectors(expected), atol=1e-6
+    )
     # Asking again gives the same answer; cancelling a finished job changes nothing.
     assert http.get(f"/status/{queued['id']}").json() == finished
     assert http.post(f"/status/{queued['id']}").json() == finished  # runpod's local API uses POST
@@ -317,12 +327,18 @@ def test_many_concurrent_clients_each_get_their_own_answer(served, http):
     requests = []
     for i in range(clients):
         if i % 3 == 2:
-            body = {"model": served.ids["reranker"], "query": f"question {i} about France",
-                    "documents": DOCS[i % 3:] + [f"document number {i}"]}
+            body = {
+                "model": served.ids["reranker"],
+                "query": f"question {i} about France",
+                "documents": DOCS[i % 3 :] + [f"document number {i}"],
+            }
             requests.append(("/v1/rerank", body))
         else:
-            body = {"model": served.ids["minilm"], "input": [f"client {i} says {TEXTS[i % 3]}"],
-                    "encoding_format": "float"}
+            body = {
+                "model": served.ids["minilm"],
+                "input": [f"client {i} says {TEXTS[i % 3]}"],
+                "encoding_format": "float",
+            }
             requests.append(("/v1/embeddings", body))
 
     def answer(request) -> np.ndarray:
@@ -343,7 +359,7 @@ def test_many_concurrent_clients_each_get_their_own_answer(served, http):
         np.testing.assert_allclose(batched, alone, atol=1e-5, err_msg=f"client {i}")
     embeddings = [v for (path, _), v in zip(requests, one_by_one) if path == "/v1/embeddings"]
     distinct = min(
-        np.abs(a - b).max() for i, a in enumerate(embeddings) for b in embeddings[i + 1:]
+        np.abs(a - b).max() for i, a in enumerate(embeddings) for b in embeddings[i + 1 :]
     )
     assert distinct > 1e-3  # a swapped answer would show
 
@@ -351,16 +367,12 @@ def test_many_concurrent_clients_each_get_their_own_answer(served, http):
 # --- a stuck engine (a fault injected in place of the engine) -------------------------------------
 
 
-class StuckModel(ModelEngine):
+class StuckModel(Embedder):
     """An engine that never answers: to watch cancel, timeouts and health."""
 
-    role = Role.EMBED
     dimensions = 8
 
     async def _embed(self, texts):
-        await asyncio.Event().wait()
-
-    async def _rerank(self, query, docs, instruction):
         await asyncio.Event().wait()
 
 
@@ -369,7 +381,10 @@ def stuck_worker(model_path, timeout_s: str) -> tuple[Worker, StuckModel]:
     health = Health()
     tokens = TokenCounter(AutoTokenizer.from_pretrained(str(model_path)))
     model = StuckModel(
-        config.models[0], tokens, 128, queue_size=100, timeout_s=config.request_timeout_s,
+        config.models[0],
+        tokens,
+        128,
+        settings=EngineSettings(queue_size=100, timeout_s=config.request_timeout_s),
         health=health,
     )
     return Worker(config, ModelRegistry([model], health)), model
@@ -432,8 +447,12 @@ class HandlerProcess:
         )
         self.log = tempfile.TemporaryFile("w+")  # a pipe could fill up and stall the server
         self.proc = subprocess.Popen(
-            [sys.executable, "handler.py", *args], cwd=ROOT, env=full_env,
-            stdout=self.log, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "handler.py", *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
     def wait_until_serving(self, url: str, path: str, timeout: float = 180) -> None:
@@ -466,9 +485,16 @@ def test_serve_flag_with_api_key_and_bounded_results(bert_embedder):
     port, key = free_port(), "test-key-0123456789"
     url = f"http://127.0.0.1:{port}"
     server = HandlerProcess(
-        "--serve", "--host", "127.0.0.1", "--port", str(port),
-        env={"MODEL_NAMES": str(bert_embedder), "WORKER_API_KEY": key,
-             "SERVER_MAX_FINISHED_JOBS": "2"},
+        "--serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env={
+            "MODEL_NAMES": str(bert_embedder),
+            "WORKER_API_KEY": key,
+            "SERVER_MAX_FINISHED_JOBS": "2",
+        },
     )
     try:
         server.wait_until_serving(url, "/health")
@@ -504,7 +530,9 @@ def test_serve_flag_with_api_key_and_bounded_results(bert_embedder):
 
 def test_serve_refuses_a_bad_server_setting_naming_it(bert_embedder):
     server = HandlerProcess(
-        "--serve", "--port", str(free_port()),
+        "--serve",
+        "--port",
+        str(free_port()),
         env={"MODEL_NAMES": str(bert_embedder), "SERVER_JOB_TTL_S": "soon"},
     )
     assert server.proc.wait(120) == 2
@@ -516,7 +544,11 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     runpod_api = HandlerProcess(
-        "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port),
+        "--rp_serve_api",
+        "--rp_api_host",
+        "127.0.0.1",
+        "--rp_api_port",
+        str(port),
         # the served fixture's dtype: DTYPES=auto is bfloat16 on CPUs with native bfloat16
         env={"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32"},
     )
@@ -535,7 +567,9 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
                 if isinstance(ours_out, list):
                     assert isinstance(rp_out, list) and len(rp_out) == 1
                     ours_out, rp_out = ours_out[0], rp_out[0]
-                np.testing.assert_allclose(decode_vectors(rp_out), decode_vectors(ours_out), atol=1e-6)
+                np.testing.assert_allclose(
+                    decode_vectors(rp_out), decode_vectors(ours_out), atol=1e-6
+                )
             rp_failed = theirs.post("/runsync", json=bad_job).json()
             ours_failed = http.post("/runsync", json=bad_job).json()
             assert rp_failed["status"] == ours_failed["status"] == "FAILED"
@@ -576,9 +610,9 @@ def test_server_settings_refuse_bad_values_naming_the_variable(name):
     assert ServerSettings.from_env({name: "7"}) != ServerSettings()
 
 
-def test_every_server_variable_is_in_the_readme_table():
-    readme = (ROOT / "README.md").read_text()
-    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.M))
+def test_every_server_variable_is_in_the_configuration_table():
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", docs, re.M))
     assert set(SERVER_VARIABLES) <= table
     assert ServerSettings.from_env({"WORKER_API_KEY": "k"}).api_key == "k"
     assert ServerSettings.from_env({"WORKER_API_KEY": ""}).api_key is None

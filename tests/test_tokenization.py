@@ -13,7 +13,7 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from embedding_worker.tokenization import (
+from embedding_worker.engines.tokenization import (
     ReusedTokenIds,
     TokenCounter,
     TokenizedText,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import platform
-from typing import Mapping
+from collections.abc import Mapping
 
 # mallopt(3) parameters, from <malloc.h>.
 M_TRIM_THRESHOLD = -1

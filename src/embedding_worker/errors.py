@@ -47,15 +47,15 @@ def invalid_input(message: str, param: str | None = None, code: str = "invalid_i
     return APIError(400, message, type="invalid_request_error", code=code, param=param)
 
 
-def too_large(
-    message: str, param: str | None = None, code: str = "request_too_large"
-) -> APIError:
+def too_large(message: str, param: str | None = None, code: str = "request_too_large") -> APIError:
     """413: the request, or the answer it asks for, is over a size limit (named in the message)."""
     return APIError(413, message, type="invalid_request_error", code=code, param=param)
 
 
 def model_not_found(message: str) -> APIError:
-    return APIError(404, message, type="invalid_request_error", code="model_not_found", param="model")
+    return APIError(
+        404, message, type="invalid_request_error", code="model_not_found", param="model"
+    )
 
 
 def not_found(message: str) -> APIError:

@@ -5,7 +5,7 @@ the parsed values, which stops as soon as the limit is passed: strings count the
 numbers their digits. The same pass refuses what the standard json module lets through but no model or
 JSON writer can handle: NaN/Infinity, lone UTF-16 surrogates ("\\ud800"), absurd nesting.
 
-Answers are estimated before any work is done (vectors x dimensions x bytes per number), so a request
+Answers are estimated before any work is done, by each operation from the sizes below, so a request
 whose answer could not get back through RunPod is refused at once instead of vanishing on the way.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from . import errors
 
@@ -102,52 +102,3 @@ def _utf8_size(text: str, field: str | None) -> int:
         raise errors.invalid_input(
             "a string holds invalid unicode (an unpaired surrogate)", param=field
         ) from None
-
-
-def embedding_answer_bytes(count: int, dimensions: int, encoding_format: str) -> int:
-    """An upper estimate of the JSON size of an embeddings answer."""
-    if encoding_format == "base64":
-        per_vector = 4 * math.ceil(4 * dimensions / 3) + 2
-    else:
-        per_vector = FLOAT_BYTES * dimensions
-    return ENVELOPE_BYTES + count * (per_vector + ITEM_OVERHEAD_BYTES)
-
-
-def check_embedding_answer(
-    count: int, dimensions: int, encoding_format: str, limits: Limits
-) -> None:
-    estimate = embedding_answer_bytes(count, dimensions, encoding_format)
-    if estimate <= limits.max_response_bytes:
-        return
-    advice = "send fewer inputs or ask for fewer 'dimensions'"
-    if encoding_format != "base64":
-        advice = 'ask for "encoding_format": "base64" (about 3x smaller), ' + advice
-    raise errors.too_large(
-        f"the answer ({count} vectors of {dimensions} numbers) would be about {estimate} bytes, "
-        f"more than the limit of {limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops "
-        f"answers over its 20 MB payload limit); {advice}",
-        param="input",
-        code="response_too_large",
-    )
-
-
-def check_rerank_answer(
-    documents: Sequence[str], returned: int, return_documents: bool, limits: Limits
-) -> None:
-    """`returned` results, each with its document's text when asked: the largest ones, to be safe."""
-    estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
-    if return_documents:
-        # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
-        # escaped quotes, backslashes and control characters.
-        sizes = sorted((len(d.encode("utf-8")) for d in documents), reverse=True)[:returned]
-        text = sum(sizes)
-        estimate += text + text // 8
-    if estimate <= limits.max_response_bytes:
-        return
-    raise errors.too_large(
-        f"the answer would be about {estimate} bytes, more than the limit of "
-        f"{limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over its 20 MB "
-        "payload limit); leave out 'return_documents', set 'top_n', or send fewer documents",
-        param="documents",
-        code="response_too_large",
-    )

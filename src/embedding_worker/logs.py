@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import MutableMapping
 from contextvars import ContextVar
-from typing import Any, MutableMapping
+from typing import Any
 
 current_job: ContextVar[str | None] = ContextVar("embedding_worker_job", default=None)
 
 
 class JobLogger(logging.LoggerAdapter):
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
         job = current_job.get()
         return (f"job {job}: {msg}" if job is not None else msg), kwargs
 

@@ -24,7 +24,6 @@ from . import errors
 
 if TYPE_CHECKING:
     from .engines import ModelEngine
-    from .protocol import EmbeddingRequest
 
 # \Z, not $: "$" also matches before a final newline, which would drop it from the tail.
 _INSTRUCTION_PROMPT = re.compile(r"Instruct: (?P<task>[^\n]*)\n(?P<tail>[^\n]*)\Z")
@@ -48,7 +47,7 @@ def _instruction_prompt_name(prompts: dict[str, str]) -> str | None:
     return names[0] if names else None
 
 
-def embedding_prefix(model: "ModelEngine", instruction: str | None, prompt_type: str | None) -> str:
+def embedding_prefix(model: ModelEngine, instruction: str | None, prompt_type: str | None) -> str:
     """The text to put before every input of an embedding request."""
     prompts = model.prompts
     if prompt_type is not None:
@@ -79,7 +78,8 @@ def embedding_prefix(model: "ModelEngine", instruction: str | None, prompt_type:
     return prompts[name]
 
 
-def apply_embedding_prompt(model: "ModelEngine", request: "EmbeddingRequest") -> list[str]:
-    prefix = embedding_prefix(model, request.instruction, request.prompt_type)
-    texts: list[str] = request.input  # type: ignore[assignment]
+def apply_embedding_prompt(
+    model: ModelEngine, texts: list[str], instruction: str | None, prompt_type: str | None
+) -> list[str]:
+    prefix = embedding_prefix(model, instruction, prompt_type)
     return [prefix + text for text in texts] if prefix else list(texts)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 # Full batches go while a replica has fewer than this many between leaving the queue and finishing
 # its forward pass: the one computing and one being tokenised behind it. What waits meanwhile goes in

@@ -3,7 +3,7 @@
 Infinity loads a `Qwen3ForCausalLM` reranker as an embedder and refuses to rerank with it, and it strips
 whitespace from the converted single-logit checkpoints (which drops the template's trailing "\\n\\n" and
 changes their scores). So these models run here, beside Infinity's AsyncEngineArray, behind the same
-`ModelEngine` interface (same queue bound, timeouts and errors).
+`Reranker` interface (same queue bound, timeouts and errors).
 
 The recipe (Qwen3-Reranker model card):
 - input: PREFIX + "<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {document}" + SUFFIX;
@@ -20,17 +20,19 @@ and forwards run on one worker thread per model, under torch.inference_mode, nev
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from . import errors
-from .config import ModelSpec
-from .engines import ModelEngine, ModelLoadError, Role
-from .logs import get_logger, redacted_traceback
+from .. import errors
+from ..logs import get_logger, redacted_traceback
+from .base import Health, ModelLoadError, Reranker
+from .dtype import torch_dtype
+from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter
 
 log = get_logger(__name__)
@@ -42,6 +44,7 @@ PREFIX = (
 )
 SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+KIND = "llm-reranker"
 MAX_LENGTH = 8192  # the recipe's max_length, prefix and suffix included
 _WINDOW = 8  # batches taken from the queue at once, sorted by length together (Infinity's factor)
 
@@ -83,36 +86,34 @@ def _yes_no_ids(tokenizer: Any) -> tuple[int, int] | None:
     return ids[0], ids[1]
 
 
-def detect_kind(spec: ModelSpec, trust_remote_code: bool) -> str:
-    """'llm-reranker' or 'infinity' for one model: MODEL_KINDS if set, else from the model's files.
+def detect(spec: ModelSpec, trust_remote_code: bool) -> bool:
+    """Whether the model's files are an LLM reranker.
 
     LLM rerankers: a `*ForCausalLM` without a sentence-transformers layout (modules.json) whose tokenizer
     has the single tokens "yes" and "no" (Qwen3-Reranker); a single-label
     `Qwen3ForSequenceClassification` with a Qwen tokenizer (its converted checkpoints). Anything
-    else, or anything whose config cannot be read here, is left to Infinity.
+    whose config cannot be read here is not (Infinity's loader then reports the real problem).
     """
-    if spec.kind != "auto":
-        return spec.kind
     from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
-    except Exception:  # Infinity's loader reports the real problem
-        return "infinity"
+    except Exception:
+        return False
     architectures = list(getattr(config, "architectures", None) or [])
     causal = any(a.endswith("ForCausalLM") for a in architectures)
     single_logit = "Qwen3ForSequenceClassification" in architectures and config.num_labels == 1
     if not (causal or single_logit):
-        return "infinity"
+        return False
     if causal and _file(spec.source, "modules.json") is not None:
-        return "infinity"  # a sentence-transformers embedder built on a causal LM
+        return False  # a sentence-transformers embedder built on a causal LM
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
     except Exception:
-        return "infinity"
+        return False
     if causal:
-        return "llm-reranker" if _yes_no_ids(tokenizer) is not None else "infinity"
-    return "llm-reranker" if type(tokenizer).__name__.startswith("Qwen2Tokenizer") else "infinity"
+        return _yes_no_ids(tokenizer) is not None
+    return type(tokenizer).__name__.startswith("Qwen2Tokenizer")
 
 
 # ------------------------------------------------------------------------------------ the engine
@@ -135,24 +136,8 @@ class _Pair:
     ids: list[int] = field(default_factory=list)
 
 
-def _torch_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype in ("float32", "float16", "bfloat16"):
-        return getattr(torch, dtype)
-    raise ValueError(
-        f"dtype '{dtype}' is not available for LLM rerankers; use auto, float32, float16 or bfloat16"
-    )
-
-
-class LLMReranker(ModelEngine):
+class LLMReranker(Reranker):
     """A language-model reranker (Qwen3-Reranker or its single-logit conversion)."""
-
-    role = Role.RERANK
 
     def __init__(
         self,
@@ -186,13 +171,18 @@ class LLMReranker(ModelEngine):
         self._thread: ThreadPoolExecutor | None = None
 
     @classmethod
-    def load(cls, spec: ModelSpec, *, trust_remote_code: bool, **kwargs: Any) -> "LLMReranker":
+    def load(cls, spec: ModelSpec, settings: EngineSettings, health: Health) -> LLMReranker:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-        from transformers import AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
+        trust_remote_code = settings.trust_remote_code
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = _torch_dtype(spec.dtype, device)
+        dtype = torch_dtype(spec.dtype, device)
         config = AutoConfig.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"  # the recipe pads on the left; the score is at position -1
@@ -240,7 +230,8 @@ class LLMReranker(ModelEngine):
             tokenizer=tokenizer,
             max_length=min(limits),
             device=device,
-            **kwargs,
+            settings=settings,
+            health=health,
         )
 
     # --------------------------------------------------------------------------- lifecycle
@@ -274,13 +265,6 @@ class LLMReranker(ModelEngine):
         fixed = len(self.prefix_ids) + len(self.suffix_ids)
         middles = [format_pair(query, d, instruction) for d in docs]
         return [fixed + n for n in self.tokens.count(middles)]
-
-    async def _embed(self, texts: list[str]) -> np.ndarray:
-        raise errors.invalid_input(
-            f"model '{self.served_id}' is a rerank model and cannot embed",
-            param="model",
-            code="model_not_embedding",
-        )
 
     async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
         if self._batcher is None or self._wake is None:
@@ -321,7 +305,9 @@ class LLMReranker(ModelEngine):
                 live = [p for p in chunk if not p.request.future.done()]
                 if not live:
                     continue
-                scores = await loop.run_in_executor(self._thread, self._forward, [p.ids for p in live])
+                scores = await loop.run_in_executor(
+                    self._thread, self._forward, [p.ids for p in live]
+                )
                 for pair, score in zip(live, scores.tolist()):
                     self._deliver(pair, score)
         except asyncio.CancelledError:  # stopping: nobody will answer these

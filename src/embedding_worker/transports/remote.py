@@ -1,11 +1,11 @@
 """`--endpoint URL`: a batch file answered by a deployed RunPod endpoint instead of this machine.
 
 Lines go in chunks as batch jobs (`{"input": {"batch": [line, ...]}}`, answered by
-`batch.answer_job` on the workers) through RunPod's `/run`, `jobs` of them at once, so RunPod's
+`operations.batch.answer_job` on the workers) through RunPod's `/run`, `jobs` of them at once, so RunPod's
 autoscaling spreads them over many workers; each job is polled on `/status/{id}`. A job that fails,
 times out or cannot be sent is sent again, and so are the lines it answered with a full queue or a
 timeout (429/503), at most `retries` times with exponential backoff; lines still unanswered then are
-left out of the output, for the next run. The output file, resuming and skipping are batch.py's.
+left out of the output, for the next run. The output file, resuming and skipping are batch_files.py's.
 """
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ import asyncio
 import json
 import logging
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .batch import BatchRun, Request, bounded, error_line, is_retryable
+from ..operations.batch import LineRequest, bounded, error_line, is_retryable
+
+if TYPE_CHECKING:
+    from .batch_files import BatchRun
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,11 @@ async def run_endpoint(run: BatchRun, transport: httpx.AsyncBaseTransport | None
             run.summary.aborted = str(exc)
 
 
-def _chunks(run: BatchRun) -> Iterator[list[Request]]:
+def _chunks(run: BatchRun) -> Iterator[list[LineRequest]]:
     """The remaining requests in chunks of `chunk_size`; bad lines are answered here, unsent."""
-    chunk: list[Request] = []
+    chunk: list[LineRequest] = []
     for line in run.lines():
-        if not isinstance(line, Request):
+        if not isinstance(line, LineRequest):
             run.write(error_line(line.custom_id, line.error))
             continue
         chunk.append(line)
@@ -82,7 +86,7 @@ class _Endpoint:
         self.options = run.options
         self.status_method = "GET"
 
-    async def answer_chunk(self, chunk: list[Request]) -> None:
+    async def answer_chunk(self, chunk: list[LineRequest]) -> None:
         """Send one chunk as a job and write its answers, retrying what failed."""
         pending = chunk
         retries = self.options.retries
@@ -101,7 +105,10 @@ class _Endpoint:
             except _JobFailed as exc:
                 log.warning(
                     "job of %d lines failed (try %d of %d): %s",
-                    len(pending), attempt + 1, retries + 1, exc,
+                    len(pending),
+                    attempt + 1,
+                    retries + 1,
+                    exc,
                 )
                 continue
             retry = []
@@ -115,7 +122,7 @@ class _Endpoint:
                 return
         self.run.leave_unanswered(len(pending))
 
-    async def _run_job(self, lines: list[Request]) -> list[dict[str, Any]]:
+    async def _run_job(self, lines: list[LineRequest]) -> list[dict[str, Any]]:
         job = await self._request(
             "POST", "/run", json={"input": {"batch": [r.to_batch_line() for r in lines]}}
         )
@@ -188,7 +195,7 @@ class _Endpoint:
             pass  # best effort: the job is sent again either way
 
 
-def _outputs(output: Any, lines: list[Request]) -> list[dict[str, Any]]:
+def _outputs(output: Any, lines: list[LineRequest]) -> list[dict[str, Any]]:
     """A completed job's output lines, checked against the lines sent."""
     data = output.get("data") if isinstance(output, dict) else None
     if not isinstance(data, list) or len(data) != len(lines):

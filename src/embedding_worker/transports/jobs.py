@@ -11,9 +11,9 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
 
 
 class JobStatus(str, Enum):
@@ -61,6 +61,15 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
         self._finished: OrderedDict[str, int] = OrderedDict()  # job id -> answer size, oldest first
         self._finished_bytes = 0
+        # /runsync jobs hold no stored answer: counted only, in progress and finished by status.
+        self._sync_counts = {status: 0 for status in JobStatus}
+
+    def sync_started(self) -> None:
+        self._sync_counts[JobStatus.IN_PROGRESS] += 1
+
+    def sync_finished(self, status: JobStatus) -> None:
+        self._sync_counts[JobStatus.IN_PROGRESS] -= 1
+        self._sync_counts[status] += 1
 
     def add(self) -> Job:
         job = Job(id=str(uuid.uuid4()))
@@ -90,9 +99,10 @@ class JobStore:
         return [job for job in self._jobs.values() if not job.finished]
 
     def counts(self) -> dict[str, int]:
-        """Jobs by status, in RunPod's /health field names."""
+        """Jobs by status, in RunPod's /health field names: /run jobs while their answers are
+        kept, /runsync jobs since the start."""
         self._drop_expired()
-        by_status = {status: 0 for status in JobStatus}
+        by_status = dict(self._sync_counts)
         for job in self._jobs.values():
             by_status[job.status] += 1
         return {

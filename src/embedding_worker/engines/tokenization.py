@@ -9,12 +9,13 @@ each counted text carries its token ids to the engine, and the engine's tokenize
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from .logs import get_logger
+from ..logs import get_logger
 
 log = get_logger(__name__)
 
@@ -89,7 +90,9 @@ class TokenCounter:
         if self.model_input is not None:
             texts = [self.model_input.prepare(text) for text in texts]
         if len(texts) <= _ONE_BY_ONE_MAX:
-            return [self._fast.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+            return [
+                self._fast.encode(text, add_special_tokens=add_special_tokens) for text in texts
+            ]
         return self._encode_batch(list(texts), add_special_tokens)
 
     def count(self, texts: Sequence[str]) -> list[int]:

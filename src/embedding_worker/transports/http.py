@@ -1,6 +1,6 @@
 """The local HTTP server: RunPod's endpoint routes and OpenAI routes over the one `Worker` dispatch.
 
-`python handler.py --serve` runs it with uvicorn. Every route only reads the request and writes the
+`embedding-worker serve` (or `python handler.py --serve`) runs it with uvicorn. Every route only reads the request and writes the
 `Reply` in its wire format: RunPod's job wrapper for /run, /runsync and /status, the OpenAI body
 with its HTTP status for /v1/... and /openai/v1/... . Nothing here knows what an embedding is.
 """
@@ -12,18 +12,21 @@ import hmac
 import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import orjson
 import uvicorn
 
-from . import errors
-from .config import _float, _int
-from .dispatch import Reply, Worker
-from .errors import APIError
+from .. import errors, operations
+from ..dispatch import Worker
+from ..env import float_var, int_var
+from ..errors import APIError
+from ..logs import redacted_traceback
+from ..reply import Reply
 from .jobs import Job, JobStatus, JobStore
-from .logs import redacted_traceback
+from .runpod import job_answer
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +51,18 @@ class ServerSettings:
     max_body_bytes: int = 20 * 1024 * 1024  # RunPod's /runsync payload limit
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "ServerSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
         """Read the server's variables; a bad value raises ConfigError naming it."""
         env = os.environ if env is None else env
         default = cls()
         return cls(
             api_key=env.get(API_KEY_ENV) or None,
-            job_ttl_s=_float(env, "SERVER_JOB_TTL_S", default.job_ttl_s),
-            max_finished_jobs=_int(env, "SERVER_MAX_FINISHED_JOBS", default.max_finished_jobs),
-            max_job_result_bytes=_int(
+            job_ttl_s=float_var(env, "SERVER_JOB_TTL_S", default.job_ttl_s),
+            max_finished_jobs=int_var(env, "SERVER_MAX_FINISHED_JOBS", default.max_finished_jobs),
+            max_job_result_bytes=int_var(
                 env, "SERVER_MAX_JOB_RESULT_BYTES", default.max_job_result_bytes
             ),
-            max_body_bytes=_int(env, "SERVER_MAX_BODY_BYTES", default.max_body_bytes),
+            max_body_bytes=int_var(env, "SERVER_MAX_BODY_BYTES", default.max_body_bytes),
         )
 
 
@@ -127,22 +130,13 @@ class Request:
             raise errors.invalid_input("the request body is not valid JSON") from None
 
 
-def job_answer(job_id: str, reply: Reply) -> dict[str, Any]:
-    """RunPod's job wrapper around `reply.runpod_output()`: COMPLETED with output, or FAILED with
-    the error text (the JSON of the OpenAI error object and its status)."""
-    output = reply.runpod_output()
-    if reply.ok:
-        return {"id": job_id, "status": JobStatus.COMPLETED.value, "output": output}
-    return {"id": job_id, "status": JobStatus.FAILED.value, "error": output["error"]}
-
-
 class LocalServer:
     """The ASGI app: a table of routes over the worker, and the ASGI lifespan that starts the
     worker's engines in the server's event loop and stops them (and any unfinished /run job).
 
-    Plain ASGI, not a web framework: every request is one dict lookup and one call. On the
-    2-core benchmark machine a framework's layers (FastAPI here before) took as much CPU per
-    request as the worker itself, CPU the model then lacked (README, "Performance").
+    Plain ASGI, not a web framework: every request is one dict lookup and one call. On a 2-core
+    machine a framework's layers take as much CPU per request as the worker itself, CPU the model
+    then lacks (docs/design.md).
     """
 
     def __init__(self, worker: Worker, settings: ServerSettings | None = None) -> None:
@@ -163,10 +157,14 @@ class LocalServer:
             "/cancel/": {"POST": self.cancel},
             "/health": {"GET": self.health},
         }
-        for prefix in OPENAI_PREFIXES:
-            self._routes[prefix + "/models"] = {"GET": self.models}
-            self._routes[prefix + "/embeddings"] = {"POST": self.embeddings}
-            self._routes[prefix + "/rerank"] = {"POST": self.rerank}
+        # Every operation with an OpenAI route, under each prefix (operations/__init__.py).
+        for operation in operations.OPERATIONS:
+            if operation.route is None:
+                continue
+            handler = self._openai_handler(operation.route, operation.method)
+            for prefix in OPENAI_PREFIXES:
+                path = prefix + operation.route.removeprefix("/v1")
+                self._routes[path] = {operation.method: handler}
         self._open = {"/health"}  # answered without the API key, for load balancers and probes
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -177,7 +175,9 @@ class LocalServer:
                 (b"content-length", str(len(response.body)).encode()),
                 *response.headers,
             ]
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
             await send({"type": "http.response.body", "body": response.body})
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
@@ -241,7 +241,14 @@ class LocalServer:
     async def runsync(self, request: Request) -> Response:
         job_input = _job_input(await request.json())
         job_id = f"sync-{uuid.uuid4()}"
-        return json_response(job_answer(job_id, await self.worker.dispatch(job_input, job_id)))
+        self.jobs.sync_started()
+        status = JobStatus.CANCELLED  # the client went away while the job ran
+        try:
+            reply = await self.worker.dispatch(job_input, job_id)
+            status = JobStatus.COMPLETED if reply.ok else JobStatus.FAILED
+        finally:
+            self.jobs.sync_finished(status)
+        return json_response(job_answer(job_id, reply))
 
     async def run(self, request: Request) -> Response:
         job_input = _job_input(await request.json())
@@ -286,21 +293,22 @@ class LocalServer:
 
     async def health(self, request: Request) -> Response:
         healthy = self.worker.healthy
-        body: dict[str, Any] = {"status": "ok" if healthy else "unhealthy", "jobs": self.jobs.counts()}
+        body: dict[str, Any] = {
+            "status": "ok" if healthy else "unhealthy",
+            "jobs": self.jobs.counts(),
+        }
         if not healthy:
             body["reason"] = self.worker.registry.health.reason
         return json_response(body, 200 if healthy else 503)
 
     # --- OpenAI routes: the OpenAI body, with its HTTP status -----------------------------------
 
-    async def models(self, request: Request) -> Response:
-        return reply_response(await self.worker.call("/v1/models", None))
+    def _openai_handler(self, route: str, method: str) -> Handler:
+        async def answer(request: Request) -> Response:
+            body = None if method == "GET" else await request.json()
+            return reply_response(await self.worker.call(route, body))
 
-    async def embeddings(self, request: Request) -> Response:
-        return reply_response(await self.worker.call("/v1/embeddings", await request.json()))
-
-    async def rerank(self, request: Request) -> Response:
-        return reply_response(await self.worker.call("/v1/rerank", await request.json()))
+        return answer
 
 
 def create_app(worker: Worker, settings: ServerSettings | None = None) -> LocalServer:

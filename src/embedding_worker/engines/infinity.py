@@ -1,0 +1,181 @@
+"""The Infinity adapter: sentence-transformers embedders and cross-encoder rerankers on Infinity.
+
+Every Infinity model of the worker is one `AsyncEmbeddingEngine` in one `AsyncEngineArray` (the
+registry starts and stops the array). Three of Infinity's internals are worked around here, each in
+one place: a batch thread that dies silently (`_guard_batch_threads`), batches released before they
+are full (pacing.py, installed in `start`), and a second tokenization of every text (tokenization.py's
+`reuse_token_ids`, installed at load when it reproduces Infinity's tensors exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import MutableMapping
+from typing import Any
+
+import numpy as np
+
+from .. import errors
+from ..logs import get_logger, redacted_traceback
+from . import pacing
+from .base import Embedder, Health, ModelEngine, ModelLoadError, Reranker
+from .dtype import resolve_dtype
+from .spec import EngineSettings, ModelSpec
+from .tokenization import TokenCounter, reuse_token_ids
+
+log = get_logger(__name__)
+
+KIND = "infinity"
+
+
+class _NoTorchDtypeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`torch_dtype` is deprecated" not in str(record.msg)
+
+
+def quiet_infinity(environ: MutableMapping[str, str]) -> None:
+    """Infinity reads defaults for every EngineArgs field it is not given from INFINITY_* variables,
+    some unsafe (trust_remote_code) or broken here (bettertransformer needs optimum 1.x); the worker
+    passes every field that matters explicitly. Telemetry goes off before infinity_emb is imported.
+    Infinity's loader passes `torch_dtype`, which transformers announces as deprecated at every
+    start: not the user's to fix, so not shown."""
+    environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
+    environ.setdefault("DO_NOT_TRACK", "1")
+    notices = logging.getLogger("transformers.configuration_utils")
+    if not any(isinstance(f, _NoTorchDtypeNotice) for f in notices.filters):
+        notices.addFilter(_NoTorchDtypeNotice())
+
+
+def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
+    """The EngineArgs the worker gives Infinity for one model (bench/ builds its baseline with it)."""
+    from infinity_emb import EngineArgs
+
+    dtype = resolve_dtype(spec.dtype, spec.backend, spec.source)
+    if dtype != spec.dtype:
+        log.info("%s: dtype auto -> %s on this machine", spec.served_id, dtype)
+    return EngineArgs(
+        model_name_or_path=spec.source,
+        served_model_name=spec.served_id,
+        batch_size=spec.batch_size,
+        dtype=dtype,
+        engine=spec.backend,
+        trust_remote_code=settings.trust_remote_code,
+        bettertransformer=False,
+        model_warmup=False,
+        compile=False,
+        lengths_via_tokenize=False,
+        vector_disk_cache_path="",
+    )
+
+
+class InfinityModel(ModelEngine):
+    """What every Infinity-served model shares: the loaded replica's tokenizer and limits, the
+    batch-thread guard and the paced queue. `load` gives an embedder or a reranker."""
+
+    def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
+        replica = engine._model_replicas[0]  # Infinity keeps the loaded model here; no public API
+        tokenizer = getattr(replica, "tokenizer", None) or replica._infinity_tokenizer
+        max_length = (
+            getattr(replica, "max_seq_length", None)
+            or getattr(replica, "max_length", None)
+            or tokenizer.model_max_length
+        )
+        super().__init__(spec, TokenCounter(tokenizer), int(max_length), **kwargs)
+        self.engine = engine
+        self._paced: pacing.PacedQueue | None = (
+            None  # set by start(): Infinity makes its queue there
+        )
+        self.prompts = dict(getattr(replica, "prompts", None) or {})
+        self.default_prompt_name = getattr(replica, "default_prompt_name", None)
+        for each_replica in engine._model_replicas:
+            self._prepare_replica(each_replica)
+            self._guard_batch_threads(each_replica)
+
+    @staticmethod
+    def load(spec: ModelSpec, settings: EngineSettings, health: Health) -> InfinityModel:
+        quiet_infinity(os.environ)
+        from infinity_emb import AsyncEmbeddingEngine
+
+        engine = AsyncEmbeddingEngine.from_args(engine_args(spec, settings))
+        capabilities = set(engine.capabilities)
+        model_class: type[InfinityModel]
+        if "embed" in capabilities:
+            model_class = InfinityEmbedder
+        elif "rerank" in capabilities:
+            model_class = InfinityReranker
+        else:
+            raise ModelLoadError(
+                f"model '{spec.served_id}' is a {'/'.join(sorted(capabilities))} model; "
+                "this worker serves embedding and reranking models"
+            )
+        return model_class(spec, engine, settings=settings, health=health)
+
+    def _prepare_replica(self, replica: Any) -> None:
+        """A step of the subclass's own on each replica, before the guard wraps its stages."""
+
+    def _guard_batch_threads(self, replica: Any) -> None:
+        """Infinity's upstream issue #609: an exception in a batch thread (tokenise, forward,
+        post-process) kills that thread, and every pending and later request waits for ever.
+
+        The replica's three stage methods are wrapped so that the first exception reports the engine
+        dead: the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and asks
+        RunPod for a replacement. The exception is re-raised, so Infinity behaves as before.
+        """
+        for stage in ("encode_pre", "encode_core", "encode_post"):
+            method = getattr(replica, stage)
+
+            @functools.wraps(method)
+            def guarded(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
+                try:
+                    return _method(*args)
+                except Exception as exc:
+                    log.error(
+                        "model '%s': Infinity batch thread died in %s: %s",
+                        self.served_id,
+                        _stage,
+                        redacted_traceback(exc),
+                    )
+                    self.report_dead(f"its batch thread died in {_stage} ({type(exc).__name__})")
+                    raise
+                finally:
+                    if _stage == "encode_core" and self._paced is not None:
+                        self._paced.batch_finished()
+
+            setattr(replica, stage, guarded)
+
+    async def start(self) -> None:
+        # Runs after Infinity's own start, which makes a new batch handler (and queue) every time.
+        self._paced = pacing.install(self.engine._batch_handler)
+
+
+class InfinityEmbedder(InfinityModel, Embedder):
+    def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
+        super().__init__(spec, engine, **kwargs)
+        replica = engine._model_replicas[0]
+        get_dim = getattr(replica, "get_sentence_embedding_dimension", None)
+        self.dimensions = get_dim() if get_dim else None
+
+    def _prepare_replica(self, replica: Any) -> None:
+        if reuse_token_ids(replica, self.tokens):
+            log.debug("%s: the engine reuses the worker's token ids", self.served_id)
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        vectors, _ = await self.engine.embed(sentences=texts)
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class InfinityReranker(InfinityModel, Reranker):
+    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
+        if instruction is not None:
+            raise errors.invalid_input(
+                f"model '{self.served_id}' takes no instruction", param="instruction"
+            )
+        # Infinity sorts and cuts its answer; the worker wants scores in document order, as plain
+        # numbers, and sorts itself (the same way for every engine kind).
+        ranked, _ = await self.engine.rerank(query=query, docs=docs, raw_scores=False)
+        scores = np.empty(len(docs), dtype=np.float64)
+        for item in ranked:
+            scores[item.index] = float(item.relevance_score)
+        return scores

@@ -1,0 +1,31 @@
+"""What an engine is given: one model to serve (`ModelSpec`) and the settings every engine shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_DTYPE = "auto"
+DEFAULT_BACKEND = "torch"
+AUTO_KIND = "auto"  # the model's files decide its kind (kinds.py)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve."""
+
+    source: str  # hub id or local directory handed to the loader
+    served_id: str  # the id clients use and /v1/models shows
+    batch_size: int = DEFAULT_BATCH_SIZE
+    dtype: str = DEFAULT_DTYPE
+    backend: str = DEFAULT_BACKEND
+    kind: str = AUTO_KIND  # a name from kinds.KIND_NAMES
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Settings shared by every engine: the queue bound, the time bound, and remote code."""
+
+    queue_size: int = 48_000  # most inputs queued per model (INFINITY_QUEUE_SIZE)
+    timeout_s: float = 300.0  # most seconds one engine call may take (REQUEST_TIMEOUT)
+    trust_remote_code: bool = False

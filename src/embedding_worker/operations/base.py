@@ -1,0 +1,180 @@
+"""What every operation shares: the `Operation` record the registry holds, the request model base
+and its parsing into one typed error, and the checks every operation makes before any work."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .. import errors
+from ..engines import Capability, ModelEngine, ModelRegistry
+from ..errors import APIError
+from ..limits import Limits
+from ..reply import Reply
+
+T = TypeVar("T")
+
+
+class Context(Protocol):
+    """What an operation may use of the worker that runs it."""
+
+    registry: ModelRegistry
+    limits: Limits
+    line_routes: tuple[str, ...]  # the routes a batch line may name
+
+    @property
+    def healthy(self) -> bool: ...
+
+    async def call(self, route: str, body: Any, line: str | None = None) -> Reply:
+        """Answer another route's request within this job; `line` names it in the job's logs."""
+        ...
+
+
+Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation of the worker, as dispatch, the HTTP server and batch files see it."""
+
+    name: str
+    run: Run  # a validated-size body in, the answer body out; failures raise APIError
+    # The OpenAI route (`openai_route`, and the HTTP path under /v1 and /openai/v1); None for an
+    # operation that only exists as a standard-flavour job.
+    route: str | None = None
+    method: str = "POST"  # the HTTP method of `route`
+    # Standard flavour: a job input holding any of these fields is this operation (the registry's
+    # order decides between operations), and how to say so in an error message.
+    job_fields: tuple[str, ...] = ()
+    job_hint: str = ""
+    batch_line: bool = False  # a batch line's `url` may name this route
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+class RequestModel(BaseModel):
+    """Requests are pydantic models in strict mode: a JSON string is never silently turned into a
+    number, a bool into an int, or a float into an int; unknown fields are ignored (clients send
+    fields of other servers)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, populate_by_name=True)
+
+
+# Model ids are short; a longer one is refused before it can be echoed in an error message.
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+RequestT = TypeVar("RequestT", bound=RequestModel)
+
+
+def parse(model: type[RequestT], body: Any) -> RequestT:
+    """Validate a request body; any failure becomes one invalid_input APIError naming the field."""
+    if not isinstance(body, dict):
+        raise errors.invalid_input("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _to_api_error(exc) from None
+
+
+def _to_api_error(exc: ValidationError) -> APIError:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    field = loc[0] if loc else None
+    where = ".".join(loc) if loc else "body"
+    if first["type"] == "missing":
+        message = f"'{where}' is required"
+    else:
+        text = first["msg"].removeprefix("Value error, ")
+        message = f"'{where}': {text}"
+    return errors.invalid_input(message, param=field)
+
+
+# ------------------------------------------------------------------------------------ answers
+# Plain dicts: they are built for every request, and runpod serialises them with the standard json
+# module; the keys follow the OpenAI and Cohere references.
+
+
+def answer_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def created() -> int:
+    return int(time.time())
+
+
+def usage(tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+# ------------------------------------------------------------------------------------ checks
+
+# Tokenising on the event loop is cheaper than a thread hop for small requests; big ones go to a
+# thread so that other requests keep flowing meanwhile (the Rust tokenizer releases the GIL).
+TOKENIZE_INLINE_MAX = 64
+
+
+async def tokenize(items: int, tokenizer_call: Callable[..., T], *args: Any) -> T:
+    """Run a tokenizer call inline for small requests, in a thread for big ones."""
+    if items <= TOKENIZE_INLINE_MAX:
+        return tokenizer_call(*args)
+    return await asyncio.to_thread(tokenizer_call, *args)
+
+
+def model_for(registry: ModelRegistry, name: str | None, capability: Capability) -> ModelEngine:
+    """The model a request names, checked to have the operation's capability."""
+    model = registry.resolve(name, capability)
+    if not model.can(capability):
+        raise errors.invalid_input(
+            f"model '{model.served_id}' is {model.role.noun} model and cannot {capability.value}",
+            param="model",
+            code="model_not_embedding" if capability is Capability.EMBED else "model_not_reranker",
+        )
+    return model
+
+
+def check_count(count: int, limits: Limits, param: str) -> None:
+    if count > limits.max_inputs:
+        raise errors.invalid_input(
+            f"'{param}' holds {count} items, more than the limit of {limits.max_inputs} per request",
+            param=param,
+        )
+
+
+def check_lengths(
+    model: ModelEngine, lengths: Sequence[int], truncate: bool, limits: Limits, param: str
+) -> int:
+    """Apply the per-input and per-request token limits; returns the tokens the model will see."""
+    if not truncate:
+        for i, n in enumerate(lengths):
+            if n > model.max_length:
+                raise errors.invalid_input(
+                    f"'{param}' item {i} has {n} tokens, more than the model's maximum of "
+                    f'{model.max_length}; shorten it or send "truncate": true',
+                    param=param,
+                    code="context_length_exceeded",
+                )
+    total = sum(min(n, model.max_length) for n in lengths)
+    if total > limits.max_request_tokens:
+        raise errors.invalid_input(
+            f"the request holds {total} tokens, more than the limit of {limits.max_request_tokens} "
+            "per request (MAX_REQUEST_TOKENS); split it",
+            param=param,
+            code="request_too_large",
+        )
+    return total
+
+
+def check_finite(values: np.ndarray, model: ModelEngine) -> None:
+    """A model that overflows (float16) gives NaN, which is not JSON: fail instead of answering it."""
+    if not np.isfinite(values).all():
+        raise errors.internal(
+            f"model '{model.served_id}' produced NaN or infinite values; try another DTYPES"
+        )

@@ -1,0 +1,130 @@
+"""Rerank: POST /v1/rerank (Cohere's and Jina's shape), and the standard flavour's
+`{"query", "documents"}`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import AliasChoices, Field, field_validator
+
+from .. import errors
+from ..engines import Capability, Reranker
+from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits
+from .base import (
+    Context,
+    ModelName,
+    Operation,
+    RequestModel,
+    answer_id,
+    check_count,
+    check_finite,
+    check_lengths,
+    created,
+    model_for,
+    parse,
+    tokenize,
+    usage,
+)
+
+
+class RerankRequest(RequestModel):
+    model: ModelName | None = None
+    query: str = Field(min_length=1)
+    documents: list[str] = Field(validation_alias=AliasChoices("documents", "docs"))
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = Field(
+        default=False, validation_alias=AliasChoices("return_documents", "return_docs")
+    )
+    instruction: str | None = None
+    truncate: bool = True
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _document_texts(cls, value: Any) -> list[str]:
+        # Cohere accepts {"text": ...} objects beside plain strings.
+        if not isinstance(value, list):
+            raise ValueError("must be an array of strings")
+        if not value:
+            raise ValueError("must not be an empty array")
+        texts = []
+        for i, item in enumerate(value):
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                item = item["text"]
+            if not isinstance(item, str):
+                raise ValueError(f"item {i} must be a string or an object with a string 'text'")
+            texts.append(item)
+        return texts
+
+
+def check_answer_size(
+    documents: Sequence[str], returned: int, return_documents: bool, limits: Limits
+) -> None:
+    """`returned` results, each with its document's text when asked: the largest ones, to be safe."""
+    estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
+    if return_documents:
+        # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
+        # escaped quotes, backslashes and control characters.
+        sizes = sorted((len(d.encode("utf-8")) for d in documents), reverse=True)[:returned]
+        text = sum(sizes)
+        estimate += text + text // 8
+    if estimate <= limits.max_response_bytes:
+        return
+    raise errors.too_large(
+        f"the answer would be about {estimate} bytes, more than the limit of "
+        f"{limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over its 20 MB "
+        "payload limit); leave out 'return_documents', set 'top_n', or send fewer documents",
+        param="documents",
+        code="response_too_large",
+    )
+
+
+def rerank_response(model: str, results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+    return {
+        "object": "rerank",
+        "model": model,
+        "results": results,
+        "usage": usage(tokens),
+        "id": answer_id("rerank"),
+        "created": created(),
+    }
+
+
+async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    request = parse(RerankRequest, body)
+    limits = context.limits
+    model = model_for(context.registry, request.model, Capability.RERANK)
+    assert isinstance(model, Reranker)
+    docs = request.documents
+    check_count(len(docs), limits, "documents")
+    returned = len(docs) if request.top_n is None else min(request.top_n, len(docs))
+    check_answer_size(docs, returned, request.return_documents, limits)
+    lengths = await tokenize(
+        len(docs), model.rerank_lengths, request.query, docs, request.instruction
+    )
+    tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
+
+    scores = await model.rerank(request.query, docs, request.instruction)
+    check_finite(scores, model)
+    # Stable sort by score, highest first: equal scores keep the documents' order.
+    order = np.argsort(-scores, kind="stable")
+    if request.top_n is not None:
+        order = order[: request.top_n]
+    results = []
+    for i in order.tolist():
+        result: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
+        if request.return_documents:
+            result["document"] = {"text": docs[i]}
+        results.append(result)
+    return rerank_response(model.served_id, results, tokens)
+
+
+OPERATION = Operation(
+    name="rerank",
+    run=rerank,
+    route="/v1/rerank",
+    job_fields=("query",),
+    job_hint="'query' and 'documents' (rerank)",
+    batch_line=True,
+)
