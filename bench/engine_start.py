@@ -1,40 +1,42 @@
-"""The raw Infinity engine's own cold start, the baseline of the worker's: load, start, one answer, stop.
+"""The raw Infinity engine's own cold start, the baseline of the worker's: load, start, one answer,
+stop.
 
-Run as a child process by bench/run.py with the same EngineArgs the worker passes:
-`python bench/engine_start.py MODEL_DIR DTYPE`. Prints "first answer" when the vector is back.
+    HF_HUB_OFFLINE=1 MODEL_NAMES=... DTYPES=float32 .venv/bin/python -m bench.engine_start
+
+bench/run.py runs it as a child process with the environment it gives `python handler.py`, so the
+engine is built from the same WorkerConfig (load_config of that environment) and gets exactly the
+EngineArgs the worker gives Infinity (bench/baseline.py). Prints "first answer" when the vector is
+back.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
-import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
+from bench.baseline import raw_engine
+from embedding_worker.config import load_config
 
 
-async def main(model: str, dtype: str) -> None:
-    from infinity_emb import AsyncEngineArray, EngineArgs
+async def first_answer() -> None:
+    engine = raw_engine(load_config(os.environ))
+    await engine.astart()
+    try:
+        vectors, _ = await engine.embed(sentences=["hello world"])
+        print(f"first answer: {len(vectors[0])} dims", flush=True)
+    finally:
+        await engine.astop()
 
-    args = EngineArgs(
-        model_name_or_path=model,
-        batch_size=32,
-        dtype=dtype,
-        engine="torch",
-        trust_remote_code=False,
-        bettertransformer=False,
-        model_warmup=False,
-        compile=False,
-        lengths_via_tokenize=False,
-        vector_disk_cache_path="",
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    array = AsyncEngineArray.from_args([args])
-    await array.astart()
-    vectors, _ = await array[args.served_model_name].embed(sentences=["hello world"])
-    print(f"first answer: {len(vectors[0])} dims", flush=True)
-    await array.astop()
+    parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    asyncio.run(first_answer())
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    main()

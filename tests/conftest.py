@@ -117,3 +117,34 @@ def qwen3_ids(qwen3_worker) -> dict[str, str]:
         "reranker": by_tail["tiny-qwen3-reranker"],
         "single_logit": by_tail["tiny-qwen3-reranker-seq-cls"],
     }
+
+
+# ------------------------------------------------------------------ make test-fast
+
+# What makes a test slow: a process of its own, or models loaded beyond the shared `worker`.
+_SLOW_SIGNS = ("subprocess", "Popen", "handler.py", "Worker.from_config", "ModelRegistry.load")
+_SHARED = {"worker"}  # the one worker the whole suite shares
+# Modules whose helpers (not the tests' own code) start processes.
+_SLOW_MODULES = {"test_allocator", "test_deploy", "test_handler_process", "test_startup", "test_cli"}
+
+
+def _source(function) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `slow` every test whose code, or a fixture it uses, starts a process or loads models
+    of its own; `make test-fast` runs the rest (`-m "not slow"`)."""
+    for item in items:
+        sources = [_source(getattr(item, "function", None))]
+        for name, definitions in item._fixtureinfo.name2fixturedefs.items():
+            if name not in _SHARED:
+                sources += [_source(d.func) for d in definitions]
+        slow_module = item.module.__name__.rsplit(".", 1)[-1] in _SLOW_MODULES
+        if slow_module or any(sign in text for text in sources for sign in _SLOW_SIGNS):
+            item.add_marker(pytest.mark.slow)

@@ -50,6 +50,7 @@ def _instruction_prompt_name(prompts: dict[str, str]) -> str | None:
 def embedding_prefix(model: ModelEngine, instruction: str | None, prompt_type: str | None) -> str:
     """The text to put before every input of an embedding request."""
     prompts = model.prompts
+    name: str | None
     if prompt_type is not None:
         if prompt_type not in prompts:
             known = ", ".join(f"'{n}'" for n in prompts) or "none"
@@ -71,6 +72,7 @@ def embedding_prefix(model: ModelEngine, instruction: str | None, prompt_type: s
         name = model.default_prompt_name  # as sentence-transformers' encode() does
     else:
         return ""
+    assert name is not None
     if instruction is not None:
         instructed = with_instruction(prompts[name], instruction)
         if instructed is not None:

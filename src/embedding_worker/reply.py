@@ -74,7 +74,7 @@ class Reply:
             output = JobOutput(self.body)
             return [output] if self.openai_route else output
         error = dict(self.body, status=self.status)
-        output = {"error": json.dumps(error, ensure_ascii=False)}
+        failed: dict[str, Any] = {"error": json.dumps(error, ensure_ascii=False)}
         if self.refresh_worker:
-            output["refresh_worker"] = True
-        return output
+            failed["refresh_worker"] = True
+        return failed

@@ -51,6 +51,7 @@ def quiet_infinity(environ: MutableMapping[str, str]) -> None:
 def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
     """The EngineArgs the worker gives Infinity for one model (bench/ builds its baseline with it)."""
     from infinity_emb import EngineArgs
+    from infinity_emb.primitives import Dtype, InferenceEngine
 
     dtype = resolve_dtype(spec.dtype, spec.backend, spec.source)
     if dtype != spec.dtype:
@@ -59,8 +60,8 @@ def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
         model_name_or_path=spec.source,
         served_model_name=spec.served_id,
         batch_size=spec.batch_size,
-        dtype=dtype,
-        engine=spec.backend,
+        dtype=Dtype(dtype),
+        engine=InferenceEngine(spec.backend),
         trust_remote_code=settings.trust_remote_code,
         bettertransformer=False,
         model_warmup=False,

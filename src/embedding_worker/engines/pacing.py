@@ -54,7 +54,7 @@ class PacedQueue:
         except RuntimeError:  # not called from an event loop: nothing more comes with these
             loop = None
         first_of_turn = loop is not None and not self._wake_pending
-        if first_of_turn:
+        if loop is not None and first_of_turn:
             self._wake_pending = True  # before the items are in: the publisher reads both
             loop.call_soon(self._wake)  # after the tasks already due in this turn of the loop
         before = len(self.inner)

@@ -82,6 +82,7 @@ class TokenCounter:
 
     def _encode_batch(self, inputs: list[Any], add_special_tokens: bool = True) -> list[Any]:
         # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less time, same ids.
+        assert self._fast is not None
         encode = getattr(self._fast, "encode_batch_fast", None) or self._fast.encode_batch
         return encode(inputs, add_special_tokens=add_special_tokens)
 
@@ -210,7 +211,7 @@ def reuse_token_ids(replica: Any, counter: TokenCounter) -> bool:
     max_length = getattr(first, "max_seq_length", None)
     if counter._fast is None or tokenizer is None or not max_length:
         return False
-    if not hasattr(first, "do_lower_case"):  # not sentence_transformers.models.Transformer
+    if first is None or not hasattr(first, "do_lower_case"):  # not an ST models.Transformer
         return False
     pad = PaddedBatch(tokenizer)
     if not pad.complete or pad.pad_id is None:

@@ -212,7 +212,9 @@ def _raise_if_refused(error: Any) -> None:
         parsed = json.loads(error) if isinstance(error, str) else None
     except ValueError:
         return
-    status = parsed.get("status") if isinstance(parsed, dict) else None
+    if not isinstance(parsed, dict):
+        return
+    status = parsed.get("status")
     if isinstance(status, int) and 400 <= status < 500 and status != 429:
         body = parsed.get("error")
         message = body.get("message") if isinstance(body, dict) else None
