@@ -1,13 +1,14 @@
 """The worker's malloc settings (src/embedding_worker/allocator.py) against glibc's defaults.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/allocator_ab.py [--model minilm] [--pairs 4]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.allocator_ab [--model minilm] [--pairs 4]
         [--lengths short,medium,long] [--rounds 3]
 
-The settings are per process, so this cannot interleave within one: it alternates pairs of processes
-(kept, defaults; then defaults, kept; ...), each running a raw Infinity engine over the same inputs
-as bench/run.py's throughput rows, and reports per length the median over pairs of the defaults' time
-/ the kept time (> 1: keeping is faster), with the page faults and kernel CPU time of a round and the
-memory the process holds after the rounds of each length (short, then medium, then long).
+The settings are per process, so this cannot interleave within one: it alternates pairs of
+processes (kept, defaults; then defaults, kept; ...), each running a raw Infinity engine over the
+same inputs as bench/run.py's throughput rows, and reports per length the median over pairs of the
+defaults' time / the kept time (> 1: keeping is faster), with the page faults and kernel CPU time of
+a round and the memory the process holds after the rounds of each length (short, then medium, then
+long).
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ import resource
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-
-from embedding_worker.allocator import is_malloc_variable, keep_freed_memory  # noqa: E402
+from bench.baseline import engine_tokenizer, raw_engine
+from bench.common import LENGTHS, ROOT, float32_config, in_requests, texts_of_length
+from embedding_worker.allocator import is_malloc_variable, keep_freed_memory
 
 CHILD_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -42,22 +41,21 @@ def resident_mb() -> float:
 
 async def child(args: argparse.Namespace) -> dict[str, Any]:
     """One process: a raw engine, `args.rounds` rounds per length after a warm-up round."""
+    # before the engine's threads allocate: a thread keeps the heap it first got
     if args.child == "kept" and not keep_freed_memory(os.environ, True):
         raise SystemExit("the malloc settings could not be applied here")
-    from bench.baseline import engine_tokenizer, raw_engine
-    from bench.run import LENGTHS, float32_config, in_requests, texts_of_length
-
     engine = raw_engine(float32_config(args.model))
     await engine.astart()
+    loop = asyncio.get_running_loop()
     out = {}
     for length, count in zip(args.lengths.split(","), args.inputs):
         texts = texts_of_length(engine_tokenizer(engine), LENGTHS[length], count)
         requests = in_requests(texts)
         seconds, faults, kernel = [], [], []
         for r in range(args.rounds + 1):
-            before, start = resource.getrusage(resource.RUSAGE_SELF), asyncio.get_running_loop().time()
+            before, start = resource.getrusage(resource.RUSAGE_SELF), loop.time()
             await asyncio.gather(*(engine.embed(sentences=q) for q in requests))
-            after, end = resource.getrusage(resource.RUSAGE_SELF), asyncio.get_running_loop().time()
+            after, end = resource.getrusage(resource.RUSAGE_SELF), loop.time()
             if r:  # the first round warms up (and grows the kept heap)
                 seconds.append(end - start)
                 faults.append(after.ru_minflt - before.ru_minflt)
@@ -66,17 +64,21 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": statistics.median(seconds),
             "faults": statistics.median(faults),
             "kernel_s": statistics.median(kernel),
-            "rss_mb": resident_mb(),  # what the process holds after these rounds (lengths run in order)
+            # what the process holds after these rounds (the lengths run in order)
+            "rss_mb": resident_mb(),
         }
     await engine.astop()
     return out
 
 
-def run_child(setting: str, model: str, lengths: str, inputs: list[int], rounds: int) -> dict[str, Any]:
+def run_child(
+    setting: str, model: str, lengths: str, inputs: list[int], rounds: int
+) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not is_malloc_variable(k)}
     env.update(CHILD_ENV)
-    command = [sys.executable, __file__, "--child", setting, "--model", model, "--lengths", lengths,
-               "--inputs", ",".join(map(str, inputs)), "--rounds", str(rounds)]  # fmt: skip
+    command = [sys.executable, "-m", "bench.allocator_ab", "--child", setting, "--model", model,
+               "--lengths", lengths, "--inputs", ",".join(map(str, inputs)),
+               "--rounds", str(rounds)]  # fmt: skip
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{setting} process failed: {proc.stderr[-2000:]}")
@@ -107,8 +109,10 @@ def compare(model: str, lengths: str, inputs: list[int], pairs: int, rounds: int
     return out
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--lengths", default="short,medium,long")
     parser.add_argument("--inputs", default="256,64,16", help="inputs per round, per length")
@@ -119,14 +123,18 @@ if __name__ == "__main__":
     args.inputs = [int(n) for n in args.inputs.split(",")]
     if args.child:
         print(json.dumps(asyncio.run(child(args))))
-    else:
-        result = compare(args.model, args.lengths, args.inputs, args.pairs, args.rounds)
-        print(f"{args.model}, {args.pairs} pairs of processes, {args.rounds} rounds each:")
-        for length, row in result.items():
-            print(
-                f"  {length}: glibc defaults / kept {row['defaults_vs_kept']:.3f}x the time; "
-                f"page faults a round {row['defaults_faults']:.0f} vs {row['kept_faults']:.0f}, "
-                f"kernel CPU {1e3 * row['defaults_kernel_s']:.0f} vs "
-                f"{1e3 * row['kept_kernel_s']:.0f} ms, resident after "
-                f"{row['defaults_rss_mb']:.0f} vs {row['kept_rss_mb']:.0f} MB"
-            )
+        return
+    result = compare(args.model, args.lengths, args.inputs, args.pairs, args.rounds)
+    print(f"{args.model}, {args.pairs} pairs of processes, {args.rounds} rounds each:")
+    for length, row in result.items():
+        print(
+            f"  {length}: glibc defaults / kept {row['defaults_vs_kept']:.3f}x the time; "
+            f"page faults a round {row['defaults_faults']:.0f} vs {row['kept_faults']:.0f}, "
+            f"kernel CPU {1e3 * row['defaults_kernel_s']:.0f} vs "
+            f"{1e3 * row['kept_kernel_s']:.0f} ms, resident after "
+            f"{row['defaults_rss_mb']:.0f} vs {row['kept_rss_mb']:.0f} MB"
+        )
+
+
+if __name__ == "__main__":
+    main()

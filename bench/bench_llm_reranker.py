@@ -1,16 +1,19 @@
-"""Pairs/s of the LLM reranker through the worker vs a plain batched forward, same pairs, same run.
+"""Pairs/s of the LLM reranker through the worker vs a plain batched forward, same pairs, same
+run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_llm_reranker.py [--pairs 96] [--batch-size 16] [--rounds 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.bench_llm_reranker [--pairs 96] [--batch-size 16]
+        [--rounds 3]
 
-Builds a random Qwen3-Reranker-shaped causal LM (tests/model_factory.py; default: hidden 256, 4 layers,
-the tiny 2k-token vocabulary), then scores the same (query, document) pairs two ways:
-- worker: concurrent rerank requests of --docs-per-request documents through Worker.dispatch (template,
-  usage counting, batching across requests, sorting by length, the worker thread, answer building);
-- plain: the model card's recipe with transformers (process_inputs + compute_logits), batch after batch
-  of --batch-size pairs in order, on the calling thread.
+Builds a random Qwen3-Reranker-shaped causal LM (tests/model_factory.py; default: hidden 256,
+4 layers, the tiny 2k-token vocabulary), then scores the same (query, document) pairs two ways:
+- worker: concurrent rerank requests of --docs-per-request documents through Worker.dispatch
+  (template, usage counting, batching across requests, sorting by length, the worker thread, answer
+  building);
+- plain: the model card's recipe with transformers (process_inputs + compute_logits), batch after
+  batch of --batch-size pairs in order, on the calling thread.
 It prints both rates and their ratio, and the largest score difference between the two.
---vocab-size 151669 gives Qwen3's real vocabulary: the recipe computes logits over the whole vocabulary
-at every position, the worker only the "yes"/"no" rows at the last one.
+--vocab-size 151669 gives Qwen3's real vocabulary: the recipe computes logits over the whole
+vocabulary at every position, the worker only the "yes"/"no" rows at the last one.
 """
 
 from __future__ import annotations
@@ -18,27 +21,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from embedding_worker.config import load_config
+from embedding_worker.dispatch import Worker
+from embedding_worker.engines.llm_reranker import PREFIX, SUFFIX, format_pair
+from tests import model_factory
 
-from embedding_worker.config import load_config  # noqa: E402
-from embedding_worker.dispatch import Worker  # noqa: E402
-from embedding_worker.llm_reranker import PREFIX, SUFFIX, format_pair  # noqa: E402
-from tests import model_factory  # noqa: E402
+Pairs = list[tuple[str, str]]
 
 
-def make_pairs(count: int) -> list[tuple[str, str]]:
+def make_pairs(count: int) -> Pairs:
     sentences = [s for s in model_factory.CORPUS if len(s.split()) > 4]
     rng = np.random.default_rng(0)
     pairs = []
@@ -68,7 +67,10 @@ class Plain:
     @torch.no_grad()
     def _batch(self, texts: list[str]) -> list[float]:
         inputs = self.tokenizer(
-            texts, padding=False, truncation="longest_first", return_attention_mask=False,
+            texts,
+            padding=False,
+            truncation="longest_first",
+            return_attention_mask=False,
             max_length=8192 - len(self.prefix) - len(self.suffix),
         )
         inputs["input_ids"] = [self.prefix + ids + self.suffix for ids in inputs["input_ids"]]
@@ -77,7 +79,7 @@ class Plain:
         pair = torch.stack([logits[:, self.no], logits[:, self.yes]], dim=1)
         return torch.log_softmax(pair, dim=1)[:, 1].exp().tolist()
 
-    def run(self, pairs: list[tuple[str, str]]) -> tuple[float, np.ndarray]:
+    def run(self, pairs: Pairs) -> tuple[float, np.ndarray]:
         texts = [format_pair(q, d, None) for q, d in pairs]
         started = time.perf_counter()
         scores: list[float] = []
@@ -86,7 +88,9 @@ class Plain:
         return len(texts) / (time.perf_counter() - started), np.array(scores)
 
 
-async def through_worker(worker: Worker, pairs, per_request: int) -> tuple[float, np.ndarray]:
+async def through_worker(
+    worker: Worker, pairs: Pairs, per_request: int
+) -> tuple[float, np.ndarray]:
     """Concurrent requests of `per_request` documents (one query each) through the dispatch."""
     jobs = [
         {"query": pairs[i][0], "documents": [d for _, d in pairs[i : i + per_request]]}
@@ -103,15 +107,17 @@ async def through_worker(worker: Worker, pairs, per_request: int) -> tuple[float
     return len(pairs) / elapsed, np.array(scores)
 
 
-async def compare(path: Path, pairs, args) -> tuple[float, float, float]:
-    """Best of --rounds for each, the two alternating (other load on the machine hits both alike)."""
-    worker = Worker.from_config(load_config(
-        {"MODEL_NAMES": str(path), "BATCH_SIZES": str(args.batch_size), "DTYPES": "float32"}
-    ))
+async def compare(path: Path, pairs: Pairs, args: Any) -> tuple[float, float, float]:
+    """Best of --rounds for each, the two alternating (other load on the machine hits both
+    alike)."""
+    env = {"MODEL_NAMES": str(path), "BATCH_SIZES": str(args.batch_size), "DTYPES": "float32"}
+    worker = Worker.from_config(load_config(env))
     plain = Plain(path, args.batch_size)
     await worker.start()
     try:
-        await through_worker(worker, pairs[: args.docs_per_request], args.docs_per_request)  # warm-up
+        await through_worker(
+            worker, pairs[: args.docs_per_request], args.docs_per_request
+        )  # warm-up
         plain.run(pairs[: args.batch_size])
         worker_best = plain_best = 0.0
         difference = 0.0
@@ -126,7 +132,9 @@ async def compare(path: Path, pairs, args) -> tuple[float, float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -135,21 +143,31 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=None)
     args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     with tempfile.TemporaryDirectory() as tmp:
         path = model_factory.make_qwen3_reranker(
-            Path(tmp) / "bench" / "qwen3-reranker", hidden_size=args.hidden_size,
-            num_layers=args.layers, num_heads=4, num_kv_heads=2, head_dim=args.hidden_size // 4,
-            intermediate_size=3 * args.hidden_size, vocab_size=args.vocab_size,
+            Path(tmp) / "bench" / "qwen3-reranker",
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=args.hidden_size // 4,
+            intermediate_size=3 * args.hidden_size,
+            vocab_size=args.vocab_size,
         )
         pairs = make_pairs(args.pairs)
         # One query per request: both runs score exactly the same (query, document) pairs.
         per = args.docs_per_request
         pairs = [(pairs[i - i % per][0], d) for i, (_, d) in enumerate(pairs)]
         worker_rate, plain_rate, difference = asyncio.run(compare(path, pairs, args))
-    print(f"model: hidden {args.hidden_size}, {args.layers} layers, vocab "
-          f"{args.vocab_size or 'tiny'}; {len(pairs)} pairs, batch {args.batch_size}, "
-          f"{per} docs per request, torch threads {torch.get_num_threads()}")
+    print(
+        f"model: hidden {args.hidden_size}, {args.layers} layers, vocab "
+        f"{args.vocab_size or 'tiny'}; {len(pairs)} pairs, batch {args.batch_size}, "
+        f"{per} docs per request, torch threads {torch.get_num_threads()}"
+    )
     print(f"worker: {worker_rate:8.1f} pairs/s")
     print(f"plain:  {plain_rate:8.1f} pairs/s")
     print(f"ratio worker/plain: {worker_rate / plain_rate:.2f}")

@@ -92,7 +92,9 @@ def model_source(path: Path) -> str:
 def float32_config(name: str) -> WorkerConfig:
     """The worker configuration the A/B scripts run a bench model with: float32, batches of 32."""
     path = model_dir(name, RESULTS / "models")
-    return load_config({"MODEL_NAMES": model_source(path), "DTYPES": "float32", "BATCH_SIZES": "32"})
+    return load_config(
+        {"MODEL_NAMES": model_source(path), "DTYPES": "float32", "BATCH_SIZES": "32"}
+    )
 
 
 def in_requests(texts: list[str]) -> list[list[str]]:

@@ -1,14 +1,16 @@
-"""Identical raw Infinity engines against each other in one process: how far apart equal subjects land.
+"""Identical raw Infinity engines against each other in one process: how far apart equal subjects
+land.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/engine_aa.py [--model minilm] [--length medium]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.engine_aa [--model minilm] [--length medium]
         [--inputs 64] [--engines 4] [--rounds 11] [--shared-weights] [--glibc-malloc]
 
-Every engine is built from the same EngineArgs (bench/baseline.py) and called in interleaved rounds of
-concurrent 16-input requests, as bench/run.py calls its variants. Prints each engine's paired median
-ratio to the first one and its time per round. --shared-weights points every engine's parameters at the
-first engine's tensors, to tell where the weights sit in memory apart from everything else per engine.
-The process runs with the worker's malloc settings; under glibc's defaults (--glibc-malloc) each engine's
-allocation history sets its speed apart (src/embedding_worker/allocator.py).
+Every engine is built from the same EngineArgs (bench/baseline.py) and called in interleaved rounds
+of concurrent 16-input requests, as bench/run.py calls its variants. Prints each engine's paired
+median ratio to the first one and its time per round. --shared-weights points every engine's
+parameters at the first engine's tensors, to tell where the weights sit in memory apart from
+everything else per engine. The process runs with the worker's malloc settings; under glibc's
+defaults (--glibc-malloc) each engine's allocation history sets its speed apart
+(src/embedding_worker/allocator.py).
 """
 
 from __future__ import annotations
@@ -17,14 +19,10 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
-from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-
-from bench.baseline import engine_tokenizer, raw_engine  # noqa: E402
-from bench.run import (  # noqa: E402
+from bench.baseline import engine_tokenizer, raw_engine
+from bench.common import (
     FULL_MODELS,
     LENGTHS,
     float32_config,
@@ -33,11 +31,12 @@ from bench.run import (  # noqa: E402
     paired_ratio,
     texts_of_length,
 )
-from embedding_worker.allocator import keep_freed_memory  # noqa: E402
+from embedding_worker.allocator import keep_freed_memory
 
 
-async def main(args: argparse.Namespace) -> None:
-    keep_freed_memory(os.environ, False if args.glibc_malloc else None)  # as the worker, unless told
+async def compare(args: argparse.Namespace) -> None:
+    # the worker's malloc settings, unless told otherwise
+    keep_freed_memory(os.environ, False if args.glibc_malloc else None)
     config = float32_config(args.model)
     engines = [raw_engine(config) for _ in range(args.engines)]
     for engine in engines:
@@ -50,7 +49,7 @@ async def main(args: argparse.Namespace) -> None:
     texts = texts_of_length(engine_tokenizer(engines[0]), LENGTHS[args.length], args.inputs)
     requests = in_requests(texts)
 
-    def calls(engine):
+    def calls(engine: Any) -> Any:
         async def call() -> None:
             await asyncio.gather(*(engine.embed(sentences=r) for r in requests))
 
@@ -70,14 +69,24 @@ async def main(args: argparse.Namespace) -> None:
         await engine.astop()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
     parser.add_argument("--length", choices=list(LENGTHS), default="medium")
     parser.add_argument("--inputs", type=int, default=64)
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--shared-weights", action="store_true")
-    parser.add_argument("--glibc-malloc", action="store_true",
-                        help="glibc's default malloc settings, not the worker's (src/embedding_worker/allocator.py)")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="glibc's default malloc settings, not the worker's "
+        "(src/embedding_worker/allocator.py)",
+    )
+    asyncio.run(compare(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,18 +1,20 @@
 """The handler with and without one of its optimisations, against the raw engine, in one run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/handler_ab.py --without reuse [--model minilm]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.handler_ab --without reuse [--model minilm]
         [--length short] [--inputs 1024] [--rounds 41] [--glibc-malloc]
 
---without reuse: one tokenization per text off (tokenization.py): Infinity tokenizes the texts again.
---without turn-wake: the paced queue wakes Infinity's publisher at each submission, not at the end of
-the event loop's turn (pacing.py).
---without full-wake: a full batch submitted during a turn of the event loop waits for the turn's end
-(pacing.py), instead of going to the model at once.
+--without reuse: one tokenization per text off (engines/tokenization.py): Infinity tokenizes the
+texts again.
+--without turn-wake: the paced queue wakes Infinity's publisher at each submission, not at the end
+of the event loop's turn (engines/pacing.py).
+--without full-wake: a full batch submitted during a turn of the event loop waits for the turn's
+end (engines/pacing.py), instead of going to the model at once.
 
-Two workers on one model (float32; the bundled MiniLM or a random-initialised one of bench/run.py's
+Two workers on one model (float32; the bundled MiniLM or a random-initialised one of bench.common's
 shapes), one of them with the optimisation off, and a plain Infinity engine, called in interleaved
-rounds of concurrent 16-input requests. Prints paired median ratios of wall and CPU time (> 1 means the
-first named is faster), and each variant's median time from a round's start to its first forward pass.
+rounds of concurrent 16-input requests. Prints paired median ratios of wall and CPU time (> 1 means
+the first named is faster), and each variant's median time from a round's start to its first
+forward pass.
 """
 
 from __future__ import annotations
@@ -21,16 +23,11 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-
-from bench.baseline import raw_engine  # noqa: E402
-from bench.run import (  # noqa: E402
+from bench.baseline import raw_engine
+from bench.common import (
     FULL_MODELS,
     LENGTHS,
     float32_config,
@@ -39,13 +36,14 @@ from bench.run import (  # noqa: E402
     paired_ratio,
     texts_of_length,
 )
-from embedding_worker.allocator import keep_freed_memory  # noqa: E402
-from embedding_worker import app  # noqa: E402
-from embedding_worker.dispatch import Worker  # noqa: E402
+from embedding_worker.allocator import keep_freed_memory
+from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import runpod_handler
 
 
-async def main(args: argparse.Namespace) -> None:
-    keep_freed_memory(os.environ, False if args.glibc_malloc else None)  # as the worker, unless told
+async def compare(args: argparse.Namespace) -> None:
+    # the worker's malloc settings, unless told otherwise
+    keep_freed_memory(os.environ, False if args.glibc_malloc else None)
     config = float32_config(args.model)
     full, without = Worker.from_config(config), Worker.from_config(config)
     engine = raw_engine(config)
@@ -62,7 +60,7 @@ async def main(args: argparse.Namespace) -> None:
         paced = model._paced
         assert paced is not None
 
-        def extend(items: list[Any]) -> None:  # the wake at once, as before the turn rule
+        def extend(items: list[Any]) -> None:  # the wake at once, without the turn rule
             paced.inner.extend(items)
             paced._wake()
 
@@ -80,7 +78,8 @@ async def main(args: argparse.Namespace) -> None:
 
         def timed(*args: Any) -> Any:
             if name in round_start:
-                first_forward.setdefault(name, []).append(time.perf_counter() - round_start.pop(name))
+                since = time.perf_counter() - round_start.pop(name)
+                first_forward.setdefault(name, []).append(since)
             return forward(*args)
 
         replica.encode_core = timed
@@ -90,10 +89,13 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.gather(*(engine.embed(sentences=r) for r in requests))
 
     def through(name: str, worker: Worker):
-        handler = app.runpod_handler(worker)
+        handler = runpod_handler(worker)
 
         async def call() -> None:
-            jobs = [{"id": str(i), "input": {"model": served, "input": r}} for i, r in enumerate(requests)]
+            jobs = [
+                {"id": str(i), "input": {"model": served, "input": r}}
+                for i, r in enumerate(requests)
+            ]
             round_start[name] = time.perf_counter()
             outputs = await asyncio.gather(*(handler(job) for job in jobs))
             if any("error" in output for output in outputs):
@@ -104,7 +106,8 @@ async def main(args: argparse.Namespace) -> None:
     off = f"without {args.without}"
     variants = {"engine": raw, "handler": through("handler", full), off: through(off, without)}
     await interleaved(variants, 2)  # warm-up
-    for name, subject in (("engine", engine), ("handler", full.registry.models[0].engine), (off, model.engine)):
+    handler_engine = full.registry.models[0].engine
+    for name, subject in (("engine", engine), ("handler", handler_engine), (off, model.engine)):
         watch_first_forward(name, subject._model_replicas[0])
     cpu: dict[str, list[float]] = {}
     times = await interleaved(variants, args.rounds, cpu)
@@ -113,21 +116,33 @@ async def main(args: argparse.Namespace) -> None:
             f"{args.model} {args.length} x{args.inputs}, {args.rounds} rounds: {a} / {b}: "
             f"wall {paired_ratio(times, a, b):.3f}, CPU {paired_ratio(cpu, a, b):.3f}"
         )
-    print("first forward pass after (median): " + ", ".join(
-        f"{name} {1e3 * statistics.median(seconds):.1f} ms" for name, seconds in first_forward.items()
-    ))
+    firsts = ", ".join(
+        f"{name} {1e3 * statistics.median(seconds):.1f} ms"
+        for name, seconds in first_forward.items()
+    )
+    print(f"first forward pass after (median): {firsts}")
     await engine.astop()
     await full.stop()
     await without.stop()
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--without", choices=["reuse", "turn-wake", "full-wake"], required=True)
     parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
     parser.add_argument("--length", choices=list(LENGTHS), default="short")
     parser.add_argument("--inputs", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=41)
-    parser.add_argument("--glibc-malloc", action="store_true",
-                        help="glibc's default malloc settings, not the worker's (src/embedding_worker/allocator.py)")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="glibc's default malloc settings, not the worker's "
+        "(src/embedding_worker/allocator.py)",
+    )
+    asyncio.run(compare(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,11 +1,13 @@
 """Load through the RunPod handler in-process, against the raw Infinity engine as the baseline.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/load.py [--jobs 4000] [--concurrency 300] [--model tiny|minilm] [--rounds 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.load [--jobs 4000] [--concurrency 300]
+        [--model tiny|minilm] [--rounds 3]
 
-Both runs send the same jobs (1 to 4 short texts each) at the same concurrency, in the same process:
-the baseline awaits a plain `AsyncEmbeddingEngine.embed` (bench/baseline.py); the worker run goes through runpod's
-`run_job` and the worker's handler (validation, limits, tokenizer counts, encoding). It prints jobs/s,
-latency percentiles, the worker/engine throughput ratio (paired, interleaved rounds) and the RSS growth.
+Both runs send the same jobs (1 to 4 short texts each) at the same concurrency, in the same
+process: the baseline awaits a plain `AsyncEmbeddingEngine.embed` (bench/baseline.py); the worker
+run goes through runpod's `run_job` and the worker's handler (validation, limits, tokenizer counts,
+encoding). It prints jobs/s, latency percentiles, the worker/engine throughput ratio (paired,
+interleaved rounds) and the RSS growth.
 """
 
 from __future__ import annotations
@@ -15,22 +17,16 @@ import asyncio
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "WARN")  # runpod prints a line per job at INFO
-
-from runpod.serverless.modules.rp_job import run_job  # noqa: E402
-
-from bench.baseline import raw_engine  # noqa: E402
-from embedding_worker.app import runpod_handler  # noqa: E402
-from embedding_worker.config import DEFAULT_MODEL_ID, load_config  # noqa: E402
-from embedding_worker.dispatch import Worker  # noqa: E402
+from bench.baseline import raw_engine
+from embedding_worker.config import DEFAULT_MODEL_ID, load_config
+from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import import_runpod, runpod_handler
 
 WORDS = "alpha beta gamma delta river stone cloud paper light green quick slow open".split()
 
@@ -48,11 +44,13 @@ def make_jobs(count: int, seed: int) -> list[list[str]]:
     return [rng.sample(pool, rng.randint(1, 4)) for _ in range(count)]
 
 
-async def timed(calls, concurrency: int) -> tuple[float, list[float]]:
+async def timed(
+    calls: list[Callable[[], Awaitable[Any]]], concurrency: int
+) -> tuple[float, list[float]]:
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
 
-    async def one(call):
+    async def one(call: Callable[[], Awaitable[Any]]) -> None:
         async with gate:
             started = time.perf_counter()
             await call()
@@ -67,7 +65,11 @@ def pct(values: list[float], p: float) -> float:
     return 1e3 * values[min(len(values) - 1, int(p * len(values)))]
 
 
-async def main(args) -> None:
+async def compare(args: argparse.Namespace) -> None:
+    # runpod as the worker imports it (its settings, its quieter start); then its job runner
+    import_runpod()
+    from runpod.serverless.modules.rp_job import run_job
+
     if args.model == "tiny":
         from tests.model_factory import make_bert_embedder
 
@@ -82,10 +84,10 @@ async def main(args) -> None:
     handler = runpod_handler(worker)
     jobs = make_jobs(args.jobs, seed=1)
 
-    async def engine_call(texts):
+    async def engine_call(texts: list[str]) -> None:
         await engine.embed(sentences=texts)
 
-    def worker_job(i, texts):
+    def worker_job(i: int, texts: list[str]) -> Callable[[], Awaitable[Any]]:
         job = {"id": f"job-{i}", "input": {"model": model.served_id, "input": texts}}
         return lambda: run_job(handler, job)
 
@@ -96,8 +98,10 @@ async def main(args) -> None:
     base_runs, work_runs = [], []
     rss_before = rss_mib()
     for _ in range(args.rounds):
-        base_runs.append(await timed([lambda t=t: engine_call(t) for t in jobs], args.concurrency))
-        work_runs.append(await timed([worker_job(i, t) for i, t in enumerate(jobs)], args.concurrency))
+        engine_calls = [lambda t=t: engine_call(t) for t in jobs]
+        base_runs.append(await timed(engine_calls, args.concurrency))
+        worker_calls = [worker_job(i, t) for i, t in enumerate(jobs)]
+        work_runs.append(await timed(worker_calls, args.concurrency))
     rss_after = rss_mib()
     await worker.stop()
     await engine.astop()
@@ -106,17 +110,31 @@ async def main(args) -> None:
     base_s, base_lat = min(base_runs, key=lambda run: run[0])
     work_s, work_lat = min(work_runs, key=lambda run: run[0])
     ratio = statistics.median(b[0] / w[0] for b, w in zip(base_runs, work_runs))
-    print(f"model {model.served_id}, {n} jobs ({sum(map(len, jobs))} texts), concurrency {args.concurrency}")
-    print(f"engine alone : {n / base_s:7.0f} jobs/s  p50 {pct(base_lat, .5):6.0f} ms  p99 {pct(base_lat, .99):6.0f} ms  (best round)")
-    print(f"worker       : {n / work_s:7.0f} jobs/s  p50 {pct(work_lat, .5):6.0f} ms  p99 {pct(work_lat, .99):6.0f} ms  (best round)")
+    texts = sum(map(len, jobs))
+    print(f"model {model.served_id}, {n} jobs ({texts} texts), concurrency {args.concurrency}")
+    rows = (("engine alone", base_s, base_lat), ("worker", work_s, work_lat))
+    for name, seconds, latencies in rows:
+        print(
+            f"{name:13}: {n / seconds:7.0f} jobs/s  p50 {pct(latencies, 0.5):6.0f} ms  "
+            f"p99 {pct(latencies, 0.99):6.0f} ms  (best round)"
+        )
     print(f"worker / engine throughput: {ratio:.2f} (median of {args.rounds} paired rounds)")
     print(f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB over the {args.rounds} rounds")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=300)
     parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
     parser.add_argument("--rounds", type=int, default=3)
-    asyncio.run(main(parser.parse_args()))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "WARN")  # runpod prints a line per job at INFO
+    asyncio.run(compare(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
-"""Render bench/run.py's results: a markdown report and an SVG bar chart (no plotting dependency)."""
+"""Render bench/run.py's results: a markdown report and an SVG bar chart (no plotting
+dependency)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def _g(value: float) -> str:
 
 
 def _aa(variants: dict[str, Any]) -> tuple[str, str]:
-    """The A/A control's ratio, and the handler's against the second engine (runs before had none)."""
+    """The A/A control's ratio, and the handler's against the second engine; "-" for results that
+    hold no second engine."""
     again = variants.get("engine_again")
     if not again:
         return "-", "-"
@@ -29,8 +31,9 @@ def _aa(variants: dict[str, Any]) -> tuple[str, str]:
 def summary(r: dict[str, Any]) -> list[str]:
     """The targets at a glance: one row per model and input length."""
     lines = [
-        "| model | inputs | handler / engine | handler / engine, CPU time | second engine / engine (A/A) "
-        "| handler / second engine | auto ({dtype}) / engine float32 | sentence-transformers / engine "
+        "| model | inputs | handler / engine | handler / engine, CPU time "
+        "| second engine / engine (A/A) | handler / second engine "
+        "| auto ({dtype}) / engine float32 | sentence-transformers / engine "
         "| engine float32 inputs/s | engine of matmul peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -44,7 +47,8 @@ def summary(r: dict[str, Any]) -> list[str]:
                 f"| {model['model']} | {length} ({row['tokens_per_input']:.0f} tok) "
                 f"| {v['handler']['vs_engine']:.2f} | {v['handler']['cpu_vs_engine']:.3f} "
                 f"| {aa} | {handler_vs_again} | {v['handler_auto']['vs_engine']:.2f} "
-                f"| {v['sentence_transformers']['vs_engine']:.2f} | {v['engine']['inputs_per_s']:.1f} "
+                f"| {v['sentence_transformers']['vs_engine']:.2f} "
+                f"| {v['engine']['inputs_per_s']:.1f} "
                 f"| {100 * v['engine']['of_matmul_peak']:.0f}% |"
             )
     return lines
@@ -57,14 +61,18 @@ def markdown(r: dict[str, Any]) -> str:
         f"Measured on: {device}; torch {m['torch']} ({m['torch_threads']} threads). "
         f"Load average at start {m['load_average_start'][0]:.1f}, at end "
         f"{m.get('load_average_end', [float('nan')])[0]:.1f}.",
-        f"Command: `{r['command']}` ({r['started']}). Ratios are paired medians of interleaved rounds "
-        f"in this run; requests of {r['request_size']} inputs, all sent at once. \"CPU time\" ratios "
-        "compare the process's CPU seconds for the same work (steadier than wall time on a shared "
-        "machine; they show the worker's own cost, not waiting). \"A/A\" is a second raw engine, "
-        "identical to the first, measured like the others: how far apart two equal subjects land in "
-        "this run, the smallest difference the row can resolve. "
-        + ("This process ran with the worker's malloc settings (KEEP_FREED_MEMORY), as the worker does."
-           if m.get("malloc_kept") else "This process ran with glibc's default malloc settings."),
+        f"Command: `{r['command']}` ({r['started']}). Ratios are paired medians of interleaved "
+        f'rounds in this run; requests of {r["request_size"]} inputs, all sent at once. "CPU time" '
+        "ratios compare the process's CPU seconds for the same work (steadier than wall time on a "
+        'shared machine; they show the worker\'s own cost, not waiting). "A/A" is a second raw '
+        "engine, identical to the first, measured like the others: how far apart two equal "
+        "subjects land in this run, the smallest difference the row can resolve. "
+        + (
+            "This process ran with the worker's malloc settings (KEEP_FREED_MEMORY), "
+            "as the worker does."
+            if m.get("malloc_kept")
+            else "This process ran with glibc's default malloc settings."
+        ),
         "",
         "Matmul peak (the physical limit): "
         + ", ".join(f"{k} {_g(v)} GFLOP/s" for k, v in r["matmul_peak_flop_per_s"].items()),
@@ -93,29 +101,34 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "DTYPES=auto on this machine: "
         + ", ".join(
-            f"{m['model']} -> {m['auto_dtype']} (min cosine to float32 {m['cosine_auto_vs_float32']:.5f})"
+            f"{m['model']} -> {m['auto_dtype']} "
+            f"(min cosine to float32 {m['cosine_auto_vs_float32']:.5f})"
             for m in r["models"]
         ),
         "",
         "### Latency of one short request (one text)",
         "",
-        "| model | engine p50 / p99 ms | Worker.dispatch p50 / p99 ms | runpod handler p50 / p99 ms "
-        "| added p50 ms | second engine, added p50 ms (A/A) |",
+        "| model | engine p50 / p99 ms | Worker.dispatch p50 / p99 ms "
+        "| runpod handler p50 / p99 ms | added p50 ms | second engine, added p50 ms (A/A) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for model in r["models"]:
         lat = model["latency"]
         cells = " | ".join(
-            f"{lat[v]['p50_ms']:.2f} / {lat[v]['p99_ms']:.2f}" for v in ("engine", "dispatch", "handler")
+            f"{lat[v]['p50_ms']:.2f} / {lat[v]['p99_ms']:.2f}"
+            for v in ("engine", "dispatch", "handler")
         )
         aa = lat.get("engine_again_added_p50_ms")
-        lines.append(f"| {model['model']} | {cells} | {lat['added_p50_ms']:+.2f} "
-                     f"| {'-' if aa is None else f'{aa:+.2f}'} |")
+        lines.append(
+            f"| {model['model']} | {cells} | {lat['added_p50_ms']:+.2f} "
+            f"| {'-' if aa is None else f'{aa:+.2f}'} |"
+        )
     lines += [
         "",
         "### Cold start (process start to first answer) and peak memory (RSS)",
         "",
-        "| model | raw engine s | worker (`handler.py --test_input`) s | worker / engine | engine RSS MB | worker RSS MB |",
+        "| model | raw engine s | worker (`handler.py --test_input`) s | worker / engine "
+        "| engine RSS MB | worker RSS MB |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, c in r["cold_start"].items():
@@ -131,7 +144,8 @@ def markdown(r: dict[str, Any]) -> str:
             "### Malloc settings (the worker's KEEP_FREED_MEMORY) against glibc's defaults",
             "",
             f"A raw {a['model']} engine in processes of its own, {a['pairs']} pairs alternated "
-            "(bench/allocator_ab.py); the rows above all ran in this process, with the worker's settings.",
+            "(bench/allocator_ab.py); the rows above all ran in this process, "
+            "with the worker's settings.",
             "",
             "| inputs | defaults' time / kept time | page faults a round, defaults / kept "
             "| kernel CPU ms a round, defaults / kept | resident MB after, defaults / kept |",
@@ -153,11 +167,18 @@ def markdown(r: dict[str, Any]) -> str:
         "| encoding | bytes per number | ms | exact float32 round trip |",
         "| --- | ---: | ---: | --- |",
     ]
-    for key, name in (("float_tolist", "float via tolist() (float32 widened)"),
-                      ("float_worker", "float, the worker's (shortest round-trip text)"),
-                      ("base64_worker", "base64, the worker's")):
-        lines.append(f"| {name} | {s[key]['bytes_per_number']:.2f} | {s[key]['ms']:.1f} | {s[key]['exact']} |")
-    lines.append(f"\nbase64 is {s['base64_speedup_vs_float_worker']:.1f}x faster to produce than float.")
+    for key, name in (
+        ("float_tolist", "float via tolist() (float32 widened)"),
+        ("float_worker", "float, the worker's (shortest round-trip text)"),
+        ("base64_worker", "base64, the worker's"),
+    ):
+        lines.append(
+            f"| {name} | {s[key]['bytes_per_number']:.2f} | {s[key]['ms']:.1f} "
+            f"| {s[key]['exact']} |"
+        )
+    lines.append(
+        f"\nbase64 is {s['base64_speedup_vs_float_worker']:.1f}x faster to produce than float."
+    )
     if r.get("failed"):
         lines += ["", "### Not measured", ""]
         lines += [f"- {name}: {why.splitlines()[0]}" for name, why in r["failed"].items()]
@@ -166,24 +187,34 @@ def markdown(r: dict[str, Any]) -> str:
     if "skipped" in server:
         lines.append(f"Skipped: {server['skipped']}.")
     else:
-        lines += ["`python handler.py --serve` in its own process (float32), keep-alive HTTP clients in the "
-                  "benchmark's process on the same CPU; the raw engine in the benchmark's process.", "",
-                  "| inputs | concurrency | engine req/s | server req/s | server / engine "
-                  "| second engine / engine (A/A) | client CPU ms per request |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "`python handler.py --serve` in its own process (float32), keep-alive HTTP clients in "
+            "the benchmark's process on the same CPU; the raw engine in the benchmark's process.",
+            "",
+            "| inputs | concurrency | engine req/s | server req/s | server / engine "
+            "| second engine / engine (A/A) | client CPU ms per request |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for key, v in server.items():
             length, concurrency = key.split(" c")
             aa = v.get("engine_again_vs_engine")
-            lines.append(f"| {length} | {concurrency} | {v['engine_rps']:.0f} | {v['server_rps']:.0f} "
-                         f"| {v['server_vs_engine']:.2f} | {'-' if aa is None else f'{aa:.2f}'} "
-                         f"| {v['client_cpu_ms_per_request']:.2f} |")
+            lines.append(
+                f"| {length} | {concurrency} | {v['engine_rps']:.0f} | {v['server_rps']:.0f} "
+                f"| {v['server_vs_engine']:.2f} | {'-' if aa is None else f'{aa:.2f}'} "
+                f"| {v['client_cpu_ms_per_request']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def svg_chart(r: dict[str, Any]) -> str:
     """Horizontal bars: each variant's throughput relative to the raw engine (1.0 = engine)."""
-    colours = {"engine": "#9e9e9e", "engine_again": "#cfcfcf", "handler": "#1f77b4", "handler_auto": "#2ca02c",
-               "sentence_transformers": "#ff7f0e"}
+    colours = {
+        "engine": "#9e9e9e",
+        "engine_again": "#cfcfcf",
+        "handler": "#1f77b4",
+        "handler_auto": "#2ca02c",
+        "sentence_transformers": "#ff7f0e",
+    }
     rows = []
     for model in r["models"]:
         for length, row in model["throughput"].items():
@@ -194,29 +225,38 @@ def svg_chart(r: dict[str, Any]) -> str:
     height = top + per_row * len(rows) + 30
     top_ratio = max([2.0] + [v["vs_engine"] for _, vs in rows for v in vs.values()])
     scale = width / top_ratio
+    svg_width = max(left + width + 60, left + 135 * len(colours))
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(left + width + 60, left + 135 * len(colours))}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{svg_width}" '
         f'height="{height}" '
         'font-family="sans-serif" font-size="11">',
         f'<text x="{left}" y="14" font-size="13">Throughput relative to the raw Infinity engine '
-        f'({escape(r["machine"]["device"])})</text>',
+        f"({escape(r['machine']['device'])})</text>",
     ]
     for i, (variant, colour) in enumerate(colours.items()):
-        out.append(f'<rect x="{left + i * 135}" y="22" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{left + i * 135 + 14}" y="31">{escape(variant)}</text>')
+        out.append(
+            f'<rect x="{left + i * 135}" y="22" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{left + i * 135 + 14}" y="31">{escape(variant)}</text>'
+        )
     y = top
     for label, variants in rows:
-        out.append(f'<text x="{left - 6}" y="{y + per_row / 2}" text-anchor="end">{escape(label)}</text>')
+        out.append(
+            f'<text x="{left - 6}" y="{y + per_row / 2}" text-anchor="end">{escape(label)}</text>'
+        )
         for variant, colour in colours.items():
             if variant in variants:
                 ratio = variants[variant]["vs_engine"]
-                out.append(f'<rect x="{left}" y="{y}" width="{ratio * scale:.1f}" height="{bar - 1}" '
-                           f'fill="{colour}"/><text x="{left + ratio * scale + 3:.1f}" y="{y + bar - 2}">'
-                           f'{ratio:.2f}</text>')
+                out.append(
+                    f'<rect x="{left}" y="{y}" width="{ratio * scale:.1f}" height="{bar - 1}" '
+                    f'fill="{colour}"/><text x="{left + ratio * scale + 3:.1f}" y="{y + bar - 2}">'
+                    f"{ratio:.2f}</text>"
+                )
             y += bar
         y += gap
     x1 = left + scale
-    out.append(f'<line x1="{x1:.1f}" y1="{top - 4}" x2="{x1:.1f}" y2="{y}" stroke="#000" '
-               'stroke-dasharray="3,3"/>')
+    out.append(
+        f'<line x1="{x1:.1f}" y1="{top - 4}" x2="{x1:.1f}" y2="{y}" stroke="#000" '
+        'stroke-dasharray="3,3"/>'
+    )
     out.append("</svg>")
     return "\n".join(out) + "\n"

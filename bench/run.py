@@ -79,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, fewer inputs and repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="MiniLM only, fewer inputs and repeats"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(FULL_MODELS)}")
     parser.add_argument("--repeats", type=int, help="interleaved rounds per measurement")

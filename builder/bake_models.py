@@ -1,10 +1,11 @@
 """Bake models into the image at build time, so a cold start reads them from disk and runs offline.
 
-    python builder/bake_models.py --models "BAAI/bge-small-en-v1.5;BAAI/bge-reranker-base" --dest /models
+    python builder/bake_models.py --models "BAAI/bge-small-en-v1.5;BAAI/bge-reranker-base" --dest
+    /models
 
-Each MODEL_NAMES entry lands in <dest>/<org>/<name>, where the worker looks first (MODELS_DIR); it is
-still served under its hub id. A hub id is downloaded through the Hugging Face cache (HF_TOKEN for
-gated models), a local directory is copied under its last two path segments, and the bundled
+Each MODEL_NAMES entry lands in <dest>/<org>/<name>, where the worker looks first (MODELS_DIR); it
+is still served under its hub id. A hub id is downloaded through the Hugging Face cache (HF_TOKEN
+for gated models), a local directory is copied under its last two path segments, and the bundled
 all-MiniLM-L6-v2 is skipped (it is already inside the image). Weights for other frameworks (ONNX,
 TensorFlow, Flax, OpenVINO, GGUF) and pytorch_model.bin next to safetensors are left out.
 """

@@ -72,7 +72,8 @@ def ids(worker) -> dict[str, str]:
     }
 
 
-# ------------------------------------------------------------------ Qwen3 (instructions, LLM rerankers)
+# ------------------------------------------------------------------ Qwen3 (instructions, LLM
+# rerankers)
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +126,13 @@ def qwen3_ids(qwen3_worker) -> dict[str, str]:
 _SLOW_SIGNS = ("subprocess", "Popen", "handler.py", "Worker.from_config", "ModelRegistry.load")
 _SHARED = {"worker"}  # the one worker the whole suite shares
 # Modules whose helpers (not the tests' own code) start processes.
-_SLOW_MODULES = {"test_allocator", "test_deploy", "test_handler_process", "test_startup", "test_cli"}
+_SLOW_MODULES = {
+    "test_allocator",
+    "test_deploy",
+    "test_handler_process",
+    "test_startup",
+    "test_cli",
+}
 
 
 def _source(function) -> str:

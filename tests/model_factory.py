@@ -715,7 +715,8 @@ def make_qwen3_reranker(
     tie_word_embeddings: bool = True,
     seed: int = 0,
 ) -> Path:
-    """Qwen3ForCausalLM like Qwen3-Reranker: "yes"/"no" single tokens, left padding, no eos appended."""
+    """Qwen3ForCausalLM like Qwen3-Reranker: "yes"/"no" single tokens, left padding, no eos
+    appended."""
     from transformers import Qwen3ForCausalLM
 
     path = Path(path)

@@ -1,4 +1,5 @@
-"""The worker's malloc settings (allocator.py): freed activations stay in the process for the next batch."""
+"""The worker's malloc settings (allocator.py): freed activations stay in the process for the next
+batch."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Deployment files: the Dockerfile lints clean, the Hub files follow RunPod's schema and cover every
-variable the worker reads, and every Hub test job gets a real answer from the real handler."""
+"""Deployment files: the Dockerfile lints clean, the Hub files follow RunPod's schema and cover
+every variable the worker reads, and every Hub test job gets a real answer from the real handler."""
 
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ def variables_read_by_the_worker() -> set[str]:
     """Every environment variable the worker's code reads, found in its source.
 
     Reads are `env.get("X")`, `os.environ.get("X")`, `env["X"]`, `os.getenv("X")` and helper calls
-    that take the environment and a literal name (`int_var(env, "X", ...)`); `setdefault` is the worker
-    setting a variable for a library, not reading one.
+    that take the environment and a literal name (`int_var(env, "X", ...)`); `setdefault` is the
+    worker setting a variable for a library, not reading one.
     """
     found: set[str] = set()
     # transports/http.py is the local server (serve), not RunPod serverless: its variables are no

@@ -1,4 +1,5 @@
-"""DTYPES=auto: bfloat16 on CPUs that compute it natively, float32 on other CPUs, Infinity's own on GPUs."""
+"""DTYPES=auto: bfloat16 on CPUs that compute it natively, float32 on other CPUs, Infinity's own on
+GPUs."""
 
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ async def test_auto_vectors_stay_within_cosine_0999_of_float32(worker, ids):
         loaded = next(model.engine._model_replicas[0].parameters()).dtype
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
-            assert loaded == (torch.bfloat16 if dtype_policy.cpu_has_native_bf16() else torch.float32)
+            assert loaded == (
+                torch.bfloat16 if dtype_policy.cpu_has_native_bf16() else torch.float32
+            )
         got = await auto.dispatch({"input": TEXTS, "encoding_format": "base64"})
         ref = await worker.dispatch({"model": ids["minilm"], "input": TEXTS})
     finally:

@@ -2,7 +2,8 @@
 
 Infinity's upstream issue #609: an exception in a batch thread kills it and every pending request
 waits for ever. The worker must answer every request with an error within REQUEST_TIMEOUT, mark
-itself unhealthy and ask RunPod for a replacement (`refresh_worker`, which runpod turns into stopPod).
+itself unhealthy and ask RunPod for a replacement (`refresh_worker`, which runpod turns into
+stopPod).
 
 Each test gets its own worker (the shared one must stay healthy). The fault is injected below the
 worker's guard, where a real failure would come from: the model's forward pass or its tokenize step.

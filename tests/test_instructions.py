@@ -1,4 +1,5 @@
-"""Instruction-aware embeddings (Qwen3-Embedding): exact prompt strings, both flavours, real clients.
+"""Instruction-aware embeddings (Qwen3-Embedding): exact prompt strings, both flavours, real
+clients.
 
 The reference is the Qwen3-Embedding model card's recipe with plain transformers: left padding,
 last-token pooling, L2 normalisation, and `Instruct: {task}\\nQuery:{query}` written out here.
@@ -111,7 +112,8 @@ async def test_instruction_matches_the_model_card_across_batches_and_padding(
 
 
 async def test_the_exact_spacing_matters(qwen3_worker, qwen3_ids, reference):
-    # What the public fork sent (a space after "Query:") embeds differently: the golden test can fail.
+    # What the public fork sent (a space after "Query:") embeds differently: the golden test can
+    # fail.
     body = await embed(
         qwen3_worker, model=qwen3_ids["embedder"], input=QUERIES[:3], instruction=TASK
     )

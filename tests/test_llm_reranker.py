@@ -1,7 +1,7 @@
 """LLM rerankers (Qwen3-Reranker and its single-logit conversion) through the worker.
 
-The reference below is the Qwen3-Reranker model card's recipe with plain transformers, kept as written
-there (format_instruction, process_inputs, compute_logits), with max_length as a parameter.
+The reference below is the Qwen3-Reranker model card's recipe with plain transformers, kept as
+written there (format_instruction, process_inputs, compute_logits), with max_length as a parameter.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ class Reference:
         batch_scores = torch.nn.functional.log_softmax(batch_scores, dim=1)
         return batch_scores[:, 1].exp().tolist()
 
-    def scores(self, query, docs, instruction=None, batch_size=len(DOCS)) -> np.ndarray:
+    def scores(self, query, docs, instruction=None, batch_size=None) -> np.ndarray:
+        batch_size = batch_size or len(DOCS)
         pairs = [self.format_instruction(instruction, query, doc) for doc in docs]
         out = []
         for start in range(0, len(pairs), batch_size):

@@ -1,8 +1,9 @@
 """Load through the RunPod handler in-process, and determinism of the vectors.
 
-Thousands of jobs at RunPod's concurrency go through `runpod_handler` and runpod's own `run_job`: every
-job is answered exactly once, with the right vectors in the right order for its own inputs, and memory
-does not grow with the number of jobs. Throughput figures live in bench/load.py, not here.
+Thousands of jobs at RunPod's concurrency go through `runpod_handler` and runpod's own `run_job`:
+every job is answered exactly once, with the right vectors in the right order for its own inputs,
+and memory does not grow with the number of jobs. Throughput figures live in bench/load.py, not
+here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Models found on disk: baked into the image, in RunPod's model cache; served under their hub ids."""
+"""Models found on disk: baked into the image, in RunPod's model cache; served under their hub
+ids."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ HUB_ID = "acme/tiny-embedder"
 
 
 def hub_cache_entry(cache: Path, hub_id: str, model: Path, revision: str, ref: bool = True) -> Path:
-    """A Hugging Face hub cache entry as huggingface_hub writes it: blobs, symlinked snapshot, ref."""
+    """A Hugging Face hub cache entry as huggingface_hub writes it: blobs, symlinked snapshot,
+    ref."""
     repo = cache / f"models--{hub_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / revision
     for path in model.rglob("*"):
@@ -130,7 +132,8 @@ def test_downloads_go_to_a_writable_network_volume(tmp_path):
     environ = {"HF_HOME": ""}  # an empty Hub input must not put the cache in the working directory
     prepare_hub_environment(cfg, environ, volume)
     assert environ == {"HF_HOME": str(volume / "huggingface-cache")}
-    # ...which is where the next start looks (MODEL_CACHE_DIR's default is <volume>/huggingface-cache/hub).
+    # ...which is where the next start looks (MODEL_CACHE_DIR's default is
+    # <volume>/huggingface-cache/hub).
     assert volume_download_home(volume) / "hub" == volume / "huggingface-cache" / "hub"
 
 

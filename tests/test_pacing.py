@@ -1,7 +1,8 @@
 """The paced queue (pacing.py): full batches for Infinity when requests arrive one by one.
 
-First the release rule on Infinity's own queue and items, then a real engine whose model is held busy:
-requests that arrive one by one meanwhile must run as one batch, where Infinity alone splits them.
+First the release rule on Infinity's own queue and items, then a real engine whose model is held
+busy: requests that arrive one by one meanwhile must run as one batch, where Infinity alone splits
+them.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ async def test_a_full_batch_wakes_the_publisher_before_the_turn_ends():
 
 
 async def test_a_request_alone_in_its_turn_goes_whole_at_the_turns_end():
-    # Not split by when the publisher happens to look: the same request batches the same way each time.
+    # Not split by when the publisher happens to look: the same request batches the same way each
+    # time.
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
     released: list[list[int]] = []
     publisher = threading.Thread(target=lambda: released.append(_pop(queue, timeout=5)))

@@ -1,4 +1,5 @@
-"""Security: no remote code unless asked, no model loaded by a request, no payload or token in logs."""
+"""Security: no remote code unless asked, no model loaded by a request, no payload or token in
+logs."""
 
 from __future__ import annotations
 

@@ -13,10 +13,10 @@ mmap for large chunks, no trimming.
 
 The cost is resident memory: the process keeps its high-water mark (the largest batch's activations)
 instead of handing it back between jobs. KEEP_FREED_MEMORY=auto (the default) applies the settings
-where the models compute on the CPU; with a GPU the activations live in torch's own caching allocator,
-and a single heap could only make the CPU threads that tokenize wait on each other. true or false
-decides for every machine; any MALLOC_* or GLIBC_TUNABLES variable leaves glibc alone: whoever set one
-has chosen their own.
+where the models compute on the CPU; with a GPU the activations live in torch's own caching
+allocator, and a single heap could only make the CPU threads that tokenize wait on each other. true
+or false decides for every machine; any MALLOC_* or GLIBC_TUNABLES variable leaves glibc alone:
+whoever set one has chosen their own.
 """
 
 from __future__ import annotations

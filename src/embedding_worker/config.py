@@ -93,7 +93,8 @@ def served_id_for(source: str) -> str:
     """The id a model is served under.
 
     A hub id is served as written. A local directory is served under its last two path segments
-    (Infinity's own convention), so a model baked at /models/BAAI/bge-small-en-v1.5 keeps its hub id.
+    (Infinity's own convention), so a model baked at /models/BAAI/bge-small-en-v1.5 keeps its hub
+    id.
     """
     path = Path(source)
     if path.is_dir():
@@ -103,7 +104,8 @@ def served_id_for(source: str) -> str:
 
 
 def _resolve_source(name: str, env: Mapping[str, str]) -> str:
-    """What the loader reads for a MODEL_NAMES entry: a local folder when there is one, else the id."""
+    """What the loader reads for a MODEL_NAMES entry: a local folder when there is one, else the
+    id."""
     if Path(name).is_dir():
         return name
     # The bundled default is served from the package even when named explicitly: no download.

@@ -1,9 +1,9 @@
 """The worker's limits on requests and answers, and the cheap checks that enforce them.
 
-A job's input arrives already parsed (runpod parses the JSON), so its size is estimated in one pass over
-the parsed values, which stops as soon as the limit is passed: strings count their exact UTF-8 bytes,
-numbers their digits. The same pass refuses what the standard json module lets through but no model or
-JSON writer can handle: NaN/Infinity, lone UTF-16 surrogates ("\\ud800"), absurd nesting.
+A job's input arrives already parsed (runpod parses the JSON), so its size is estimated in one pass
+over the parsed values, which stops as soon as the limit is passed: strings count their exact UTF-8
+bytes, numbers their digits. The same pass refuses what the standard json module lets through but no
+model or JSON writer can handle: NaN/Infinity, lone UTF-16 surrogates ("\\ud800"), absurd nesting.
 
 Answers are estimated before any work is done, by each operation from the sizes below, so a request
 whose answer could not get back through RunPod is refused at once instead of vanishing on the way.
@@ -20,7 +20,8 @@ from . import errors
 # RunPod's documented payload limit for /runsync is 20 MB (its SDK counts 1 MB = 1,000,000 bytes).
 RUNPOD_PAYLOAD_LIMIT = 20_000_000
 
-# A valid request nests at most 6 levels (job > openai_input > extra_body > input > list > token id).
+# A valid request nests at most 6 levels (job > openai_input > extra_body > input > list > token
+# id).
 MAX_JSON_DEPTH = 32
 
 # Bytes of JSON per number in a float answer: the shortest float32 text plus ", ". Unit vectors

@@ -66,9 +66,9 @@ class Reply:
         """The job output RunPod expects.
 
         Success: the OpenAI body (standard flavour), or a one-element list holding it (OpenAI proxy,
-        as RunPod's own OpenAI-compatible workers answer). Failure: a top-level "error" whose value is
-        the JSON text of the OpenAI error object plus its status, which makes the job FAILED (runpod's
-        local API answers HTTP 500 if that value is not a string).
+        as RunPod's own OpenAI-compatible workers answer). Failure: a top-level "error" whose value
+        is the JSON text of the OpenAI error object plus its status, which makes the job FAILED
+        (runpod's local API answers HTTP 500 if that value is not a string).
         """
         if self.ok:
             output = JobOutput(self.body)

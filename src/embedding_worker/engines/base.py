@@ -64,7 +64,8 @@ class ModelEngine(ABC):
     dimensions: int | None = None
     # Named prompts the model declares (sentence-transformers' config), e.g. {"query": "...", ...}.
     prompts: dict[str, str] = {}
-    # The prompt sentence-transformers applies when none is named (config_sentence_transformers.json).
+    # The prompt sentence-transformers applies when none is named
+    # (config_sentence_transformers.json).
     default_prompt_name: str | None = None
 
     def __init__(
@@ -139,12 +140,12 @@ class ModelEngine(ABC):
         """Bounded queue and bounded time for every engine call.
 
         Infinity's queue is unbounded (INFINITY_QUEUE_SIZE is read only by its own HTTP server), so
-        the worker counts what it has handed over and refuses new work beyond the limit. A request is
-        always admitted into an empty queue, so a single large request can never be refused forever.
-        A call ends at the first of: its answer, REQUEST_TIMEOUT, or the engine reported dead (which
-        cancels every waiting call). The call runs in the caller's task: this is on every request's
-        path, and a task and `asyncio.wait` per call cost a quarter of the local server's event-loop
-        time.
+        the worker counts what it has handed over and refuses new work beyond the limit. A request
+        is always admitted into an empty queue, so a single large request can never be refused
+        forever. A call ends at the first of: its answer, REQUEST_TIMEOUT, or the engine reported
+        dead (which cancels every waiting call). The call runs in the caller's task: this is on
+        every request's path, and a task and `asyncio.wait` per call cost a quarter of the local
+        server's event-loop time.
         """
         if not self.health.healthy:
             raise errors.unavailable(f"the worker is unhealthy ({self.health.reason}); retry")

@@ -1,4 +1,5 @@
-"""The dtype policy: what DTYPES=auto means on this machine, for Infinity and for the LLM reranker."""
+"""The dtype policy: what DTYPES=auto means on this machine, for Infinity and for the LLM
+reranker."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def is_sequence_classifier(source: str) -> bool:
-    """Whether the model's config.json names a *ForSequenceClassification architecture (a reranker or
-    classifier), read from its folder or the hub cache (no network: the kind detection has fetched
-    it already). A config that cannot be read here counts as not."""
+    """Whether the model's config.json names a *ForSequenceClassification architecture (a reranker
+    or classifier), read from its folder or the hub cache (no network: the kind detection has
+    fetched it already). A config that cannot be read here counts as not."""
     path = Path(source) / "config.json"
     try:
         if not path.is_file():
@@ -52,8 +53,8 @@ def resolve_dtype(dtype: str, backend: str, source: str | None = None) -> str:
     Infinity's own `auto` is bfloat16/float16 on a GPU (kept) but always float32 on a CPU. On a CPU
     with native bfloat16 the worker picks bfloat16 for embedders: about 1.8x float32's throughput
     with cosine >= 0.9999 to the float32 vectors on MiniLM (bench/run.py measures both). Rerankers
-    (`source` names a sequence classifier) stay float32: a relevance score is one logit, and bfloat16's
-    three significant digits can reorder close documents.
+    (`source` names a sequence classifier) stay float32: a relevance score is one logit, and
+    bfloat16's three significant digits can reorder close documents.
     """
     if dtype != "auto" or backend != "torch":
         return dtype
@@ -80,5 +81,6 @@ def torch_dtype(dtype: str, device: str) -> Any:
     if dtype in ("float32", "float16", "bfloat16"):
         return getattr(torch, dtype)
     raise ValueError(
-        f"dtype '{dtype}' is not available for LLM rerankers; use auto, float32, float16 or bfloat16"
+        f"dtype '{dtype}' is not available for LLM rerankers; "
+        "use auto, float32, float16 or bfloat16"
     )

@@ -3,8 +3,9 @@
 Every Infinity model of the worker is one `AsyncEmbeddingEngine` in one `AsyncEngineArray` (the
 registry starts and stops the array). Three of Infinity's internals are worked around here, each in
 one place: a batch thread that dies silently (`_guard_batch_threads`), batches released before they
-are full (pacing.py, installed in `start`), and a second tokenization of every text (tokenization.py's
-`reuse_token_ids`, installed at load when it reproduces Infinity's tensors exactly).
+are full (pacing.py, installed in `start`), and a second tokenization of every text
+(tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's tensors
+exactly).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def quiet_infinity(environ: MutableMapping[str, str]) -> None:
 
 
 def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
-    """The EngineArgs the worker gives Infinity for one model (bench/ builds its baseline with it)."""
+    """The EngineArgs the worker gives Infinity for one model (bench/ builds its baseline with
+    it)."""
     from infinity_emb import EngineArgs
     from infinity_emb.primitives import Dtype, InferenceEngine
 
@@ -121,8 +123,8 @@ class InfinityModel(ModelEngine):
         post-process) kills that thread, and every pending and later request waits for ever.
 
         The replica's three stage methods are wrapped so that the first exception reports the engine
-        dead: the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and asks
-        RunPod for a replacement. The exception is re-raised, so Infinity behaves as before.
+        dead: the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and
+        asks RunPod for a replacement. The exception is re-raised, so Infinity behaves as before.
         """
         for stage in ("encode_pre", "encode_core", "encode_post"):
             method = getattr(replica, stage)

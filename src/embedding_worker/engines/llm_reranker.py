@@ -1,20 +1,22 @@
 """Rerankers that are language models (Qwen3-Reranker), served exactly per the official recipe.
 
-Infinity loads a `Qwen3ForCausalLM` reranker as an embedder and refuses to rerank with it, and it strips
-whitespace from the converted single-logit checkpoints (which drops the template's trailing "\\n\\n" and
-changes their scores). So these models run here, beside Infinity's AsyncEngineArray, behind the same
-`Reranker` interface (same queue bound, timeouts and errors).
+Infinity loads a `Qwen3ForCausalLM` reranker as an embedder and refuses to rerank with it, and it
+strips whitespace from the converted single-logit checkpoints (which drops the template's trailing
+"\\n\\n" and changes their scores). So these models run here, beside Infinity's AsyncEngineArray,
+behind the same `Reranker` interface (same queue bound, timeouts and errors).
 
 The recipe (Qwen3-Reranker model card):
 - input: PREFIX + "<Instruct>: {instruction}\\n<Query>: {query}\\n<Document>: {document}" + SUFFIX;
-  only the middle part is tokenised with truncation, to `max_length` less the prefix and suffix tokens;
+  only the middle part is tokenised with truncation, to `max_length` less the prefix and suffix
+  tokens;
 - left padding; score = softmax([logit("no"), logit("yes")])[1] at the last position, which equals
-  sigmoid(logit_yes - logit_no). A converted single-logit checkpoint (score weight = W_yes - W_no) gives
-  that difference as its one logit: score = sigmoid(logit), the same input.
+  sigmoid(logit_yes - logit_no). A converted single-logit checkpoint (score weight = W_yes - W_no)
+  gives that difference as its one logit: score = sigmoid(logit), the same input.
 
-Batching: pairs from concurrent requests wait in one queue; a batcher task takes up to 8 x batch_size of
-them in arrival order, sorts them by length and runs batch_size chunks (as Infinity does). Tokenising
-and forwards run on one worker thread per model, under torch.inference_mode, never on the event loop.
+Batching: pairs from concurrent requests wait in one queue; a batcher task takes up to 8 x
+batch_size of them in arrival order, sorts them by length and runs batch_size chunks (as Infinity
+does). Tokenising and forwards run on one worker thread per model, under torch.inference_mode, never
+on the event loop.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ def _yes_no_ids(tokenizer: Any) -> tuple[int, int] | None:
 def detect(spec: ModelSpec, trust_remote_code: bool) -> bool:
     """Whether the model's files are an LLM reranker.
 
-    LLM rerankers: a `*ForCausalLM` without a sentence-transformers layout (modules.json) whose tokenizer
-    has the single tokens "yes" and "no" (Qwen3-Reranker); a single-label
+    LLM rerankers: a `*ForCausalLM` without a sentence-transformers layout (modules.json) whose
+    tokenizer has the single tokens "yes" and "no" (Qwen3-Reranker); a single-label
     `Qwen3ForSequenceClassification` with a Qwen tokenizer (its converted checkpoints). Anything
     whose config cannot be read here is not (Infinity's loader then reports the real problem).
     """
@@ -196,11 +198,12 @@ class LLMReranker(Reranker):
             yes_no = _yes_no_ids(tokenizer)
             if yes_no is None:
                 raise ModelLoadError(
-                    f"model '{spec.served_id}' cannot be an LLM reranker: its tokenizer has no single "
-                    "tokens 'yes' and 'no'"
+                    f"model '{spec.served_id}' cannot be an LLM reranker: its tokenizer has no "
+                    "single tokens 'yes' and 'no'"
                 )
             model = AutoModelForCausalLM.from_pretrained(spec.source, **load_args)
-            # Only two rows of the LM head matter: project onto them instead of the whole vocabulary.
+            # Only two rows of the LM head matter: project onto them instead of the whole
+            # vocabulary.
             head = model.get_output_embeddings().weight[list(yes_no)].detach().clone()
         elif any(a.endswith("ForSequenceClassification") for a in architectures):
             if config.num_labels != 1:
@@ -336,7 +339,8 @@ class LLMReranker(Reranker):
     # --------------------------------------------------------------------------- worker thread
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
-        """The recipe's tokenisation: only the middle part is truncated, then prefix + it + suffix."""
+        """The recipe's tokenisation: only the middle part is truncated, then prefix + it +
+        suffix."""
         middles = self.tokenizer(
             texts,
             padding=False,
@@ -347,7 +351,8 @@ class LLMReranker(Reranker):
         return [self.prefix_ids + ids + self.suffix_ids for ids in middles]
 
     def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
-        """Scores of one batch: sigmoid(logit_yes - logit_no) (or of the single logit) at the end."""
+        """Scores of one batch: sigmoid(logit_yes - logit_no) (or of the single logit) at the
+        end."""
         import torch
 
         # Left padding with the pad token, masked out (what the recipe's tokenizer.pad builds).

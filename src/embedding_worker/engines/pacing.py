@@ -1,19 +1,19 @@
 """Full batches for Infinity when requests arrive one by one.
 
 Infinity's publisher thread hands the model a new batch as soon as the previous one has left its
-hand-over queue, which is long before the model is free: it pops whatever has arrived by then. Callers
-in one process resubmit together and fill whole batches anyway, but requests that come over sockets
-trickle in, a few at a time, and the model ends up running batches of 2 to 10 where 32 were waiting a
-moment later (bench/arrival.py: ~0.7x the throughput at 64 concurrent one-text clients).
+hand-over queue, which is long before the model is free: it pops whatever has arrived by then.
+Callers in one process resubmit together and fill whole batches anyway, but requests that come over
+sockets trickle in, a few at a time, and the model ends up running batches of 2 to 10 where 32 were
+waiting a moment later (bench/arrival.py: ~0.7x the throughput at 64 concurrent one-text clients).
 
 `PacedQueue` replaces Infinity's queue of waiting items and only lets a batch go when it is full, or
-when the model has nothing else to do. A lone request is never held back: with the model idle it goes
-at the end of the event loop's turn that submitted it, together with whatever else that turn submits
-(jobs that arrive together are validated and counted one after another in one turn, and the first
-would otherwise go alone). A full batch that a later job of the turn completes goes at once, without
-waiting for the turn's end. Full batches still run ahead of the model (tokenised while the previous
-batch computes) whenever fewer than `AHEAD` per model replica are in it; the full batches waiting then
-go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
+when the model has nothing else to do. A lone request is never held back: with the model idle it
+goes at the end of the event loop's turn that submitted it, together with whatever else that turn
+submits (jobs that arrive together are validated and counted one after another in one turn, and the
+first would otherwise go alone). A full batch that a later job of the turn completes goes at once,
+without waiting for the turn's end. Full batches still run ahead of the model (tokenised while the
+previous batch computes) whenever fewer than `AHEAD` per model replica are in it; the full batches
+waiting then go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from collections.abc import Iterator
 from typing import Any
 
 # Full batches go while a replica has fewer than this many between leaving the queue and finishing
-# its forward pass: the one computing and one being tokenised behind it. What waits meanwhile goes in
-# one larger pop, which Infinity sorts by length, so batches pad less.
+# its forward pass: the one computing and one being tokenised behind it. What waits meanwhile goes
+# in one larger pop, which Infinity sorts by length, so batches pad less.
 AHEAD = 2
 
 
@@ -96,8 +96,8 @@ class PacedQueue:
     def pop_optimal_batches(
         self, size: int, max_n_batches: int = 4, timeout: float = 0.2, **kwargs: Any
     ) -> Iterator[list[Any]]:
-        # Called by Infinity's publisher thread whenever it is ready to hand over; waiting here (up to
-        # `timeout`, then it asks again) is what holds a part-filled batch back.
+        # Called by Infinity's publisher thread whenever it is ready to hand over; waiting here (up
+        # to `timeout`, then it asks again) is what holds a part-filled batch back.
         with self._changed:
             if not self._changed.wait_for(self._releasable, timeout):
                 return

@@ -81,7 +81,8 @@ class ModelRegistry:
         return [m.served_id for m in self.models]
 
     def resolve(self, name: str | None, capability: Capability) -> ModelEngine:
-        """The model a request names: its served id, its source, or a unique trailing part of the id.
+        """The model a request names: its served id, its source, or a unique trailing part of the
+        id.
 
         With no name, the only model that has the capability.
         """

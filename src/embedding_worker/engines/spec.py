@@ -1,4 +1,5 @@
-"""What an engine is given: one model to serve (`ModelSpec`) and the settings every engine shares."""
+"""What an engine is given: one model to serve (`ModelSpec`) and the settings every engine
+shares."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 The worker tokenizes every input before the engine sees it: `usage` and the token limits need exact
 counts. Infinity then tokenizes the same texts again in its pre-processing thread. For an embedder
-whose own tokenization the worker can reproduce exactly (checked on probe texts when the model loads),
-each counted text carries its token ids to the engine, and the engine's tokenize step only pads them.
+whose own tokenization the worker can reproduce exactly (checked on probe texts when the model
+loads), each counted text carries its token ids to the engine, and the engine's tokenize step only
+pads them.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class TokenCounter:
         return len(self.tokenizer)
 
     def _encode_batch(self, inputs: list[Any], add_special_tokens: bool = True) -> list[Any]:
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less time, same ids.
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less time, same
+        # ids.
         assert self._fast is not None
         encode = getattr(self._fast, "encode_batch_fast", None) or self._fast.encode_batch
         return encode(inputs, add_special_tokens=add_special_tokens)
@@ -141,8 +143,8 @@ class TokenCounter:
 
 
 class PaddedBatch:
-    """Pads the ids of `TokenizedText`s into the tensors a Hugging Face tokenizer returns for a batch:
-    to the longest, on the tokenizer's padding side, with its pad ids."""
+    """Pads the ids of `TokenizedText`s into the tensors a Hugging Face tokenizer returns for a
+    batch: to the longest, on the tokenizer's padding side, with its pad ids."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.names = [name for name in tokenizer.model_input_names if name in _FEATURE_NAMES]
@@ -202,9 +204,9 @@ class ReusedTokenIds:
 
 
 def reuse_token_ids(replica: Any, counter: TokenCounter) -> bool:
-    """Let `replica` (an Infinity sentence-transformers embedder) take the counter's token ids instead
-    of tokenizing again. Installed only when the reuse gives exactly the tensors of the replica's own
-    tokenize step on the probe texts; returns whether it was installed.
+    """Let `replica` (an Infinity sentence-transformers embedder) take the counter's token ids
+    instead of tokenizing again. Installed only when the reuse gives exactly the tensors of the
+    replica's own tokenize step on the probe texts; returns whether it was installed.
     """
     first = getattr(replica, "_first_module", lambda: None)()
     tokenizer = getattr(first, "tokenizer", None)

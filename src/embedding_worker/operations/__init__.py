@@ -11,7 +11,8 @@ from __future__ import annotations
 from . import batch, embeddings, models, rerank
 from .base import Context, Operation
 
-# Standard-flavour jobs are recognised in this order: the first operation whose fields the job holds.
+# Standard-flavour jobs are recognised in this order: the first operation whose fields the job
+# holds.
 OPERATIONS: tuple[Operation, ...] = (
     batch.OPERATION,
     rerank.OPERATION,

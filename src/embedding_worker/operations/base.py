@@ -143,7 +143,8 @@ def model_for(registry: ModelRegistry, name: str | None, capability: Capability)
 def check_count(count: int, limits: Limits, param: str) -> None:
     if count > limits.max_inputs:
         raise errors.invalid_input(
-            f"'{param}' holds {count} items, more than the limit of {limits.max_inputs} per request",
+            f"'{param}' holds {count} items, more than the limit of {limits.max_inputs} "
+            "per request",
             param=param,
         )
 
@@ -173,7 +174,8 @@ def check_lengths(
 
 
 def check_finite(values: np.ndarray, model: ModelEngine) -> None:
-    """A model that overflows (float16) gives NaN, which is not JSON: fail instead of answering it."""
+    """A model that overflows (float16) gives NaN, which is not JSON: fail instead of answering
+    it."""
     if not np.isfinite(values).all():
         raise errors.internal(
             f"model '{model.served_id}' produced NaN or infinite values; try another DTYPES"

@@ -61,7 +61,8 @@ class RerankRequest(RequestModel):
 def check_answer_size(
     documents: Sequence[str], returned: int, return_documents: bool, limits: Limits
 ) -> None:
-    """`returned` results, each with its document's text when asked: the largest ones, to be safe."""
+    """`returned` results, each with its document's text when asked: the largest ones, to be
+    safe."""
     estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
     if return_documents:
         # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for

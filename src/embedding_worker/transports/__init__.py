@@ -1,2 +1,2 @@
-"""What carries requests in: RunPod's handler, the local HTTP server, batch files and the client of a
-deployed endpoint. Each only turns its wire format into `Worker.dispatch` calls and back."""
+"""What carries requests in: RunPod's handler, the local HTTP server, batch files and the client of
+a deployed endpoint. Each only turns its wire format into `Worker.dispatch` calls and back."""

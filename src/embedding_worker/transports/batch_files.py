@@ -8,7 +8,8 @@ format and answering are operations/batch.py's.
 The input is streamed and at most `concurrency` lines are in flight, so memory holds the lines in
 flight and the set of custom_ids seen, never the file or its answers. Output lines are appended as
 they complete (completion order: match them by custom_id); a run that stops is resumed by running it
-again: custom_ids already in the output are skipped, and a partly written last line is cut off first.
+again: custom_ids already in the output are skipped, and a partly written last line is cut off
+first.
 """
 
 from __future__ import annotations

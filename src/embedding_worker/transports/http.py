@@ -1,8 +1,9 @@
 """The local HTTP server: RunPod's endpoint routes and OpenAI routes over the one `Worker` dispatch.
 
-`embedding-worker serve` (or `python handler.py --serve`) runs it with uvicorn. Every route only reads the request and writes the
-`Reply` in its wire format: RunPod's job wrapper for /run, /runsync and /status, the OpenAI body
-with its HTTP status for /v1/... and /openai/v1/... . Nothing here knows what an embedding is.
+`embedding-worker serve` (or `python handler.py --serve`) runs it with uvicorn. Every route only
+reads the request and writes the `Reply` in its wire format: RunPod's job wrapper for /run, /runsync
+and /status, the OpenAI body with its HTTP status for /v1/... and /openai/v1/... . Nothing here
+knows what an embedding is.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """`--endpoint URL`: a batch file answered by a deployed RunPod endpoint instead of this machine.
 
 Lines go in chunks as batch jobs (`{"input": {"batch": [line, ...]}}`, answered by
-`operations.batch.answer_job` on the workers) through RunPod's `/run`, `jobs` of them at once, so RunPod's
-autoscaling spreads them over many workers; each job is polled on `/status/{id}`. A job that fails,
-times out or cannot be sent is sent again, and so are the lines it answered with a full queue or a
-timeout (429/503), at most `retries` times with exponential backoff; lines still unanswered then are
-left out of the output, for the next run. The output file, resuming and skipping are batch_files.py's.
+`operations.batch.answer_job` on the workers) through RunPod's `/run`, `jobs` of them at once, so
+RunPod's autoscaling spreads them over many workers; each job is polled on `/status/{id}`. A job
+that fails, times out or cannot be sent is sent again, and so are the lines it answered with a full
+queue or a timeout (429/503), at most `retries` times with exponential backoff; lines still
+unanswered then are left out of the output, for the next run. The output file, resuming and skipping
+are batch_files.py's.
 """
 
 from __future__ import annotations

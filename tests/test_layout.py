@@ -1,0 +1,139 @@
+"""The layout keeps its promises: no import cycles in src/, nothing private imported across
+modules, no environment changed at import, each default written once, one list of operations."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from embedding_worker import operations
+from embedding_worker.config import WorkerConfig, load_config
+from embedding_worker.engines import EngineSettings
+from embedding_worker.limits import Limits
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "src" / "embedding_worker"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def imports(name: str) -> list[tuple[str, list[str]]]:
+    """(module imported, names taken from it) for each import in `name`, resolved to module
+    names; imports only for type checkers are left out (they never run)."""
+    path = MODULES[name]
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if _type_checking_only(node, parents):
+            continue
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            names = [alias.name for alias in node.names]
+            for taken in names:  # `from . import errors` imports the module errors
+                if f"{target}.{taken}" in MODULES:
+                    found.append((f"{target}.{taken}", []))
+            rest = [n for n in names if f"{target}.{n}" not in MODULES]
+            if rest or not node.names:
+                found.append((target, rest))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+    return [(target, names) for target, names in found if target in MODULES]
+
+
+def test_the_import_scan_sees_the_package():
+    assert "embedding_worker.operations.embeddings" in MODULES
+    targets = {target for target, _ in imports("embedding_worker.dispatch")}
+    assert {"embedding_worker.operations", "embedding_worker.engines"} <= targets
+
+
+def test_no_import_cycles_in_src():
+    graph = {name: {t for t, _ in imports(name) if t != name} for name in MODULES}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                cycle = path[path.index(target) :] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[name] = 2
+
+    for name in sorted(MODULES):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_nothing_private_is_imported_across_modules():
+    private = [
+        f"{name} imports {target}.{taken}"
+        for name in MODULES
+        for target, names in imports(name)
+        for taken in names
+        if taken.startswith("_") and target != name
+    ]
+    assert not private
+
+
+def test_importing_every_module_changes_no_environment_variable():
+    probe = (
+        "import importlib, os, sys\n"
+        "before = dict(os.environ)\n"
+        f"for name in {sorted(n for n in MODULES if not n.endswith('__main__'))!r}:\n"
+        "    importlib.import_module(name)\n"
+        "keys = set(before) | set(os.environ)\n"
+        "changed = sorted(k for k in keys if before.get(k) != os.environ.get(k))\n"
+        "print(changed)\n"
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFINITY_", "RUNPOD_"))}
+    env.pop("DO_NOT_TRACK", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_an_empty_environment_gives_the_written_defaults():
+    config = load_config({})
+    assert config == WorkerConfig(models=config.models)
+    assert config.limits == Limits()
+    assert config.engine_settings == EngineSettings()
+
+
+def test_one_list_of_operations_gives_every_route():
+    routes = [op.route for op in operations.OPERATIONS if op.route]
+    assert len(routes) == len(set(routes))
+    assert operations.ROUTES == tuple(routes)
+    assert set(operations.LINE_ROUTES) <= set(routes)
+    for op in operations.OPERATIONS:
+        assert op.route is None or operations.by_route(op.route + "/") is op
+        for field in op.job_fields:
+            found = operations.recognise({field: "x"})
+            assert found is not None and field in found.job_fields

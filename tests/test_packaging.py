@@ -1,0 +1,58 @@
+"""A real package: pinned dependencies that agree with the lock files, the console script, no
+sys.path patches anywhere, a license."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import metadata
+
+from tests.conftest import ROOT
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def pins(path) -> set[str]:
+    """The requirement lines of a requirements file (no comments, no -r includes)."""
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {line for line in lines if line and not line.startswith("-")}
+
+
+def test_runtime_dependencies_are_the_lock_the_dockerfile_installs():
+    declared = set(PYPROJECT["project"]["dependencies"])
+    assert declared == pins(ROOT / "builder" / "requirements.txt")
+
+
+def test_the_dev_extra_is_the_dev_lock():
+    declared = set(PYPROJECT["project"]["optional-dependencies"]["dev"])
+    assert declared == pins(ROOT / "builder" / "requirements-dev.txt")
+
+
+def test_every_dependency_is_pinned():
+    project = PYPROJECT["project"]
+    for requirement in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        assert re.fullmatch(r"[A-Za-z0-9_.\-]+(\[[a-z,]+\])?==[\w.]+", requirement), requirement
+
+
+def test_the_console_script_is_installed():
+    (script,) = [
+        e for e in metadata.entry_points(group="console_scripts") if e.name == "embedding-worker"
+    ]
+    assert (
+        script.value
+        == "embedding_worker.cli:main"
+        == PYPROJECT["project"]["scripts"]["embedding-worker"]
+    )
+
+
+def test_no_sys_path_patches_anywhere():
+    patch = re.compile(r"sys\.path\s*(\[|\.insert|\.append|\.extend|=|\+=)")
+    sources = [ROOT / "handler.py", *ROOT.glob(f"{'src'}/**/*.py")]
+    sources += [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("builder/*.py")]
+    patched = [str(p.relative_to(ROOT)) for p in sources if patch.search(p.read_text())]
+    assert not patched
+
+
+def test_a_license_is_there():
+    text = (ROOT / "LICENSE").read_text()
+    assert "MIT License" in text or "Apache License" in text
