@@ -111,7 +111,9 @@ def compare(model: str, lengths: str, inputs: list[int], pairs: int, rounds: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.allocator_ab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--lengths", default="short,medium,long")

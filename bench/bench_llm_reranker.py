@@ -133,7 +133,9 @@ async def compare(path: Path, pairs: Pairs, args: Any) -> tuple[float, float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.bench_llm_reranker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--pairs", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=3)

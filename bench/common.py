@@ -221,10 +221,13 @@ async def one_text_each_to_engine(engine: Any, texts: list[str], concurrency: in
 
 
 def checkout_python(checkout: Path | str) -> str:
-    """The interpreter that runs `checkout`'s own code: its .venv's, where it has one (the package
-    installed there is the checkout's), else this one."""
+    """The interpreter that runs `checkout`'s own code: this one for this repository; for another
+    checkout its .venv's, where it has one (the package installed there is the checkout's), else
+    this one."""
     own = Path(checkout) / ".venv" / "bin" / "python"
-    return str(own) if own.is_file() else sys.executable
+    if Path(checkout).resolve() == ROOT or not own.is_file():
+        return sys.executable
+    return str(own)
 
 
 def start_local_server(

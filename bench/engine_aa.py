@@ -71,7 +71,9 @@ async def compare(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.engine_aa",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
     parser.add_argument("--length", choices=list(LENGTHS), default="medium")

@@ -128,7 +128,9 @@ async def compare(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.handler_ab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--without", choices=["reuse", "turn-wake", "full-wake"], required=True)
     parser.add_argument("--model", choices=FULL_MODELS, default="minilm")

@@ -82,7 +82,9 @@ async def compare(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.server_ab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("checkouts", nargs="+", metavar="CHECKOUT[|VAR=VALUE...]")
     parser.add_argument(

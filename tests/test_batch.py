@@ -209,6 +209,17 @@ async def test_thousands_of_lines_match_single_requests(worker, ids, tmp_path):
     )
 
 
+async def test_a_rerun_counts_each_answered_custom_id_once(worker, ids, tmp_path):
+    texts = [{"custom_id": f"doc-{i}", "text": f"text {i}"} for i in range(6)]
+    lines = [json.dumps(t) for t in [*texts, texts[2]]]  # doc-2 twice
+    source = write_lines(tmp_path / "plain.jsonl", lines)
+    first = await run_batch(worker, options(tmp_path, source, defaults={"model": ids["minilm"]}))
+    assert (first.answered, first.duplicates) == (6, 1)
+    again = await run_batch(worker, options(tmp_path, source, defaults={"model": ids["minilm"]}))
+    assert (again.answered, again.already_done, again.duplicates) == (0, 6, 1)
+    assert "6 already there" in again.describe(tmp_path / "results.jsonl")
+
+
 async def test_an_interrupted_run_resumes_without_loss_or_duplicates(worker, ids, tmp_path):
     source = write_lines(tmp_path / "requests.jsonl", make_lines(1200, ids, seed=1))
     result = tmp_path / "results.jsonl"

@@ -319,6 +319,13 @@ def test_health_reports_ok_and_job_counts(http):
     body = response.json()
     assert body["status"] == "ok"
     assert body["jobs"]["completed"] >= 1 and body["jobs"]["inProgress"] == 0
+    before = body["jobs"]
+    http.post("/runsync", json={"input": {"openai_route": "/v1/models"}})
+    http.post("/runsync", json={"input": {"input": ""}})  # FAILED: an empty string
+    after = http.get("/health").json()["jobs"]
+    assert after["completed"] == before["completed"] + 1
+    assert after["failed"] == before["failed"] + 1
+    assert after["inProgress"] == 0
 
 
 def test_many_concurrent_clients_each_get_their_own_answer(served, http):

@@ -44,9 +44,10 @@ def quiet_infinity(environ: MutableMapping[str, str]) -> None:
     start: not the user's to fix, so not shown."""
     environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
     environ.setdefault("DO_NOT_TRACK", "1")
-    notices = logging.getLogger("transformers.configuration_utils")
-    if not any(isinstance(f, _NoTorchDtypeNotice) for f in notices.filters):
-        notices.addFilter(_NoTorchDtypeNotice())
+    for name in ("transformers.configuration_utils", "transformers.modeling_utils"):
+        notices = logging.getLogger(name)
+        if not any(isinstance(f, _NoTorchDtypeNotice) for f in notices.filters):
+            notices.addFilter(_NoTorchDtypeNotice())
 
 
 def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
