@@ -33,3 +33,29 @@ def test_runpod_imports_without_the_cpu_probe_subprocess_and_keeps_its_processor
     assert got["processor"] == got["expected"] and got["processor"]
     assert got["restored"] == "cpuinfo.cpuinfo"  # the real function is back for anyone else
     assert got["start"]
+
+
+def test_uvicorns_own_lines_are_not_labelled_as_errors(capsys):
+    import logging
+
+    from embedding_worker.startup import configure_logging
+
+    configure_logging()
+    logging.getLogger("uvicorn.error").info("Started server process")
+    logging.getLogger("embedding_worker").info("a line of the worker's")
+    err = capsys.readouterr().err
+    assert "INFO uvicorn: Started server process" in err
+    assert "embedding_worker: a line of the worker's" in err
+
+
+def test_the_torch_dtype_notice_of_infinitys_loader_is_not_shown(caplog):
+    import logging
+
+    from embedding_worker.engines.infinity import quiet_infinity
+
+    quiet_infinity({})
+    for name in ("transformers.configuration_utils", "transformers.modeling_utils"):
+        logging.getLogger(name).warning("`torch_dtype` is deprecated! Use `dtype` instead!")
+        logging.getLogger(name).warning("another warning")
+    shown = [r.getMessage() for r in caplog.records]
+    assert shown == ["another warning", "another warning"]
