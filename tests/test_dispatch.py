@@ -186,3 +186,14 @@ async def test_job_output_is_plain_json_with_a_short_repr(worker, ids):
     assert len(repr(many.runpod_output())) < 2 * len(repr(output))
     proxied = await worker.call("/v1/embeddings", {"model": ids["minilm"], "input": "a"})
     assert len(repr(proxied.runpod_output())) < 2 * len(repr(output))
+
+
+async def test_one_model_through_the_openai_route(worker, ids):
+    for name in ids.values():
+        reply = await worker.dispatch({"openai_route": f"/v1/models/{name}"})
+        assert reply.status == 200 and reply.body["id"] == name
+        assert reply.runpod_output()[0]["id"] == name
+    missing = await worker.dispatch({"openai_route": "/v1/models/no-such/model"})
+    assert missing.status == 404 and missing.body["error"]["code"] == "model_not_found"
+    bare = await worker.dispatch({"openai_route": "/v1/models/"})  # the list, as before
+    assert bare.status == 200 and bare.body["object"] == "list"

@@ -639,3 +639,47 @@ def test_a_body_over_the_limit_is_refused_with_413(bert_embedder):
         small = http.post("/v1/embeddings", json={"input": "fits", "model": "no-such/model"})
         assert small.status_code == 404  # under the limit: read and dispatched
     assert model.pending == 0
+
+
+# --- one model, and Infinity's own routes at the root ---------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/openai/v1"])
+def test_sdk_retrieves_one_model_by_its_id(served, prefix):
+    client = sdk(served, prefix)
+    for name in served.ids.values():  # ids with a slash in them: the path's rest is the id
+        model = client.models.retrieve(name)
+        assert model.id == name and model.object == "model"
+    tail = served.ids["minilm"].rsplit("/", 1)[-1]
+    assert client.models.retrieve(tail).id == served.ids["minilm"]
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such/model")
+    assert caught.value.code == "model_not_found"
+
+
+def test_one_model_is_its_entry_in_the_list(http, served):
+    listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    for name in served.ids.values():
+        assert http.get(f"/v1/models/{name}").json() == listed[name]
+    assert http.post(f"/v1/models/{served.ids['minilm']}").status_code == 405
+
+
+def test_infinity_routes_at_the_root_answer_in_infinitys_shapes(http, served):
+    texts = {"model": served.ids["minilm"], "input": TEXTS, "encoding_format": "float"}
+    root = http.post("/embeddings", json=texts).json()
+    openai_route = http.post("/v1/embeddings", json=texts).json()
+    np.testing.assert_allclose(
+        [d["embedding"] for d in root["data"]],
+        [d["embedding"] for d in openai_route["data"]],
+        atol=1e-6,
+    )
+    assert http.get("/models").json()["data"] == http.get("/v1/models").json()["data"]
+    docs = ["a cat sleeps", "stocks fell", "kittens nap"]
+    body = {"model": served.ids["reranker"], "query": "cats", "documents": docs}
+    ranked = http.post("/rerank", json={**body, "return_documents": True}).json()
+    cohere_shape = http.post("/v1/rerank", json={**body, "return_documents": True}).json()
+    assert [r["index"] for r in ranked["results"]] == [r["index"] for r in cohere_shape["results"]]
+    for result in ranked["results"]:
+        assert result["document"] == docs[result["index"]]  # the text itself, as Infinity answers
+    plain = http.post("/rerank", json=body).json()
+    assert all(r["document"] is None for r in plain["results"])

@@ -90,21 +90,25 @@ class Worker:
             raise errors.invalid_input("the job 'input' must be a JSON object")
         if "openai_route" in job_input:
             route = job_input["openai_route"]
-            operation = operations.by_route(route) if isinstance(route, str) else None
-            if operation is None:
+            matched = operations.match_route(route) if isinstance(route, str) else None
+            if matched is None:
                 raise errors.not_found(
                     f"unknown openai_route; this worker serves {', '.join(operations.ROUTES)}"
                 )
+            operation, params = matched
             body = job_input.get("openai_input")
             if body is None:
                 body = {}  # GET /v1/models arrives with no body
-            return operation, _merge_extra_body(body)
-        operation = operations.recognise(job_input)
-        if operation is None:
+            body = _merge_extra_body(body)
+            if params and isinstance(body, dict):
+                body = {**body, **params}  # the path's parameters win over the body's
+            return operation, body
+        recognised = operations.recognise(job_input)
+        if recognised is None:
             raise errors.invalid_input(
                 f"the job input must hold {operations.job_hints()} or 'openai_route'"
             )
-        return operation, _merge_extra_body(job_input)
+        return recognised, _merge_extra_body(job_input)
 
 
 def _merge_extra_body(body: Any) -> Any:

@@ -2,32 +2,56 @@
 batch lines all read.
 
 An operation module owns its request model, how it is recognised in a standard-flavour job
-(`job_fields`), how it runs, and its answer; it ends with one `OPERATION`. Adding an operation is
+(`job_fields`), how it runs, and its answer; it ends with its `OPERATION`. Adding an operation is
 adding its module and listing its OPERATION here.
 """
 
 from __future__ import annotations
 
-from . import batch, embeddings, models, rerank
+from urllib.parse import unquote
+
+from . import batch, embeddings, infinity_api, models, rerank
 from .base import Context, Operation
 
-# Standard-flavour jobs are recognised in this order: the first operation whose fields the job
-# holds.
+# A standard-flavour job is the first operation here whose fields it holds.
 OPERATIONS: tuple[Operation, ...] = (
     batch.OPERATION,
     rerank.OPERATION,
     embeddings.OPERATION,
     models.OPERATION,
+    models.RETRIEVE,
+    *infinity_api.OPERATIONS,
 )
 
-_BY_ROUTE = {op.route: op for op in OPERATIONS if op.route is not None}
-ROUTES: tuple[str, ...] = tuple(_BY_ROUTE)
+_BY_ROUTE = {op.route: op for op in OPERATIONS if op.route is not None and "{" not in op.route}
+# Routes ending in a parameter ("/v1/models/{model}"): the prefix before it, and its name. The
+# parameter takes the rest of the path, slashes included: model ids hold them.
+_TEMPLATES = [
+    (op.route.partition("{")[0], op.route.partition("{")[2].rstrip("}"), op)
+    for op in OPERATIONS
+    if op.route is not None and "{" in op.route
+]
+ROUTES: tuple[str, ...] = tuple(op.route for op in OPERATIONS if op.route is not None)
 LINE_ROUTES: tuple[str, ...] = tuple(op.route for op in OPERATIONS if op.batch_line and op.route)
 
 
+def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:
+    """The operation of a route ("/v1/embeddings", "/v1/models/org/name") and the parameters its
+    path carries; trailing slashes aside."""
+    route = route.rstrip("/")
+    operation = _BY_ROUTE.get(route)
+    if operation is not None:
+        return operation, {}
+    for prefix, name, templated in _TEMPLATES:
+        if route.startswith(prefix) and len(route) > len(prefix):
+            return templated, {name: unquote(route[len(prefix) :])}
+    return None
+
+
 def by_route(route: str) -> Operation | None:
-    """The operation of an OpenAI route ("/v1/embeddings"), trailing slashes aside."""
-    return _BY_ROUTE.get(route.rstrip("/"))
+    """The operation of a route, whatever its parameters."""
+    matched = match_route(route)
+    return matched[0] if matched else None
 
 
 def recognise(job_input: dict[str, object]) -> Operation | None:
@@ -48,5 +72,6 @@ __all__ = [
     "Operation",
     "by_route",
     "job_hints",
+    "match_route",
     "recognise",
 ]

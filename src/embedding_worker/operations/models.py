@@ -1,9 +1,12 @@
-"""The model list: GET /v1/models (OpenAI's shape, with each model's capabilities)."""
+"""The model list and one model: GET /v1/models and GET /v1/models/{model} (OpenAI's shapes, with
+each model's capabilities)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .. import errors
+from ..engines import Capability
 from .base import Context, Operation
 
 
@@ -11,4 +14,14 @@ async def list_models(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     return {"object": "list", "data": context.registry.describe()}
 
 
+async def retrieve_model(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """One served model by its id (or any name a request may use for it); 404 model_not_found."""
+    name = body.get("model")
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise errors.model_not_found("name a served model: GET /v1/models/{model}")
+    # With a name given, the capability does not matter: every served model is found.
+    return context.registry.resolve(name, Capability.EMBED).describe()
+
+
 OPERATION = Operation(name="models", run=list_models, route="/v1/models", method="GET")
+RETRIEVE = Operation(name="model", run=retrieve_model, route="/v1/models/{model}", method="GET")

@@ -158,14 +158,22 @@ class LocalServer:
             "/cancel/": {"POST": self.cancel},
             "/health": {"GET": self.health},
         }
-        # Every operation with an OpenAI route, under each prefix (operations/__init__.py).
+        # Every operation with a route (operations/__init__.py): OpenAI's /v1 routes also under
+        # RunPod's proxy path; a route ending in a parameter ("/v1/models/{model}") by its prefix.
+        self._prefixed: list[tuple[str, dict[str, Handler]]] = []
         for operation in operations.OPERATIONS:
             if operation.route is None:
                 continue
-            handler = self._openai_handler(operation.route, operation.method)
-            for prefix in OPENAI_PREFIXES:
-                path = prefix + operation.route.removeprefix("/v1")
-                self._routes[path] = {operation.method: handler}
+            route, templated, _ = operation.route.partition("{")
+            handler = self._route_handler(route, operation.method)
+            paths = [route]
+            if route.startswith("/v1/"):
+                paths = [prefix + route.removeprefix("/v1") for prefix in OPENAI_PREFIXES]
+            for path in paths:
+                if templated:
+                    self._prefixed.append((path, {operation.method: handler}))
+                else:
+                    self._routes[path] = {operation.method: handler}
         self._open = {"/health"}  # answered without the API key, for load balancers and probes
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -190,6 +198,11 @@ class LocalServer:
         if methods is None:
             head, slash, param = path.partition("/")[2].partition("/")
             methods = self._routes.get(f"/{head}/") if slash and param else None
+        if methods is None:
+            for prefix, handlers in self._prefixed:
+                if path.startswith(prefix) and len(path) > len(prefix):
+                    methods, param = handlers, path[len(prefix) :]
+                    break
         try:
             if methods is None:
                 raise errors.not_found(f"no route {method} {scope['path']}")
@@ -302,12 +315,15 @@ class LocalServer:
             body["reason"] = self.worker.registry.health.reason
         return json_response(body, 200 if healthy else 503)
 
-    # --- OpenAI routes: the OpenAI body, with its HTTP status -----------------------------------
+    # --- the operations' routes: the answer body, with its HTTP status -------------------------
 
-    def _openai_handler(self, route: str, method: str) -> Handler:
+    def _route_handler(self, route: str, method: str) -> Handler:
+        """`route` is the operation's route, or the part before its parameter, which the request's
+        path then holds (`Request.param`)."""
+
         async def answer(request: Request) -> Response:
             body = None if method == "GET" else await request.json()
-            return reply_response(await self.worker.call(route, body))
+            return reply_response(await self.worker.call(route + request.param, body))
 
         return answer
 
