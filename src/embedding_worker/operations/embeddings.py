@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -171,8 +172,19 @@ def _resize(vectors: np.ndarray, dimensions: int | None, model: ModelEngine) -> 
     return cut / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
-async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str, Any]:
-    request = parse(EmbeddingRequest, body)
+@dataclass(frozen=True)
+class Embedded:
+    """What an embeddings request computed: its model, one vector a row, the tokens it used."""
+
+    model: ModelEngine
+    vectors: np.ndarray
+    tokens: int
+
+
+async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
+    """The checks and the engine call of an embeddings request; every route that embeds uses it.
+
+    `request.encoding_format` is the format the answer size is estimated for."""
     limits = context.limits
     model = model_for(context.registry, request.model, Capability.EMBED)
     assert isinstance(model, Embedder)
@@ -201,9 +213,14 @@ async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str,
     if dimensions is None:
         check_answer_size(count, vectors.shape[1], request.encoding_format, limits)
     check_finite(vectors, model)
-    return embedding_response(
-        model.served_id, encode_vectors(vectors, request.encoding_format), tokens
-    )
+    return Embedded(model, vectors, tokens)
+
+
+async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    request = parse(EmbeddingRequest, body)
+    done = await embed(context, request)
+    encoded = encode_vectors(done.vectors, request.encoding_format)
+    return embedding_response(done.model.served_id, encoded, done.tokens)
 
 
 OPERATION = Operation(

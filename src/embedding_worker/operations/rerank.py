@@ -81,7 +81,15 @@ def check_answer_size(
     )
 
 
-def rerank_response(model: str, results: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
+def search_units(documents: int) -> int:
+    """Cohere's billing unit: one query with up to 100 documents."""
+    return max(1, -(-documents // 100))
+
+
+def rerank_response(
+    model: str, results: list[dict[str, Any]], tokens: int, documents: int
+) -> dict[str, Any]:
+    """OpenAI-style fields (object, usage, created) beside Cohere's v1 ones (id, results, meta)."""
     return {
         "object": "rerank",
         "model": model,
@@ -89,6 +97,10 @@ def rerank_response(model: str, results: list[dict[str, Any]], tokens: int) -> d
         "usage": usage(tokens),
         "id": answer_id("rerank"),
         "created": created(),
+        "meta": {
+            "api_version": {"version": "1"},
+            "billed_units": {"search_units": search_units(documents)},
+        },
     }
 
 
@@ -118,7 +130,7 @@ async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
         if request.return_documents:
             result["document"] = {"text": docs[i]}
         results.append(result)
-    return rerank_response(model.served_id, results, tokens)
+    return rerank_response(model.served_id, results, tokens, len(docs))
 
 
 OPERATION = Operation(

@@ -1,0 +1,105 @@
+"""Cohere's embed and rerank: POST /v1/embed, /v2/embed and /v2/rerank (/v1/rerank is rerank.py's,
+whose answer carries Cohere's v1 fields), for `cohere.Client`, `cohere.ClientV2` and litellm's
+`cohere/` provider.
+
+Embed takes `texts`, `input_type` (mapped onto the model's own prompts: search_query -> its "query"
+prompt, search_document -> "document" or "passage", classification and clustering -> prompts of
+those names; a model without them embeds the text as it is) and `embedding_types` (encoding.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .. import errors
+from ..encoding import encode_types
+from ..engines import Capability
+from . import rerank
+from .base import Context, ModelName, Operation, RequestModel, answer_id, model_for, parse
+from .embeddings import EmbeddingRequest, embed
+
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+InputType = Literal["search_document", "search_query", "classification", "clustering"]
+
+# The prompts of the model that each input_type takes, in order of preference.
+PROMPTS_OF_INPUT_TYPE: dict[str, tuple[str, ...]] = {
+    "search_query": ("query",),
+    "search_document": ("document", "passage"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
+
+
+class CohereEmbedRequest(RequestModel):
+    model: ModelName | None = None
+    texts: list[str] = Field(min_length=1)
+    input_type: InputType | None = None
+    embedding_types: list[EmbeddingType] | None = Field(default=None, min_length=1)
+    # END cuts the end of an over-long text, NONE refuses it; START (cut the start) is not offered.
+    truncate: Literal["NONE", "END"] = "END"
+
+
+def _meta(version: str, **billed: int) -> dict[str, Any]:
+    return {"api_version": {"version": version}, "billed_units": billed}
+
+
+def _prompt_type(context: Context, request: CohereEmbedRequest) -> str | None:
+    if request.input_type is None:
+        return None
+    model = model_for(context.registry, request.model, Capability.EMBED)
+    names = PROMPTS_OF_INPUT_TYPE[request.input_type]
+    return next((name for name in names if name in model.prompts), None)
+
+
+async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[str, Any]:
+    request = parse(CohereEmbedRequest, body)
+    if any(not text for text in request.texts):
+        raise errors.invalid_input("'texts' must not hold an empty string", param="texts")
+    types = list(dict.fromkeys(request.embedding_types or ["float"]))
+    as_request = EmbeddingRequest(
+        model=request.model,
+        input=request.texts,
+        # The answer's size is estimated in the largest format asked for.
+        encoding_format="float" if {"float", "int8", "uint8"} & set(types) else "base64",
+        prompt_type=_prompt_type(context, request),
+        truncate=request.truncate == "END",
+    )
+    done = await embed(context, as_request)
+    # v1 without embedding_types answers a plain list of float vectors; otherwise one per type.
+    by_type = request.embedding_types is not None or version == "2"
+    embeddings = encode_types(done.vectors, types)
+    return {
+        "id": answer_id("embed"),
+        "embeddings": embeddings if by_type else embeddings["float"],
+        "texts": request.texts,
+        "meta": _meta(version, input_tokens=done.tokens),
+        "response_type": "embeddings_by_type" if by_type else "embeddings_floats",
+    }
+
+
+async def embed_v1(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    return await _embed(context, body, "1")
+
+
+async def embed_v2(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    return await _embed(context, body, "2")
+
+
+async def rerank_v2(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """Cohere v2: plain string documents and no `return_documents`; results and meta only."""
+    answer = await rerank.rerank(context, {**body, "return_documents": False})
+    documents = len(body.get("documents") or [])
+    return {
+        "id": answer["id"],
+        "results": answer["results"],
+        "meta": _meta("2", search_units=rerank.search_units(documents)),
+    }
+
+
+OPERATIONS = (
+    Operation(name="cohere-embed-v1", run=embed_v1, route="/v1/embed"),
+    Operation(name="cohere-embed-v2", run=embed_v2, route="/v2/embed"),
+    Operation(name="cohere-rerank-v2", run=rerank_v2, route="/v2/rerank"),
+)

@@ -1,0 +1,150 @@
+"""Cohere's embed and rerank with the real cohere SDK (Client and ClientV2) against the local
+server: the same vectors and scores as the OpenAI routes, every embedding type to its definition."""
+
+from __future__ import annotations
+
+import base64
+
+import cohere
+import httpx
+import numpy as np
+import pytest
+
+from embedding_worker.config import DEFAULT_MODEL_ID, load_config
+from embedding_worker.dispatch import Worker
+from embedding_worker.transports.http import create_app
+from tests.test_server import ServerThread
+
+TEXTS = ["A kitten sleeps on the sofa.", "A cat naps on the couch.", "The stock market fell today."]
+DOCS = ["Cats sleep most of the day.", "Markets fell sharply.", "Kittens nap often.", "Rain."]
+
+
+@pytest.fixture(scope="module")
+def served(worker_env, qwen3_embedder):
+    env = dict(worker_env, MODEL_NAMES=f"{worker_env['MODEL_NAMES']};{qwen3_embedder}")
+    worker = Worker.from_config(load_config(env))
+    with ServerThread(create_app(worker)) as server:
+        by_tail = {m.served_id.rsplit("/", 1)[-1]: m.served_id for m in worker.registry.models}
+        server.reranker = by_tail["tiny-bert-reranker"]
+        server.qwen3 = by_tail["tiny-qwen3-embedder"]
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served.url, timeout=120) as client:
+        yield client
+
+
+def openai_vectors(http, model, texts, **fields) -> np.ndarray:
+    body = {"model": model, "input": texts, "encoding_format": "float", **fields}
+    answer = http.post("/v1/embeddings", json=body).json()
+    return np.array([item["embedding"] for item in answer["data"]], dtype=np.float32)
+
+
+def test_v1_embed_gives_the_openai_routes_vectors(served, http):
+    client = cohere.Client(api_key="unused", base_url=served.url)
+    answer = client.embed(texts=TEXTS, model=DEFAULT_MODEL_ID, input_type="search_document")
+    assert answer.response_type == "embeddings_floats"
+    np.testing.assert_allclose(
+        np.array(answer.embeddings), openai_vectors(http, DEFAULT_MODEL_ID, TEXTS), atol=1e-6
+    )
+    assert answer.texts == TEXTS
+    assert answer.meta.api_version.version == "1"
+    usage = http.post("/v1/embeddings", json={"model": DEFAULT_MODEL_ID, "input": TEXTS}).json()
+    assert answer.meta.billed_units.input_tokens == usage["usage"]["prompt_tokens"]
+
+
+def test_every_embedding_type_follows_its_definition(served, http):
+    client = cohere.Client(api_key="unused", base_url=served.url)
+    types = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+    answer = client.embed(
+        texts=TEXTS, model=DEFAULT_MODEL_ID, input_type="search_query", embedding_types=types
+    )
+    assert answer.response_type == "embeddings_by_type"
+    got = answer.embeddings
+    floats = openai_vectors(http, DEFAULT_MODEL_ID, TEXTS)
+    np.testing.assert_allclose(np.array(got.float_), floats, atol=1e-6)
+    for encoded, vector in zip(got.base64, floats):
+        np.testing.assert_array_equal(np.frombuffer(base64.b64decode(encoded), "<f4"), vector)
+    # int8: each vector scaled so its largest magnitude is 127; uint8 the same plus 128.
+    int8 = np.array(got.int8)
+    expected = np.rint(floats * 127 / np.abs(floats).max(axis=1, keepdims=True))
+    assert np.abs(int8 - expected).max() <= 1  # float32 rounding at .5 may go either way
+    assert int8.min() >= -127 and int8.max() == 127 and int8.shape == floats.shape
+    np.testing.assert_array_equal(np.array(got.uint8), int8 + 128)
+    # binary: the sign bits, 8 to a byte, first dimension highest; ubinary the same bytes.
+    bits = (floats > 0).astype(np.uint8)
+    ubinary = np.array(got.ubinary)
+    assert ubinary.shape == (3, 384 // 8)
+    np.testing.assert_array_equal(np.unpackbits(ubinary.astype(np.uint8), axis=1), bits)
+    np.testing.assert_array_equal(np.array(got.binary), ubinary - 128)
+    # The quantized vectors still rank like the floats: the two cat sentences stay closest.
+    unit = int8 / np.linalg.norm(int8, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > unit[0] @ unit[2]
+
+
+def test_v2_embed_answers_by_type_and_maps_input_type_onto_the_models_prompts(served, http):
+    client = cohere.ClientV2(api_key="unused", base_url=served.url)
+    query = client.embed(texts=TEXTS, model=served.qwen3, input_type="search_query")
+    assert query.response_type == "embeddings_by_type" and query.meta.api_version.version == "2"
+    with_prompt = openai_vectors(http, served.qwen3, TEXTS, prompt_type="query")
+    np.testing.assert_allclose(np.array(query.embeddings.float_), with_prompt, atol=1e-6)
+    document = client.embed(
+        texts=TEXTS, model=served.qwen3, input_type="search_document", embedding_types=["int8"]
+    )
+    assert document.embeddings.float_ is None and len(document.embeddings.int8) == 3
+    plain = client.embed(texts=TEXTS, model=served.qwen3, input_type="search_document")
+    np.testing.assert_allclose(
+        np.array(plain.embeddings.float_), openai_vectors(http, served.qwen3, TEXTS), atol=1e-6
+    )
+    assert not np.allclose(with_prompt, openai_vectors(http, served.qwen3, TEXTS), atol=1e-4)
+
+
+def test_v2_rerank_gives_the_rerank_routes_scores(served, http):
+    client = cohere.ClientV2(api_key="unused", base_url=served.url)
+    answer = client.rerank(model=served.reranker, query="cats", documents=DOCS, top_n=3)
+    expected = http.post(
+        "/v1/rerank", json={"model": served.reranker, "query": "cats", "documents": DOCS}
+    ).json()["results"]
+    assert [r.index for r in answer.results] == [r["index"] for r in expected[:3]]
+    np.testing.assert_allclose(
+        [r.relevance_score for r in answer.results],
+        [r["relevance_score"] for r in expected[:3]],
+        atol=1e-6,
+    )
+    assert answer.meta.billed_units.search_units == 1
+    assert answer.meta.api_version.version == "2"
+
+
+def test_v1_rerank_returns_documents_when_asked(served):
+    client = cohere.Client(api_key="unused", base_url=served.url)
+    answer = client.rerank(
+        model=served.reranker, query="cats", documents=DOCS, return_documents=True
+    )
+    assert sorted(r.index for r in answer.results) == list(range(len(DOCS)))
+    assert all(r.document.text == DOCS[r.index] for r in answer.results)
+    assert answer.meta.billed_units.search_units == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"texts": []},
+        {"texts": [""]},
+        {"texts": ["a"], "embedding_types": ["float16"]},
+        {"texts": ["a"], "input_type": "search_everything"},
+        {"texts": ["a"], "truncate": "START"},
+    ],
+)
+def test_bad_embed_requests_are_typed_400s(http, body):
+    for route in ("/v1/embed", "/v2/embed"):
+        response = http.post(route, json={"model": DEFAULT_MODEL_ID, **body})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == "invalid_input"
+
+
+def test_the_sdk_raises_its_bad_request_error(served):
+    client = cohere.ClientV2(api_key="unused", base_url=served.url)
+    with pytest.raises(cohere.BadRequestError):
+        client.embed(texts=[""], model=DEFAULT_MODEL_ID, input_type="search_query")
