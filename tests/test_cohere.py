@@ -148,3 +148,17 @@ def test_the_sdk_raises_its_bad_request_error(served):
     client = cohere.ClientV2(api_key="unused", base_url=served.url)
     with pytest.raises(cohere.BadRequestError):
         client.embed(texts=[""], model=DEFAULT_MODEL_ID, input_type="search_query")
+
+
+def test_the_openai_route_takes_several_embedding_types_at_once(served, http):
+    body = {"model": DEFAULT_MODEL_ID, "input": TEXTS, "embedding_types": ["int8", "ubinary"]}
+    answer = http.post("/v1/embeddings", json=body).json()
+    typed = cohere.Client(api_key="unused", base_url=served.url).embed(
+        texts=TEXTS, model=DEFAULT_MODEL_ID, embedding_types=["int8", "ubinary"]
+    )
+    for i, item in enumerate(answer["data"]):
+        assert set(item["embedding"]) == {"int8", "ubinary"}
+        assert item["embedding"]["int8"] == typed.embeddings.int8[i]
+        assert item["embedding"]["ubinary"] == typed.embeddings.ubinary[i]
+    bad = http.post("/v1/embeddings", json={**body, "embedding_types": ["int4"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "embedding_types"

@@ -33,7 +33,7 @@ def encode_vectors(vectors: np.ndarray, encoding_format: Literal["float", "base6
     return orjson.loads(orjson.dumps(matrix, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
-EMBEDDING_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
 
 
 def quantize(vectors: np.ndarray, embedding_type: str) -> np.ndarray:

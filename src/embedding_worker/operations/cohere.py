@@ -14,13 +14,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .. import errors
-from ..encoding import encode_types
+from ..encoding import EmbeddingType, encode_types
 from ..engines import Capability
 from . import rerank
 from .base import Context, ModelName, Operation, RequestModel, answer_id, model_for, parse
 from .embeddings import EmbeddingRequest, embed
 
-EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
 InputType = Literal["search_document", "search_query", "classification", "clustering"]
 
 # The prompts of the model that each input_type takes, in order of preference.

@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from .. import errors, prompts
-from ..encoding import encode_vectors
+from ..encoding import EmbeddingType, encode_types, encode_vectors
 from ..engines import Capability, Embedder, ModelEngine
 from ..limits import ENVELOPE_BYTES, FLOAT_BYTES, ITEM_OVERHEAD_BYTES, Limits
 from .base import (
@@ -58,6 +58,8 @@ class EmbeddingRequest(RequestModel):
     prompt_type: str | None = None
     # Over-long inputs: cut to the model's maximum length (True) or refuse the request (False).
     truncate: bool = True
+    # An extension (Cohere's types): each item's "embedding" is then an object, one entry a type.
+    embedding_types: list[EmbeddingType] | None = Field(default=None, min_length=1)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -219,7 +221,13 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
 async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     request = parse(EmbeddingRequest, body)
     done = await embed(context, request)
-    encoded = encode_vectors(done.vectors, request.encoding_format)
+    if request.embedding_types is None:
+        encoded = encode_vectors(done.vectors, request.encoding_format)
+    else:
+        by_type = encode_types(done.vectors, list(dict.fromkeys(request.embedding_types)))
+        encoded = [
+            {kind: values[i] for kind, values in by_type.items()} for i in range(len(done.vectors))
+        ]
     return embedding_response(done.model.served_id, encoded, done.tokens)
 
 
