@@ -1,9 +1,11 @@
-"""Cohere's embed and rerank with the real cohere SDK (Client and ClientV2) against the local
-server: the same vectors and scores as the OpenAI routes, every embedding type to its definition."""
+"""The clients users already have, against the local server: Cohere's SDK (Client and ClientV2) and
+litellm's `cohere/`, `infinity/` and `openai/` providers give the OpenAI routes' vectors and scores;
+every embedding type follows its definition."""
 
 from __future__ import annotations
 
 import base64
+import os
 
 import cohere
 import httpx
@@ -162,3 +164,47 @@ def test_the_openai_route_takes_several_embedding_types_at_once(served, http):
         assert item["embedding"]["ubinary"] == typed.embeddings.ubinary[i]
     bad = http.post("/v1/embeddings", json={**body, "embedding_types": ["int4"]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "embedding_types"
+
+
+# --- litellm ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def litellm():
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # offline: its bundled model list
+    import litellm
+
+    return litellm
+
+
+@pytest.mark.parametrize("provider", ["infinity", "openai"])
+def test_litellm_embeds_through_the_infinity_and_openai_providers(served, http, litellm, provider):
+    base = served.url if provider == "infinity" else served.url + "/v1"
+    answer = litellm.embedding(
+        model=f"{provider}/{DEFAULT_MODEL_ID}", api_base=base, api_key="unused", input=TEXTS
+    )
+    got = np.array([item["embedding"] for item in answer.data], dtype=np.float32)
+    np.testing.assert_allclose(got, openai_vectors(http, DEFAULT_MODEL_ID, TEXTS), atol=1e-6)
+    assert answer.usage.prompt_tokens > len(TEXTS)
+
+
+@pytest.mark.parametrize("provider", ["infinity", "cohere"])
+def test_litellm_reranks_through_the_infinity_and_cohere_providers(served, http, litellm, provider):
+    answer = litellm.rerank(
+        model=f"{provider}/{served.reranker}",
+        api_base=served.url,
+        api_key="unused",
+        query="cats",
+        documents=DOCS,
+        top_n=2,
+        return_documents=provider == "infinity",
+    )
+    expected = http.post(
+        "/v1/rerank", json={"model": served.reranker, "query": "cats", "documents": DOCS}
+    ).json()["results"][:2]
+    assert [r["index"] for r in answer.results] == [r["index"] for r in expected]
+    np.testing.assert_allclose(
+        [r["relevance_score"] for r in answer.results],
+        [r["relevance_score"] for r in expected],
+        atol=1e-6,
+    )
