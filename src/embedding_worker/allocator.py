@@ -3,11 +3,10 @@
 Every forward pass allocates and frees the same large activations. With glibc's defaults much of
 that memory goes back to the kernel after each batch: a chunk over the mmap threshold is unmapped, a
 thread's heap is deleted once it is free, the main heap's top is trimmed. The next batch faults the
-same pages in again, each zeroed by the kernel. On 2 CPU cores that was 26,000 to 116,000 page
-faults and 3 to 12% of the CPU time of a MiniLM round of 64 medium texts, and up to 705,000 faults
-and 16% for bge-small on 32 long ones; and how much a process (or one engine among several) lost
-depended on its allocation history, so identical engines differed by up to 17% in speed (README,
-Performance). These settings keep what was freed, as jemalloc and tcmalloc are configured to in the
+same pages in again, each zeroed by the kernel: on 2 CPU cores, tens to hundreds of thousands of
+page faults a round and up to a sixth of the CPU time, and a loss that depends on each process's
+allocation history, so identical engines differ in speed (bench/RESULTS.md, docs/design.md).
+These settings keep what was freed, as jemalloc and tcmalloc are configured to in the
 CPU set-ups PyTorch recommends, without preloading another allocator: one heap for every thread, no
 mmap for large chunks, no trimming.
 

@@ -32,7 +32,7 @@ from .runpod import job_answer
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "WORKER_API_KEY"
-# The server's own variables (README, "Local server"); they do not apply to RunPod serverless.
+# The server's own variables (docs/configuration.md); they do not apply to RunPod serverless.
 SERVER_VARIABLES = (
     API_KEY_ENV,
     "SERVER_JOB_TTL_S",
