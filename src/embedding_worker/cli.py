@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
     )
+    parser.add_argument(
+        "--health-port", type=_port, help="also answer on this port (RunPod's PORT_HEALTH)"
+    )
+    parser.add_argument(
+        "--load-in-background",
+        action="store_true",
+        help="listen at once and load the models meanwhile: /ping answers 204 until they are "
+        "ready, every other route 503 model_provisioning (RunPod's load-balancing endpoints)",
+    )
+
+
+def load_balancer_mode(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(PORT, PORT_HEALTH) when this process runs on a RunPod load-balancing endpoint, else None.
+
+    RUNPOD_LOAD_BALANCER=true or false decides; unset, a RunPod worker (RUNPOD_POD_ID) that is
+    given a PORT and no job queue (RUNPOD_WEBHOOK_GET_JOB) is one. RunPod's defaults: 80 for both.
+    """
+    chosen = environ.get("RUNPOD_LOAD_BALANCER", "").strip().lower()
+    if chosen in ("0", "false", "no", "off"):
+        return None
+    on_runpod = bool(environ.get("RUNPOD_POD_ID")) and not environ.get("RUNPOD_WEBHOOK_GET_JOB")
+    if chosen not in ("1", "true", "yes", "on") and not (on_runpod and environ.get("PORT")):
+        return None
+    port = _port(environ.get("PORT", "").strip() or "80")
+    return port, _port(environ.get("PORT_HEALTH", "").strip() or str(port))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,14 +206,7 @@ def dispatch_mode(args: argparse.Namespace, argv: list[str]) -> int:
             parser.error(str(exc))
         return run_job(build_worker(), job, args.full)
     if args.mode == "serve":
-        from .transports.http import ServerSettings, serve
-
-        try:
-            settings = ServerSettings.from_env()
-        except ValueError as exc:  # ConfigError
-            print(f"embedding worker: cannot start: {exc}", file=sys.stderr)
-            return 2
-        serve(build_worker(), args.host, args.port, settings)
+        serve_http(args.host, args.port, args.health_port, args.load_in_background)
         return 0
     if args.mode == "batch":
         from .transports import batch_files
@@ -196,11 +215,34 @@ def dispatch_mode(args: argparse.Namespace, argv: list[str]) -> int:
         if options.endpoint:  # the deployed endpoint answers: no model loads here
             return batch_files.main(None, options)
         return batch_files.main(build_worker(load_config_or_exit()), options)
+    balanced = load_balancer_mode(os.environ)
+    if balanced is not None:  # requests come straight to this process's HTTP server
+        serve_http("0.0.0.0", balanced[0], balanced[1], load_in_background=True)
+        return 0
     from .transports.runpod import run_runpod
 
     sys.argv = [sys.argv[0], *argv]  # runpod reads its flags from sys.argv
     run_runpod(build_worker())
     return 0
+
+
+def serve_http(host: str, port: int, health_port: int | None, load_in_background: bool) -> None:
+    """The HTTP server on the worker: built first, or (load_in_background) while it listens."""
+    from .startup import build_worker, configure_logging, load_config_or_exit
+    from .transports.http import LocalServer, ServerSettings, serve
+
+    try:
+        settings = ServerSettings.from_env()
+    except ValueError as exc:  # ConfigError
+        print(f"embedding worker: cannot start: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if load_in_background:
+        configure_logging()
+        config = load_config_or_exit()  # a bad setting still stops the start at once
+        app = LocalServer(None, settings, load=lambda: build_worker(config))
+    else:
+        app = LocalServer(build_worker(), settings)
+    serve(app, host, port, health_port)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,8 +91,15 @@ def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Respon
     return Response(status, content, headers)
 
 
+PROVISIONING_RETRY_S = 5  # the Retry-After of a request that arrives while the models load
+
+
 def error_response(error: APIError) -> Response:
-    headers = ((b"www-authenticate", b"Bearer"),) if error.status == 401 else ()
+    headers: Headers = ()
+    if error.status == 401:
+        headers = ((b"www-authenticate", b"Bearer"),)
+    elif error.code == "model_provisioning":
+        headers = ((b"retry-after", str(PROVISIONING_RETRY_S).encode()),)
     return json_response(error.to_dict(), error.status, headers)
 
 
@@ -140,8 +148,20 @@ class LocalServer:
     then lacks (docs/design.md).
     """
 
-    def __init__(self, worker: Worker, settings: ServerSettings | None = None) -> None:
-        self.worker = worker
+    def __init__(
+        self,
+        worker: Worker | None,
+        settings: ServerSettings | None = None,
+        load: Callable[[], Worker] | None = None,
+    ) -> None:
+        """`worker`, or with `load` a function that builds it: the server then listens at once
+        and loads the models in the background (RunPod's load-balancing endpoints), answering
+        /ping 204 and every other route 503 model_provisioning until they are ready."""
+        assert (worker is None) != (load is None), "a worker, or how to load one"
+        self._worker = worker
+        self._load = load
+        self._load_failed: str | None = None
+        self._loading: asyncio.Task[None] | None = None
         self.settings = settings or ServerSettings()
         self.jobs = JobStore(
             ttl_s=self.settings.job_ttl_s,
@@ -157,6 +177,7 @@ class LocalServer:
             "/status/": {"GET": self.status, "POST": self.status},
             "/cancel/": {"POST": self.cancel},
             "/health": {"GET": self.health},
+            "/ping": {"GET": self.ping},  # RunPod's load balancer: 204 loading, 200 ready
         }
         # Every operation with a route (operations/__init__.py): OpenAI's /v1 routes also under
         # RunPod's proxy path; a route ending in a parameter ("/v1/models/{model}") by its prefix.
@@ -174,7 +195,18 @@ class LocalServer:
                     self._prefixed.append((path, {operation.method: handler}))
                 else:
                     self._routes[path] = {operation.method: handler}
-        self._open = {"/health"}  # answered without the API key, for load balancers and probes
+        # Answered without the API key, for load balancers and probes.
+        self._open = {"/health", "/ping"}
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            if self._load_failed is not None:
+                raise errors.unavailable(f"the models did not load: {self._load_failed}")
+            raise errors.unavailable(
+                "the models are loading; retry shortly", code="model_provisioning"
+            )
+        return self._worker
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -234,6 +266,10 @@ class LocalServer:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self._load is not None:
+                    self._loading = asyncio.create_task(self._load_in_background(self._load))
+                    await send({"type": "lifespan.startup.complete"})
+                    continue
                 try:
                     await self.worker.start()
                 except Exception as exc:  # uvicorn then exits: a worker without engines is no use
@@ -246,19 +282,37 @@ class LocalServer:
                 for task in running:
                     task.cancel()
                 await asyncio.gather(*running, return_exceptions=True)
-                await self.worker.stop()
+                if self._loading is not None and not self._loading.done():
+                    await asyncio.wait([self._loading])  # a load in a thread cannot be cut short
+                if self._worker is not None:
+                    await self._worker.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _load_in_background(self, load: Callable[[], Worker]) -> None:
+        """Load the models on a thread (the event loop keeps answering /ping), then start them."""
+        try:
+            worker = await asyncio.to_thread(load)
+            await worker.start()
+        except (Exception, SystemExit) as exc:  # SystemExit: the start's own message is printed
+            self._load_failed = (
+                "see the worker's log" if isinstance(exc, SystemExit) else type(exc).__name__
+            )
+            log.error("the models did not load: %s", redacted_traceback(exc))
+            return
+        self._worker = worker
+        log.info("models loaded: ready")
 
     # --- RunPod's endpoint routes -------------------------------------------------------------
 
     async def runsync(self, request: Request) -> Response:
         job_input = _job_input(await request.json())
         job_id = f"sync-{uuid.uuid4()}"
+        worker = self.worker  # 503 while the models load
         self.jobs.sync_started()
         status = JobStatus.CANCELLED  # the client went away while the job ran
         try:
-            reply = await self.worker.dispatch(job_input, job_id)
+            reply = await worker.dispatch(job_input, job_id)
             status = JobStatus.COMPLETED if reply.ok else JobStatus.FAILED
         finally:
             self.jobs.sync_finished(status)
@@ -305,6 +359,17 @@ class LocalServer:
             return Response(200, job.answer)
         return json_response({"id": job.id, "status": job.status.value})
 
+    async def ping(self, request: Request) -> Response:
+        """RunPod's load-balancer health check: 204 while the models load, 200 when ready, 503
+        once the load failed or an engine stopped answering."""
+        if self._worker is None:
+            if self._load_failed is not None:
+                return json_response({"status": "unhealthy", "reason": self._load_failed}, 503)
+            return Response(204, b"")
+        if not self._worker.healthy:
+            return json_response({"status": "unhealthy"}, 503)
+        return json_response({"status": "healthy"}, 200)
+
     async def health(self, request: Request) -> Response:
         healthy = self.worker.healthy
         body: dict[str, Any] = {
@@ -328,8 +393,10 @@ class LocalServer:
         return answer
 
 
-def create_app(worker: Worker, settings: ServerSettings | None = None) -> LocalServer:
-    return LocalServer(worker, settings)
+def create_app(
+    worker: Worker | None, settings: ServerSettings | None = None, load: Any = None
+) -> LocalServer:
+    return LocalServer(worker, settings, load)
 
 
 def reply_response(reply: Reply) -> Response:
@@ -366,8 +433,20 @@ def uvicorn_server(app: LocalServer, host: str, port: int) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
-def serve(worker: Worker, host: str, port: int, settings: ServerSettings) -> None:
-    """Serve until SIGINT/SIGTERM; the engines stop on the way out."""
-    key = "required" if settings.api_key else "off"
+def serve(app: LocalServer, host: str, port: int, health_port: int | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; the engines stop on the way out. With `health_port` (RunPod's
+    PORT_HEALTH) the same routes answer on that port too."""
+    key = "required" if app.settings.api_key else "off"
     log.info("serving on http://%s:%d (API key %s)", host, port, key)
-    uvicorn_server(create_app(worker, settings), host, port).run()
+    server = uvicorn_server(app, host, port)
+    if health_port is None or health_port == port:
+        server.run()
+        return
+    log.info("health checks also on port %d", health_port)
+    sockets = []
+    for each in (port, health_port):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, each))
+        sockets.append(sock)
+    server.run(sockets=sockets)
