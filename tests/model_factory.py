@@ -651,6 +651,46 @@ def make_bert_cross_encoder(
     return path
 
 
+def make_bert_classifier(
+    path,
+    *,
+    labels: tuple[str, ...] = ("negative", "neutral", "positive"),
+    multi_label: bool = False,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    max_position: int = 512,
+    seed: int = 0,
+) -> Path:
+    """BertForSequenceClassification with several labels (a sentiment or routing classifier);
+    `multi_label` marks it problem_type multi_label_classification (sigmoid per label)."""
+    from transformers import BertForSequenceClassification
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _bert_tokenizer(max_position)
+    extra = {"problem_type": "multi_label_classification"} if multi_label else {}
+    config = _bert_config(
+        tokenizer,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position=max_position,
+        vocab_size=None,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+        architectures=["BertForSequenceClassification"],
+        **extra,
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def make_qwen3_embedder(
     path,
     *,

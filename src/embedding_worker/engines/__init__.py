@@ -1,6 +1,6 @@
 """The served models behind one interface: capabilities, kinds, and the registry that owns them."""
 
-from .base import Capability, Embedder, Health, ModelEngine, ModelLoadError, Reranker
+from .base import Capability, Classifier, Embedder, Health, ModelEngine, ModelLoadError, Reranker
 from .kinds import KIND_NAMES, EngineKind, kind_of
 from .registry import ModelRegistry
 from .spec import EngineSettings, ModelSpec
@@ -8,6 +8,7 @@ from .spec import EngineSettings, ModelSpec
 __all__ = [
     "KIND_NAMES",
     "Capability",
+    "Classifier",
     "Embedder",
     "EngineKind",
     "EngineSettings",

@@ -33,10 +33,13 @@ class Capability(str, Enum):
 
     EMBED = "embed"
     RERANK = "rerank"
+    CLASSIFY = "classify"
 
     @property
     def noun(self) -> str:
-        return {"embed": "an embedding", "rerank": "a reranking"}[self.value]
+        return {"embed": "an embedding", "rerank": "a reranking", "classify": "a classification"}[
+            self.value
+        ]
 
 
 class ModelLoadError(RuntimeError):
@@ -215,3 +218,21 @@ class Reranker(ModelEngine):
 
     @abstractmethod
     async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray: ...
+
+
+# One label and its score, for each of a classifier's labels.
+LabelScores = list[tuple[str, float]]
+
+
+class Classifier(ModelEngine):
+    """A model that labels texts: callers use `classify`, engines implement `_classify`."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.CLASSIFY})
+
+    async def classify(self, texts: list[str]) -> list[LabelScores]:
+        """For each text, every label with its score (softmax, or sigmoid for a multi-label
+        model, as its config says), in the model's label order."""
+        return await self._admit(len(texts), lambda: self._classify(texts))
+
+    @abstractmethod
+    async def _classify(self, texts: list[str]) -> list[LabelScores]: ...

@@ -21,7 +21,7 @@ import numpy as np
 from .. import errors
 from ..logs import get_logger, redacted_traceback
 from . import pacing
-from .base import Embedder, Health, ModelEngine, ModelLoadError, Reranker
+from .base import Classifier, Embedder, Health, LabelScores, ModelEngine, ModelLoadError, Reranker
 from .dtype import resolve_dtype
 from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter, reuse_token_ids
@@ -109,10 +109,12 @@ class InfinityModel(ModelEngine):
             model_class = InfinityEmbedder
         elif "rerank" in capabilities:
             model_class = InfinityReranker
+        elif "classify" in capabilities:
+            model_class = InfinityClassifier
         else:
             raise ModelLoadError(
                 f"model '{spec.served_id}' is a {'/'.join(sorted(capabilities))} model; "
-                "this worker serves embedding and reranking models"
+                "this worker serves embedding, reranking and classification models"
             )
         return model_class(spec, engine, settings=settings, health=health)
 
@@ -183,3 +185,23 @@ class InfinityReranker(InfinityModel, Reranker):
         for item in ranked:
             scores[item.index] = float(item.relevance_score)
         return scores
+
+
+class InfinityClassifier(InfinityModel, Classifier):
+    """A *ForSequenceClassification with several labels (one label is a reranker): Infinity runs
+    transformers' text-classification pipeline, which applies softmax, or sigmoid where the
+    config's problem_type is multi_label_classification."""
+
+    def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
+        super().__init__(spec, engine, **kwargs)
+        config = engine._model_replicas[0]._pipe.model.config
+        self.labels = [config.id2label[i] for i in range(config.num_labels)]
+
+    async def _classify(self, texts: list[str]) -> list[LabelScores]:
+        # The pipeline sorts each text's labels by score; the worker answers them in label order.
+        ranked, _ = await self.engine.classify(sentences=texts)
+        answers = []
+        for labels in ranked:
+            score = {item["label"]: float(item["score"]) for item in labels}
+            answers.append([(label, score[label]) for label in self.labels])
+        return answers

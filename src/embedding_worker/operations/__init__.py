@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from . import batch, cohere, embeddings, infinity_api, models, rerank
+from . import batch, classify, cohere, embeddings, infinity_api, models, rerank
 from .base import Context, Operation
 
 # A standard-flavour job is the first operation here whose fields it holds.
@@ -20,6 +20,8 @@ OPERATIONS: tuple[Operation, ...] = (
     embeddings.OPERATION,
     models.OPERATION,
     models.RETRIEVE,
+    classify.OPERATION,
+    classify.INFINITY,
     *cohere.OPERATIONS,
     *infinity_api.OPERATIONS,
 )

@@ -128,6 +128,13 @@ async def tokenize(items: int, tokenizer_call: Callable[..., T], *args: Any) -> 
     return await asyncio.to_thread(tokenizer_call, *args)
 
 
+_NOT_CAPABLE = {
+    Capability.EMBED: "model_not_embedding",
+    Capability.RERANK: "model_not_reranker",
+    Capability.CLASSIFY: "model_not_classifier",
+}
+
+
 def model_for(registry: ModelRegistry, name: str | None, capability: Capability) -> ModelEngine:
     """The model a request names, checked to have the operation's capability."""
     model = registry.resolve(name, capability)
@@ -135,7 +142,7 @@ def model_for(registry: ModelRegistry, name: str | None, capability: Capability)
         raise errors.invalid_input(
             f"model '{model.served_id}' is {model.role.noun} model and cannot {capability.value}",
             param="model",
-            code="model_not_embedding" if capability is Capability.EMBED else "model_not_reranker",
+            code=_NOT_CAPABLE[capability],
         )
     return model
 

@@ -1,0 +1,103 @@
+"""Classification: POST /v1/classify (each input's labels with their scores), and Infinity's
+/classify at the root in Infinity's shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from .. import errors
+from ..engines import Capability, Classifier, ModelEngine
+from ..engines.base import LabelScores
+from .base import (
+    Context,
+    ModelName,
+    Operation,
+    RequestModel,
+    answer_id,
+    check_count,
+    check_lengths,
+    created,
+    model_for,
+    parse,
+    tokenize,
+    usage,
+)
+
+
+class ClassifyRequest(RequestModel):
+    model: ModelName | None = None
+    input: list[str]
+    top_k: int | None = Field(default=None, ge=1)  # the best k labels of each input; all without
+    raw_scores: bool = False
+    truncate: bool = True
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a string or a non-empty array of strings")
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"item {i} must be a non-empty string")
+        return value
+
+
+async def _classified(
+    context: Context, body: dict[str, Any]
+) -> tuple[ModelEngine, list[LabelScores], int]:
+    request = parse(ClassifyRequest, body)
+    if request.raw_scores:
+        raise errors.invalid_input(
+            "'raw_scores' is not offered: scores are the model's softmax (or sigmoid for a "
+            "multi-label model)",
+            param="raw_scores",
+        )
+    model = model_for(context.registry, request.model, Capability.CLASSIFY)
+    assert isinstance(model, Classifier)
+    check_count(len(request.input), context.limits, "input")
+    lengths = await tokenize(len(request.input), model.tokens.count, request.input)
+    tokens = check_lengths(model, lengths, request.truncate, context.limits, "input")
+    labels = await model.classify(request.input)
+    ranked = [sorted(each, key=lambda pair: -pair[1])[: request.top_k] for each in labels]
+    return model, ranked, tokens
+
+
+async def classify(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    model, ranked, tokens = await _classified(context, body)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "object": "classification",
+                "index": i,
+                "label": labels[0][0],
+                "labels": [{"label": label, "score": score} for label, score in labels],
+            }
+            for i, labels in enumerate(ranked)
+        ],
+        "model": model.served_id,
+        "usage": usage(tokens),
+        "id": answer_id("classify"),
+        "created": created(),
+    }
+
+
+async def infinity_classify(context: Context, body: dict[str, Any]) -> dict[str, Any]:
+    """Infinity's shape: `data` holds, for each input, its labels and scores best first."""
+    model, ranked, tokens = await _classified(context, body)
+    return {
+        "object": "classify",
+        "data": [[{"label": label, "score": score} for label, score in each] for each in ranked],
+        "model": model.served_id,
+        "usage": usage(tokens),
+        "id": answer_id("classify"),
+        "created": created(),
+    }
+
+
+OPERATION = Operation(name="classify", run=classify, route="/v1/classify", batch_line=True)
+INFINITY = Operation(name="infinity-classify", run=infinity_classify, route="/classify")
