@@ -40,7 +40,7 @@ def served_id(worker, path) -> str:
     return model.served_id
 
 
-def reference(path, texts, multi_label: bool) -> tuple[np.ndarray, list[str]]:
+def reference(path, texts, multi_label: bool, raw: bool = False) -> tuple[np.ndarray, list[str]]:
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
     with torch.no_grad():
@@ -49,7 +49,7 @@ def reference(path, texts, multi_label: bool) -> tuple[np.ndarray, list[str]]:
         ).logits
     scores = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return scores.numpy(), labels
+    return (logits if raw else scores).numpy(), labels
 
 
 @pytest.mark.parametrize("which, multi_label", [("sentiment", False), ("topics", True)])
@@ -73,6 +73,18 @@ async def test_scores_are_the_models_own(classify_worker, classifiers, which, mu
     else:
         np.testing.assert_allclose(sums, 1.0, atol=1e-5)
     assert reply.body["usage"]["prompt_tokens"] > len(TEXTS)
+
+
+@pytest.mark.parametrize("which, multi_label", [("sentiment", False), ("topics", True)])
+async def test_raw_scores_are_the_logits(classify_worker, classifiers, which, multi_label):
+    path = classifiers[which]
+    body = {"model": served_id(classify_worker, path), "input": TEXTS, "raw_scores": True}
+    reply = await classify_worker.call("/v1/classify", body)
+    assert reply.status == 200, reply.body
+    expected, labels = reference(path, TEXTS, multi_label, raw=True)
+    for item, row in zip(reply.body["data"], expected):
+        got = {entry["label"]: entry["score"] for entry in item["labels"]}
+        np.testing.assert_allclose([got[label] for label in labels], row, atol=1e-5)
 
 
 async def test_top_k_and_infinitys_shape(classify_worker, classifiers):
@@ -105,7 +117,7 @@ async def test_each_model_does_what_it_is(classify_worker, classifiers, bert_rer
         ({"input": ["ok", ""]}, "input"),
         ({"input": [3]}, "input"),
         ({"input": "ok", "top_k": 0}, "top_k"),
-        ({"input": "ok", "raw_scores": True}, "raw_scores"),
+        ({"input": "ok", "raw_scores": "yes"}, "raw_scores"),
     ],
 )
 async def test_bad_requests_are_typed_errors(classify_worker, classifiers, body, param):
@@ -125,4 +137,10 @@ async def test_classification_as_batch_lines(classify_worker, classifiers):
     singles = [await classify_worker.call("/v1/classify", line["body"]) for line in lines]
     for output, single in zip(reply.body["data"], singles):
         assert output["response"]["status_code"] == 200
-        assert output["response"]["body"]["data"] == single.body["data"]
+        (batched,), (alone,) = output["response"]["body"]["data"], single.body["data"]
+        assert batched["label"] == alone["label"]
+        np.testing.assert_allclose(
+            [e["score"] for e in batched["labels"]],
+            [e["score"] for e in alone["labels"]],
+            atol=1e-6,
+        )

@@ -229,10 +229,10 @@ class Classifier(ModelEngine):
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.CLASSIFY})
 
-    async def classify(self, texts: list[str]) -> list[LabelScores]:
+    async def classify(self, texts: list[str], raw_scores: bool = False) -> list[LabelScores]:
         """For each text, every label with its score (softmax, or sigmoid for a multi-label
-        model, as its config says), in the model's label order."""
-        return await self._admit(len(texts), lambda: self._classify(texts))
+        model, as its config says; the logits with `raw_scores`), in the model's label order."""
+        return await self._admit(len(texts), lambda: self._classify(texts, raw_scores))
 
     @abstractmethod
-    async def _classify(self, texts: list[str]) -> list[LabelScores]: ...
+    async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]: ...

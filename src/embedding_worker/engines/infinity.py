@@ -188,20 +188,42 @@ class InfinityReranker(InfinityModel, Reranker):
 
 
 class InfinityClassifier(InfinityModel, Classifier):
-    """A *ForSequenceClassification with several labels (one label is a reranker): Infinity runs
-    transformers' text-classification pipeline, which applies softmax, or sigmoid where the
-    config's problem_type is multi_label_classification."""
+    """A *ForSequenceClassification with several labels (one label is a reranker).
+
+    Infinity runs transformers' text-classification pipeline, which turns the logits into scores
+    itself and has no way to ask for the logits per request (Infinity's `raw_scores` does
+    nothing). So each replica's pipeline is called with function_to_apply="none" (the logits),
+    and the worker applies what the pipeline would: sigmoid where the config's problem_type is
+    multi_label_classification, softmax otherwise; `raw_scores` skips it.
+    """
 
     def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
         super().__init__(spec, engine, **kwargs)
         config = engine._model_replicas[0]._pipe.model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
+        self.multi_label = config.problem_type == "multi_label_classification"
 
-    async def _classify(self, texts: list[str]) -> list[LabelScores]:
-        # The pipeline sorts each text's labels by score; the worker answers them in label order.
+    def _prepare_replica(self, replica: Any) -> None:
+        pipe = replica._pipe
+
+        def logits(features: list[str]) -> Any:  # Infinity's encode_core, but for the scores
+            return pipe(
+                features, batch_size=256, truncation=True, padding=True, function_to_apply="none"
+            )
+
+        replica.encode_core = logits
+
+    async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]:
         ranked, _ = await self.engine.classify(sentences=texts)
         answers = []
         for labels in ranked:
-            score = {item["label"]: float(item["score"]) for item in labels}
-            answers.append([(label, score[label]) for label in self.labels])
+            by_label = {item["label"]: float(item["score"]) for item in labels}
+            row = np.array([by_label[label] for label in self.labels], dtype=np.float64)
+            if not raw_scores:
+                if self.multi_label:
+                    row = 1.0 / (1.0 + np.exp(-row))
+                else:
+                    row = np.exp(row - row.max())
+                    row /= row.sum()
+            answers.append(list(zip(self.labels, row.tolist())))
         return answers

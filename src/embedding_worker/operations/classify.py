@@ -7,7 +7,6 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from .. import errors
 from ..engines import Capability, Classifier, ModelEngine
 from ..engines.base import LabelScores
 from .base import (
@@ -30,7 +29,7 @@ class ClassifyRequest(RequestModel):
     model: ModelName | None = None
     input: list[str]
     top_k: int | None = Field(default=None, ge=1)  # the best k labels of each input; all without
-    raw_scores: bool = False
+    raw_scores: bool = False  # the logits instead of softmax / sigmoid
     truncate: bool = True
 
     @field_validator("input", mode="before")
@@ -50,18 +49,12 @@ async def _classified(
     context: Context, body: dict[str, Any]
 ) -> tuple[ModelEngine, list[LabelScores], int]:
     request = parse(ClassifyRequest, body)
-    if request.raw_scores:
-        raise errors.invalid_input(
-            "'raw_scores' is not offered: scores are the model's softmax (or sigmoid for a "
-            "multi-label model)",
-            param="raw_scores",
-        )
     model = model_for(context.registry, request.model, Capability.CLASSIFY)
     assert isinstance(model, Classifier)
     check_count(len(request.input), context.limits, "input")
     lengths = await tokenize(len(request.input), model.tokens.count, request.input)
     tokens = check_lengths(model, lengths, request.truncate, context.limits, "input")
-    labels = await model.classify(request.input)
+    labels = await model.classify(request.input, request.raw_scores)
     ranked = [sorted(each, key=lambda pair: -pair[1])[: request.top_k] for each in labels]
     return model, ranked, tokens
 
