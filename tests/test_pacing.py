@@ -152,7 +152,9 @@ def _record_batch_sizes(model, first_pass_s: float = 0.0) -> list[int]:
     sizes: list[int] = []
 
     def encode_core(features):
-        sizes.append(int(features["input_ids"].shape[0]))
+        # A batch-invariant batch comes split by padded length (tokenization.Buckets).
+        rows = getattr(features, "rows", None)
+        sizes.append(rows if rows is not None else int(features["input_ids"].shape[0]))
         if len(sizes) == 1:
             time.sleep(first_pass_s)
         return guarded(features)

@@ -67,6 +67,7 @@ class WorkerConfig:
     limits: Limits = field(default_factory=Limits)
     keep_freed_memory: bool | None = None  # None: auto, on where models compute on the CPU
     service_tier: str = DEFAULT_TIER  # the tier of requests that name none, or name "auto"
+    batch_invariant: bool = _ENGINE_DEFAULTS.batch_invariant
 
     @property
     def all_local(self) -> bool:
@@ -79,6 +80,7 @@ class WorkerConfig:
             queue_size=self.queue_size,
             timeout_s=self.request_timeout_s,
             trust_remote_code=self.trust_remote_code,
+            batch_invariant=self.batch_invariant,
         )
 
 
@@ -184,6 +186,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         limits=limits,
         keep_freed_memory=auto_bool_var(env, "KEEP_FREED_MEMORY"),
         service_tier=_service_tier(env),
+        batch_invariant=bool_var(env, "BATCH_INVARIANT", _DEFAULTS.batch_invariant),
     )
 
 

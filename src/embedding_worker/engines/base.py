@@ -81,6 +81,7 @@ class ModelEngine(ABC):
         health: Health,
     ) -> None:
         self.spec = spec
+        self.settings = settings
         self.tokens = tokens
         self.max_length = max_length
         self.queue_size = settings.queue_size

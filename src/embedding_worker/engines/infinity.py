@@ -164,7 +164,7 @@ class InfinityEmbedder(InfinityModel, Embedder):
         self.dimensions = get_dim() if get_dim else None
 
     def _prepare_replica(self, replica: Any) -> None:
-        if reuse_token_ids(replica, self.tokens):
+        if reuse_token_ids(replica, self.tokens, self.settings.batch_invariant):
             log.debug("%s: the engine reuses the worker's token ids", self.served_id)
 
     async def _embed(self, texts: list[str]) -> np.ndarray:

@@ -30,3 +30,5 @@ class EngineSettings:
     queue_size: int = 48_000  # most inputs queued per model (INFINITY_QUEUE_SIZE)
     timeout_s: float = 300.0  # most seconds one engine call may take (REQUEST_TIMEOUT)
     trust_remote_code: bool = False
+    # Embedders pad each text to a length of its own, so its vector does not depend on its batch.
+    batch_invariant: bool = True

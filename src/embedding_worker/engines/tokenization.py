@@ -157,10 +157,11 @@ class PaddedBatch:
     def with_type_ids(self) -> bool:
         return "token_type_ids" in self.names
 
-    def __call__(self, texts: Sequence[TokenizedText]) -> dict[str, Any]:
+    def __call__(self, texts: Sequence[TokenizedText], width: int = 0) -> dict[str, Any]:
+        """The batch's tensors, padded to the longest text, or to `width` if that is longer."""
         import torch
 
-        rows, width = len(texts), max(len(t.ids) for t in texts)
+        rows, width = len(texts), max(width, *(len(t.ids) for t in texts))
         arrays = {
             "input_ids": np.full((rows, width), self.pad_id, dtype=np.int64),
             "token_type_ids": np.full((rows, width), self.pad_type_id, dtype=np.int64),
@@ -188,25 +189,82 @@ def _same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+def bucket_width(tokens: int) -> int:
+    """The padded length of a text of `tokens` tokens in a batch-invariant batch: the next multiple
+    of 16 up to 64 tokens, of 32 up to 256, of 64 beyond. Short texts, whose batches cost the
+    least, are padded the least; a batch of mixed lengths pads less than to its longest text."""
+    step = 16 if tokens <= 64 else 32 if tokens <= 256 else 64
+    return -(-tokens // step) * step
+
+
+class Buckets(list):
+    """A batch split by padded length: (the batch's rows, their tensors) for each length. The
+    forward pass (`BucketedForward`) runs each and puts the vectors back in the batch's order."""
+
+    rows: int
+
+
+class BucketedForward:
+    """An embedder's forward step (Infinity's `encode_core`) that runs a `Buckets` batch one
+    padded length at a time. In bfloat16 the padded length changes a vector's rounding (CPU
+    kernels switch their blocking with it); the batch size and the other rows do not. Padded to a
+    length that only its own length decides, a text's vector is the same bits whatever batch it
+    is in, alone or not."""
+
+    def __init__(self, own_step: Callable[[Any], Any]) -> None:
+        self.own_step = own_step
+
+    def __call__(self, features: Any) -> Any:
+        if not isinstance(features, Buckets):
+            return self.own_step(features)
+        import torch
+
+        vectors = None
+        for rows, tensors in features:
+            out = self.own_step(tensors)
+            if vectors is None:
+                vectors = torch.empty((features.rows, *out.shape[1:]), dtype=out.dtype)
+            vectors[rows] = out
+        return vectors
+
+
 class ReusedTokenIds:
     """An embedder's tokenize step (Infinity's `encode_pre`) that pads the token ids the worker made
-    when counting. A batch in which any text has none (token-id input, decoded; a caller that is not
-    the worker) goes through the replica's own step, unchanged."""
+    when counting, or with `bucketed` groups them by padded length (`bucket_width`) for
+    `BucketedForward`. A batch in which any text has none (token-id input, decoded; a caller that
+    is not the worker) goes through the replica's own step, unchanged."""
 
-    def __init__(self, own_step: Callable[[list[Any]], dict[str, Any]], pad: PaddedBatch) -> None:
+    def __init__(
+        self,
+        own_step: Callable[[list[Any]], dict[str, Any]],
+        pad: PaddedBatch,
+        bucketed: bool = False,
+    ) -> None:
         self.own_step = own_step
         self.pad = pad
+        self.bucketed = bucketed
 
-    def __call__(self, sentences: list[Any]) -> dict[str, Any]:
-        if all(isinstance(s, TokenizedText) for s in sentences):
+    def __call__(self, sentences: list[Any]) -> Any:
+        if not all(isinstance(s, TokenizedText) for s in sentences):
+            return self.own_step(sentences)
+        if not self.bucketed:
             return self.pad(sentences)
-        return self.own_step(sentences)
+        by_width: dict[int, list[int]] = {}
+        for row, text in enumerate(sentences):
+            by_width.setdefault(bucket_width(len(text.ids)), []).append(row)
+        buckets = Buckets(
+            (rows, self.pad([sentences[r] for r in rows], width))
+            for width, rows in sorted(by_width.items())
+        )
+        buckets.rows = len(sentences)
+        return buckets
 
 
-def reuse_token_ids(replica: Any, counter: TokenCounter) -> bool:
+def reuse_token_ids(replica: Any, counter: TokenCounter, batch_invariant: bool = False) -> bool:
     """Let `replica` (an Infinity sentence-transformers embedder) take the counter's token ids
     instead of tokenizing again. Installed only when the reuse gives exactly the tensors of the
-    replica's own tokenize step on the probe texts; returns whether it was installed.
+    replica's own tokenize step on the probe texts; returns whether it was installed. With
+    `batch_invariant`, batches are also split by padded length (`BucketedForward`).
     """
     first = getattr(replica, "_first_module", lambda: None)()
     tokenizer = getattr(first, "tokenizer", None)
@@ -242,5 +300,8 @@ def reuse_token_ids(replica: Any, counter: TokenCounter) -> bool:
     if not reusable:
         counter.model_input = None
         return False
-    replica.encode_pre = ReusedTokenIds(own_step, pad)
+    bucketed = batch_invariant and not getattr(replica, "mode_colbert", False)
+    replica.encode_pre = ReusedTokenIds(own_step, pad, bucketed)
+    if bucketed:
+        replica.encode_core = BucketedForward(replica.encode_core)
     return True
