@@ -24,7 +24,11 @@ def words(rng: random.Random, low: int, high: int) -> str:
 
 @pytest.fixture(scope="module")
 async def invariant_worker(qwen3_embedder):
-    env = {"MODEL_NAMES": f"{DEFAULT_MODEL_ID};{qwen3_embedder}", "BATCH_SIZES": "16"}
+    env = {
+        "MODEL_NAMES": f"{DEFAULT_MODEL_ID};{qwen3_embedder}",
+        "BATCH_SIZES": "16",
+        "BATCH_INVARIANT": "true",
+    }
     worker = Worker.from_config(load_config(env))  # DTYPES: the default, auto
     await worker.start()
     yield worker
@@ -86,6 +90,6 @@ def test_bucket_widths_pad_little():
         assert tokens <= width < tokens + step and width % step == 0
 
 
-def test_the_switch_turns_it_off():
-    assert load_config({}).engine_settings.batch_invariant
-    assert not load_config({"BATCH_INVARIANT": "false"}).engine_settings.batch_invariant
+def test_the_switch_turns_it_on():
+    assert not load_config({}).engine_settings.batch_invariant
+    assert load_config({"BATCH_INVARIANT": "true"}).engine_settings.batch_invariant

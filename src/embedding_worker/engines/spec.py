@@ -31,4 +31,5 @@ class EngineSettings:
     timeout_s: float = 300.0  # most seconds one engine call may take (REQUEST_TIMEOUT)
     trust_remote_code: bool = False
     # Embedders pad each text to a length of its own, so its vector does not depend on its batch.
-    batch_invariant: bool = True
+    # Off by default: it costs throughput (bench/RESULTS.md, bench.invariance and bench.run).
+    batch_invariant: bool = False
