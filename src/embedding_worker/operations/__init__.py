@@ -51,12 +51,6 @@ def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:
     return None
 
 
-def by_route(route: str) -> Operation | None:
-    """The operation of a route, whatever its parameters."""
-    matched = match_route(route)
-    return matched[0] if matched else None
-
-
 def recognise(job_input: dict[str, object]) -> Operation | None:
     """The operation of a standard-flavour job input, told by the fields it holds."""
     return next((op for op in OPERATIONS if any(f in job_input for f in op.job_fields)), None)
@@ -73,7 +67,6 @@ __all__ = [
     "ROUTES",
     "Context",
     "Operation",
-    "by_route",
     "job_hints",
     "match_route",
     "recognise",

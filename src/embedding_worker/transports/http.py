@@ -393,10 +393,8 @@ class LocalServer:
         return answer
 
 
-def create_app(
-    worker: Worker | None, settings: ServerSettings | None = None, load: Any = None
-) -> LocalServer:
-    return LocalServer(worker, settings, load)
+def create_app(worker: Worker, settings: ServerSettings | None = None) -> LocalServer:
+    return LocalServer(worker, settings)
 
 
 def reply_response(reply: Reply) -> Response:
