@@ -13,6 +13,10 @@ Builders:
 - ``make_qwen3_reranker``: Qwen3ForCausalLM with "yes"/"no" tokens (like Qwen3-Reranker).
 - ``make_qwen3_single_logit_reranker``: the causal LM converted to
   Qwen3ForSequenceClassification with ``score = W_yes - W_no``.
+- ``make_clip``: CLIPModel + CLIPProcessor (lower-cased BPE tokenizer with start and end
+  tokens, end token also the pad token; a small CLIPImageProcessor), like openai/clip-vit-*.
+- ``make_siglip``: SiglipModel + SiglipProcessor, texts padded to the tokenizer's maximum
+  (like google/siglip-*).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ __all__ = [
     "make_qwen3_embedder",
     "make_qwen3_reranker",
     "make_qwen3_single_logit_reranker",
+    "make_clip",
+    "make_siglip",
     "yes_no_token_ids",
     "format_reranker_input",
 ]
@@ -389,6 +395,60 @@ def _bpe_json(vocab_size: int, append_eos: bool) -> str:
         if tok.token_to_id(word) is None:  # pragma: no cover - corpus guarantees it
             raise RuntimeError(f"BPE vocabulary lacks the single token {word!r}")
     return tok.to_str()
+
+
+CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
+
+
+@functools.cache
+def _clip_bpe_json(vocab_size: int) -> str:
+    """A CLIP-like BPE: lower-cased, whitespace-split, start and end tokens around every text;
+    the special tokens come last in the vocabulary, as in CLIP."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE(unk_token=CLIP_END, end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        end_of_word_suffix="</w>",
+        initial_alphabet=[chr(c) for c in range(32, 127)],
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in (CLIP_START, CLIP_END)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{CLIP_START} $A {CLIP_END}",
+        pair=f"{CLIP_START} $A {CLIP_END} $B {CLIP_END}",
+        special_tokens=[(t, tok.token_to_id(t)) for t in (CLIP_START, CLIP_END)],
+    )
+    return tok.to_str()
+
+
+def _clip_tokenizer(model_max_length: int, pad_token: str = CLIP_END):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_clip_bpe_json(1000)),
+        bos_token=CLIP_START,
+        eos_token=CLIP_END,
+        unk_token=CLIP_END,
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def _qwen_tokenizer(*, append_eos: bool, model_max_length: int):
@@ -813,4 +873,129 @@ def make_qwen3_single_logit_reranker(causal_lm_path, path) -> Path:
         seq.score.weight.copy_((lm[yes_id] - lm[no_id]).unsqueeze(0))
     seq.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def _image_processor_size(image_size: int) -> dict:
+    return {
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+    }
+
+
+def make_clip(
+    path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    projection_dim: int = 24,
+    max_position: int = 77,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """CLIPModel + CLIPProcessor: texts pooled at their end token, images resized to
+    `image_size` on the shortest edge and centre-cropped (CLIPImageProcessor's defaults
+    otherwise: bicubic, the CLIP mean and std)."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _clip_tokenizer(max_position)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        max_position_embeddings=max_position,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = CLIPConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=projection_dim,
+        architectures=["CLIPModel"],
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(path)
+    images = CLIPImageProcessor(**_image_processor_size(image_size))
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def make_siglip(
+    path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    max_position: int = 16,
+    image_size: int = 32,
+    patch_size: int = 8,
+    seed: int = 0,
+) -> Path:
+    """SiglipModel + SiglipProcessor: texts pooled at the last position, so padded to the
+    tokenizer's maximum (`max_position`) as SigLIP is used; images resized to `image_size`
+    square, mean and std 0.5."""
+    from transformers import (
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipProcessor,
+        SiglipTextConfig,
+        SiglipVisionConfig,
+    )
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _clip_tokenizer(max_position)
+    text = SiglipTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        max_position_embeddings=max_position,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    config = SiglipConfig(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        architectures=["SiglipModel"],
+    )
+    torch.manual_seed(seed)
+    SiglipModel(config).eval().save_pretrained(path)
+    images = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    SiglipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
     return path

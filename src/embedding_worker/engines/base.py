@@ -2,8 +2,9 @@
 
 A `ModelEngine` knows its tokenizer and maximum length and runs all work through `_admit()`, which
 bounds the queue and the time of every call and fails waiting calls at once when the engine dies.
-What a model can do is its set of `capabilities`: an engine that embeds is an `Embedder`, one that
-reranks a `Reranker`; a new kind of work is a new capability with its own small base class here.
+What a model can do is its set of `capabilities`: an engine that embeds is an `Embedder` (an
+`ImageEmbedder` when it embeds images too), one that reranks a `Reranker`; a new kind of work is a
+new capability with its own small base class here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from .. import errors
 from ..logs import get_logger
 from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = get_logger(__name__)
 
@@ -32,14 +36,18 @@ class Capability(str, Enum):
     """One kind of work a model does; operations ask the registry for a model that has theirs."""
 
     EMBED = "embed"
+    EMBED_IMAGES = "embed_images"  # images as well as texts, into the same vector space
     RERANK = "rerank"
     CLASSIFY = "classify"
 
     @property
     def noun(self) -> str:
-        return {"embed": "an embedding", "rerank": "a reranking", "classify": "a classification"}[
-            self.value
-        ]
+        return {
+            "embed": "an embedding",
+            "embed_images": "an image embedding",
+            "rerank": "a reranking",
+            "classify": "a classification",
+        }[self.value]
 
 
 class ModelLoadError(RuntimeError):
@@ -200,6 +208,25 @@ class Embedder(ModelEngine):
 
     @abstractmethod
     async def _embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+class ImageEmbedder(Embedder):
+    """A model that embeds images and texts into one space (CLIP): callers use `embed_inputs`,
+    engines implement `_embed_inputs`; texts alone still go through `embed`."""
+
+    capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.EMBED, Capability.EMBED_IMAGES}
+    )
+
+    async def embed_inputs(self, inputs: list[str | Image]) -> np.ndarray:
+        """Vectors for texts and decoded RGB images, one row each, in order (float32)."""
+        return await self._admit(len(inputs), lambda: self._embed_inputs(inputs))
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        return await self._embed_inputs(list(texts))
+
+    @abstractmethod
+    async def _embed_inputs(self, inputs: list[str | Image]) -> np.ndarray: ...
 
 
 class Reranker(ModelEngine):

@@ -1,30 +1,43 @@
 """The Infinity adapter: sentence-transformers embedders and cross-encoder rerankers on Infinity.
 
 Every Infinity model of the worker is one `AsyncEmbeddingEngine` in one `AsyncEngineArray` (the
-registry starts and stops the array). Three of Infinity's internals are worked around here, each in
-one place: a batch thread that dies silently (`_guard_batch_threads`), batches released before they
-are full (pacing.py, installed in `start`), and a second tokenization of every text
-(tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's tensors
-exactly).
+registry starts and stops the array). Four of Infinity's internals are worked around, each in one
+place: a batch thread that dies silently (`_guard_batch_threads`), batches released before they
+are full (pacing.py, installed in `start`), a second tokenization of every text (tokenization.py's
+`reuse_token_ids`, installed at load when it reproduces Infinity's tensors exactly), and the inputs
+of CLIP-like models (vision.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import errors
 from ..logs import get_logger, redacted_traceback
-from . import pacing
-from .base import Classifier, Embedder, Health, LabelScores, ModelEngine, ModelLoadError, Reranker
+from . import pacing, vision
+from .base import (
+    Classifier,
+    Embedder,
+    Health,
+    ImageEmbedder,
+    LabelScores,
+    ModelEngine,
+    ModelLoadError,
+    Reranker,
+)
 from .dtype import resolve_dtype
 from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter, reuse_token_ids
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = get_logger(__name__)
 
@@ -80,13 +93,8 @@ class InfinityModel(ModelEngine):
 
     def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
         replica = engine._model_replicas[0]  # Infinity keeps the loaded model here; no public API
-        tokenizer = getattr(replica, "tokenizer", None) or replica._infinity_tokenizer
-        max_length = (
-            getattr(replica, "max_seq_length", None)
-            or getattr(replica, "max_length", None)
-            or tokenizer.model_max_length
-        )
-        super().__init__(spec, TokenCounter(tokenizer), int(max_length), **kwargs)
+        tokenizer, max_length = self._text_limits(replica)
+        super().__init__(spec, TokenCounter(tokenizer), max_length, **kwargs)
         self.engine = engine
         self._paced: pacing.PacedQueue | None = (
             None  # set by start(): Infinity makes its queue there
@@ -105,7 +113,15 @@ class InfinityModel(ModelEngine):
         engine = AsyncEmbeddingEngine.from_args(engine_args(spec, settings))
         capabilities = set(engine.capabilities)
         model_class: type[InfinityModel]
-        if "embed" in capabilities:
+        if "image_embed" in capabilities:
+            model_type = engine._model_replicas[0].model.config.model_type
+            if model_type not in vision.MODEL_TYPES:
+                raise ModelLoadError(
+                    f"model '{spec.served_id}' is a {model_type} image model; this worker embeds "
+                    f"images with {', '.join(vision.MODEL_TYPES)} models"
+                )
+            model_class = InfinityImageEmbedder
+        elif "embed" in capabilities:
             model_class = InfinityEmbedder
         elif "rerank" in capabilities:
             model_class = InfinityReranker
@@ -117,6 +133,17 @@ class InfinityModel(ModelEngine):
                 "this worker serves embedding, reranking and classification models"
             )
         return model_class(spec, engine, settings=settings, health=health)
+
+    @staticmethod
+    def _text_limits(replica: Any) -> tuple[Any, int]:
+        """The replica's tokenizer and the most tokens a text may have."""
+        tokenizer = getattr(replica, "tokenizer", None) or replica._infinity_tokenizer
+        max_length = (
+            getattr(replica, "max_seq_length", None)
+            or getattr(replica, "max_length", None)
+            or tokenizer.model_max_length
+        )
+        return tokenizer, int(max_length)
 
     def _prepare_replica(self, replica: Any) -> None:
         """A step of the subclass's own on each replica, before the guard wraps its stages."""
@@ -170,6 +197,40 @@ class InfinityEmbedder(InfinityModel, Embedder):
     async def _embed(self, texts: list[str]) -> np.ndarray:
         vectors, _ = await self.engine.embed(sentences=texts)
         return np.asarray(vectors, dtype=np.float32)
+
+
+class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
+    """A CLIP-like model: texts and images into one space, through Infinity's own image path
+    with the model's own inputs (vision.py)."""
+
+    def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
+        super().__init__(spec, engine, **kwargs)
+        self.dimensions = vision.dimensions(engine._model_replicas[0])
+
+    @staticmethod
+    def _text_limits(replica: Any) -> tuple[Any, int]:
+        return replica.processor.tokenizer, vision.text_limits(replica).max_length
+
+    def _prepare_replica(self, replica: Any) -> None:
+        vision.install_preprocess(replica, vision.text_limits(replica))
+
+    async def _embed_inputs(self, inputs: list[str | Image]) -> np.ndarray:
+        texts = [item for item in inputs if isinstance(item, str)]
+        images = [item for item in inputs if not isinstance(item, str)]
+        # Infinity takes texts and images in calls of their own.
+        if not images:
+            vectors, _ = await self.engine.embed(sentences=texts)
+            return np.asarray(vectors, dtype=np.float32)
+        if not texts:
+            vectors, _ = await self.engine.image_embed(images=images)
+            return np.asarray(vectors, dtype=np.float32)
+        # Both are queued in this turn of the event loop, so they share batches.
+        (text_vectors, _), (image_vectors, _) = await asyncio.gather(
+            self.engine.embed(sentences=texts), self.engine.image_embed(images=images)
+        )
+        text_rows, image_rows = iter(text_vectors), iter(image_vectors)
+        rows = [next(text_rows if isinstance(item, str) else image_rows) for item in inputs]
+        return np.asarray(rows, dtype=np.float32)
 
 
 class InfinityReranker(InfinityModel, Reranker):

@@ -1,0 +1,86 @@
+"""CLIP-like models (CLIP, SigLIP) on Infinity: the model's own inputs, made by the worker.
+
+Infinity serves a model whose config has a `vision_config` with its `TIMM` replica, which calls the
+model's `get_text_features` and `get_image_features` and normalises them: the worker keeps that,
+with Infinity's queue, batching and threads. Its pre-processing step (`encode_pre`) is replaced
+here, for three reasons:
+
+- it truncates texts to `config.max_length`, which on CLIP and SigLIP configs is transformers'
+  generation default of 20 tokens, not the text model's 77 (CLIP) or 64 (SigLIP);
+- it pads texts to the longest of the batch, but SigLIP pools the last position and is trained on
+  texts padded to the tokenizer's maximum (its model card's `padding="max_length"`): padded to the
+  batch, a text's vector would depend on the other texts of its batch;
+- it lets the image processor guess where an image's channels are, which it gets wrong for images
+  1 or 3 pixels high (their first axis looks like channels); decoded images are always RGB, with
+  channels last.
+
+The replacement makes exactly what the model's processor makes for one text or one image
+(`processor(text=..., padding=...)`, `processor(images=...)`) and hands Infinity's next step the
+same features it expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# model_type values served as image embedders: their processors and feature methods are the ones
+# checked here (tests build tiny ones of each).
+MODEL_TYPES = ("clip", "siglip")
+
+
+@dataclass(frozen=True)
+class TextLimits:
+    """How a CLIP-like model's texts are cut and padded."""
+
+    max_length: int
+    padding: str  # "longest" (CLIP) or "max_length" (SigLIP)
+
+
+def text_limits(replica: Any) -> TextLimits:
+    """The text model's real maximum (its position embeddings, or less if the tokenizer says so)
+    and its padding."""
+    config = replica.model.config
+    positions = int(config.text_config.max_position_embeddings)
+    tokenizer_max = getattr(replica.processor.tokenizer, "model_max_length", positions)
+    max_length = min(positions, int(tokenizer_max))
+    padding = "max_length" if config.model_type == "siglip" else "longest"
+    return TextLimits(max_length, padding)
+
+
+def dimensions(replica: Any) -> int:
+    """The size of the vectors `get_text_features` and `get_image_features` give."""
+    config = replica.model.config
+    projection = getattr(config, "projection_dim", None)  # CLIP
+    if projection is None:  # SigLIP: the text head's size
+        projection = getattr(config.text_config, "projection_size", None)
+    return int(projection or config.text_config.hidden_size)
+
+
+def install_preprocess(replica: Any, limits: TextLimits) -> None:
+    """Replace the replica's `encode_pre` with the model's own text and image inputs."""
+    tokenizer = replica.processor.tokenizer
+    image_processor = replica.processor.image_processor
+    device = replica.model.device
+    replica.max_length = limits.max_length  # also what Infinity's own length counts use
+
+    def encode_pre(inputs: list[Any]) -> tuple[dict[str, Any], list[bool]]:
+        texts = [item for item in inputs if isinstance(item, str)]
+        images = [item for item in inputs if not isinstance(item, str)]
+        features: dict[str, Any] = {}
+        if texts:
+            encoded = tokenizer(
+                texts,
+                padding=limits.padding,
+                truncation=True,
+                max_length=limits.max_length,
+                return_tensors="pt",
+            )
+            features.update(encoded)
+        if images:
+            pixels = image_processor(images, return_tensors="pt", input_data_format="channels_last")
+            features["pixel_values"] = pixels["pixel_values"]
+        features = {name: value.to(device) for name, value in features.items()}
+        return features, [not isinstance(item, str) for item in inputs]
+
+    replica.encode_pre = encode_pre
