@@ -176,6 +176,12 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         max_request_tokens=int_var(env, "MAX_REQUEST_TOKENS", _LIMIT_DEFAULTS.max_request_tokens),
         max_request_bytes=int_var(env, "MAX_REQUEST_BYTES", _LIMIT_DEFAULTS.max_request_bytes),
         max_response_bytes=int_var(env, "MAX_RESPONSE_BYTES", _LIMIT_DEFAULTS.max_response_bytes),
+        max_image_bytes=int_var(env, "IMAGE_MAX_BYTES", _LIMIT_DEFAULTS.max_image_bytes),
+        max_image_pixels=int_var(env, "IMAGE_MAX_PIXELS", _LIMIT_DEFAULTS.max_image_pixels),
+        image_url_hosts=_image_url_hosts(env),
+        image_url_timeout_s=float_var(
+            env, "IMAGE_URL_TIMEOUT", _LIMIT_DEFAULTS.image_url_timeout_s
+        ),
     )
     return WorkerConfig(
         models=tuple(models),
@@ -197,3 +203,16 @@ def _service_tier(env: Mapping[str, str]) -> str:
     if raw not in TIERS:
         raise ConfigError(f"SERVICE_TIER must be one of {', '.join(TIERS)}, got {raw!r}")
     return raw
+
+
+def _image_url_hosts(env: Mapping[str, str]) -> frozenset[str]:
+    """IMAGE_URL_HOSTS: host names, not addresses, patterns or URLs (image_urls.py checks every
+    address a name resolves to, whatever the list says)."""
+    hosts = split_list(env, "IMAGE_URL_HOSTS") or []
+    for host in hosts:
+        if not host or "/" in host or ":" in host or "*" in host:
+            raise ConfigError(
+                f"IMAGE_URL_HOSTS holds {host!r}: give host names separated by ';' "
+                "(no scheme, port, path or wildcard)"
+            )
+    return frozenset(host.lower().rstrip(".") for host in hosts)

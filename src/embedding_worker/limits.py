@@ -40,6 +40,12 @@ class Limits:
     max_request_tokens: int = 300_000
     max_request_bytes: int = RUNPOD_PAYLOAD_LIMIT
     max_response_bytes: int = RUNPOD_PAYLOAD_LIMIT
+    # Images (images.py, image_urls.py): encoded bytes and pixels of one image, the hosts image
+    # URLs may name (none: URLs are refused) and the seconds one fetch may take.
+    max_image_bytes: int = 10_000_000
+    max_image_pixels: int = 25_000_000
+    image_url_hosts: frozenset[str] = frozenset()
+    image_url_timeout_s: float = 10.0
 
 
 def inspect_request(body: Any, limits: Limits) -> None:

@@ -1,6 +1,15 @@
 """The served models behind one interface: capabilities, kinds, and the registry that owns them."""
 
-from .base import Capability, Classifier, Embedder, Health, ModelEngine, ModelLoadError, Reranker
+from .base import (
+    Capability,
+    Classifier,
+    Embedder,
+    Health,
+    ImageEmbedder,
+    ModelEngine,
+    ModelLoadError,
+    Reranker,
+)
 from .kinds import KIND_NAMES, EngineKind, kind_of
 from .registry import ModelRegistry
 from .spec import EngineSettings, ModelSpec
@@ -13,6 +22,7 @@ __all__ = [
     "EngineKind",
     "EngineSettings",
     "Health",
+    "ImageEmbedder",
     "ModelEngine",
     "ModelLoadError",
     "ModelRegistry",

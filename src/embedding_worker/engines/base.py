@@ -211,22 +211,27 @@ class Embedder(ModelEngine):
 
 
 class ImageEmbedder(Embedder):
-    """A model that embeds images and texts into one space (CLIP): callers use `embed_inputs`,
-    engines implement `_embed_inputs`; texts alone still go through `embed`."""
+    """A model that embeds images and texts into one space (CLIP). A decoded image becomes the
+    model's input with `prepare_image` (in the request's thread); callers then use
+    `embed_inputs`, engines implement `_embed_inputs`. Texts alone still go through `embed`."""
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset(
         {Capability.EMBED, Capability.EMBED_IMAGES}
     )
 
-    async def embed_inputs(self, inputs: list[str | Image]) -> np.ndarray:
-        """Vectors for texts and decoded RGB images, one row each, in order (float32)."""
+    @abstractmethod
+    def prepare_image(self, image: Image) -> Any:
+        """The model's input for one decoded RGB image; safe to call from any thread."""
+
+    async def embed_inputs(self, inputs: list[Any]) -> np.ndarray:
+        """Vectors for texts (str) and prepared images, one row each, in order (float32)."""
         return await self._admit(len(inputs), lambda: self._embed_inputs(inputs))
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         return await self._embed_inputs(list(texts))
 
     @abstractmethod
-    async def _embed_inputs(self, inputs: list[str | Image]) -> np.ndarray: ...
+    async def _embed_inputs(self, inputs: list[Any]) -> np.ndarray: ...
 
 
 class Reranker(ModelEngine):

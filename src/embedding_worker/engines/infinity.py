@@ -10,7 +10,6 @@ of CLIP-like models (vision.py).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -114,7 +113,7 @@ class InfinityModel(ModelEngine):
         capabilities = set(engine.capabilities)
         model_class: type[InfinityModel]
         if "image_embed" in capabilities:
-            model_type = engine._model_replicas[0].model.config.model_type
+            model_type = engine._model_replicas[0].model.config.model_type  # type: ignore[union-attr]
             if model_type not in vision.MODEL_TYPES:
                 raise ModelLoadError(
                     f"model '{spec.served_id}' is a {model_type} image model; this worker embeds "
@@ -214,23 +213,20 @@ class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
     def _prepare_replica(self, replica: Any) -> None:
         vision.install_preprocess(replica, vision.text_limits(replica))
 
-    async def _embed_inputs(self, inputs: list[str | Image]) -> np.ndarray:
-        texts = [item for item in inputs if isinstance(item, str)]
-        images = [item for item in inputs if not isinstance(item, str)]
-        # Infinity takes texts and images in calls of their own.
-        if not images:
-            vectors, _ = await self.engine.embed(sentences=texts)
-            return np.asarray(vectors, dtype=np.float32)
-        if not texts:
-            vectors, _ = await self.engine.image_embed(images=images)
-            return np.asarray(vectors, dtype=np.float32)
-        # Both are queued in this turn of the event loop, so they share batches.
-        (text_vectors, _), (image_vectors, _) = await asyncio.gather(
-            self.engine.embed(sentences=texts), self.engine.image_embed(images=images)
-        )
-        text_rows, image_rows = iter(text_vectors), iter(image_vectors)
-        rows = [next(text_rows if isinstance(item, str) else image_rows) for item in inputs]
-        return np.asarray(rows, dtype=np.float32)
+    def prepare_image(self, image: Image) -> vision.PreparedImage:
+        return vision.prepare_image(self.engine._model_replicas[0].processor.image_processor, image)
+
+    async def _embed_inputs(self, inputs: list[Any]) -> np.ndarray:
+        from infinity_emb.primitives import EmbeddingSingle, ImageSingle
+
+        # Infinity's own queue items, as its `embed` and `image_embed` make them; its queue takes
+        # both kinds in one call, in order (their wrappers in the queue differ only in name).
+        items = [
+            EmbeddingSingle(sentence=item) if isinstance(item, str) else ImageSingle(image=item)
+            for item in inputs
+        ]
+        vectors, _ = await self.engine._batch_handler._schedule(items)
+        return np.asarray(vectors, dtype=np.float32)
 
 
 class InfinityReranker(InfinityModel, Reranker):

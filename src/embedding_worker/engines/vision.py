@@ -14,9 +14,11 @@ here, for three reasons:
   1 or 3 pixels high (their first axis looks like channels); decoded images are always RGB, with
   channels last.
 
-The replacement makes exactly what the model's processor makes for one text or one image
-(`processor(text=..., padding=...)`, `processor(images=...)`) and hands Infinity's next step the
-same features it expects.
+The replacement makes exactly what the model's processor makes (`processor(text=..., padding=...)`,
+`processor(images=...)`) and hands Infinity's next step the features it expects. Images reach it
+already processed (`PreparedImage`, made when the request is decoded), and are queued with
+Infinity's own image item, past `image_embed`: that takes only Pillow images, bytes or URLs, and
+it would fetch a URL itself.
 """
 
 from __future__ import annotations
@@ -57,16 +59,41 @@ def dimensions(replica: Any) -> int:
     return int(projection or config.text_config.hidden_size)
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image as the model takes it: its processor's pixel values (channels, height, width).
+
+    Made when the request is decoded, in the request's thread, so that a large image's pixels are
+    freed at once and the batch step only stacks. `height` is what Infinity's queue orders
+    images by."""
+
+    pixel_values: Any  # a torch tensor
+
+    @property
+    def height(self) -> int:
+        return int(self.pixel_values.shape[-2])
+
+
+def prepare_image(image_processor: Any, image: Any) -> PreparedImage:
+    """What the model's processor makes of one decoded RGB image (batches of them only stack)."""
+    pixels = image_processor([image], return_tensors="pt", input_data_format="channels_last")[
+        "pixel_values"
+    ]
+    return PreparedImage(pixels[0])
+
+
 def install_preprocess(replica: Any, limits: TextLimits) -> None:
-    """Replace the replica's `encode_pre` with the model's own text and image inputs."""
+    """Replace the replica's `encode_pre` with the model's own text inputs and the stacked
+    pixels of prepared images."""
+    import torch
+
     tokenizer = replica.processor.tokenizer
-    image_processor = replica.processor.image_processor
     device = replica.model.device
     replica.max_length = limits.max_length  # also what Infinity's own length counts use
 
     def encode_pre(inputs: list[Any]) -> tuple[dict[str, Any], list[bool]]:
         texts = [item for item in inputs if isinstance(item, str)]
-        images = [item for item in inputs if not isinstance(item, str)]
+        images = [item.pixel_values for item in inputs if isinstance(item, PreparedImage)]
         features: dict[str, Any] = {}
         if texts:
             encoded = tokenizer(
@@ -78,8 +105,7 @@ def install_preprocess(replica: Any, limits: TextLimits) -> None:
             )
             features.update(encoded)
         if images:
-            pixels = image_processor(images, return_tensors="pt", input_data_format="channels_last")
-            features["pixel_values"] = pixels["pixel_values"]
+            features["pixel_values"] = torch.stack(images)
         features = {name: value.to(device) for name, value in features.items()}
         return features, [not isinstance(item, str) for item in inputs]
 

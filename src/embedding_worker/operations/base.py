@@ -131,6 +131,7 @@ async def tokenize(items: int, tokenizer_call: Callable[..., T], *args: Any) -> 
 
 _NOT_CAPABLE = {
     Capability.EMBED: "model_not_embedding",
+    Capability.EMBED_IMAGES: "model_not_image_embedding",
     Capability.RERANK: "model_not_reranker",
     Capability.CLASSIFY: "model_not_classifier",
 }

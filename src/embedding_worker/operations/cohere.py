@@ -16,6 +16,7 @@ from pydantic import Field
 from .. import errors
 from ..encoding import EmbeddingType, encode_types
 from ..engines import Capability
+from ..images import ImageRef
 from . import rerank
 from .base import Context, ModelName, Operation, RequestModel, answer_id, model_for, parse
 from .embeddings import EmbeddingRequest, embed
@@ -57,9 +58,11 @@ async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[s
     if any(not text for text in request.texts):
         raise errors.invalid_input("'texts' must not hold an empty string", param="texts")
     types = list(dict.fromkeys(request.embedding_types or ["float"]))
+    texts: list[str | ImageRef] = list(request.texts)
     as_request = EmbeddingRequest(
         model=request.model,
-        input=request.texts,
+        input=texts,
+        modality="text",  # Cohere's texts are texts, whatever they look like
         # The answer's size is estimated in the largest format asked for.
         encoding_format="float" if {"float", "int8", "uint8"} & set(types) else "base64",
         prompt_type=_prompt_type(context, request),

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from .. import errors, prompts
+from .. import errors, image_urls, images, prompts
 from ..encoding import EmbeddingType, encode_types, encode_vectors
-from ..engines import Capability, Embedder, ModelEngine
+from ..engines import Capability, Embedder, ImageEmbedder, ModelEngine
+from ..images import ImageRef, is_image_data_uri
 from ..limits import ENVELOPE_BYTES, FLOAT_BYTES, ITEM_OVERHEAD_BYTES, Limits
 from .base import (
     Context,
@@ -30,8 +31,10 @@ from .base import (
 )
 
 INPUT_SHAPES = (
-    "a string, an array of strings, an array of token ids, or an array of arrays of token ids"
+    "a string, an array of strings and image objects, an array of token ids, or an array of "
+    "arrays of token ids"
 )
+OBJECT_TYPES = "text, image or image_url"
 
 
 def _is_token_id(value: Any) -> bool:
@@ -46,10 +49,36 @@ def _token_list(value: list, where: str) -> list[int]:
     return value
 
 
+def _object_item(value: dict, i: int) -> str | ImageRef:
+    """An item sent as an object: {"type": "text", "text": ...}, {"type": "image", "image": ...}
+    or {"type": "image_url", "image_url": {"url": ...}} (the image_url may be a plain string)."""
+    kind = value.get("type")
+    if kind == "text":
+        text = value.get("text")
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"item {i} of type text needs a non-empty string 'text'")
+        return text
+    if kind == "image":
+        source = value.get("image")
+    elif kind == "image_url":
+        source = value.get("image_url")
+        if isinstance(source, dict):
+            source = source.get("url")
+    else:
+        raise ValueError(f"item {i} is an object whose 'type' is not {OBJECT_TYPES}")
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"item {i} of type {kind} needs a non-empty string data URI or URL")
+    return ImageRef(source)
+
+
 class EmbeddingRequest(RequestModel):
     model: ModelName | None = None
-    # Normalised by the validator to a list of strings or a list of token-id lists.
-    input: list[str] | list[list[int]]
+    # Infinity's field: "image" makes every string item an image (a data URI or URL), "text" every
+    # one a text; unset, a string is an image only when it is an image data URI. Before `input`,
+    # whose validator reads it.
+    modality: Literal["text", "image"] | None = None
+    # Normalised by the validator to a list of strings and images or a list of token-id lists.
+    input: list[str | ImageRef] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -63,23 +92,36 @@ class EmbeddingRequest(RequestModel):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _normalise_input(cls, value: Any) -> list[str] | list[list[int]]:
+    def _normalise_input(
+        cls, value: Any, info: ValidationInfo
+    ) -> list[str | ImageRef] | list[list[int]]:
+        modality = info.data.get("modality")
         if isinstance(value, str):
-            if not value:
-                raise ValueError("must not be an empty string")
-            return [value]
+            value = [value]
         if not isinstance(value, list):
             raise ValueError(f"must be {INPUT_SHAPES}")
         if not value:
             raise ValueError("must not be an empty array")
         first = value[0]
-        if isinstance(first, str):
+        if isinstance(first, (str, dict)):
+            items: list[str | ImageRef] = []
             for i, item in enumerate(value):
-                if not isinstance(item, str):
-                    raise ValueError(f"item {i} is not a string; arrays must not mix types")
-                if not item:
+                if isinstance(item, dict):
+                    items.append(_object_item(item, i))
+                elif not isinstance(item, str):
+                    raise ValueError(
+                        f"item {i} is neither a string nor an object; arrays must not mix "
+                        "token ids with them"
+                    )
+                elif not item:
                     raise ValueError(f"item {i} is an empty string")
-            return value
+                elif modality == "image" or (modality is None and is_image_data_uri(item)):
+                    items.append(ImageRef(item))
+                else:
+                    items.append(item)
+            if modality == "text" and any(isinstance(item, ImageRef) for item in items):
+                raise ValueError('holds an image object, but "modality" is "text"')
+            return items
         if _is_token_id(first):
             return [_token_list(value, "input")]
         if isinstance(first, list):
@@ -183,14 +225,54 @@ class Embedded:
     tokens: int
 
 
+def _check_image_model(
+    model: ModelEngine, image_items: list[tuple[int, ImageRef]], limits: Limits
+) -> None:
+    """Refuse images a model cannot take, and URLs the worker may not fetch, before any work."""
+    if not image_items:
+        return
+    first = image_items[0][0]
+    if not model.can(Capability.EMBED_IMAGES):
+        raise errors.invalid_input(
+            f"'input' item {first} is an image, and model '{model.served_id}' embeds only texts",
+            param="input",
+            code="model_not_image_embedding",
+        )
+    urls = [i for i, ref in image_items if not ref.is_data_uri]
+    if urls and not limits.image_url_hosts:
+        raise errors.invalid_input(
+            f"'input' item {urls[0]} is an image URL, and this worker fetches none (no "
+            "IMAGE_URL_HOSTS); send the image as a data URI (data:image/png;base64,...)",
+            param="input",
+        )
+
+
+async def _prepared_images(
+    model: ImageEmbedder, image_items: list[tuple[int, ImageRef]], limits: Limits
+) -> list[Any]:
+    """Every image item fetched or unpacked, decoded and made the model's input, in order."""
+    encoded: dict[int, bytes] = {
+        i: images.data_uri_bytes(ref, i, limits) for i, ref in image_items if ref.is_data_uri
+    }
+    urls = [(i, ref.source) for i, ref in image_items if not ref.is_data_uri]
+    if urls:
+        encoded.update(zip((i for i, _ in urls), await image_urls.fetch_all(urls, limits)))
+    in_order = [(i, encoded[i]) for i, _ in image_items]
+    return await images.prepare_all(in_order, model.prepare_image, limits)
+
+
 async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     """The checks and the engine call of an embeddings request; every route that embeds uses it.
 
     `request.encoding_format` is the format the answer size is estimated for."""
     limits = context.limits
-    model = model_for(context.registry, request.model, Capability.EMBED)
+    image_items = [(i, item) for i, item in enumerate(request.input) if isinstance(item, ImageRef)]
+    # Unnamed, a request with images goes to the one model that takes them.
+    capability = Capability.EMBED_IMAGES if image_items else Capability.EMBED
+    model = model_for(context.registry, request.model, capability)
     assert isinstance(model, Embedder)
     check_count(len(request.input), limits, "input")
+    _check_image_model(model, image_items, limits)
     if model.dimensions is not None:
         _check_dimensions(request.dimensions, model.dimensions, model)
     dimensions = request.dimensions or model.dimensions
@@ -201,16 +283,31 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     if request.is_tokens:
         # The caller built these tokens: never prefixed.
         texts = _texts_from_token_ids(model, request.input)  # type: ignore[arg-type]
-        lengths = [len(ids) for ids in request.input]
+        lengths = [len(ids) for ids in request.input]  # type: ignore[arg-type]
     else:
-        plain: list[str] = request.input  # type: ignore[assignment]
+        plain = [item for item in request.input if isinstance(item, str)]
         texts = prompts.apply_embedding_prompt(
             model, plain, request.instruction, request.prompt_type
         )
         texts, lengths = await tokenize(len(texts), model.tokens.tokenize, texts)
+    if image_items:
+        # An image counts no tokens; the lengths keep each text at its item's index.
+        text_lengths = iter(lengths)
+        lengths = [
+            0 if isinstance(item, ImageRef) else next(text_lengths) for item in request.input
+        ]
     tokens = check_lengths(model, lengths, request.truncate, limits, "input")
 
-    vectors = await model.embed(texts)
+    if image_items:
+        assert isinstance(model, ImageEmbedder)
+        prepared = iter(await _prepared_images(model, image_items, limits))
+        text_inputs = iter(texts)
+        inputs = [
+            next(prepared if isinstance(item, ImageRef) else text_inputs) for item in request.input
+        ]
+        vectors = await model.embed_inputs(inputs)
+    else:
+        vectors = await model.embed(texts)
     vectors = _resize(vectors, request.dimensions, model)
     if dimensions is None:
         check_answer_size(count, vectors.shape[1], request.encoding_format, limits)
