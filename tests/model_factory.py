@@ -448,6 +448,7 @@ def _clip_tokenizer(model_max_length: int, pad_token: str = CLIP_END):
         pad_token=pad_token,
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

@@ -1,12 +1,13 @@
 """Image inputs: what a request may send as an image, and its decoding within limits.
 
 An image arrives as a data URI (`data:image/png;base64,...`) or, where IMAGE_URL_HOSTS allows it, a
-URL (image_urls.py fetches it). Decoding refuses more than IMAGE_MAX_BYTES of encoded bytes, more
-than IMAGE_MAX_PIXELS pixels (checked from the header, before any pixel is decoded: the guard
-against decompression bombs), formats other than PNG, JPEG, WebP and GIF (its first frame), and
-anything Pillow cannot read; each refusal is an invalid_input naming the item. A decoded image is
-converted to RGB (what every CLIP processor does first) and handed at once to the model's own
-`prepare_image`, in a thread: only the model's small input is kept, never the full-size pixels.
+URL (image_urls.py fetches it). Decoding refuses more than IMAGE_MAX_BYTES of encoded bytes; more
+than IMAGE_MAX_PIXELS pixels, checked from the header before any pixel is decoded (the guard
+against decompression bombs; Pillow's own guard, which refuses at open, stays as it is); formats
+other than PNG, JPEG, WebP and GIF (its first frame); and anything Pillow cannot read. Each refusal
+is an invalid_input naming the item. A decoded image is converted to RGB (what every CLIP
+processor does first) and handed at once to the model's own `prepare_image`, in a thread: only the
+model's small input is kept, never the full-size pixels.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def _too_many_bytes(index: int, limits: Limits) -> APIError:
     )
 
 
+def _too_many_pixels(index: int, size: str, limits: Limits) -> APIError:
+    return _refused(
+        index,
+        f"is an image of {size}, more than {limits.max_image_pixels} pixels (IMAGE_MAX_PIXELS)",
+    )
+
+
 def decode(data: bytes, index: int, limits: Limits) -> Any:
     """An encoded image as an RGB Pillow image, within the limits; refusals name the item."""
     from PIL import Image, UnidentifiedImageError
@@ -90,17 +98,15 @@ def decode(data: bytes, index: int, limits: Limits) -> Any:
         raise _too_many_bytes(index, limits)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
+        raise _too_many_pixels(index, "a size", limits) from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise _refused(
             index, f"is not an image that can be decoded here ({', '.join(FORMATS)})"
         ) from None
     width, height = image.size
     if width * height > limits.max_image_pixels:
-        raise _refused(
-            index,
-            f"is an image of {width}x{height} pixels, more than {limits.max_image_pixels} "
-            "(IMAGE_MAX_PIXELS)",
-        )
+        raise _too_many_pixels(index, f"{width}x{height} pixels", limits)
     if width < MIN_SIDE or height < MIN_SIDE:
         raise _refused(
             index, f"is an image of {width}x{height} pixels, under {MIN_SIDE}x{MIN_SIDE}"

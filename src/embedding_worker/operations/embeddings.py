@@ -267,8 +267,10 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     `request.encoding_format` is the format the answer size is estimated for."""
     limits = context.limits
     image_items = [(i, item) for i, item in enumerate(request.input) if isinstance(item, ImageRef)]
-    # Unnamed, a request with images goes to the one model that takes them.
-    capability = Capability.EMBED_IMAGES if image_items else Capability.EMBED
+    # Unnamed, a request with images goes to the one model that takes them; a model named that
+    # takes none is refused below, naming the first image.
+    takes_images = image_items and request.model is None
+    capability = Capability.EMBED_IMAGES if takes_images else Capability.EMBED
     model = model_for(context.registry, request.model, capability)
     assert isinstance(model, Embedder)
     check_count(len(request.input), limits, "input")
