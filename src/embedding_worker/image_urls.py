@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -148,6 +149,7 @@ async def fetch_all(urls: Sequence[tuple[int, str]], limits: Limits) -> list[byt
     """The bytes of each (item index, URL), fetched under the policy above, in order."""
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its line per request holds the URL
     timeout = limits.image_url_timeout_s
     gate = asyncio.Semaphore(_CONCURRENT_FETCHES)
     async with httpx.AsyncClient(
