@@ -877,11 +877,66 @@ def make_qwen3_single_logit_reranker(causal_lm_path, path) -> Path:
     return path
 
 
-def _image_processor_size(image_size: int) -> dict:
-    return {
-        "size": {"shortest_edge": image_size},
-        "crop_size": {"height": image_size, "width": image_size},
-    }
+def _make_image_text_model(
+    path,
+    *,
+    family: str,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_position: int,
+    image_size: int,
+    patch_size: int,
+    seed: int,
+    **config_extra,
+) -> Path:
+    """A CLIP-like model of `family` ("clip" or "siglip"): its Model class on text and vision
+    configs of one shape, saved with its Processor (the CLIP-like BPE tokenizer and the family's
+    image processor at `image_size`)."""
+    import transformers
+
+    prefix = {"clip": "CLIP", "siglip": "Siglip"}[family]
+
+    def named(suffix: str):
+        return getattr(transformers, prefix + suffix)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _clip_tokenizer(max_position)
+    tower = dict(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+    )
+    text = named("TextConfig")(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_position,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **tower,
+    )
+    vision = named("VisionConfig")(image_size=image_size, patch_size=patch_size, **tower)
+    config = named("Config")(
+        text_config=text.to_dict(),
+        vision_config=vision.to_dict(),
+        architectures=[prefix + "Model"],
+        **config_extra,
+    )
+    torch.manual_seed(seed)
+    named("Model")(config).eval().save_pretrained(path)
+    if family == "clip":  # resized on the shortest edge, then centre-cropped
+        sizes = {
+            "size": {"shortest_edge": image_size},
+            "crop_size": {"height": image_size, "width": image_size},
+        }
+    else:  # resized to a square
+        sizes = {"size": {"height": image_size, "width": image_size}}
+    images = named("ImageProcessor")(**sizes)
+    named("Processor")(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
+    return path
 
 
 def make_clip(
@@ -900,48 +955,19 @@ def make_clip(
     """CLIPModel + CLIPProcessor: texts pooled at their end token, images resized to
     `image_size` on the shortest edge and centre-cropped (CLIPImageProcessor's defaults
     otherwise: bicubic, the CLIP mean and std)."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTextConfig,
-        CLIPVisionConfig,
-    )
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _clip_tokenizer(max_position)
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer),
+    return _make_image_text_model(
+        path,
+        family="clip",
         hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        max_position_embeddings=max_position,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
+        max_position=max_position,
         image_size=image_size,
         patch_size=patch_size,
-    )
-    config = CLIPConfig(
-        text_config=text.to_dict(),
-        vision_config=vision.to_dict(),
+        seed=seed,
         projection_dim=projection_dim,
-        architectures=["CLIPModel"],
     )
-    torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(path)
-    images = CLIPImageProcessor(**_image_processor_size(image_size))
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def make_siglip(
@@ -959,44 +985,15 @@ def make_siglip(
     """SiglipModel + SiglipProcessor: texts pooled at the last position, so padded to the
     tokenizer's maximum (`max_position`) as SigLIP is used; images resized to `image_size`
     square, mean and std 0.5."""
-    from transformers import (
-        SiglipConfig,
-        SiglipImageProcessor,
-        SiglipModel,
-        SiglipProcessor,
-        SiglipTextConfig,
-        SiglipVisionConfig,
-    )
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = _clip_tokenizer(max_position)
-    text = SiglipTextConfig(
-        vocab_size=len(tokenizer),
+    return _make_image_text_model(
+        path,
+        family="siglip",
         hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        max_position_embeddings=max_position,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
+        max_position=max_position,
         image_size=image_size,
         patch_size=patch_size,
+        seed=seed,
     )
-    config = SiglipConfig(
-        text_config=text.to_dict(),
-        vision_config=vision.to_dict(),
-        architectures=["SiglipModel"],
-    )
-    torch.manual_seed(seed)
-    SiglipModel(config).eval().save_pretrained(path)
-    images = SiglipImageProcessor(size={"height": image_size, "width": image_size})
-    SiglipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
-    return path

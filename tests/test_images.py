@@ -376,3 +376,23 @@ def test_the_local_server_and_the_openai_sdk_embed_images(clip, siglip, bert_emb
             client.embeddings.create(
                 model=worker.registry.models[1].served_id, input=[uri_of("png")]
             )
+
+
+def test_why_the_worker_makes_the_inputs_itself(clip, siglip):
+    """Infinity's own pre-processing step (engines/vision.py replaces it): it cuts CLIP texts at
+    config.max_length, transformers' generation default of 20 tokens, and pads SigLIP texts to the
+    batch's longest instead of the tokenizer's maximum. Should Infinity fix either, this fails and
+    the workaround can go."""
+    from infinity_emb import EngineArgs
+    from infinity_emb.transformer.vision.torch_vision import TIMM
+
+    def own_step(path):
+        args = EngineArgs(model_name_or_path=str(path), bettertransformer=False, model_warmup=False)
+        return TIMM(engine_args=args)
+
+    clip_replica = own_step(clip)
+    assert len(clip_replica.processor.tokenizer(TEXTS[1])["input_ids"]) > 20
+    features, _ = clip_replica.encode_pre([TEXTS[1]])
+    assert features["input_ids"].shape[1] == 20
+    features, _ = own_step(siglip).encode_pre(["a cat"])
+    assert features["input_ids"].shape[1] < 16
