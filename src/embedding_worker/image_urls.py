@@ -149,6 +149,8 @@ async def fetch_all(urls: Sequence[tuple[int, str]], limits: Limits) -> list[byt
     """The bytes of each (item index, URL), fetched under the policy above, in order."""
     import httpx
 
+    if not urls:
+        return []
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its line per request holds the URL
     timeout = limits.image_url_timeout_s
     gate = asyncio.Semaphore(_CONCURRENT_FETCHES)

@@ -118,11 +118,19 @@ def decode(data: bytes, index: int, limits: Limits) -> Any:
         raise _refused(index, "is a damaged or truncated image") from None
 
 
+# An image item as it reaches decoding: a data URI, or the bytes fetched for a URL.
+Encoded = ImageRef | bytes
+
+
 def prepare(
-    encoded: Sequence[tuple[int, bytes]], prepare_image: Callable[[Any], Any], limits: Limits
+    encoded: Sequence[tuple[int, Encoded]], prepare_image: Callable[[Any], Any], limits: Limits
 ) -> list[Any]:
-    """Decode each (item index, encoded image) and turn it into the model's input at once."""
-    return [prepare_image(decode(data, index, limits)) for index, data in encoded]
+    """Decode each (item index, image) and turn it into the model's input at once."""
+    prepared = []
+    for index, image in encoded:
+        data = data_uri_bytes(image, index, limits) if isinstance(image, ImageRef) else image
+        prepared.append(prepare_image(decode(data, index, limits)))
+    return prepared
 
 
 # Requests of a few images are decoded in one thread hop; larger ones in a few, so that the decoding
@@ -131,9 +139,9 @@ _IMAGES_PER_THREAD = 8
 
 
 async def prepare_all(
-    encoded: list[tuple[int, bytes]], prepare_image: Callable[[Any], Any], limits: Limits
+    encoded: list[tuple[int, Encoded]], prepare_image: Callable[[Any], Any], limits: Limits
 ) -> list[Any]:
-    """`prepare` off the event loop: decoding a large image takes milliseconds."""
+    """`prepare` off the event loop: unpacking and decoding a large image take milliseconds."""
     chunks = [
         encoded[start : start + _IMAGES_PER_THREAD]
         for start in range(0, len(encoded), _IMAGES_PER_THREAD)

@@ -251,14 +251,12 @@ async def _prepared_images(
     model: ImageEmbedder, image_items: list[tuple[int, ImageRef]], limits: Limits
 ) -> list[Any]:
     """Every image item fetched or unpacked, decoded and made the model's input, in order."""
-    encoded: dict[int, bytes] = {
-        i: images.data_uri_bytes(ref, i, limits) for i, ref in image_items if ref.is_data_uri
-    }
     urls = [(i, ref.source) for i, ref in image_items if not ref.is_data_uri]
-    if urls:
-        encoded.update(zip((i for i, _ in urls), await image_urls.fetch_all(urls, limits)))
-    in_order = [(i, encoded[i]) for i, _ in image_items]
-    return await images.prepare_all(in_order, model.prepare_image, limits)
+    fetched = dict(zip((i for i, _ in urls), await image_urls.fetch_all(urls, limits)))
+    encoded: list[tuple[int, images.Encoded]] = [
+        (i, fetched[i] if i in fetched else ref) for i, ref in image_items
+    ]
+    return await images.prepare_all(encoded, model.prepare_image, limits)
 
 
 async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
