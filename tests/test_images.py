@@ -257,7 +257,7 @@ async def test_a_bad_image_is_invalid_input_naming_the_item_and_the_worker_serve
             {"type": "video", "video": "x"}, "item 1 is an object whose 'type'", id="type"
         ),
         pytest.param({"type": "text", "text": ""}, "item 1 of type text needs", id="empty-text"),
-        pytest.param([1, 2], "item 1 is neither a string nor an object", id="token-ids"),
+        pytest.param([1, 2], "item 1 is not a string or an object", id="token-ids"),
     ],
 )
 async def test_malformed_items_are_invalid_input(image_worker, names, shape, reason):

@@ -110,8 +110,7 @@ class EmbeddingRequest(RequestModel):
                     items.append(_object_item(item, i))
                 elif not isinstance(item, str):
                     raise ValueError(
-                        f"item {i} is neither a string nor an object; arrays must not mix "
-                        "token ids with them"
+                        f"item {i} is not a string or an object; arrays must not mix types"
                     )
                 elif not item:
                     raise ValueError(f"item {i} is an empty string")
