@@ -185,6 +185,31 @@ async def test_an_unnamed_request_with_images_goes_to_the_image_model(clip, bert
         await worker.stop()
 
 
+async def test_infinitys_route_takes_modality_image(image_worker, names, clip):
+    reply = await image_worker.dispatch(
+        {
+            "openai_route": "/embeddings",
+            "openai_input": {"model": names["clip"], "input": [uri_of("png")], "modality": "image"},
+        }
+    )
+    assert reply.status == 200
+    np.testing.assert_allclose(
+        decode_vectors(reply.body), expected(clip, [IMAGES["png"]]), atol=1e-5
+    )
+
+
+async def test_an_image_to_a_worker_of_text_models_names_the_item(worker):
+    # The shared worker serves two text embedders and no image model: unnamed, the request must
+    # name one, as any embeddings request there; the one named refuses the image by its index.
+    reply = await worker.dispatch({"input": ["a cat", uri_of("png")]})
+    assert reply.status == 400 and reply.body["error"]["param"] == "model"
+    reply = await worker.dispatch(
+        {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": ["a cat", uri_of("png")]}
+    )
+    assert reply.body["error"]["code"] == "model_not_image_embedding"
+    assert "item 1" in reply.body["error"]["message"]
+
+
 async def test_models_list_says_which_take_images(image_worker, names):
     reply = await image_worker.dispatch({"openai_route": "/v1/models"})
     by_id = {entry["id"]: entry for entry in reply.body["data"]}

@@ -264,10 +264,11 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     `request.encoding_format` is the format the answer size is estimated for."""
     limits = context.limits
     image_items = [(i, item) for i, item in enumerate(request.input) if isinstance(item, ImageRef)]
-    # Unnamed, a request with images goes to the one model that takes them; a model named that
-    # takes none is refused below, naming the first image.
-    takes_images = image_items and request.model is None
-    capability = Capability.EMBED_IMAGES if takes_images else Capability.EMBED
+    # Unnamed, a request with images goes to the model that takes them, if one is served; a model
+    # that takes none is refused below, naming the first image.
+    image_models = any(m.can(Capability.EMBED_IMAGES) for m in context.registry.models)
+    by_images = image_items and request.model is None and image_models
+    capability = Capability.EMBED_IMAGES if by_images else Capability.EMBED
     model = model_for(context.registry, request.model, capability)
     assert isinstance(model, Embedder)
     check_count(len(request.input), limits, "input")
