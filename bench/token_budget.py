@@ -6,9 +6,9 @@ batching, and short texts in batches larger than 32.
 Peak memory: a random BERT of a long-context shape (hidden 384, 6 layers, 2048 positions, built
 here), 32 texts a batch by count, fed a burst of texts of ~2000 tokens, once with the default
 budget (32 x 512 tokens: 8 such texts a batch) and once with a budget no batch reaches (count-only
-batching, as Infinity alone does). Each runs in a fresh process; the figure is the process's peak
-resident memory (and CUDA's peak allocation on a GPU) above what it held before the burst, and the
-burst's texts/s.
+batching, as Infinity alone does). Each runs in fresh processes, alternating; the figures are the
+process's peak resident memory (and CUDA's peak allocation on a GPU) above what it held before the
+burst, and the burst's texts/s, medians.
 
 Short texts: the bundled all-MiniLM-L6-v2 (DTYPES=auto) fed ~12-token texts in requests of 16, with
 the engine's batch cap set to 32, 128 and 256 in turn, interleaved rounds, medians: whether batches
@@ -85,15 +85,25 @@ def _measure_in_a_fresh_process(path: Path, budget: int, count: int) -> dict[str
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_memory(count: int) -> None:
+def peak_memory(count: int, repeats: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = model_factory.make_bert_embedder(
             Path(folder) / "long-bert", hidden_size=384, num_layers=6, num_heads=6,
             intermediate_size=1536, max_position=2048, max_seq_length=2048,
         )  # fmt: skip
-        budgeted = _measure_in_a_fresh_process(path, 0, count)  # 0: the default budget
-        count_only = _measure_in_a_fresh_process(path, COUNT_ONLY, count)
-    print(f"peak memory: a burst of {count} texts of ~{LONG_TOKENS} tokens, BATCH_SIZES=32")
+        runs: dict[str, list[dict[str, float]]] = {"budget": [], "count": []}
+        for round_no in range(repeats):  # alternating, so that load from elsewhere falls on both
+            for name in ("budget", "count") if round_no % 2 == 0 else ("count", "budget"):
+                budget = 0 if name == "budget" else COUNT_ONLY  # 0: the default budget
+                runs[name].append(_measure_in_a_fresh_process(path, budget, count))
+    budgeted, count_only = (
+        {key: statistics.median(run[key] for run in runs[name]) for key in runs[name][0]}
+        for name in ("budget", "count")
+    )
+    print(
+        f"peak memory: a burst of {count} texts of ~{LONG_TOKENS} tokens, BATCH_SIZES=32, "
+        f"medians of {repeats} processes each"
+    )
     for name, figures in (("default budget (16384)", budgeted), ("count only", count_only)):
         shown = ", ".join(f"{k} {v:.1f}" for k, v in figures.items())
         print(f"  {name}: {shown}")
@@ -113,38 +123,47 @@ async def short_batches(count: int, rounds: int) -> None:
     requests = [texts[i : i + 16] for i in range(0, len(texts), 16)]
     caps = (32, 128, 256)
     rates: dict[int, list[float]] = {cap: [] for cap in caps}
+    cpu_rates: dict[int, list[float]] = {cap: [] for cap in caps}  # steadier on a shared machine
     try:
         for round_no in range(rounds + 1):
             for cap in caps if round_no % 2 else caps[::-1]:
                 handler.max_batch_size = model._paced.batch_size = cap
                 model._paced.max_tokens = cap * 512
-                started = time.perf_counter()
+                started, started_cpu = time.perf_counter(), time.process_time()
                 replies = await asyncio.gather(*(worker.dispatch({"input": r}) for r in requests))
                 assert all(r.ok for r in replies)
                 if round_no:  # the first round warms up
                     rates[cap].append(count / (time.perf_counter() - started))
+                    cpu_rates[cap].append(count / (time.process_time() - started_cpu))
     finally:
         await worker.stop()
-    base = statistics.median(rates[32])
+    base, cpu_base = statistics.median(rates[32]), statistics.median(cpu_rates[32])
     print(f"short texts: {count} texts of ~12 tokens, all-MiniLM-L6-v2, DTYPES=auto, medians")
     for cap in caps:
-        rate = statistics.median(rates[cap])
-        print(f"  {cap} a batch: {rate:.1f} texts/s, {rate / base:.2f}x of 32")
+        rate, cpu_rate = statistics.median(rates[cap]), statistics.median(cpu_rates[cap])
+        print(
+            f"  {cap} a batch: {rate:.1f} texts/s ({rate / base:.2f}x of 32), "
+            f"{cpu_rate:.1f} texts per CPU second ({cpu_rate / cpu_base:.2f}x of 32)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.token_budget", description=__doc__)
     parser.add_argument("--long", type=int, default=64, help="long texts in the burst")
     parser.add_argument("--short", type=int, default=4096, help="short texts a round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="short-text rounds")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per burst variant")
+    parser.add_argument("--only", choices=("memory", "short"), help="one of the two parts")
     parser.add_argument("--burst", nargs=3, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.burst:
         path, budget, count = args.burst
         print(json.dumps(asyncio.run(_burst(path, int(budget), int(count)))))
         return
-    peak_memory(args.long)
-    asyncio.run(short_batches(args.short, args.rounds))
+    if args.only != "short":
+        peak_memory(args.long, args.repeats)
+    if args.only != "memory":
+        asyncio.run(short_batches(args.short, args.rounds))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[s
         encoding_format="float" if {"float", "int8", "uint8"} & set(types) else "base64",
         prompt_type=_prompt_type(context, request),
         truncate=request.truncate == "END",
+        embedding_types=types,  # for the answer's size: one vector a text for each type
     )
     done = await embed(context, as_request)
     # v1 without embedding_types answers a plain list of float vectors; otherwise one per type.
