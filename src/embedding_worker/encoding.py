@@ -14,6 +14,7 @@ types:
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -56,7 +57,7 @@ _BYTE_TYPES = {"int8": np.int8, "binary": np.int8, "uint8": np.uint8, "ubinary":
 
 def encode_types(
     vectors: np.ndarray,
-    embedding_types: list[str],
+    embedding_types: Sequence[str],
     encoding_format: Literal["float", "base64"] = "float",
 ) -> dict[str, Any]:
     """Cohere's `embeddings` object: for each type asked, one encoded vector per row.
@@ -69,7 +70,7 @@ def encode_types(
     for kind in embedding_types:
         if kind in ("float", "base64"):
             fmt = "base64" if kind == "base64" else encoding_format
-            encoded[kind] = encode_vectors(vectors, fmt)  # type: ignore[arg-type]
+            encoded[kind] = encode_vectors(vectors, fmt)
         elif encoding_format == "base64":
             rows = quantize(vectors, kind).astype(_BYTE_TYPES[kind])
             encoded[kind] = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]

@@ -56,7 +56,7 @@ async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[s
     request = parse(CohereEmbedRequest, body)
     if any(not text for text in request.texts):
         raise errors.invalid_input("'texts' must not hold an empty string", param="texts")
-    types = list(dict.fromkeys(request.embedding_types or ["float"]))
+    types: list[EmbeddingType] = list(dict.fromkeys(request.embedding_types or ["float"]))
     as_request = EmbeddingRequest(
         model=request.model,
         input=request.texts,
