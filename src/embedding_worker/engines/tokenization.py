@@ -150,6 +150,25 @@ class TokenCounter:
             out.append(tokenized)
         return out, lengths
 
+    def keep_end(self, text: str, tokens: int) -> str:
+        """The end of `text` that holds at most `tokens` tokens (special tokens not counted), cut
+        where a word starts, so that the kept words tokenize as they did in the whole text: what
+        truncating at the start keeps. A text short enough is kept whole."""
+        tokens = max(tokens, 1)
+        if self._fast is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= tokens else self.decode(ids[-tokens:])
+        encoding = self._fast.encode(text, add_special_tokens=False)
+        words, first = encoding.word_ids, len(encoding.ids) - tokens
+        if first <= 0:
+            return text
+        # Not inside a word: a word's second piece ("##ing") alone would tokenize otherwise.
+        while (
+            first < len(words) - 1 and words[first] is not None and words[first] == words[first - 1]
+        ):
+            first += 1
+        return text[encoding.offsets[first][0] :]
+
     def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
         if self._fast is not None:
             return [len(e.ids) for e in self._encode_batch([(query, d) for d in docs])]
