@@ -4,9 +4,11 @@
 
 On the bundled all-MiniLM-L6-v2 (real weights), one request of `--inputs` short texts through the
 worker's dispatch, answered as float JSON, base64, and each of Cohere's quantized types (through
-`/v1/embed` with one `embedding_types` entry). For each: the bytes of the answer as runpod sends it
-(json.dumps), as a ratio to the float answer; and the time of the request, the answer's writing
-included, as a ratio to base64's, measured in the same run (variants interleaved, medians).
+`/v1/embed` with one `embedding_types` entry, as Cohere writes them: JSON numbers), and each of them
+as base64 of its bytes (`/v1/embeddings` with `embedding_types` and `encoding_format: base64`). For
+each: the bytes of the answer as runpod sends it (json.dumps), as a ratio to the float answer; and
+the time of the request, the answer's writing included, as a ratio to base64's, measured in the same
+run (variants interleaved, medians).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def requests(texts: list[str]) -> dict[str, dict]:
     for kind in TYPES:
         body = {**cohere, "embedding_types": [kind]}
         variants[kind] = {"openai_route": "/v1/embed", "openai_input": body}
+    for kind in TYPES:  # the /v1/embeddings extension: each vector as the base64 of its bytes
+        body = {**openai, "embedding_types": [kind], "encoding_format": "base64"}
+        variants[f"{kind} base64"] = {"openai_route": "/v1/embeddings", "openai_input": body}
     return variants
 
 

@@ -103,6 +103,70 @@ def test_v2_embed_answers_by_type_and_maps_input_type_onto_the_models_prompts(se
     assert not np.allclose(with_prompt, openai_vectors(http, served.qwen3, TEXTS), atol=1e-4)
 
 
+def test_truncate_start_keeps_the_end_of_an_over_long_text(served, http, minilm_path):
+    from transformers import AutoTokenizer
+
+    words = [f"word{i}" for i in range(400)]  # ~1200 tokens, each word different: order shows
+    text = " ".join(words)
+    client = cohere.ClientV2(api_key="unused", base_url=served.url)
+    start = client.embed(
+        texts=[text], model=DEFAULT_MODEL_ID, input_type="search_document", truncate="START"
+    )
+    end = client.embed(
+        texts=[text], model=DEFAULT_MODEL_ID, input_type="search_document", truncate="END"
+    )
+    # What is kept: the last 254 tokens (256 less [CLS] and [SEP]), from the first that starts a
+    # word.
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    words, first = encoded.word_ids(), len(encoded["input_ids"]) - 254
+    while words[first] == words[first - 1]:
+        first += 1
+    kept = text[encoded["offset_mapping"][first][0] :]
+    np.testing.assert_allclose(
+        np.array(start.embeddings.float_), openai_vectors(http, DEFAULT_MODEL_ID, [kept]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.array(end.embeddings.float_), openai_vectors(http, DEFAULT_MODEL_ID, [text]), atol=1e-6
+    )
+    assert end.meta.billed_units.input_tokens == 256
+    kept_tokens = len(encoded["input_ids"]) - first + 2
+    assert 250 < start.meta.billed_units.input_tokens == kept_tokens <= 256
+    short = client.embed(
+        texts=TEXTS, model=DEFAULT_MODEL_ID, input_type="search_document", truncate="START"
+    )
+    np.testing.assert_allclose(
+        np.array(short.embeddings.float_), openai_vectors(http, DEFAULT_MODEL_ID, TEXTS), atol=1e-6
+    )
+    with pytest.raises(cohere.BadRequestError):
+        client.embed(
+            texts=[text], model=DEFAULT_MODEL_ID, input_type="search_document", truncate="NONE"
+        )
+
+
+def test_truncate_start_keeps_the_models_prompt(served, http, qwen3_embedder):
+    from transformers import AutoTokenizer
+
+    from tests.model_factory import QWEN3_QUERY_PROMPT
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen3_embedder)
+    text = " ".join(f"w{i}" for i in range(5000))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert len(encoded["input_ids"]) > 8192  # the model's maximum
+    # Room for the text: 8192 less the whole query prompt and the end-of-text token.
+    room = 8192 - len(tokenizer(QWEN3_QUERY_PROMPT, add_special_tokens=False)["input_ids"]) - 1
+    words, first = encoded.word_ids(), len(encoded["input_ids"]) - room
+    while words[first] == words[first - 1]:
+        first += 1
+    kept = text[encoded["offset_mapping"][first][0] :]
+    client = cohere.ClientV2(api_key="unused", base_url=served.url)
+    start = client.embed(
+        texts=[text], model=served.qwen3, input_type="search_query", truncate="START"
+    )
+    expected = openai_vectors(http, served.qwen3, [kept], prompt_type="query")
+    np.testing.assert_allclose(np.array(start.embeddings.float_), expected, atol=1e-5)
+
+
 def test_v2_rerank_gives_the_rerank_routes_scores(served, http):
     client = cohere.ClientV2(api_key="unused", base_url=served.url)
     answer = client.rerank(model=served.reranker, query="cats", documents=DOCS, top_n=3)
@@ -136,7 +200,7 @@ def test_v1_rerank_returns_documents_when_asked(served):
         {"texts": [""]},
         {"texts": ["a"], "embedding_types": ["float16"]},
         {"texts": ["a"], "input_type": "search_everything"},
-        {"texts": ["a"], "truncate": "START"},
+        {"texts": ["a"], "truncate": "BEGINNING"},
     ],
 )
 def test_bad_embed_requests_are_typed_400s(http, body):

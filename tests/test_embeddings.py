@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -162,3 +163,19 @@ async def test_tiny_random_embedder_matches_sentence_transformers(worker, ids, b
         texts, normalize_embeddings=True
     )
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+async def test_quantized_types_in_base64_are_their_bytes(worker, ids):
+    """/v1/embeddings with embedding_types and encoding_format=base64: each quantized vector is the
+    base64 of one byte a number (signed for int8 and binary), the same numbers as the JSON form."""
+    types = ["int8", "uint8", "binary", "ubinary", "float"]
+    body = {"model": ids["minilm"], "input": ["one text", "and another"], "embedding_types": types}
+    numbers = await embed(worker, **body)
+    packed = await embed(worker, **body, encoding_format="base64")
+    signed = {"int8": "i1", "binary": "i1", "uint8": "u1", "ubinary": "u1", "float": "<f4"}
+    for as_numbers, as_base64 in zip(numbers["data"], packed["data"]):
+        for kind in types:
+            decoded = np.frombuffer(base64.b64decode(as_base64["embedding"][kind]), signed[kind])
+            expected = np.asarray(as_numbers["embedding"][kind], dtype=decoded.dtype)
+            np.testing.assert_array_equal(decoded, expected)
+    assert len(base64.b64decode(packed["data"][0]["embedding"]["binary"])) == 384 // 8

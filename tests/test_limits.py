@@ -236,3 +236,28 @@ async def test_token_ids_outside_the_vocabulary(worker, ids, token):
     reply = await worker.dispatch({"model": ids["minilm"], "input": [[101, token]]})
     error = _error(reply, 400, "invalid_input")
     assert error["param"] == "input" and "vocabulary" in error["message"]
+
+
+async def test_each_embedding_type_asked_counts_in_the_answer_estimate(
+    worker, ids, small_limits, monkeypatch
+):
+    """Three types a text are three vectors a text: an answer that one type keeps within the limit
+    and three do not is refused before the engine runs."""
+    model = worker.registry.resolve(ids["minilm"], None)
+    texts = ["a short text"] * 100
+    body = {"model": ids["minilm"], "input": texts, "encoding_format": "base64"}
+    small_limits(max_response_bytes=400_000)  # 100 x 384 in base64: ~210 kB
+    assert (await worker.dispatch({**body, "embedding_types": ["int8"]})).status == 200
+
+    async def must_not_run(*args, **kwargs):
+        raise AssertionError("the engine ran for a request that had to be refused")
+
+    monkeypatch.setattr(model, "embed", must_not_run)
+    several = {**body, "embedding_types": ["float", "int8", "binary"]}
+    _error(await worker.dispatch(several), 413, "response_too_large")
+    cohere = {
+        "model": ids["minilm"],
+        "texts": texts,
+        "embedding_types": ["base64", "int8", "binary"],
+    }
+    _error(await worker.call("/v2/embed", cohere), 413, "response_too_large")

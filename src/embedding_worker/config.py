@@ -137,6 +137,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     batch_sizes = per_model(env, "BATCH_SIZES", count, str(DEFAULT_BATCH_SIZE))
     dtypes = per_model(env, "DTYPES", count, DEFAULT_DTYPE)
     kinds = per_model(env, "MODEL_KINDS", count, KIND_NAMES[0])
+    token_budgets = per_model(env, "MAX_BATCH_TOKENS", count, "")
 
     backend = env.get("BACKEND", "").strip().lower() or DEFAULT_BACKEND
     if backend not in BACKENDS:
@@ -144,8 +145,12 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
 
     models = []
     served_ids: set[str] = set()
-    for name, batch_raw, dtype_raw, kind in zip(names, batch_sizes, dtypes, kinds):
+    for name, batch_raw, dtype_raw, kind, budget_raw in zip(
+        names, batch_sizes, dtypes, kinds, token_budgets
+    ):
         batch_size = whole_number("BATCH_SIZES", batch_raw)
+        # Unset: 0, the batch size times a typical text's tokens (engines/budget.py).
+        max_batch_tokens = whole_number("MAX_BATCH_TOKENS", budget_raw) if budget_raw else 0
         dtype = DTYPE_ALIASES.get(dtype_raw.lower())
         if dtype is None:
             raise ConfigError(
@@ -168,6 +173,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
                 dtype=dtype,
                 backend=backend,
                 kind=kind,
+                max_batch_tokens=max_batch_tokens,
             )
         )
 

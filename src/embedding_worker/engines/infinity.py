@@ -1,11 +1,12 @@
 """The Infinity adapter: sentence-transformers embedders and cross-encoder rerankers on Infinity.
 
 Every Infinity model of the worker is one `AsyncEmbeddingEngine` in one `AsyncEngineArray` (the
-registry starts and stops the array). Four of Infinity's internals are worked around, each in one
+registry starts and stops the array). Five of Infinity's internals are worked around, each in one
 place: a batch thread that dies silently (`_guard_batch_threads`), batches released before they
-are full (pacing.py, installed in `start`), a second tokenization of every text (tokenization.py's
-`reuse_token_ids`, installed at load when it reproduces Infinity's tensors exactly), and the inputs
-of CLIP-like models (vision.py).
+are full or cut by count only (pacing.py and budget.py, installed in `start`), a forward pass that
+fails its whole batch when memory runs out (`_split_on_out_of_memory`), a second tokenization of
+every text (tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's
+tensors exactly), and the inputs of CLIP-like models (vision.py).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from .base import (
     ModelLoadError,
     Reranker,
 )
+from .budget import SplitOnOutOfMemory
 from .dtype import resolve_dtype
 from .spec import EngineSettings, ModelSpec
-from .tokenization import TokenCounter, reuse_token_ids
+from .tokenization import BucketedForward, TokenCounter, reuse_token_ids
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -102,6 +104,7 @@ class InfinityModel(ModelEngine):
         self.default_prompt_name = getattr(replica, "default_prompt_name", None)
         for each_replica in engine._model_replicas:
             self._prepare_replica(each_replica)
+            self._split_on_out_of_memory(each_replica)
             self._guard_batch_threads(each_replica)
 
     @staticmethod
@@ -147,6 +150,17 @@ class InfinityModel(ModelEngine):
     def _prepare_replica(self, replica: Any) -> None:
         """A step of the subclass's own on each replica, before the guard wraps its stages."""
 
+    def _split_on_out_of_memory(self, replica: Any) -> None:
+        """Infinity's forward step fails every request of its batch when memory runs out (and its
+        thread with it: `_guard_batch_threads`). Wrapped in `SplitOnOutOfMemory`, the batch runs
+        again in halves instead. Under `BucketedForward` the wrapper goes inside it, around each
+        padded length's forward, whose features are plain tensors to split."""
+        core = replica.encode_core
+        if isinstance(core, BucketedForward):
+            core.own_step = SplitOnOutOfMemory(core.own_step, self.served_id)
+        else:
+            replica.encode_core = SplitOnOutOfMemory(core, self.served_id)
+
     def _guard_batch_threads(self, replica: Any) -> None:
         """Infinity's upstream issue #609: an exception in a batch thread (tokenise, forward,
         post-process) kills that thread, and every pending and later request waits for ever.
@@ -179,7 +193,9 @@ class InfinityModel(ModelEngine):
 
     async def start(self) -> None:
         # Runs after Infinity's own start, which makes a new batch handler (and queue) every time.
-        self._paced = pacing.install(self.engine._batch_handler)
+        self._paced = pacing.install(
+            self.engine._batch_handler, self.spec.max_batch_tokens, self.max_length
+        )
 
 
 class InfinityEmbedder(InfinityModel, Embedder):
@@ -212,6 +228,11 @@ class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
 
     def _prepare_replica(self, replica: Any) -> None:
         vision.install_preprocess(replica, vision.text_limits(replica))
+
+    def _split_on_out_of_memory(self, replica: Any) -> None:
+        """Not for these models: their forward step takes texts' tokens and images' pixels
+        together with the order of the two, which halving rows does not split. A batch that runs
+        out of memory fails as in Infinity (and BATCH_SIZES bounds its images)."""
 
     def prepare_image(self, image: Image) -> vision.PreparedImage:
         return vision.prepare_image(self.engine._model_replicas[0].processor.image_processor, image)

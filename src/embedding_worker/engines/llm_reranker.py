@@ -15,8 +15,9 @@ The recipe (Qwen3-Reranker model card):
 
 Batching: pairs from concurrent requests wait in one queue; a batcher task takes up to 8 x
 batch_size of them in arrival order, sorts them by length and runs batch_size chunks (as Infinity
-does). Tokenising and forwards run on one worker thread per model, under torch.inference_mode, never
-on the event loop.
+does), each cut to MAX_BATCH_TOKENS and split in halves when it runs out of memory (budget.py).
+Tokenising and forwards run on one worker thread per model, under torch.inference_mode, never on
+the event loop.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from .. import errors
 from ..logs import get_logger, redacted_traceback
 from .base import Health, ModelLoadError, Reranker
+from .budget import SplitOnOutOfMemory, token_bounded
 from .dtype import torch_dtype
 from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter
@@ -136,6 +138,10 @@ class _Pair:
     index: int  # position of the document in its request
     text: str  # the middle part of the template
     ids: list[int] = field(default_factory=list)
+
+
+def _pair_tokens(pair: _Pair) -> int:
+    return len(pair.ids)
 
 
 class LLMReranker(Reranker):
@@ -305,20 +311,23 @@ class LLMReranker(Reranker):
             window.sort(key=lambda p: len(p.ids))
             for start in range(0, len(window), self.batch_size):
                 chunk = window[start : start + self.batch_size]
-                live = [p for p in chunk if not p.request.future.done()]
-                if not live:
-                    continue
-                scores = await loop.run_in_executor(
-                    self._thread, self._forward, [p.ids for p in live]
-                )
-                for pair, score in zip(live, scores.tolist()):
-                    self._deliver(pair, score)
+                for batch in token_bounded(chunk, _pair_tokens, self.spec.max_batch_tokens):
+                    live = [p for p in batch if not p.request.future.done()]
+                    if live:
+                        await self._run_batch(loop, live)
         except asyncio.CancelledError:  # stopping: nobody will answer these
             self._fail(window, errors.unavailable(f"model '{self.served_id}' is stopping"))
             raise
         except Exception as exc:  # the batcher survives; the requests in this window fail
             log.error("%s: batch failed: %s", self.served_id, redacted_traceback(exc))
             self._fail(window, exc)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pair]) -> None:
+        # The forward pass, run again in halves if the batch runs out of memory.
+        forward = SplitOnOutOfMemory(self._forward, self.served_id)
+        scores = await loop.run_in_executor(self._thread, forward, [p.ids for p in batch])
+        for pair, score in zip(batch, scores.tolist()):
+            self._deliver(pair, score)
 
     @staticmethod
     def _fail(pairs: list[_Pair], exc: BaseException) -> None:

@@ -15,6 +15,9 @@ without waiting for the turn's end. Full batches still run ahead of the model (t
 previous batch computes) whenever fewer than `AHEAD` per model replica are in it; the full batches
 waiting then go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
 
+Each batch popped is then cut to the model's token budget (budget.py): rows x longest tokens at most
+MAX_BATCH_TOKENS, so a pop of long texts hands over more, smaller batches.
+
 Each service tier (tiers.py) waits in a queue of its own; a pop takes the highest tier's work, so a
 priority request waits only for the batches already in the model, never behind queued flex work,
 and a lower tier is passed over at most `MAX_PASSES` hand-overs in a row.
@@ -28,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..tiers import current_tier, tier_rank
+from .budget import default_max_batch_tokens, token_bounded
 
 # A lower tier's waiting work is passed over for higher tiers' at most this many hand-overs to the
 # model in a row; then it goes next, so flex work always progresses, however busy priority is.
@@ -48,13 +52,22 @@ class PacedQueue:
     worker's batch-thread guard does, see engines.InfinityModel).
     """
 
-    def __init__(self, inner: Any, batch_size: int, replicas: int = 1) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        batch_size: int,
+        replicas: int = 1,
+        max_tokens: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
         self.inner = inner  # infinity_emb.inference.queue.CustomFIFOQueue: the default tier's
         # One queue a service tier (tiers.TIERS: priority, default, flex), of Infinity's own kind.
         self.queues = [type(inner)(), inner, type(inner)()]
         self.passed = [0] * len(self.queues)  # hand-overs each tier's waiting work sat out
         self.batch_size = batch_size
         self.replicas = replicas
+        self.max_tokens = max_tokens or default_max_batch_tokens(batch_size)
+        self.max_length = max_length  # the model's cut: no text is fed more tokens than this
         self.in_model = 0  # batches released and not yet through their forward pass
         self._changed = threading.Condition()
         self._wake_pending = False
@@ -133,20 +146,55 @@ class PacedQueue:
                 count = min(count, AHEAD * self.replicas)
             queue = self.queues[tier]
         # A higher tier's few items go as a batch of their own rather than wait to fill one.
-        batches = list(queue.pop_optimal_batches(size, count, timeout=0))
+        batches = [
+            bounded
+            for batch in queue.pop_optimal_batches(size, count, timeout=0)
+            for bounded in self._within_budget(batch)
+        ]
         with self._changed:
             self.in_model += len(batches)
         yield from batches
 
+    def tokens_of(self, item: Any) -> int:
+        """The tokens one queued item (Infinity's QueueItemInner) is fed: what the worker counted
+        (tokenization.CountedText), else its characters, which most tokenizers do not exceed."""
+        content = item.content
+        text = getattr(content, "document", None)  # a rerank pair: the pair's count is here
+        if text is None:
+            text = getattr(content, "sentence", None)
+        tokens = getattr(text, "tokens", None)
+        if tokens is None:
+            tokens = len(content.str_repr())
+        return min(tokens, self.max_length) if self.max_length else tokens
 
-def install(handler: Any) -> PacedQueue:
+    def _within_budget(self, batch: list[Any]) -> list[list[Any]]:
+        lengths = [self.tokens_of(item) for item in batch]
+        if len(batch) * max(lengths, default=0) <= self.max_tokens:
+            return [batch]
+        # Shortest first, so that each cut pads the least (the order within a batch is free).
+        by_length = sorted(zip(lengths, range(len(batch))))
+        return [
+            [batch[i] for _, i in run]
+            for run in token_bounded(by_length, lambda pair: pair[0], self.max_tokens)
+        ]
+
+
+def install(
+    handler: Any, max_tokens: int | None = None, max_length: int | None = None
+) -> PacedQueue:
     """Put a PacedQueue around a started Infinity BatchHandler's queue (before any request arrives).
 
     The publisher thread reads `handler._queue_prio` afresh on every turn, so it takes the wrapper
     from its next turn on; waking it turns it over at once instead of after its 0.2 s wait.
     """
     inner = handler._queue_prio
-    paced = PacedQueue(inner, handler.max_batch_size, replicas=len(handler.model_worker))
+    paced = PacedQueue(
+        inner,
+        handler.max_batch_size,
+        replicas=len(handler.model_worker),
+        max_tokens=max_tokens,
+        max_length=max_length,
+    )
     handler._queue_prio = paced
     inner._sync_event.set()
     return paced

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .budget import default_max_batch_tokens
+
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_DTYPE = "auto"
 DEFAULT_BACKEND = "torch"
@@ -21,6 +23,13 @@ class ModelSpec:
     dtype: str = DEFAULT_DTYPE
     backend: str = DEFAULT_BACKEND
     kind: str = AUTO_KIND  # a name from kinds.KIND_NAMES
+    # Most padded tokens (rows x longest) in one batch (MAX_BATCH_TOKENS); 0 derives it from the
+    # batch size (budget.default_max_batch_tokens).
+    max_batch_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens <= 0:
+            object.__setattr__(self, "max_batch_tokens", default_max_batch_tokens(self.batch_size))
 
 
 @dataclass(frozen=True)

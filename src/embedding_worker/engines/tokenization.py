@@ -38,7 +38,25 @@ PROBE_TEXTS = (
 _FEATURE_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 
 
-class TokenizedText(str):
+class CountedText(str):
+    """A text with the tokens the model is fed for it (special tokens included, before the cut to
+    the model's maximum), which the batching layer bounds batches by (budget.py). Engines see a
+    plain string."""
+
+    tokens: int
+
+
+def counted(texts: Sequence[str], lengths: Sequence[int]) -> list[str]:
+    """`texts` as `CountedText`s of `lengths` tokens each."""
+    out: list[str] = []
+    for text, tokens in zip(texts, lengths):
+        item = CountedText(text)
+        item.tokens = tokens
+        out.append(item)
+    return out
+
+
+class TokenizedText(CountedText):
     """A text with the token ids the model's tokenize step would make of it (prepared, truncated,
     special tokens added). Engines that cannot use them see a plain string.
 
@@ -106,12 +124,14 @@ class TokenCounter:
     def tokenize(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
         """The texts to hand to the engine, and their token counts (untruncated).
 
-        When the engine takes the counter's ids, each text becomes a `TokenizedText`, cut to the
-        model's maximum the way its tokenizer cuts (the count is taken before the cut).
+        Each text becomes a `CountedText`; when the engine takes the counter's ids, a
+        `TokenizedText`, cut to the model's maximum the way its tokenizer cuts (the count is taken
+        before the cut).
         """
         spec = self.model_input
         if spec is None or self._fast is None:
-            return list(texts), self.count(texts)
+            lengths = self.count(texts)
+            return counted(texts, lengths), lengths
         specials = self._fast.num_special_tokens_to_add(False)
         keep = spec.max_length - specials
         out: list[str] = []
@@ -122,12 +142,32 @@ class TokenCounter:
                 encoding.truncate(keep, direction=spec.truncation_side)
             encoding = self._fast.post_process(encoding)
             tokenized = TokenizedText(text)
+            tokenized.tokens = lengths[-1]
             tokenized.ids = np.array(encoding.ids, dtype=np.int64)
             tokenized.type_ids = None
             if spec.with_type_ids:
                 tokenized.type_ids = np.array(encoding.type_ids, dtype=np.int64)
             out.append(tokenized)
         return out, lengths
+
+    def keep_end(self, text: str, tokens: int) -> str:
+        """The end of `text` that holds at most `tokens` tokens (special tokens not counted), cut
+        where a word starts, so that the kept words tokenize as they did in the whole text: what
+        truncating at the start keeps. A text short enough is kept whole."""
+        tokens = max(tokens, 1)
+        if self._fast is None:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= tokens else self.decode(ids[-tokens:])
+        encoding = self._fast.encode(text, add_special_tokens=False)
+        words, first = encoding.word_ids, len(encoding.ids) - tokens
+        if first <= 0:
+            return text
+        # Not inside a word: a word's second piece ("##ing") alone would tokenize otherwise.
+        while (
+            first < len(words) - 1 and words[first] is not None and words[first] == words[first - 1]
+        ):
+            first += 1
+        return text[encoding.offsets[first][0] :]
 
     def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
         if self._fast is not None:

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from ..engines import Capability, Classifier, ModelEngine
 from ..engines.base import LabelScores
+from ..engines.tokenization import counted
 from .base import (
     Context,
     ModelName,
@@ -54,7 +55,7 @@ async def _classified(
     check_count(len(request.input), context.limits, "input")
     lengths = await tokenize(len(request.input), model.tokens.count, request.input)
     tokens = check_lengths(model, lengths, request.truncate, context.limits, "input")
-    labels = await model.classify(request.input, request.raw_scores)
+    labels = await model.classify(counted(request.input, lengths), request.raw_scores)
     ranked = [sorted(each, key=lambda pair: -pair[1])[: request.top_k] for each in labels]
     return model, ranked, tokens
 

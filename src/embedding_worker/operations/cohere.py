@@ -13,12 +13,22 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .. import errors
+from .. import errors, prompts
 from ..encoding import EmbeddingType, encode_types
 from ..engines import Capability
 from ..images import ImageRef
 from . import rerank
-from .base import Context, ModelName, Operation, RequestModel, answer_id, model_for, parse
+from .base import (
+    Context,
+    ModelName,
+    Operation,
+    RequestModel,
+    answer_id,
+    check_count,
+    model_for,
+    parse,
+    tokenize,
+)
 from .embeddings import EmbeddingRequest, embed
 
 InputType = Literal["search_document", "search_query", "classification", "clustering"]
@@ -37,8 +47,8 @@ class CohereEmbedRequest(RequestModel):
     texts: list[str] = Field(min_length=1)
     input_type: InputType | None = None
     embedding_types: list[EmbeddingType] | None = Field(default=None, min_length=1)
-    # END cuts the end of an over-long text, NONE refuses it; START (cut the start) is not offered.
-    truncate: Literal["NONE", "END"] = "END"
+    # END cuts the end of an over-long text, START its start, NONE refuses it.
+    truncate: Literal["NONE", "START", "END"] = "END"
 
 
 def _meta(version: str, **billed: int) -> dict[str, Any]:
@@ -53,20 +63,40 @@ def _prompt_type(context: Context, request: CohereEmbedRequest) -> str | None:
     return next((name for name in names if name in model.prompts), None)
 
 
+async def _keep_ends(
+    context: Context, request: CohereEmbedRequest, prompt_type: str | None
+) -> list[str]:
+    """truncate=START: each text cut at its start, where a token starts, to what fits after the
+    model's prompt and special tokens. The prompt is kept whole; where the prompt and the text
+    tokenize differently together by a token, the cut at the end takes it."""
+    model = model_for(context.registry, request.model, Capability.EMBED)
+    check_count(len(request.texts), context.limits, "texts")
+    prefix = prompts.embedding_prefix(model, None, prompt_type)
+    room = model.max_length - model.tokens.count([prefix])[0]  # the prompt with special tokens
+    return await tokenize(
+        len(request.texts), lambda: [model.tokens.keep_end(t, room) for t in request.texts]
+    )
+
+
 async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[str, Any]:
     request = parse(CohereEmbedRequest, body)
     if any(not text for text in request.texts):
         raise errors.invalid_input("'texts' must not hold an empty string", param="texts")
-    types = list(dict.fromkeys(request.embedding_types or ["float"]))
-    texts: list[str | ImageRef] = list(request.texts)
+    types: list[EmbeddingType] = list(dict.fromkeys(request.embedding_types or ["float"]))
+    prompt_type = _prompt_type(context, request)
+    texts = request.texts
+    if request.truncate == "START":
+        texts = await _keep_ends(context, request, prompt_type)
+    items: list[str | ImageRef] = list(texts)
     as_request = EmbeddingRequest(
         model=request.model,
-        input=texts,
+        input=items,
         modality="text",  # Cohere's texts are texts, whatever they look like
         # The answer's size is estimated in the largest format asked for.
         encoding_format="float" if {"float", "int8", "uint8"} & set(types) else "base64",
-        prompt_type=_prompt_type(context, request),
-        truncate=request.truncate == "END",
+        prompt_type=prompt_type,
+        truncate=request.truncate != "NONE",
+        embedding_types=types,  # for the answer's size: one vector a text for each type
     )
     done = await embed(context, as_request)
     # v1 without embedding_types answers a plain list of float vectors; otherwise one per type.

@@ -276,7 +276,8 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     if model.dimensions is not None:
         _check_dimensions(request.dimensions, model.dimensions, model)
     dimensions = request.dimensions or model.dimensions
-    count = len(request.input)
+    # Vectors in the answer: one per input for each embedding type asked.
+    count = len(request.input) * len(set(request.embedding_types or ["float"]))
     if dimensions is not None:
         check_answer_size(count, dimensions, request.encoding_format, limits)
 
@@ -321,7 +322,9 @@ async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str,
     if request.embedding_types is None:
         encoded = encode_vectors(done.vectors, request.encoding_format)
     else:
-        by_type = encode_types(done.vectors, list(dict.fromkeys(request.embedding_types)))
+        by_type = encode_types(
+            done.vectors, list(dict.fromkeys(request.embedding_types)), request.encoding_format
+        )
         encoded = [
             {kind: values[i] for kind, values in by_type.items()} for i in range(len(done.vectors))
         ]

@@ -11,6 +11,7 @@ from pydantic import AliasChoices, Field, field_validator
 
 from .. import errors
 from ..engines import Capability, Reranker
+from ..engines.tokenization import counted
 from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits
 from .base import (
     Context,
@@ -118,7 +119,8 @@ async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     )
     tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
 
-    scores = await model.rerank(request.query, docs, request.instruction)
+    # Each document carries its pair's tokens, which bound the engine's batches (budget.py).
+    scores = await model.rerank(request.query, counted(docs, lengths), request.instruction)
     check_finite(scores, model)
     # Stable sort by score, highest first: equal scores keep the documents' order.
     order = np.argsort(-scores, kind="stable")
