@@ -6,9 +6,10 @@ CLIPProcessor on the same model, in the same run.
 On a random CLIP with ViT-B/32's vision tower (224 pixels, patches of 32, hidden 768, 12 layers,
 projection 512; built here), the same JPEG photos of 640x480 (random noise, so that decoding is
 not unusually cheap): images/s through the worker's dispatch (requests of 16 base64 data URIs,
-all sent at once, batch size 32) and through the recipe (decode with Pillow, the processor on
-batches of 32, get_image_features, L2), interleaved rounds, medians, as a ratio; and the largest
-difference between the two's vectors.
+all sent at once, batch size 32), in float32 and with DTYPES=auto (bfloat16 on a CPU that computes
+it), and through the recipe (decode with Pillow, the processor on batches of 32,
+get_image_features, L2, float32), interleaved rounds, medians, as ratios; and the largest
+difference (float32) and the lowest cosine (auto) to the recipe's vectors.
 """
 
 from __future__ import annotations
@@ -74,14 +75,18 @@ async def compare(path: Path, images: list[bytes], rounds: int) -> None:
 
     model = CLIPModel.from_pretrained(path).eval()
     processor = CLIPProcessor.from_pretrained(path)
-    worker = Worker.from_config(
-        load_config({"MODEL_NAMES": str(path), "BATCH_SIZES": str(BATCH_SIZE), "DTYPES": "float32"})
-    )
-    await worker.start()
+    workers = {
+        f"worker {dtype}": Worker.from_config(
+            load_config({"MODEL_NAMES": str(path), "BATCH_SIZES": str(BATCH_SIZE), "DTYPES": dtype})
+        )
+        for dtype in ("float32", "auto")
+    }
+    for worker in workers.values():
+        await worker.start()
     uris = ["data:image/jpeg;base64," + base64.b64encode(data).decode() for data in images]
     requests = [uris[i : i + REQUEST_SIZE] for i in range(0, len(uris), REQUEST_SIZE)]
 
-    async def through_worker() -> np.ndarray:
+    async def through(worker: Worker) -> np.ndarray:
         replies = await asyncio.gather(
             *(
                 worker.call("/v1/embeddings", {"input": chunk, "encoding_format": "base64"})
@@ -103,26 +108,32 @@ async def compare(path: Path, images: list[bytes], rounds: int) -> None:
             rows.append(torch.nn.functional.normalize(features, dim=-1).numpy())
         return np.concatenate(rows)
 
+    async def run(variant: str) -> np.ndarray:
+        return through_recipe() if variant == "recipe" else await through(workers[variant])
+
+    variants = [*workers, "recipe"]
     try:
-        ours, theirs = await through_worker(), through_recipe()  # warm-up, and the vectors
-        worst = float(np.abs(ours - theirs).max())
-        rates: dict[str, list[float]] = {"worker": [], "recipe": []}
+        vectors = {variant: await run(variant) for variant in variants}  # warm-up, and vectors
+        worst = float(np.abs(vectors["worker float32"] - vectors["recipe"]).max())
+        cosine = float((vectors["worker auto"] * vectors["recipe"]).sum(axis=1).min())
+        rates: dict[str, list[float]] = {variant: [] for variant in variants}
         for round_ in range(rounds):
-            order = ["worker", "recipe"] if round_ % 2 == 0 else ["recipe", "worker"]
-            for variant in order:
+            shift = round_ % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
                 started = time.perf_counter()
-                if variant == "worker":
-                    await through_worker()
-                else:
-                    through_recipe()
+                await run(variant)
                 rates[variant].append(len(images) / (time.perf_counter() - started))
     finally:
-        await worker.stop()
-    worker_rate, recipe_rate = (statistics.median(rates[k]) for k in ("worker", "recipe"))
+        for worker in workers.values():
+            await worker.stop()
+    median = {variant: statistics.median(rates[variant]) for variant in variants}
     print(f"{len(images)} JPEG images of 640x480, {rounds} rounds (medians)")
-    print(f"worker {worker_rate:.1f} images/s, recipe {recipe_rate:.1f} images/s")
-    print(f"worker / recipe: {worker_rate / recipe_rate:.2f}")
-    print(f"largest vector difference: {worst:.1e}")
+    for variant in variants:
+        print(f"{variant}: {median[variant]:.1f} images/s")
+    for variant in workers:
+        print(f"{variant} / recipe: {median[variant] / median['recipe']:.2f}")
+    print(f"worker float32, largest vector difference: {worst:.1e}")
+    print(f"worker auto, lowest cosine: {cosine:.6f}")
 
 
 if __name__ == "__main__":

@@ -421,3 +421,19 @@ def test_why_the_worker_makes_the_inputs_itself(clip, siglip):
     assert features["input_ids"].shape[1] == 20
     features, _ = own_step(siglip).encode_pre(["a cat"])
     assert features["input_ids"].shape[1] < 16
+
+
+async def test_dtypes_auto_is_bfloat16_on_a_cpu_that_computes_it(clip):
+    """Infinity leaves a CPU replica in float32 whatever its dtype; the worker casts it, so that
+    `auto` means for CLIP what it means for every embedder (engines/dtype.py)."""
+    worker = Worker.from_config(load_config({"MODEL_NAMES": str(clip), "DTYPES": "bfloat16"}))
+    await worker.start()
+    try:
+        model = worker.registry.models[0]
+        assert model.engine._model_replicas[0].model.dtype == torch.bfloat16
+        request = [TEXTS[0], uri_of("png"), uri_of("jpeg")]
+        got = decode_vectors(await answer(worker, input=request))
+        want = expected(clip, [TEXTS[0], IMAGES["png"], IMAGES["jpeg"]])
+        assert got.dtype == np.float32 and (got * want).sum(axis=1).min() > 0.999
+    finally:
+        await worker.stop()

@@ -227,6 +227,7 @@ class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
         return replica.processor.tokenizer, vision.text_limits(replica).max_length
 
     def _prepare_replica(self, replica: Any) -> None:
+        vision.apply_dtype_on_cpu(replica)
         vision.install_preprocess(replica, vision.text_limits(replica))
 
     def _split_on_out_of_memory(self, replica: Any) -> None:

@@ -14,6 +14,10 @@ here, for three reasons:
   1 or 3 pixels high (their first axis looks like channels); decoded images are always RGB, with
   channels last.
 
+Infinity also applies the dtype only on a GPU: on a CPU its replica stays float32 whatever it is
+given. `apply_dtype_on_cpu` casts it, so that DTYPES=auto is bfloat16 on CPUs that compute it
+(dtype.py), as for every other embedder.
+
 The replacement makes exactly what the model's processor makes (`processor(text=..., padding=...)`,
 `processor(images=...)`) and hands Infinity's next step the features it expects. Images reach it
 already processed (`PreparedImage`, made when the request is decoded), and are queued with
@@ -80,6 +84,18 @@ def prepare_image(image_processor: Any, image: Any) -> PreparedImage:
         "pixel_values"
     ]
     return PreparedImage(pixels[0])
+
+
+def apply_dtype_on_cpu(replica: Any) -> None:
+    """Cast a CPU replica to the dtype it was given (Infinity casts only on CUDA); its forward
+    step already casts pixels to the model's dtype and its vectors back to float32."""
+    import torch
+
+    wanted = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        replica.engine_args.dtype.value
+    )
+    if wanted is not None and replica.model.device.type == "cpu":
+        replica.model.to(wanted)
 
 
 def install_preprocess(replica: Any, limits: TextLimits) -> None:
