@@ -194,13 +194,18 @@ async def test_rerank_batches_stay_within_the_token_budget(budgeted, worker, ids
         assert scores[result["index"]] == pytest.approx(result["relevance_score"], abs=1e-5)
 
 
-async def test_the_default_budget_keeps_count_batches_of_short_texts(worker, ids, monkeypatch):
-    """The shared worker has no MAX_BATCH_TOKENS: 16 texts a batch, whatever their lengths (up to
-    the tiny model's 128 tokens, 16 x 128 is within 16 x 512)."""
+async def test_the_default_budget_not_the_count_bounds_short_text_batches(worker, ids, monkeypatch):
+    """The shared worker has BATCH_SIZES=16 and no MAX_BATCH_TOKENS: a batch holds up to 16 x 512
+    padded tokens and up to 8 x 16 texts, so short texts go more than 16 a batch."""
     model, replica = model_and_replica(worker, "tiny-bert-embedder")
     shapes = _record_shapes(replica, "forward", monkeypatch)
-    await answer(worker, model=model.served_id, input=_texts(32))
-    assert [rows for rows, _ in shapes] == [16, 16]
+    short = [" ".join(WORDS[: 1 + i % 5]) for i in range(200)]
+    await answer(worker, model=model.served_id, input=short)
+    assert max(rows for rows, _ in shapes) == 8 * 16
+    shapes.clear()
+    await answer(worker, model=model.served_id, input=_texts(64))  # up to 128 tokens
+    assert all(rows * width <= 16 * TYPICAL_TEXT_TOKENS for rows, width in shapes), shapes
+    assert max(rows for rows, _ in shapes) > 16
 
 
 # ------------------------------------------------------------------------------ out of memory
