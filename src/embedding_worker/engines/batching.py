@@ -16,10 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .. import errors
 from ..logs import get_logger, redacted_traceback
 
 log = get_logger(__name__)
+
+# A text's token ids as the model is fed them: a list, or the array a `TokenizedText` carries.
+TokenIds = Sequence[int] | np.ndarray
 
 WINDOW = 8  # batches taken from the queue at once, sorted by length together (Infinity's factor)
 
@@ -41,7 +46,7 @@ class Item:
     call: Call
     index: int  # position in its call
     text: str
-    ids: Sequence[int] = field(default_factory=list)  # set by the engine's `_tokenize`
+    ids: TokenIds = field(default_factory=list)  # set by the engine's `_tokenize`
 
 
 class SelfBatching(ABC):
@@ -58,7 +63,7 @@ class SelfBatching(ABC):
         self._thread: ThreadPoolExecutor | None = None
 
     @abstractmethod
-    def _tokenize(self, texts: list[str]) -> list[Sequence[int]]:
+    def _tokenize(self, texts: list[str]) -> list[TokenIds]:
         """Token ids of each text, as the model is fed them (truncated, special tokens added)."""
 
     @abstractmethod

@@ -27,7 +27,7 @@ import numpy as np
 from ..logs import get_logger
 from ..model_paths import model_file
 from .base import Health, ModelLoadError, Reranker
-from .batching import Item, SelfBatching
+from .batching import Item, SelfBatching, TokenIds
 from .dtype import torch_dtype
 from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter
@@ -217,7 +217,7 @@ class LLMReranker(SelfBatching, Reranker):
 
     # --------------------------------------------------------------------------- worker thread
 
-    def _tokenize(self, texts: list[str]) -> list[Sequence[int]]:
+    def _tokenize(self, texts: list[str]) -> list[TokenIds]:
         """The recipe's tokenisation: only the middle part is truncated, then prefix + it +
         suffix."""
         middles = self.tokenizer(
@@ -232,7 +232,7 @@ class LLMReranker(SelfBatching, Reranker):
     def _forward_items(self, items: list[Item]) -> list[float]:
         return self._forward([item.ids for item in items]).tolist()
 
-    def _forward(self, batch_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    def _forward(self, batch_ids: Sequence[TokenIds]) -> np.ndarray:
         """Scores of one batch: sigmoid(logit_yes - logit_no) (or of the single logit) at the
         end."""
         import torch
