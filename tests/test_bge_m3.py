@@ -1,13 +1,5 @@
-"""bge-m3 models (dense, sparse and multi-vector outputs) through the worker, against the recipe.
-
-The reference below is FlagEmbedding's M3Embedder recipe (`encode_single_device` with its model's
-`_dense_embedding`, `_sparse_embedding` and `_colbert_embedding`) written out with plain torch and
-transformers: tokenize with truncation, sort by length, pad, one forward, then
-- dense: the CLS hidden state, L2-normalised;
-- sparse: relu(sparse_linear(hidden)), per token id its largest weight, weights of 0 and the cls,
-  eos, pad and unk tokens dropped;
-- multi-vector: colbert_linear(hidden[:, 1:]) masked, L2-normalised, the first tokens_num - 1 rows.
-"""
+"""bge-m3 models (dense, sparse and multi-vector outputs) through the worker, against
+FlagEmbedding's recipe written out in plain torch (tests/bge_m3_recipe.py), to 1e-5."""
 
 from __future__ import annotations
 
@@ -17,14 +9,11 @@ import json
 import shutil
 import threading
 import time
-from collections import defaultdict
-from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
-import torch
-from transformers import AutoModel, AutoTokenizer
 
 from embedding_worker.config import ModelSpec, load_config
 from embedding_worker.dispatch import Worker
@@ -35,6 +24,7 @@ from embedding_worker.transports.batch_files import BatchOptions, run_batch
 from embedding_worker.transports.http import create_app
 from embedding_worker.transports.runpod import runpod_handler
 from tests import model_factory
+from tests.bge_m3_recipe import Recipe
 from tests.test_server import ServerThread
 
 TEXTS = [
@@ -48,76 +38,6 @@ TEXTS = [
     "Water boils at one hundred degrees Celsius at sea level.",
 ]
 ALL = ["dense", "sparse", "multi_vector"]
-
-
-# ------------------------------------------------------------------ the recipe, in plain torch
-
-
-class Recipe:
-    def __init__(self, path: Path, max_length: int = 512) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-        hidden = self.model.config.hidden_size
-        self.sparse_linear = torch.nn.Linear(hidden, 1)
-        self.sparse_linear.load_state_dict(torch.load(path / "sparse_linear.pt"))
-        self.colbert_linear = torch.nn.Linear(hidden, hidden)
-        self.colbert_linear.load_state_dict(torch.load(path / "colbert_linear.pt"))
-        self.max_length = max_length
-        self.unused_tokens = set()
-        for name in ["cls_token", "eos_token", "pad_token", "unk_token"]:
-            if name in self.tokenizer.special_tokens_map:
-                token = self.tokenizer.special_tokens_map[name]
-                self.unused_tokens.add(self.tokenizer.convert_tokens_to_ids(token))
-
-    def _process_token_weights(self, token_weights, input_ids) -> dict[int, float]:
-        result: dict[int, float] = defaultdict(int)
-        for w, idx in zip(token_weights, input_ids):
-            if idx not in self.unused_tokens and w > 0:
-                if w > result[idx]:
-                    result[idx] = float(w)
-        return dict(result)
-
-    @staticmethod
-    def _process_colbert_vecs(colbert_vecs, attention_mask) -> np.ndarray:
-        tokens_num = int(np.sum(attention_mask))
-        return colbert_vecs[: tokens_num - 1]
-
-    @torch.no_grad()
-    def encode(self, sentences: list[str], batch_size: int = 256):
-        inputs = self.tokenizer(sentences, truncation=True, max_length=self.max_length)
-        all_inputs = [{k: inputs[k][i] for k in inputs.keys()} for i in range(len(sentences))]
-        order = np.argsort([-len(x["input_ids"]) for x in all_inputs])
-        sorted_inputs = [all_inputs[i] for i in order]
-        dense, lexical, colbert = [], [], []
-        for start in range(0, len(sentences), batch_size):
-            batch = self.tokenizer.pad(
-                sorted_inputs[start : start + batch_size], padding=True, return_tensors="pt"
-            )
-            hidden = self.model(**batch, return_dict=True).last_hidden_state
-            dense.append(torch.nn.functional.normalize(hidden[:, 0], dim=-1).numpy())
-            token_weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1)
-            lexical += map(
-                self._process_token_weights,
-                token_weights.numpy(),
-                batch["input_ids"].numpy().tolist(),
-            )
-            vecs = self.colbert_linear(hidden[:, 1:])
-            vecs = vecs * batch["attention_mask"][:, 1:][:, :, None].float()
-            vecs = torch.nn.functional.normalize(vecs, dim=-1)
-            colbert += map(
-                self._process_colbert_vecs, vecs.numpy(), batch["attention_mask"].numpy()
-            )
-        back = np.argsort(order)
-        return (
-            np.concatenate(dense)[back],
-            [lexical[i] for i in back],
-            [colbert[i] for i in back],
-        )
-
-    def tokens(self, sentences: list[str]) -> list[int]:
-        encoded = self.tokenizer(sentences, truncation=True, max_length=self.max_length)
-        return [len(ids) for ids in encoded["input_ids"]]
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +248,18 @@ def test_the_local_server_over_http(bge_m3, bert_embedder, recipe):
         assert outputs[m3] == ALL and next(v for k, v in outputs.items() if k != m3) is None
         refused = http.post("/v1/embeddings", json={**body, "output": ["sparse", "lexical"]})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "output"
+        # The openai SDK (base64 by default) keeps the extra outputs on each item.
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        answer = client.embeddings.create(
+            model=m3, input=TEXTS, extra_body={"output": ALL, "return_tokens": True}
+        )
+        want_dense, want_sparse, want_multi = recipe.encode(TEXTS)
+        np.testing.assert_allclose([d.embedding for d in answer.data], want_dense, atol=1e-5)
+        for item, sparse, multi in zip(answer.data, want_sparse, want_multi):
+            entry = item.model_extra["sparse_embedding"]
+            assert entry["indices"] == sorted(sparse) and len(entry["tokens"]) == len(sparse)
+            vectors = np.stack([as_vector(v) for v in item.model_extra["multi_vector"]])
+            np.testing.assert_allclose(vectors, multi, atol=1e-5)
 
 
 async def test_batch_file_lines_match_single_requests(bge_m3_worker, m3_id, recipe, tmp_path):
