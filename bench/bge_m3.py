@@ -17,10 +17,8 @@ between the two answers' numbers.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
-import os
 import statistics
 import tempfile
 import time
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import offline, random_model_parser
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from tests import model_factory
@@ -135,23 +134,12 @@ async def compare(path: Path, texts: list[str], args: Any) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.bge_m3",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = random_model_parser("python -m bench.bge_m3", __doc__, rounds=5)
     parser.add_argument("--texts", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--texts-per-request", type=int, default=8)
     parser.add_argument("--output", default=",".join(ALL), help="outputs asked, comma-separated")
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=None)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline()
 
     with tempfile.TemporaryDirectory() as tmp:
         path = model_factory.make_bge_m3(
