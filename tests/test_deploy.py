@@ -347,7 +347,15 @@ async def test_hub_test_job_gets_a_real_answer(name, job_input, worker, stand_in
     # What the SDK sends back to RunPod: JSON text.
     result = json.loads(json.dumps(result))
     assert "error" not in result, result
-    output = result["output"]
+    models = (await worker.call("/v1/models", {})).body["data"]
+    dims = {m["id"]: m.get("dimensions") for m in models}
+    check_hub_answer(job, result["output"], dims, {m.served_id for m in worker.registry.models})
+
+
+def check_hub_answer(
+    job: dict[str, Any], output: Any, dims: dict[str, int], served: set[str]
+) -> None:
+    """The answer a Hub test job must get: the route's body, sound for the job's request."""
     if "openai_route" in job:
         assert isinstance(output, list) and len(output) == 1  # RunPod's OpenAI proxy shape
         body, route, request = output[0], job["openai_route"], job.get("openai_input") or {}
@@ -355,15 +363,11 @@ async def test_hub_test_job_gets_a_real_answer(name, job_input, worker, stand_in
         body, request = output, job
         route = "/v1/rerank" if "query" in job else "/v1/embeddings"
     if route == "/v1/embeddings":
-        dims = {
-            m["id"]: m.get("dimensions") for m in (await worker.call("/v1/models", {})).body["data"]
-        }
         check_embeddings(body, request, dims[request["model"]])
     elif route == "/v1/rerank":
         check_rerank(body, request)
     else:
         assert route == "/v1/models"
-        served = {m.served_id for m in worker.registry.models}
         assert {m["id"] for m in body["data"]} == served
 
 
