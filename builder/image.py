@@ -299,7 +299,7 @@ def describe(tag: str) -> dict[str, Any]:
         "workdir": config.get("WorkingDir"),
         "env": config.get("Env", []),
         "history": [h.get("created_by", "") for h in history],
-        "layers": [{"bytes": size, "step": step[-160:]} for size, step in zip(sizes, steps)],
+        "layers": [{"bytes": size, "step": step} for size, step in zip(sizes, steps)],
         "layers_bytes": sum(sizes),
     }
 
@@ -562,44 +562,61 @@ def max_difference(a: list[str], b: list[str]) -> float | None:
     return worst
 
 
-def run_servers(image: dict[str, Any], ctr: str, work: Path) -> dict[str, Any]:
-    env, cases = hub_environment()
-    names = env["MODEL_NAMES"].split(";")
-    local = stand_ins(names, work)
-    embedder = names[0]
-    lb = {"RUNPOD_LOAD_BALANCER": "true", "LOG_LEVEL": "INFO"}
-    # The host: the same worker from the virtual environment, the stand-ins in its MODELS_DIR.
+LOAD_BALANCER = {"RUNPOD_LOAD_BALANCER": "true", "LOG_LEVEL": "INFO"}
+
+
+def start_on_host(
+    env: dict[str, str], local: dict[str, Path], work: Path, model: str, cases: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The same worker from the virtual environment, the stand-ins in its MODELS_DIR."""
     host_models = work / "host-models"
     for name, path in local.items():
-        (host_models / name).parent.mkdir(parents=True, exist_ok=True)
-        (host_models / name).symlink_to(path)
+        if not (host_models / name).exists():
+            (host_models / name).parent.mkdir(parents=True, exist_ok=True)
+            (host_models / name).symlink_to(path)
     port = free_port()
     host_env = {
         **os.environ,
         **env,
-        **lb,
+        **LOAD_BALANCER,
         "PORT": str(port),
         "PORT_HEALTH": str(port),
         "MODELS_DIR": str(host_models),
         "INFINITY_HOME": str(work / "infinity"),
     }
     host_env.pop("HF_HUB_OFFLINE", None)  # the worker goes offline itself: every model is on disk
-    log("host: python handler.py in load-balancing mode")
-    host = serve_and_ask([sys.executable, "-u", "handler.py"], host_env, port, embedder, [])
-    # The container: the image's CMD, the stand-ins mounted where baked models are looked for.
+    return serve_and_ask([sys.executable, "-u", "handler.py"], host_env, port, model, cases)
+
+
+def start_in_container(
+    image: dict[str, Any],
+    ctr: str,
+    env: dict[str, str],
+    local: dict[str, Path],
+    model: str,
+    cases: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The image's CMD, the stand-ins mounted where baked models are looked for."""
     port = free_port()
     models_dir = next(
         (e.split("=", 1)[1] for e in image["env"] if e.startswith("MODELS_DIR=")), "/models"
     )
     argv = ["buildah", "run", *ISOLATION]
-    for key, value in {**env, **lb, "PORT": str(port), "PORT_HEALTH": str(port)}.items():
+    for key, value in {**env, **LOAD_BALANCER, "PORT": str(port), "PORT_HEALTH": str(port)}.items():
         argv += ["--env", f"{key}={value}"]
     for name, path in local.items():
         argv += ["-v", f"{path}:{models_dir}/{name}:ro"]
+    return serve_and_ask([*argv, ctr, "--", *image["cmd"]], dict(os.environ), port, model, cases)
+
+
+def run_servers(image: dict[str, Any], ctr: str, work: Path) -> dict[str, Any]:
+    env, cases = hub_environment()
+    names = env["MODEL_NAMES"].split(";")
+    local = stand_ins(names, work)
+    log("host: python handler.py in load-balancing mode")
+    host = start_on_host(env, local, work, names[0], [])
     log("container: the image's CMD in load-balancing mode, tests.json's configuration")
-    inside = serve_and_ask(
-        [*argv, ctr, "--", *image["cmd"]], dict(os.environ), port, embedder, cases
-    )
+    inside = start_in_container(image, ctr, env, local, names[0], cases)
     ours, theirs = b64_vectors(inside["embeddings"]), b64_vectors(host["embeddings"])
     return {
         "config": env,
