@@ -323,9 +323,7 @@ def check_traces(
     image: dict[str, Any], ctr: str, canary: str, host_paths: list[str]
 ) -> dict[str, Any]:
     """Nothing of the build's mounts and secret is left: not in the configuration, not in a file."""
-    config_text = json.dumps(
-        {"env": image["env"], "history": image["history"], "cmd": image["cmd"]}
-    )
+    config_text = json.dumps(inspect(image["tag"])["Docker"])  # config and history, as pushed
     needles_in_config = [
         n
         for n in [canary, *host_paths, "PIP_CERT", "PIP_FIND_LINKS", "host-ca.crt"]
@@ -691,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
             report["build"] = build(args.tag, BASE_TAG, DEFAULT_MODEL_ID, canary, work, log_file)
             image = report["image"] = describe(args.tag)
             with container(args.tag) as ctr:
-                host_paths = [str(work), str(args.cache_dir), *report["build"]["mounts"]]
+                mounted = [part for m in report["build"]["mounts"] for part in m.split(":")[:2]]
+                host_paths = [str(work), str(args.cache_dir), *mounted]
                 report["traces"] = check_traces(image, ctr, canary, host_paths)
                 report["user"] = json.loads(
                     run(["buildah", "run", *ISOLATION, ctr, "--", "python", "-c", WHO]).stdout
