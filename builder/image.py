@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import json
 import os
 import secrets
@@ -526,8 +527,12 @@ def stand_ins(names: list[str], work: Path) -> dict[str, Path]:
     cross-encoder from the test suite's factory (the Hub's tests name a reranker)."""
     from embedding_worker.config import DEFAULT_MODEL_ID
 
-    sys.path.insert(0, str(ROOT))
-    from tests import model_factory
+    spec = importlib.util.spec_from_file_location(
+        "model_factory", ROOT / "tests" / "model_factory.py"
+    )
+    assert spec is not None and spec.loader is not None
+    model_factory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_factory)
 
     made = {}
     for name in names:

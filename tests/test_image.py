@@ -3,7 +3,7 @@ a debootstrapped Debian base, the image's CMD as RunPod's local test and as a lo
 endpoint answering .runpod/tests.json's jobs, its vectors against the host's.
 
 It needs root and apt-get (to install buildah and debootstrap when absent) and skips, saying so,
-only where neither is to be had. On this project's machines it takes about 3 minutes on a fresh
+only where neither is to be had. On this project's machines it takes 3 to 5 minutes on a fresh
 machine, about 1 once the base and buildah's layer cache are there (README, docs/deployment.md).
 """
 
