@@ -10,6 +10,7 @@ machine, about 1 once the base and buildah's layer cache are there (README, docs
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import subprocess
 import sys
@@ -128,3 +129,31 @@ def test_the_report_holds_the_size_and_the_start_times(report):
     assert image["layers_bytes"] >= report["traces"]["rootfs_bytes"]
     servers = report["servers"]
     assert servers["container"]["first_answer_s"] > 0 and servers["host"]["first_answer_s"] > 0
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("builder_image", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "euid,absent,reason",
+    [
+        (1000, [], "needs root"),
+        (1000, ["buildah"], "not root"),
+        (0, ["debootstrap", "apt-get"], "no apt-get"),
+    ],
+)
+def test_the_script_skips_only_where_buildah_cannot_be_had_and_says_why(
+    euid, absent, reason, monkeypatch, capsys, tmp_path
+):
+    script = load_script()
+    monkeypatch.setattr(script.os, "geteuid", lambda: euid)
+    real_which = script.shutil.which
+    monkeypatch.setattr(script.shutil, "which", lambda t: None if t in absent else real_which(t))
+    assert script.main(["--report", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path)]) == SKIP
+    assert reason in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()  # nothing was built or reported
