@@ -154,6 +154,7 @@ _SLOW_MODULES = {
     "test_handler_process",
     "test_startup",
     "test_cli",
+    "test_image",
 }
 
 
