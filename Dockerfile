@@ -3,16 +3,20 @@
 #
 # GPU (default): docker build -t embedding-worker .
 # CPU:           docker build -t embedding-worker:cpu \
-#                  --build-arg BASE_IMAGE=ubuntu:22.04 \
 #                  --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 # Baked models:  --build-arg MODEL_NAMES="BAAI/bge-small-en-v1.5;BAAI/bge-reranker-base"
-#                (gated models: --secret id=hf_token,env=HF_TOKEN)
-
-# torch 2.13.0 from PyPI bundles CUDA 13.0 (driver >= 580); the CUDA base adds the forward-compat
-# libraries and the NVIDIA container variables.
-ARG BASE_IMAGE=nvidia/cuda:13.0.1-base-ubuntu22.04
+#                (gated models: --secret id=hf_token,src=<file holding the token>)
+#
+# One Dockerfile for both builds: they differ only in where torch comes from. The base is plain
+# Debian 12 because its own python3 is 3.11, the version builder/requirements.txt is resolved and
+# tested for (nvidia/cuda's Ubuntu bases ship 3.10 or 3.12, and a PPA is one more thing to fetch).
+# A GPU needs no CUDA base: PyPI's torch 2.13.0 brings CUDA 13.0 in its nvidia-* wheels, and the
+# NVIDIA container runtime mounts the driver when NVIDIA_VISIBLE_DEVICES asks for it (the host's
+# driver must support CUDA 13.0: .runpod/hub.json's allowedCudaVersions).
+ARG BASE_IMAGE=debian:bookworm-slim
 FROM ${BASE_IMAGE}
 
+# PyPI's torch is the CUDA build; https://download.pytorch.org/whl/cpu has the CPU build.
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 ARG MODEL_NAMES=""
 
@@ -29,38 +33,46 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Python 3.11 (the version the pinned requirements are resolved for) from the deadsnakes PPA.
+# The distribution's python3, checked against the pins; the worker runs as an unprivileged user
+# whose home holds the Hugging Face cache (downloads, when a model is neither baked nor cached).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates gpg-agent software-properties-common \
-    && add-apt-repository -y ppa:deadsnakes/ppa \
-    && apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
-    && apt-get purge -y --auto-remove software-properties-common gpg-agent \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
-    && python3.11 -m venv /opt/venv
+    && python3 -c 'import sys; v = sys.version_info[:2]; assert v == (3, 11), \
+        f"python3 is {v}: builder/requirements.txt is pinned for 3.11 (use a Debian 12 base)"' \
+    && python3 -m venv /opt/venv \
+    && useradd --create-home --uid 1000 --user-group --shell /usr/sbin/nologin worker
 
 WORKDIR /app
 
-# torch first, from the index of the wanted build (CUDA from PyPI, or CPU), then the pinned rest.
+# torch first, from the index of the wanted build: with torch not yet installed, the requirements
+# would pull the newest torch and its CUDA packages instead. Its own layer, the largest, changes
+# least often.
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+
 COPY builder/requirements.txt builder/requirements.txt
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
-    && pip install -r builder/requirements.txt
+RUN pip install -r builder/requirements.txt
 
 # The package itself (its dependencies are the lock above).
 COPY pyproject.toml README.md ./
 COPY src src
-RUN pip install --no-deps .
+RUN pip install --no-deps . && rm -rf build src
 
+# Models named at build time are written to /models/<org>/<name>, where the worker looks first.
+# A token for gated models comes as a build secret, a file that is never part of a layer.
 COPY builder/bake_models.py builder/bake_models.py
-
-# Models named at build time are written to /models/<org>/<name>; the worker finds them there.
-RUN --mount=type=secret,id=hf_token,env=HF_TOKEN \
-    python builder/bake_models.py --models "${MODEL_NAMES}" --dest /models
+RUN --mount=type=secret,id=hf_token \
+    HF_TOKEN_PATH=/run/secrets/hf_token python builder/bake_models.py --models "${MODEL_NAMES}" --dest /models
 
 COPY handler.py test_input.json ./
 
+# The worker user (uid 1000, made above), numeric so that a runtime refusing root can check it; its
+# home holds Infinity's cache too (by default that is the working directory, /app, read-only to it).
 ENV MODEL_NAMES=${MODEL_NAMES} \
-    MODELS_DIR=/models
+    MODELS_DIR=/models \
+    INFINITY_HOME=/home/worker/.cache/infinity
+
+USER 1000:1000
 
 CMD ["python", "-u", "handler.py"]

@@ -18,9 +18,7 @@ vocabulary at every position, the worker only the "yes"/"no" rows at the last on
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.common import offline, random_model_parser
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.llm_reranker import PREFIX, SUFFIX, format_pair
@@ -132,22 +131,11 @@ async def compare(path: Path, pairs: Pairs, args: Any) -> tuple[float, float, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.bench_llm_reranker",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = random_model_parser("python -m bench.bench_llm_reranker", __doc__, rounds=3)
     parser.add_argument("--pairs", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--docs-per-request", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab-size", type=int, default=None)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline()
 
     with tempfile.TemporaryDirectory() as tmp:
         path = model_factory.make_qwen3_reranker(

@@ -7,6 +7,7 @@ script's figure is comparable with the row of bench/run.py it isolates.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -278,3 +279,25 @@ def stop_server(server: subprocess.Popen, wait_s: float = 60) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+def random_model_parser(prog: str, description: str | None, rounds: int) -> argparse.ArgumentParser:
+    """The options of a benchmark of an engine against its plain recipe on a random model: the
+    rounds, the batch size and the model's shape (hidden 256, 4 layers, the tiny vocabulary)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=None)
+    return parser
+
+
+def offline() -> None:
+    """No model hub, no telemetry, no tokenizer threads beside torch's (unless the caller set
+    them)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("INFINITY_ANONYMOUS_USAGE_STATS", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

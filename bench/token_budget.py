@@ -114,12 +114,12 @@ def peak_memory(count: int, repeats: int) -> None:
         print(f"  CUDA peak: {budgeted['cuda_peak_mib'] / count_only['cuda_peak_mib']:.2f}x")
 
 
-async def short_batches(count: int, rounds: int) -> None:
+async def short_batches(count: int, rounds: int, tokens: int = 12) -> None:
     worker = Worker.from_config(load_config({"MODEL_NAMES": DEFAULT_MODEL_ID}))
     await worker.start()
     model = worker.registry.models[0]
     handler = model.engine._batch_handler  # Infinity's cap per batch: BATCH_SIZES
-    texts = texts_of_length(model.tokens.tokenizer, 12, count)
+    texts = texts_of_length(model.tokens.tokenizer, tokens, count)
     requests = [texts[i : i + 16] for i in range(0, len(texts), 16)]
     caps = (32, 128, 256)
     rates: dict[int, list[float]] = {cap: [] for cap in caps}
@@ -128,7 +128,7 @@ async def short_batches(count: int, rounds: int) -> None:
         for round_no in range(rounds + 1):
             for cap in caps if round_no % 2 else caps[::-1]:
                 handler.max_batch_size = model._paced.batch_size = cap
-                model._paced.max_tokens = cap * 512
+                model._paced.max_tokens = 32 * 512  # the default budget
                 started, started_cpu = time.perf_counter(), time.process_time()
                 replies = await asyncio.gather(*(worker.dispatch({"input": r}) for r in requests))
                 assert all(r.ok for r in replies)
@@ -138,7 +138,7 @@ async def short_batches(count: int, rounds: int) -> None:
     finally:
         await worker.stop()
     base, cpu_base = statistics.median(rates[32]), statistics.median(cpu_rates[32])
-    print(f"short texts: {count} texts of ~12 tokens, all-MiniLM-L6-v2, DTYPES=auto, medians")
+    print(f"{count} texts of ~{tokens} tokens, all-MiniLM-L6-v2, DTYPES=auto, medians")
     for cap in caps:
         rate, cpu_rate = statistics.median(rates[cap]), statistics.median(cpu_rates[cap])
         print(
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=4096, help="short texts a round")
     parser.add_argument("--rounds", type=int, default=5, help="short-text rounds")
     parser.add_argument("--repeats", type=int, default=2, help="processes per burst variant")
+    parser.add_argument("--short-tokens", type=int, default=12, help="tokens of a short text")
     parser.add_argument("--only", choices=("memory", "short"), help="one of the two parts")
     parser.add_argument("--burst", nargs=3, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
@@ -163,7 +164,7 @@ def main() -> None:
     if args.only != "short":
         peak_memory(args.long, args.repeats)
     if args.only != "memory":
-        asyncio.run(short_batches(args.short, args.rounds))
+        asyncio.run(short_batches(args.short, args.rounds, args.short_tokens))
 
 
 if __name__ == "__main__":

@@ -120,6 +120,28 @@ def qwen3_ids(qwen3_worker) -> dict[str, str]:
     }
 
 
+# ------------------------------------------------------------------ bge-m3 (dense, sparse,
+# multi-vector)
+
+
+@pytest.fixture(scope="session")
+def bge_m3(models_dir) -> Path:
+    return model_factory.make_bge_m3(models_dir / "tiny-bge-m3")
+
+
+@pytest.fixture(scope="session")
+async def bge_m3_worker(bge_m3, bert_embedder):
+    """A worker serving the tiny bge-m3 model beside a tiny BERT embedder (dense only).
+
+    Batch size 3, so that a handful of inputs already spans several batches with padding.
+    """
+    env = {"MODEL_NAMES": f"{bge_m3};{bert_embedder}", "BATCH_SIZES": "3", "DTYPES": "float32"}
+    worker = Worker.from_config(load_config(env))
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
 # ------------------------------------------------------------------ make test-fast
 
 # What makes a test slow: a process of its own, or models loaded beyond the shared `worker`.
@@ -132,6 +154,7 @@ _SLOW_MODULES = {
     "test_handler_process",
     "test_startup",
     "test_cli",
+    "test_image",
 }
 
 

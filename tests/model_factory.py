@@ -13,6 +13,8 @@ Builders:
 - ``make_qwen3_reranker``: Qwen3ForCausalLM with "yes"/"no" tokens (like Qwen3-Reranker).
 - ``make_qwen3_single_logit_reranker``: the causal LM converted to
   Qwen3ForSequenceClassification with ``score = W_yes - W_no``.
+- ``make_bge_m3``: XLMRobertaModel with a sentencepiece-style (Unigram) tokenizer and the
+  ``sparse_linear.pt`` / ``colbert_linear.pt`` heads, in BAAI/bge-m3's layout.
 - ``make_clip``: CLIPModel + CLIPProcessor (lower-cased BPE tokenizer with start and end
   tokens, end token also the pad token; a small CLIPImageProcessor), like openai/clip-vit-*.
 - ``make_siglip``: SiglipModel + SiglipProcessor, texts padded to the tokenizer's maximum
@@ -41,6 +43,7 @@ __all__ = [
     "make_qwen3_single_logit_reranker",
     "make_clip",
     "make_siglip",
+    "make_bge_m3",
     "yes_no_token_ids",
     "format_reranker_input",
 ]
@@ -395,6 +398,49 @@ def _bpe_json(vocab_size: int, append_eos: bool) -> str:
         if tok.token_to_id(word) is None:  # pragma: no cover - corpus guarantees it
             raise RuntimeError(f"BPE vocabulary lacks the single token {word!r}")
     return tok.to_str()
+
+
+# XLM-RoBERTa's special tokens at its ids: <s> 0, <pad> 1, </s> 2, <unk> 3; <mask> comes last.
+XLMR_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>"]
+
+
+@functools.cache
+def _unigram_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("  ", " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=XLMR_SPECIAL, unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.add_special_tokens(["<mask>"])
+    tok.post_processor = TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    return tok.to_str()
+
+
+def _xlm_roberta_tokenizer(model_max_length: int):
+    from tokenizers import Tokenizer
+    from transformers import XLMRobertaTokenizerFast
+
+    return XLMRobertaTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_unigram_json(1500)),
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=model_max_length,
+    )
 
 
 CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
@@ -874,6 +920,47 @@ def make_qwen3_single_logit_reranker(causal_lm_path, path) -> Path:
         seq.score.weight.copy_((lm[yes_id] - lm[no_id]).unsqueeze(0))
     seq.eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def make_bge_m3(
+    path,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 64,
+    max_length: int = 512,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """XLMRobertaModel in BAAI/bge-m3's layout: the sentence-transformers files (CLS pooling,
+    Normalize), ``sparse_linear.pt`` (Linear(hidden, 1)) and ``colbert_linear.pt``
+    (Linear(hidden, hidden)) state dicts beside the weights. Positions are ``max_length + 2``, as
+    XLM-RoBERTa counts them (8194 for bge-m3's 8192 tokens)."""
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _xlm_roberta_tokenizer(max_length)
+    config = XLMRobertaConfig(
+        vocab_size=max(len(tokenizer), vocab_size or 0),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_length + 2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        architectures=["XLMRobertaModel"],
+    )
+    torch.manual_seed(seed)
+    XLMRobertaModel(config).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    torch.save(torch.nn.Linear(hidden_size, 1).state_dict(), path / "sparse_linear.pt")
+    torch.save(torch.nn.Linear(hidden_size, hidden_size).state_dict(), path / "colbert_linear.pt")
+    _write_st_files(path, dim=hidden_size, pooling="cls", max_seq_length=max_length)
     return path
 
 

@@ -22,9 +22,11 @@ from infinity_emb.primitives import ReRankSingle
 from embedding_worker.config import ConfigError, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.budget import (
+    SHORT_TEXT_TOKENS,
     TYPICAL_TEXT_TOKENS,
     SplitOnOutOfMemory,
     is_out_of_memory,
+    rows_for,
     token_bounded,
 )
 from embedding_worker.engines.pacing import PacedQueue
@@ -47,14 +49,25 @@ def _texts(count: int, seed: int = 0) -> list[str]:
 @given(
     st.lists(st.integers(1, 300), max_size=60),
     st.integers(1, 1000),
+    st.integers(1, 8),
 )
-def test_token_bounded_runs_stay_within_the_budget_and_keep_every_item(lengths, budget):
-    runs = list(token_bounded(lengths, lambda n: n, budget))
+def test_token_bounded_runs_stay_within_the_budget_and_keep_every_item(lengths, budget, rows):
+    max_rows = rows_for(rows)  # `rows` a batch, 8 x `rows` when none is over SHORT_TEXT_TOKENS
+    runs = list(token_bounded(lengths, lambda n: n, budget, max_rows))
     assert [n for run in runs for n in run] == lengths  # all, in order, once
     for run in runs:
-        assert len(run) == 1 or len(run) * max(run) <= budget
+        assert len(run) == 1 or (len(run) * max(run) <= budget and len(run) <= max_rows(max(run)))
     for run, following in zip(runs, runs[1:]):  # each run is cut only where the next would not fit
-        assert (len(run) + 1) * max(*run, following[0]) > budget
+        width, count = max(*run, following[0]), len(run) + 1
+        assert width * count > budget or count > max_rows(width)
+
+
+def test_only_batches_of_short_texts_go_wider_than_the_batch_size():
+    max_rows = rows_for(4)
+    assert max_rows(SHORT_TEXT_TOKENS) == 32 and max_rows(SHORT_TEXT_TOKENS + 1) == 4
+    short_then_long = [10] * 40 + [SHORT_TEXT_TOKENS + 1] * 6
+    runs = list(token_bounded(short_then_long, lambda n: n, 10_000, max_rows))
+    assert [len(run) for run in runs] == [32, 8, 4, 2]  # the 9th short run closes at a long text
 
 
 def test_allocation_failures_are_told_from_other_errors():
@@ -194,13 +207,20 @@ async def test_rerank_batches_stay_within_the_token_budget(budgeted, worker, ids
         assert scores[result["index"]] == pytest.approx(result["relevance_score"], abs=1e-5)
 
 
-async def test_the_default_budget_keeps_count_batches_of_short_texts(worker, ids, monkeypatch):
-    """The shared worker has no MAX_BATCH_TOKENS: 16 texts a batch, whatever their lengths (up to
-    the tiny model's 128 tokens, 16 x 128 is within 16 x 512)."""
+async def test_short_texts_go_more_than_batch_size_a_batch_by_default(worker, ids, monkeypatch):
+    """The shared worker has BATCH_SIZES=16 and no MAX_BATCH_TOKENS: texts of up to
+    SHORT_TEXT_TOKENS go up to 8 x 16 a batch, longer ones 16, within 16 x 512 padded tokens."""
     model, replica = model_and_replica(worker, "tiny-bert-embedder")
     shapes = _record_shapes(replica, "forward", monkeypatch)
-    await answer(worker, model=model.served_id, input=_texts(32))
-    assert [rows for rows, _ in shapes] == [16, 16]
+    short = [" ".join(WORDS[: 1 + i % 5]) for i in range(200)]
+    await answer(worker, model=model.served_id, input=short)
+    assert max(rows for rows, _ in shapes) == 8 * 16
+    assert all(width <= SHORT_TEXT_TOKENS for _, width in shapes)
+    shapes.clear()
+    longer = [text for text in _texts(96) if len(text.split()) > 40]  # over 32 tokens each
+    await answer(worker, model=model.served_id, input=longer)
+    assert max(rows for rows, _ in shapes) == 16, shapes
+    assert all(rows * width <= 16 * TYPICAL_TEXT_TOKENS for rows, width in shapes)
 
 
 # ------------------------------------------------------------------------------ out of memory

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import base64
 import copy
+import fnmatch
 import json
 import re
 import subprocess
@@ -75,6 +76,95 @@ def test_dockerfile_installs_the_pinned_torch_before_the_requirements():
     for arg in ("BASE_IMAGE", "TORCH_INDEX_URL", "MODEL_NAMES"):
         assert re.search(rf"^ARG {arg}\b", text, re.M), f"build argument {arg} missing"
     assert "bake_models.py" in text and "MODELS_DIR=/models" in text
+
+
+def dockerfile_args() -> dict[str, str]:
+    text = (ROOT / "Dockerfile").read_text()
+    return {m[0]: m[1].strip('"') for m in re.findall(r"^ARG (\w+)=?(.*)$", text, re.M)}
+
+
+def test_one_dockerfile_builds_gpu_by_default_and_cpu_with_one_argument():
+    # The Hub builds the defaults (hub.json runs on GPUs): PyPI's torch, whose nvidia-* wheels
+    # carry CUDA, and the variables that make the NVIDIA runtime mount the driver.
+    text = (ROOT / "Dockerfile").read_text()
+    args = dockerfile_args()
+    assert args["TORCH_INDEX_URL"] == "https://pypi.org/simple" and HUB["config"]["runsOn"] == "GPU"
+    assert "NVIDIA_VISIBLE_DEVICES=all" in text and "NVIDIA_DRIVER_CAPABILITIES=compute" in text
+    cpu = "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+    for doc in (ROOT / "README.md", ROOT / "docs" / "deployment.md"):
+        assert cpu in " ".join(doc.read_text().replace("\\\n", " ").split()), doc
+    # Only torch's source differs: no other build argument picks a flavour.
+    assert set(args) == {"BASE_IMAGE", "TORCH_INDEX_URL", "MODEL_NAMES"}
+
+
+def test_the_base_is_a_distribution_whose_python3_fits_the_pins():
+    text = (ROOT / "Dockerfile").read_text()
+    assert dockerfile_args()["BASE_IMAGE"].startswith("debian:bookworm")  # Debian 12: Python 3.11
+    assert "ppa:" not in text and "add-apt-repository" not in text
+    assert "python3 python3-venv" in text and "assert v == (3, 11)" in text
+    requires = re.search(r'requires-python = ">=([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert requires and tuple(map(int, requires.group(1).split("."))) <= (3, 11)
+
+
+def test_the_image_runs_as_an_unprivileged_user_and_keeps_secrets_out_of_its_layers():
+    text = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0"
+    assert f"--uid {users[-1].split(':')[0]} " in text  # the user the build makes
+    assert "INFINITY_HOME=/home/" in text  # Infinity's cache: in the user's home, not in /app
+    instructions = re.sub(r"\\\n", " ", text).splitlines()
+    names = [
+        name
+        for line in instructions
+        if re.match(r"(ARG|ENV) ", line)
+        for name in re.findall(r"(?:^(?:ARG|ENV) |\s)(\w+)(?==|$|\s)", line)
+    ]
+    assert {"MODEL_NAMES", "NVIDIA_VISIBLE_DEVICES", "INFINITY_HOME"} <= set(names)
+    assert not [n for n in names if re.search(r"TOKEN|SECRET|PASSWORD|KEY", n)], names
+    assert "--mount=type=secret,id=hf_token" in text  # a build secret, never a layer
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches the path, or a folder above it, decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated, glob = pattern.startswith("!"), pattern.lstrip("!")
+        if any(
+            fnmatch.fnmatch(c, glob) or fnmatch.fnmatch(c, glob.rstrip("/*")) for c in candidates
+        ):
+            ignored = not negated
+    return ignored
+
+
+def test_the_dockerignore_admits_what_the_dockerfile_copies_and_nothing_else():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    copied = [
+        source
+        for line in re.findall(r"^COPY (.+)$", (ROOT / "Dockerfile").read_text(), re.M)
+        for source in line.split()[:-1]
+        if not source.startswith("--")
+    ]
+    assert copied, "no COPY found"
+    files = [
+        p.relative_to(ROOT).as_posix() for c in copied for p in [ROOT / c, *(ROOT / c).rglob("*")]
+    ]
+    admitted = [f for f in files if not dockerignored(f, patterns) and "__pycache__" not in f]
+    assert admitted and all(not dockerignored(f, patterns) for f in admitted)
+    for source in copied:
+        assert not dockerignored(source, patterns), f"{source} is copied but ignored"
+    for kept_out in (
+        ".venv/bin/python",
+        ".git/config",
+        "tests/conftest.py",
+        "bench/run.py",
+        "bench/results/image.json",
+        ".env",
+        "src/x/__pycache__/y.pyc",
+    ):
+        assert dockerignored(kept_out, patterns), kept_out
 
 
 # --- variables the worker reads -----------------------------------------------------------------
@@ -347,7 +437,15 @@ async def test_hub_test_job_gets_a_real_answer(name, job_input, worker, stand_in
     # What the SDK sends back to RunPod: JSON text.
     result = json.loads(json.dumps(result))
     assert "error" not in result, result
-    output = result["output"]
+    models = (await worker.call("/v1/models", {})).body["data"]
+    dims = {m["id"]: m.get("dimensions") for m in models}
+    check_hub_answer(job, result["output"], dims, {m.served_id for m in worker.registry.models})
+
+
+def check_hub_answer(
+    job: dict[str, Any], output: Any, dims: dict[str, int], served: set[str]
+) -> None:
+    """The answer a Hub test job must get: the route's body, sound for the job's request."""
     if "openai_route" in job:
         assert isinstance(output, list) and len(output) == 1  # RunPod's OpenAI proxy shape
         body, route, request = output[0], job["openai_route"], job.get("openai_input") or {}
@@ -355,15 +453,11 @@ async def test_hub_test_job_gets_a_real_answer(name, job_input, worker, stand_in
         body, request = output, job
         route = "/v1/rerank" if "query" in job else "/v1/embeddings"
     if route == "/v1/embeddings":
-        dims = {
-            m["id"]: m.get("dimensions") for m in (await worker.call("/v1/models", {})).body["data"]
-        }
         check_embeddings(body, request, dims[request["model"]])
     elif route == "/v1/rerank":
         check_rerank(body, request)
     else:
         assert route == "/v1/models"
-        served = {m.served_id for m in worker.registry.models}
         assert {m["id"] for m in body["data"]} == served
 
 

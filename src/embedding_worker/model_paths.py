@@ -86,3 +86,20 @@ def volume_download_home(volume: Path) -> Path | None:
     if volume.is_dir() and os.access(target, os.W_OK):
         return home
     return None
+
+
+def model_file(source: str, name: str) -> str | None:
+    """The path of one of a model's files (its local folder, else the hub cache, fetched there if
+    the hub can be reached), or None if the model has no such file."""
+    local = Path(source)
+    if local.is_dir():
+        path = local / name
+        return str(path) if path.is_file() else None
+    from transformers.utils import cached_file
+
+    return cached_file(
+        source,
+        name,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )

@@ -4,7 +4,9 @@ A `ModelEngine` knows its tokenizer and maximum length and runs all work through
 bounds the queue and the time of every call and fails waiting calls at once when the engine dies.
 What a model can do is its set of `capabilities`: an engine that embeds is an `Embedder` (an
 `ImageEmbedder` when it embeds images too), one that reranks a `Reranker`; a new kind of work is a
-new capability with its own small base class here.
+new capability with its own small base class here. An embedder with more than the dense vector
+(bge-m3's sparse weights and per-token vectors) is a `MultiOutputEmbedder`: its `outputs` say which
+of `EMBEDDING_OUTPUTS` it gives.
 """
 
 from __future__ import annotations
@@ -197,10 +199,17 @@ class ModelEngine(ABC):
             log.debug("%s: %d items in %.1f ms", self.served_id, items, elapsed_ms)
 
 
+# What an embeddings request may ask of a model: the one vector of a text; its token weights (a
+# sparse vector over the vocabulary); one vector per token (late interaction, ColBERT).
+DENSE, SPARSE, MULTI_VECTOR = "dense", "sparse", "multi_vector"
+EMBEDDING_OUTPUTS = (DENSE, SPARSE, MULTI_VECTOR)
+
+
 class Embedder(ModelEngine):
     """A model that embeds texts: callers use `embed`, engines implement `_embed`."""
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.EMBED})
+    outputs: ClassVar[frozenset[str]] = frozenset({DENSE})
 
     async def embed(self, texts: list[str]) -> np.ndarray:
         """Vectors for `texts`, one row each, in order (float32)."""
@@ -232,6 +241,53 @@ class ImageEmbedder(Embedder):
 
     @abstractmethod
     async def _embed_inputs(self, inputs: list[Any]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SparseEmbedding:
+    """A text's token weights: the token ids that carry weight, ascending, and their weights."""
+
+    indices: np.ndarray  # int64
+    values: np.ndarray  # float32
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """What a multi-output embedder computed for one text: each output asked of it, else None."""
+
+    dense: np.ndarray | None = None  # (dimensions,), unit length
+    sparse: SparseEmbedding | None = None
+    multi_vector: np.ndarray | None = None  # (tokens, dimensions), each row unit length
+
+
+class MultiOutputEmbedder(Embedder):
+    """An embedder with outputs beside the dense vector: callers use `embed_outputs`, engines
+    implement `_embed_outputs`; `embed` gives the dense vectors alone."""
+
+    outputs: ClassVar[frozenset[str]] = frozenset(EMBEDDING_OUTPUTS)
+    multi_vector_dimensions: int = 0  # the numbers of each of a text's multi_vector vectors
+
+    async def embed_outputs(
+        self, texts: list[str], outputs: frozenset[str]
+    ) -> list[TextEmbeddings]:
+        """For each text, in order, the `outputs` asked (a subset of `self.outputs`)."""
+        return await self._admit(len(texts), lambda: self._embed_outputs(texts, outputs))
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        embedded = await self._embed_outputs(texts, frozenset({DENSE}))
+        return np.stack([text.dense for text in embedded if text.dense is not None])
+
+    @abstractmethod
+    async def _embed_outputs(
+        self, texts: list[str], outputs: frozenset[str]
+    ) -> list[TextEmbeddings]: ...
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The text of each token id, as the model's tokenizer decodes it alone."""
+        return [self.tokens.tokenizer.decode([int(i)]) for i in ids]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "output": [o for o in EMBEDDING_OUTPUTS if o in self.outputs]}
 
 
 class Reranker(ModelEngine):

@@ -1,5 +1,5 @@
-"""The dtype policy: what DTYPES=auto means on this machine, for Infinity and for the LLM
-reranker."""
+"""The dtype policy: what DTYPES=auto means on this machine, for Infinity and for the engines the
+worker runs itself (LLM rerankers, bge-m3)."""
 
 from __future__ import annotations
 
@@ -70,8 +70,9 @@ def resolve_dtype(dtype: str, backend: str, source: str | None = None) -> str:
 
 
 def torch_dtype(dtype: str, device: str) -> Any:
-    """The torch dtype of an engine the worker runs itself (LLM rerankers): `auto` is bfloat16 (or
-    float16) on a GPU and float32 on a CPU, where a reranker's one logit needs the precision."""
+    """The torch dtype of an engine the worker runs itself (LLM rerankers, bge-m3): `auto` is
+    bfloat16 (or float16) on a GPU and float32 on a CPU, where a reranker's one logit needs the
+    precision (bge-m3 resolves `auto` as embedders do first: `resolve_dtype`)."""
     import torch
 
     if dtype == "auto":
@@ -81,6 +82,6 @@ def torch_dtype(dtype: str, device: str) -> Any:
     if dtype in ("float32", "float16", "bfloat16"):
         return getattr(torch, dtype)
     raise ValueError(
-        f"dtype '{dtype}' is not available for LLM rerankers; "
+        f"dtype '{dtype}' is not available for LLM rerankers and bge-m3 models; "
         "use auto, float32, float16 or bfloat16"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import infinity, llm_reranker
+from . import bge_m3, infinity, llm_reranker
 from .base import Health, ModelEngine
 from .spec import AUTO_KIND, EngineSettings, ModelSpec
 
@@ -27,6 +27,8 @@ def _always(spec: ModelSpec, trust_remote_code: bool) -> bool:
 
 
 KINDS: tuple[EngineKind, ...] = (
+    # Infinity would serve a bge-m3 model's dense vector alone, without its other two outputs.
+    EngineKind(bge_m3.KIND, bge_m3.detect, bge_m3.BGEM3Embedder.load),
     # Infinity would load a Qwen3 reranker as an embedder and refuse to rerank with it.
     EngineKind(llm_reranker.KIND, llm_reranker.detect, llm_reranker.LLMReranker.load),
     EngineKind(infinity.KIND, _always, infinity.InfinityModel.load),

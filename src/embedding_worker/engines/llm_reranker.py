@@ -13,28 +13,21 @@ The recipe (Qwen3-Reranker model card):
   sigmoid(logit_yes - logit_no). A converted single-logit checkpoint (score weight = W_yes - W_no)
   gives that difference as its one logit: score = sigmoid(logit), the same input.
 
-Batching: pairs from concurrent requests wait in one queue; a batcher task takes up to 8 x
-batch_size of them in arrival order, sorts them by length and runs batch_size chunks (as Infinity
-does), each cut to MAX_BATCH_TOKENS and split in halves when it runs out of memory (budget.py).
-Tokenising and forwards run on one worker thread per model, under torch.inference_mode, never on
-the event loop.
+Batching: pairs from concurrent requests are batched together (batching.py), tokenised and run on
+one worker thread per model, under torch.inference_mode, never on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import errors
-from ..logs import get_logger, redacted_traceback
+from ..logs import get_logger
+from ..model_paths import model_file
 from .base import Health, ModelLoadError, Reranker
-from .budget import SplitOnOutOfMemory, token_bounded
+from .batching import Item, SelfBatching, TokenIds
 from .dtype import torch_dtype
 from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter
@@ -50,7 +43,6 @@ SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 DEFAULT_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 KIND = "llm-reranker"
 MAX_LENGTH = 8192  # the recipe's max_length, prefix and suffix included
-_WINDOW = 8  # batches taken from the queue at once, sorted by length together (Infinity's factor)
 
 
 def format_pair(query: str, document: str, instruction: str | None) -> str:
@@ -61,22 +53,6 @@ def format_pair(query: str, document: str, instruction: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------ detection
-
-
-def _file(source: str, name: str) -> str | None:
-    """The path of one of the model's files (local folder or hub cache), or None if it has none."""
-    local = Path(source)
-    if local.is_dir():
-        path = local / name
-        return str(path) if path.is_file() else None
-    from transformers.utils import cached_file
-
-    return cached_file(
-        source,
-        name,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
 
 
 def _yes_no_ids(tokenizer: Any) -> tuple[int, int] | None:
@@ -109,7 +85,7 @@ def detect(spec: ModelSpec, trust_remote_code: bool) -> bool:
     single_logit = "Qwen3ForSequenceClassification" in architectures and config.num_labels == 1
     if not (causal or single_logit):
         return False
-    if causal and _file(spec.source, "modules.json") is not None:
+    if causal and model_file(spec.source, "modules.json") is not None:
         return False  # a sentence-transformers embedder built on a causal LM
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
@@ -123,28 +99,7 @@ def detect(spec: ModelSpec, trust_remote_code: bool) -> bool:
 # ------------------------------------------------------------------------------------ the engine
 
 
-@dataclass
-class _Request:
-    """One rerank call waiting for its scores."""
-
-    future: asyncio.Future
-    scores: np.ndarray
-    remaining: int
-
-
-@dataclass
-class _Pair:
-    request: _Request
-    index: int  # position of the document in its request
-    text: str  # the middle part of the template
-    ids: list[int] = field(default_factory=list)
-
-
-def _pair_tokens(pair: _Pair) -> int:
-    return len(pair.ids)
-
-
-class LLMReranker(Reranker):
+class LLMReranker(SelfBatching, Reranker):
     """A language-model reranker (Qwen3-Reranker or its single-logit conversion)."""
 
     def __init__(
@@ -173,10 +128,7 @@ class LLMReranker(Reranker):
                 f"model '{spec.served_id}': max length {max_length} leaves no room between the "
                 "reranker template's prefix and suffix"
             )
-        self._waiting: list[_Pair] = []
-        self._wake: asyncio.Event | None = None
-        self._batcher: asyncio.Task | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._init_batching()
 
     @classmethod
     def load(cls, spec: ModelSpec, settings: EngineSettings, health: Health) -> LLMReranker:
@@ -246,26 +198,10 @@ class LLMReranker(Reranker):
     # --------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        if self._batcher is not None:
-            return
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"llm-reranker-{self.served_id}")
-        self._wake = asyncio.Event()
-        self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher {self.served_id}")
+        await self._start_batching(f"llm-reranker-{self.served_id}")
 
     async def stop(self) -> None:
-        if self._batcher is None:
-            return
-        self._batcher.cancel()
-        try:
-            await self._batcher
-        except asyncio.CancelledError:
-            pass
-        self._batcher = None
-        self._fail(self._waiting, errors.unavailable(f"model '{self.served_id}' is stopping"))
-        self._waiting.clear()
-        assert self._thread is not None
-        self._thread.shutdown(wait=False, cancel_futures=True)
-        self._thread = None
+        await self._stop_batching()
 
     # --------------------------------------------------------------------------- requests
 
@@ -276,78 +212,12 @@ class LLMReranker(Reranker):
         return [fixed + n for n in self.tokens.count(middles)]
 
     async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
-        if self._batcher is None or self._wake is None:
-            raise errors.unavailable(f"model '{self.served_id}' is not started")
-        request = _Request(
-            asyncio.get_running_loop().create_future(), np.empty(len(docs)), len(docs)
-        )
-        self._waiting.extend(
-            _Pair(request, i, format_pair(query, d, instruction)) for i, d in enumerate(docs)
-        )
-        self._wake.set()
-        return await request.future
-
-    # --------------------------------------------------------------------------- batching
-
-    async def _batch_loop(self) -> None:
-        assert self._wake is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._waiting:
-                taken = self._waiting[: _WINDOW * self.batch_size]
-                del self._waiting[: len(taken)]
-                # A request that timed out or was cancelled is not worth a forward.
-                window = [p for p in taken if not p.request.future.done()]
-                if window:
-                    await self._run_window(loop, window)
-
-    async def _run_window(self, loop: asyncio.AbstractEventLoop, window: list[_Pair]) -> None:
-        try:
-            ids = await loop.run_in_executor(self._thread, self._tokenize, [p.text for p in window])
-            for pair, pair_ids in zip(window, ids):
-                pair.ids = pair_ids
-            window.sort(key=lambda p: len(p.ids))
-            for start in range(0, len(window), self.batch_size):
-                chunk = window[start : start + self.batch_size]
-                for batch in token_bounded(chunk, _pair_tokens, self.spec.max_batch_tokens):
-                    live = [p for p in batch if not p.request.future.done()]
-                    if live:
-                        await self._run_batch(loop, live)
-        except asyncio.CancelledError:  # stopping: nobody will answer these
-            self._fail(window, errors.unavailable(f"model '{self.served_id}' is stopping"))
-            raise
-        except Exception as exc:  # the batcher survives; the requests in this window fail
-            log.error("%s: batch failed: %s", self.served_id, redacted_traceback(exc))
-            self._fail(window, exc)
-
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pair]) -> None:
-        # The forward pass, run again in halves if the batch runs out of memory.
-        forward = SplitOnOutOfMemory(self._forward, self.served_id)
-        scores = await loop.run_in_executor(self._thread, forward, [p.ids for p in batch])
-        for pair, score in zip(batch, scores.tolist()):
-            self._deliver(pair, score)
-
-    @staticmethod
-    def _fail(pairs: list[_Pair], exc: BaseException) -> None:
-        for pair in pairs:
-            if not pair.request.future.done():
-                pair.request.future.set_exception(exc)
-
-    @staticmethod
-    def _deliver(pair: _Pair, score: float) -> None:
-        request = pair.request
-        if request.future.done():
-            return
-        request.scores[pair.index] = score
-        request.remaining -= 1
-        if request.remaining == 0:
-            request.future.set_result(request.scores)
+        middles = [format_pair(query, d, instruction) for d in docs]
+        return np.array(await self._submit(middles), dtype=np.float64)
 
     # --------------------------------------------------------------------------- worker thread
 
-    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+    def _tokenize(self, texts: list[str]) -> list[TokenIds]:
         """The recipe's tokenisation: only the middle part is truncated, then prefix + it +
         suffix."""
         middles = self.tokenizer(
@@ -359,7 +229,10 @@ class LLMReranker(Reranker):
         )["input_ids"]
         return [self.prefix_ids + ids + self.suffix_ids for ids in middles]
 
-    def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
+    def _forward_items(self, items: list[Item]) -> list[float]:
+        return self._forward([item.ids for item in items]).tolist()
+
+    def _forward(self, batch_ids: Sequence[TokenIds]) -> np.ndarray:
         """Scores of one batch: sigmoid(logit_yes - logit_no) (or of the single logit) at the
         end."""
         import torch

@@ -16,7 +16,10 @@ previous batch computes) whenever fewer than `AHEAD` per model replica are in it
 waiting then go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
 
 Each batch popped is then cut to the model's token budget (budget.py): rows x longest tokens at most
-MAX_BATCH_TOKENS, so a pop of long texts hands over more, smaller batches.
+MAX_BATCH_TOKENS, so a pop of long texts hands over more, smaller batches. Infinity pops batches of
+up to `budget.max_batch_rows` (8 x BATCH_SIZES) texts, which go whole only when none is longer than
+`budget.SHORT_TEXT_TOKENS` (short texts gain from wider batches); others are cut to BATCH_SIZES.
+BATCH_SIZES also says when a batch is full enough to go while the model is busy.
 
 Each service tier (tiers.py) waits in a queue of its own; a pop takes the highest tier's work, so a
 priority request waits only for the batches already in the model, never behind queued flex work,
@@ -31,7 +34,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..tiers import current_tier, tier_rank
-from .budget import default_max_batch_tokens, token_bounded
+from .budget import (
+    default_max_batch_tokens,
+    max_batch_rows,
+    rows_for,
+    token_bounded,
+)
 
 # A lower tier's waiting work is passed over for higher tiers' at most this many hand-overs to the
 # model in a row; then it goes next, so flex work always progresses, however busy priority is.
@@ -68,6 +76,7 @@ class PacedQueue:
         self.replicas = replicas
         self.max_tokens = max_tokens or default_max_batch_tokens(batch_size)
         self.max_length = max_length  # the model's cut: no text is fed more tokens than this
+        self.max_rows = rows_for(batch_size)
         self.in_model = 0  # batches released and not yet through their forward pass
         self._changed = threading.Condition()
         self._wake_pending = False
@@ -169,14 +178,13 @@ class PacedQueue:
 
     def _within_budget(self, batch: list[Any]) -> list[list[Any]]:
         lengths = [self.tokens_of(item) for item in batch]
-        if len(batch) * max(lengths, default=0) <= self.max_tokens:
+        longest = max(lengths, default=0)
+        if len(batch) * longest <= self.max_tokens and len(batch) <= self.max_rows(longest):
             return [batch]
         # Shortest first, so that each cut pads the least (the order within a batch is free).
         by_length = sorted(zip(lengths, range(len(batch))))
-        return [
-            [batch[i] for _, i in run]
-            for run in token_bounded(by_length, lambda pair: pair[0], self.max_tokens)
-        ]
+        runs = token_bounded(by_length, lambda pair: pair[0], self.max_tokens, self.max_rows)
+        return [[batch[i] for _, i in run] for run in runs]
 
 
 def install(
@@ -184,13 +192,16 @@ def install(
 ) -> PacedQueue:
     """Put a PacedQueue around a started Infinity BatchHandler's queue (before any request arrives).
 
-    The publisher thread reads `handler._queue_prio` afresh on every turn, so it takes the wrapper
-    from its next turn on; waking it turns it over at once instead of after its 0.2 s wait.
+    The publisher thread reads `handler._queue_prio` and `handler.max_batch_size` afresh on every
+    turn, so it takes the wrapper and the wider batches from its next turn on; waking it turns it
+    over at once instead of after its 0.2 s wait.
     """
     inner = handler._queue_prio
+    batch_size = handler.max_batch_size  # BATCH_SIZES
+    handler.max_batch_size = max_batch_rows(batch_size)
     paced = PacedQueue(
         inner,
-        handler.max_batch_size,
+        batch_size,
         replicas=len(handler.model_worker),
         max_tokens=max_tokens,
         max_length=max_length,

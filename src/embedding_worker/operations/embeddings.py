@@ -1,10 +1,15 @@
-"""Embeddings: POST /v1/embeddings (OpenAI's shape), and the standard flavour's `{"input": ...}`."""
+"""Embeddings: POST /v1/embeddings (OpenAI's shape), and the standard flavour's `{"input": ...}`.
+
+Extensions: `embedding_types` (Cohere's types for `embedding`), and for multi-output models
+(bge-m3) `output`: any of dense (`embedding`), sparse (`sparse_embedding`: token ids and weights,
+with `return_tokens` their strings) and multi_vector (`multi_vector`: one vector per token).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -12,6 +17,15 @@ from pydantic import Field, ValidationInfo, field_validator
 from .. import errors, image_urls, images, prompts
 from ..encoding import EmbeddingType, encode_types, encode_vectors
 from ..engines import Capability, Embedder, ImageEmbedder, ModelEngine
+from ..engines.base import (
+    DENSE,
+    EMBEDDING_OUTPUTS,
+    MULTI_VECTOR,
+    SPARSE,
+    MultiOutputEmbedder,
+    SparseEmbedding,
+    TextEmbeddings,
+)
 from ..images import ImageRef, is_image_data_uri
 from ..limits import ENVELOPE_BYTES, FLOAT_BYTES, ITEM_OVERHEAD_BYTES, Limits
 from .base import (
@@ -29,6 +43,9 @@ from .base import (
     tokenize,
     usage,
 )
+
+EmbeddingOutput = Literal["dense", "sparse", "multi_vector"]
+assert get_args(EmbeddingOutput) == EMBEDDING_OUTPUTS
 
 INPUT_SHAPES = (
     "a string, an array of strings and image objects, an array of token ids, or an array of "
@@ -89,6 +106,15 @@ class EmbeddingRequest(RequestModel):
     truncate: bool = True
     # An extension (Cohere's types): each item's "embedding" is then an object, one entry a type.
     embedding_types: list[EmbeddingType] | None = Field(default=None, min_length=1)
+    # An extension (bge-m3): the outputs each item carries, one name or a list; dense by default.
+    output: list[EmbeddingOutput] | None = Field(default=None, min_length=1)
+    # With the sparse output: each token id's string too, as the tokenizer decodes it alone.
+    return_tokens: bool = False
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _one_output_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("input", mode="before")
     @classmethod
@@ -135,16 +161,24 @@ class EmbeddingRequest(RequestModel):
     def is_tokens(self) -> bool:
         return bool(self.input) and isinstance(self.input[0], list)
 
+    @property
+    def outputs(self) -> frozenset[str]:
+        return frozenset(self.output) if self.output else frozenset({DENSE})
+
 
 # ------------------------------------------------------------------------------------ the answer
 
 
+def vector_bytes(dimensions: int, encoding_format: str) -> int:
+    """An upper estimate of the JSON size of one encoded vector."""
+    if encoding_format == "base64":
+        return 4 * math.ceil(4 * dimensions / 3) + 2
+    return FLOAT_BYTES * dimensions
+
+
 def answer_bytes(count: int, dimensions: int, encoding_format: str) -> int:
     """An upper estimate of the JSON size of an embeddings answer."""
-    if encoding_format == "base64":
-        per_vector = 4 * math.ceil(4 * dimensions / 3) + 2
-    else:
-        per_vector = FLOAT_BYTES * dimensions
+    per_vector = vector_bytes(dimensions, encoding_format)
     return ENVELOPE_BYTES + count * (per_vector + ITEM_OVERHEAD_BYTES)
 
 
@@ -166,12 +200,16 @@ def check_answer_size(count: int, dimensions: int, encoding_format: str, limits:
 
 
 def embedding_response(model: str, vectors: list, tokens: int) -> dict[str, Any]:
+    data = [
+        {"object": "embedding", "embedding": vector, "index": i} for i, vector in enumerate(vectors)
+    ]
+    return response(model, data, tokens)
+
+
+def response(model: str, data: list[dict[str, Any]], tokens: int) -> dict[str, Any]:
     return {
         "object": "list",
-        "data": [
-            {"object": "embedding", "embedding": vector, "index": i}
-            for i, vector in enumerate(vectors)
-        ],
+        "data": data,
         "model": model,
         "usage": usage(tokens),
         "id": answer_id("embd"),
@@ -258,9 +296,41 @@ async def _prepared_images(
     return await images.prepare_all(encoded, model.prepare_image, limits)
 
 
-async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
-    """The checks and the engine call of an embeddings request; every route that embeds uses it.
+@dataclass(frozen=True)
+class Counted:
+    """An embeddings request checked and counted, ready for its model: the texts as the model
+    gets them (texts only), each item's token count (untruncated; an image's is 0), the tokens
+    the model will see, and the image items by their index."""
 
+    model: Embedder
+    texts: list[str]
+    lengths: list[int]
+    tokens: int
+    images: list[tuple[int, ImageRef]]
+
+
+def _check_outputs(model: Embedder, request: EmbeddingRequest) -> None:
+    outputs = request.outputs
+    missing = [name for name in EMBEDDING_OUTPUTS if name in outputs - model.outputs]
+    if missing:
+        raise errors.invalid_input(
+            f"model '{model.served_id}' has no {' or '.join(missing)} output (it gives "
+            f"{', '.join(o for o in EMBEDDING_OUTPUTS if o in model.outputs)}); a model of "
+            "bge-m3's layout gives dense, sparse and multi_vector",
+            param="output",
+        )
+    if request.return_tokens and SPARSE not in outputs:
+        raise errors.invalid_input(
+            "'return_tokens' needs \"sparse\" in 'output'", param="return_tokens"
+        )
+    if request.embedding_types is not None and DENSE not in outputs:
+        raise errors.invalid_input(
+            "'embedding_types' needs \"dense\" in 'output'", param="embedding_types"
+        )
+
+
+async def count(context: Context, request: EmbeddingRequest) -> Counted:
+    """The checks of an embeddings request before its model is called, in the documented order;
     `request.encoding_format` is the format the answer size is estimated for."""
     limits = context.limits
     image_items = [(i, item) for i, item in enumerate(request.input) if isinstance(item, ImageRef)]
@@ -271,6 +341,7 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     capability = Capability.EMBED_IMAGES if by_images else Capability.EMBED
     model = model_for(context.registry, request.model, capability)
     assert isinstance(model, Embedder)
+    _check_outputs(model, request)
     check_count(len(request.input), limits, "input")
     _check_image_model(model, image_items, limits)
     if model.dimensions is not None:
@@ -278,7 +349,7 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     dimensions = request.dimensions or model.dimensions
     # Vectors in the answer: one per input for each embedding type asked.
     count = len(request.input) * len(set(request.embedding_types or ["float"]))
-    if dimensions is not None:
+    if dimensions is not None and DENSE in request.outputs:
         check_answer_size(count, dimensions, request.encoding_format, limits)
 
     if request.is_tokens:
@@ -298,37 +369,123 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
             0 if isinstance(item, ImageRef) else next(text_lengths) for item in request.input
         ]
     tokens = check_lengths(model, lengths, request.truncate, limits, "input")
+    return Counted(model, texts, lengths, tokens, image_items)
 
-    if image_items:
+
+async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
+    """The checks and the engine call of a request for dense vectors; every route that embeds uses
+    it."""
+    counted = await count(context, request)
+    model = counted.model
+    if counted.images:
         assert isinstance(model, ImageEmbedder)
-        prepared = iter(await _prepared_images(model, image_items, limits))
-        text_inputs = iter(texts)
-        inputs = [
-            next(prepared if isinstance(item, ImageRef) else text_inputs) for item in request.input
-        ]
+        prepared = iter(await _prepared_images(model, counted.images, context.limits))
+        texts = iter(counted.texts)
+        inputs = [next(prepared if isinstance(item, ImageRef) else texts) for item in request.input]
         vectors = await model.embed_inputs(inputs)
     else:
-        vectors = await model.embed(texts)
+        vectors = await model.embed(counted.texts)
     vectors = _resize(vectors, request.dimensions, model)
-    if dimensions is None:
-        check_answer_size(count, vectors.shape[1], request.encoding_format, limits)
+    if request.dimensions is None and model.dimensions is None:
+        check_answer_size(len(vectors), vectors.shape[1], request.encoding_format, context.limits)
     check_finite(vectors, model)
-    return Embedded(model, vectors, tokens)
+    return Embedded(model, vectors, counted.tokens)
 
 
 async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     request = parse(EmbeddingRequest, body)
+    if request.outputs != {DENSE}:
+        return await _create_multi_output(context, request)
     done = await embed(context, request)
+    return embedding_response(
+        done.model.served_id, _encode_dense(done.vectors, request), done.tokens
+    )
+
+
+def _encode_dense(vectors: np.ndarray, request: EmbeddingRequest) -> list:
     if request.embedding_types is None:
-        encoded = encode_vectors(done.vectors, request.encoding_format)
-    else:
-        by_type = encode_types(
-            done.vectors, list(dict.fromkeys(request.embedding_types)), request.encoding_format
+        return encode_vectors(vectors, request.encoding_format)
+    by_type = encode_types(
+        vectors, list(dict.fromkeys(request.embedding_types)), request.encoding_format
+    )
+    return [{kind: values[i] for kind, values in by_type.items()} for i in range(len(vectors))]
+
+
+# ------------------------------------------------------------------------------------ multi-output
+
+# A sparse entry in JSON: a token id of up to 7 digits and its separator, its weight, and with
+# `return_tokens` its string (a few characters; 32 covers the long ones, escaped).
+SPARSE_ENTRY_BYTES = 9 + FLOAT_BYTES
+TOKEN_STRING_BYTES = 32
+
+
+def _check_multi_output_size(counted: Counted, request: EmbeddingRequest, limits: Limits) -> None:
+    """Refuse an answer RunPod could not carry, from the token counts, before the model runs."""
+    model = counted.model
+    assert isinstance(model, MultiOutputEmbedder)
+    dimensions = request.dimensions or model.dimensions or 0
+    tokens = [min(n, model.max_length) for n in counted.lengths]
+    estimate = ENVELOPE_BYTES + len(tokens) * ITEM_OVERHEAD_BYTES
+    if DENSE in request.outputs:
+        estimate += len(tokens) * vector_bytes(dimensions, request.encoding_format)
+    if SPARSE in request.outputs:
+        per_entry = SPARSE_ENTRY_BYTES + TOKEN_STRING_BYTES * request.return_tokens
+        estimate += sum(tokens) * per_entry
+    if MULTI_VECTOR in request.outputs:
+        per_vector = vector_bytes(model.multi_vector_dimensions, request.encoding_format)
+        estimate += sum(n - 1 for n in tokens) * per_vector
+    if estimate <= limits.max_response_bytes:
+        return
+    advice = "send fewer or shorter inputs, or ask for fewer outputs"
+    if request.encoding_format != "base64":
+        advice = 'ask for "encoding_format": "base64" (about 3x smaller), ' + advice
+    raise errors.too_large(
+        f"the answer ({', '.join(o for o in EMBEDDING_OUTPUTS if o in request.outputs)} of "
+        f"{len(tokens)} inputs, {sum(tokens)} tokens) would be about {estimate} bytes, more than "
+        f"the limit of {limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over "
+        f"its 20 MB payload limit); {advice}",
+        param="input",
+        code="response_too_large",
+    )
+
+
+def _encode_sparse(
+    model: MultiOutputEmbedder, sparse: SparseEmbedding, return_tokens: bool
+) -> dict[str, Any]:
+    encoded: dict[str, Any] = {
+        "indices": sparse.indices.tolist(),
+        "values": encode_vectors(sparse.values[None, :], "float")[0],
+    }
+    if return_tokens:
+        encoded["tokens"] = model.token_strings(encoded["indices"])
+    return encoded
+
+
+async def _create_multi_output(context: Context, request: EmbeddingRequest) -> dict[str, Any]:
+    counted = await count(context, request)
+    model = counted.model
+    assert isinstance(model, MultiOutputEmbedder)  # _check_outputs made sure
+    outputs = request.outputs
+    _check_multi_output_size(counted, request, context.limits)
+    embedded: list[TextEmbeddings] = await model.embed_outputs(counted.texts, outputs)
+    data: list[dict[str, Any]] = [{"object": "embedding"} for _ in embedded]
+    if DENSE in outputs:
+        dense = _resize(
+            np.stack([e.dense for e in embedded if e.dense is not None]), request.dimensions, model
         )
-        encoded = [
-            {kind: values[i] for kind, values in by_type.items()} for i in range(len(done.vectors))
-        ]
-    return embedding_response(done.model.served_id, encoded, done.tokens)
+        check_finite(dense, model)
+        for item, vector in zip(data, _encode_dense(dense, request)):
+            item["embedding"] = vector
+    for item, text in zip(data, embedded):
+        if text.sparse is not None:
+            check_finite(text.sparse.values, model)
+            item["sparse_embedding"] = _encode_sparse(model, text.sparse, request.return_tokens)
+        if text.multi_vector is not None:
+            check_finite(text.multi_vector, model)
+            item["multi_vector"] = encode_vectors(text.multi_vector, request.encoding_format)
+    for i, item in enumerate(data):
+        item["index"] = i
+    return response(model.served_id, data, counted.tokens)
 
 
 OPERATION = Operation(
