@@ -1,7 +1,7 @@
 """Image embeddings: the worker against its plain recipe, transformers' CLIPModel and
 CLIPProcessor on the same model, in the same run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.images [--images 256] [--rounds 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.image_embeddings [--images 256] [--rounds 3]
 
 On a random CLIP with ViT-B/32's vision tower (224 pixels, patches of 32, hidden 768, 12 layers,
 projection 512; built here), the same JPEG photos of 640x480 (random noise, so that decoding is
@@ -59,7 +59,7 @@ def photos(count: int) -> list[bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.images", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.image_embeddings", description=__doc__)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
