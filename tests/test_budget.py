@@ -345,3 +345,21 @@ async def test_llm_reranker_batches_stay_within_the_token_budget(qwen3_reranker,
         assert len(shapes) > 1 and sum(rows for rows, _ in shapes) == len(docs)
     finally:
         await worker.stop()
+
+
+async def test_a_pop_of_short_texts_takes_wider_batches():
+    """The paced queue pops batches of 8 x batch_size texts when every text it would take is short,
+    and of batch_size when any is not."""
+    from infinity_emb.inference.queue import CustomFIFOQueue
+
+    from tests.test_pacing import _items, _pop
+
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.extend(_items(40, tokens=SHORT_TEXT_TOKENS))
+    await asyncio.sleep(0)
+    assert _pop(queue) == [32, 8]  # the model was idle: everything, in wide batches
+    for _ in range(2):
+        queue.batch_finished()
+    queue.extend(_items(6, tokens=10) + _items(1, tokens=SHORT_TEXT_TOKENS + 1))
+    await asyncio.sleep(0)
+    assert _pop(queue) == [4, 3]  # one text is not short: batches of 4

@@ -18,15 +18,19 @@ from infinity_emb.primitives import EmbeddingInner, EmbeddingSingle, Prioritized
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.pacing import PacedQueue
+from embedding_worker.engines.tokenization import counted
 
 
-def _items(n: int) -> list[PrioritizedQueueItem]:
+def _items(n: int, tokens: int = 100) -> list[PrioritizedQueueItem]:
+    """Queue items of `tokens` tokens each: by default too long for wider batches of short texts
+    (budget.SHORT_TEXT_TOKENS), so that a batch holds `batch_size` of them."""
     loop = asyncio.get_running_loop()
     return [
         PrioritizedQueueItem(
             priority=i,
             item=EmbeddingInner(
-                content=EmbeddingSingle(sentence=f"t{i}"), future=loop.create_future()
+                content=EmbeddingSingle(sentence=counted([f"t{i}"], [tokens])[0]),
+                future=loop.create_future(),
             ),
         )
         for i in range(n)
@@ -193,7 +197,6 @@ async def test_without_pacing_infinity_splits_them(busy_engine):
     worker, model, sizes = busy_engine
     handler = model.engine._batch_handler
     handler._queue_prio = handler._queue_prio.inner
-    handler.max_batch_size = model._paced.batch_size  # and Infinity's own count cap
     await asyncio.sleep(0.5)  # Infinity's publisher asks the paced queue (0.2 s) one last time
     await _one_by_one(model, 12)
     assert sizes[0] == 1 and sum(sizes) == 13

@@ -128,3 +128,22 @@ def test_the_workers_default_tier_comes_from_the_environment():
     assert load_config({"SERVICE_TIER": "flex"}).service_tier == "flex"
     with pytest.raises(ConfigError, match="SERVICE_TIER"):
         load_config({"SERVICE_TIER": "auto"})
+
+
+async def test_flex_goes_only_to_an_idle_model_while_other_tiers_are_served(monkeypatch):
+    """A flex job alone keeps a batch queued ahead of the one computing; once priority work has
+    come, flex waits for the model to be idle, so the next priority request waits for one flex
+    batch at most, not two."""
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    await _submit_at(queue, "flex", 16)
+    assert len(_pop_items(queue)) == 8  # idle, flex alone: one batch to compute, one queued ahead
+    queue.batch_finished()
+    await _submit_at(queue, "priority", 1)
+    assert len(_pop_items(queue)) == 1  # priority goes first, ahead of the computing flex batch
+    queue.batch_finished()
+    queue.batch_finished()  # both through: the model is idle
+    assert len(_pop_items(queue)) == 4  # one flex batch, to the idle model
+    assert _pop_items(queue) == []  # not a second behind it: priority came a moment ago
+    monkeypatch.setattr(queue, "_served_above_flex", time.monotonic() - 60)
+    assert len(_pop_items(queue)) == 4  # no priority for a while: flex queues ahead again (the
+    # last 4)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from .base import (
     ModelLoadError,
     Reranker,
 )
-from .budget import SplitOnOutOfMemory
+from .budget import SplitOnOutOfMemory, rows_of
 from .dtype import resolve_dtype
 from .spec import EngineSettings, ModelSpec
 from .tokenization import BucketedForward, TokenCounter, reuse_token_ids
@@ -174,6 +175,7 @@ class InfinityModel(ModelEngine):
 
             @functools.wraps(method)
             def guarded(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
+                started = time.perf_counter()
                 try:
                     return _method(*args)
                 except Exception as exc:
@@ -187,7 +189,9 @@ class InfinityModel(ModelEngine):
                     raise
                 finally:
                     if _stage == "encode_core" and self._paced is not None:
-                        self._paced.batch_finished()
+                        features = args[0] if args else ()
+                        rows = getattr(features, "rows", None) or rows_of(features)
+                        self._paced.batch_finished(rows, time.perf_counter() - started)
 
             setattr(replica, stage, guarded)
 

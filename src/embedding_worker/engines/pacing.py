@@ -16,20 +16,23 @@ previous batch computes) whenever fewer than `AHEAD` per model replica are in it
 waiting then go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
 
 Each batch popped is then cut to the model's token budget (budget.py): rows x longest tokens at most
-MAX_BATCH_TOKENS, so a pop of long texts hands over more, smaller batches. Infinity pops batches of
-up to `budget.max_batch_rows` (8 x BATCH_SIZES) texts, which go whole only when none is longer than
-`budget.SHORT_TEXT_TOKENS` (short texts gain from wider batches); others are cut to BATCH_SIZES.
-BATCH_SIZES also says when a batch is full enough to go while the model is busy.
+MAX_BATCH_TOKENS, so a pop of long texts hands over more, smaller batches. A pop whose texts are all
+short (`budget.SHORT_TEXT_TOKENS`) takes batches of up to `budget.max_batch_rows` (8 x BATCH_SIZES)
+texts instead of BATCH_SIZES, as short texts gain from wider batches. BATCH_SIZES also says when a
+batch is full enough to go while the model is busy.
 
 Each service tier (tiers.py) waits in a queue of its own; a pop takes the highest tier's work, so a
 priority request waits only for the batches already in the model, never behind queued flex work,
-and a lower tier is passed over at most `MAX_PASSES` hand-overs in a row.
+and a lower tier is passed over at most `MAX_PASSES` hand-overs in a row. While requests of the
+other tiers keep coming, flex batches go only to an idle model, so such a request waits for at most
+the one flex batch computing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,6 +48,16 @@ from .budget import (
 # model in a row; then it goes next, so flex work always progresses, however busy priority is.
 MAX_PASSES = 4
 FLEX = tier_rank("flex")
+
+# While work of a tier above flex has come in the last FLEX_YIELD_S seconds, flex batches go only
+# to an idle replica: none waits queued behind the one computing, where it would delay the next
+# priority request by a whole batch. A flex job alone keeps the batches queued ahead.
+FLEX_YIELD_S = 2.0
+# Meanwhile a flex batch holds as many texts as the model computes in about FLEX_TURN_S (from the
+# seconds a text its recent full batches took): such a request then waits a few tens of ms, not
+# a whole batch (on a CPU, 32 medium texts take about 0.15 s). Where batches are that fast anyway (a
+# GPU), flex batches stay whole.
+FLEX_TURN_S = 0.03
 
 # Full batches go while a replica has fewer than this many between leaving the queue and finishing
 # its forward pass: the one computing and one being tokenised behind it. What waits meanwhile goes
@@ -78,18 +91,28 @@ class PacedQueue:
         self.max_length = max_length  # the model's cut: no text is fed more tokens than this
         self.max_rows = rows_for(batch_size)
         self.in_model = 0  # batches released and not yet through their forward pass
+        self._served_above_flex = -FLEX_YIELD_S  # when work above flex last arrived (monotonic)
+        self._text_seconds = 0.0  # forward-pass seconds a text, recently; 0 before any
         self._changed = threading.Condition()
         self._wake_pending = False
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self.queues)
 
-    def _next_tier(self) -> int:
+    def _peek_tier(self) -> int | None:
         """The tier whose work goes next: the highest that waits, unless a lower one has been
-        passed over MAX_PASSES times in a row."""
+        passed over MAX_PASSES times in a row; None when nothing waits."""
         waiting = [rank for rank, queue in enumerate(self.queues) if len(queue)]
+        if not waiting:
+            return None
         starved = [rank for rank in waiting if self.passed[rank] >= MAX_PASSES]
-        chosen = starved[-1] if starved else waiting[0]
+        return starved[-1] if starved else waiting[0]
+
+    def _next_tier(self) -> int:
+        """The tier whose work goes now (`_peek_tier`), counting the hand-over for the others."""
+        waiting = [rank for rank, queue in enumerate(self.queues) if len(queue)]
+        chosen = self._peek_tier()
+        assert chosen is not None
         for rank in waiting:
             self.passed[rank] = 0 if rank == chosen else self.passed[rank] + (rank > chosen)
         return chosen
@@ -104,7 +127,10 @@ class PacedQueue:
             self._wake_pending = True  # before the items are in: the publisher reads both
             loop.call_soon(self._wake)  # after the tasks already due in this turn of the loop
         before = len(self)
-        self.queues[tier_rank(current_tier.get())].extend(items)
+        rank = tier_rank(current_tier.get())
+        if rank < FLEX:
+            self._served_above_flex = time.monotonic()
+        self.queues[rank].extend(items)
         if loop is None:
             self._wake()
         elif not first_of_turn and before // self.batch_size < len(self) // self.batch_size:
@@ -122,9 +148,17 @@ class PacedQueue:
         with self._changed:
             self._changed.notify_all()
 
-    def batch_finished(self) -> None:
+    def batch_finished(self, rows: int = 0, seconds: float = 0.0) -> None:
+        """A released batch is through its forward pass, of `rows` texts in `seconds`."""
         with self._changed:
             self.in_model = max(0, self.in_model - 1)
+            # A moving average of the seconds a text takes in full batches (smaller ones cost
+            # more a text, and would shrink flex batches further and further).
+            if rows >= self.batch_size:
+                each = seconds / rows
+                self._text_seconds = (
+                    each if not self._text_seconds else (0.8 * self._text_seconds + 0.2 * each)
+                )
             self._changed.notify_all()
 
     def _releasable(self) -> int:
@@ -135,9 +169,17 @@ class PacedQueue:
             return 0
         if self.in_model < self.replicas and not self._wake_pending:
             return -(-waiting // self.batch_size)
-        if self.in_model < AHEAD * self.replicas:
+        if self.in_model < AHEAD * self.replicas and not self._flex_yields():
             return waiting // self.batch_size
         return 0
+
+    def _flex_yields(self) -> bool:
+        """Whether flex work, next to go, waits for an idle replica instead of queueing a batch
+        ahead of the one computing: so while other tiers' requests keep coming, one of them waits
+        for at most the flex batch in the model, not for a second one queued behind it."""
+        if self._peek_tier() != FLEX:
+            return False
+        return time.monotonic() - self._served_above_flex < FLEX_YIELD_S
 
     def pop_optimal_batches(
         self, size: int, max_n_batches: int = 4, timeout: float = 0.2, **kwargs: Any
@@ -149,20 +191,37 @@ class PacedQueue:
                 return
             count = min(self._releasable(), max_n_batches)
             tier = self._next_tier()
+            yielding = False
             if tier == FLEX:
-                # Flex goes at most AHEAD batches a pop: what is handed over cannot be overtaken,
-                # and priority work that comes meanwhile waits behind no more than that.
-                count = min(count, AHEAD * self.replicas)
+                # Flex goes at most AHEAD batches a pop (one a replica while other tiers are
+                # served): what is handed over cannot be overtaken, and priority work that comes
+                # meanwhile waits behind no more than that.
+                yielding = self._flex_yields()
+                count = min(count, (1 if yielding else AHEAD) * self.replicas)
             queue = self.queues[tier]
         # A higher tier's few items go as a batch of their own rather than wait to fill one.
+        rows = self._rows_to_pop(queue, count)
+        if tier == FLEX and yielding and self._text_seconds:
+            rows = max(1, min(rows, int(FLEX_TURN_S / self._text_seconds)))
         batches = [
             bounded
-            for batch in queue.pop_optimal_batches(size, count, timeout=0)
+            for batch in queue.pop_optimal_batches(rows, count, timeout=0)
             for bounded in self._within_budget(batch)
         ]
         with self._changed:
             self.in_model += len(batches)
         yield from batches
+
+    def _rows_to_pop(self, queue: Any, count: int) -> int:
+        """Texts a batch popped from `queue` may hold: `max_batch_rows` when every text that
+        `count` such batches would take is short (SHORT_TEXT_TOKENS), else BATCH_SIZES. Decided
+        before the pop, so that a pop hands over `count` batches, not more to be cut after."""
+        wide = max_batch_rows(self.batch_size)
+        with queue._lock_queue_event:  # Infinity's CustomFIFOQueue: its lock and its list
+            front = queue._queue[: wide * count]
+        if front and all(self.max_rows(self.tokens_of(entry.item)) == wide for entry in front):
+            return wide
+        return self.batch_size
 
     def tokens_of(self, item: Any) -> int:
         """The tokens one queued item (Infinity's QueueItemInner) is fed: what the worker counted
@@ -192,16 +251,13 @@ def install(
 ) -> PacedQueue:
     """Put a PacedQueue around a started Infinity BatchHandler's queue (before any request arrives).
 
-    The publisher thread reads `handler._queue_prio` and `handler.max_batch_size` afresh on every
-    turn, so it takes the wrapper and the wider batches from its next turn on; waking it turns it
-    over at once instead of after its 0.2 s wait.
+    The publisher thread reads `handler._queue_prio` afresh on every turn, so it takes the wrapper
+    from its next turn on; waking it turns it over at once instead of after its 0.2 s wait.
     """
     inner = handler._queue_prio
-    batch_size = handler.max_batch_size  # BATCH_SIZES
-    handler.max_batch_size = max_batch_rows(batch_size)
     paced = PacedQueue(
         inner,
-        batch_size,
+        handler.max_batch_size,
         replicas=len(handler.model_worker),
         max_tokens=max_tokens,
         max_length=max_length,
