@@ -147,3 +147,19 @@ async def test_flex_goes_only_to_an_idle_model_while_other_tiers_are_served(monk
     monkeypatch.setattr(queue, "_served_above_flex", time.monotonic() - 60)
     assert len(_pop_items(queue)) == 4  # no priority for a while: flex queues ahead again (the
     # last 4)
+
+
+async def test_flex_batches_shrink_to_the_models_turn_while_other_tiers_are_served():
+    from embedding_worker.engines.pacing import FLEX_TURN_S
+
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.batch_finished(rows=4, seconds=4 * FLEX_TURN_S / 2)  # full batches: 2 texts a turn
+    queue.batch_finished(rows=1, seconds=100.0)  # a small batch: not what the turn is told by
+    await _submit_at(queue, "flex", 16)
+    assert len(_pop_items(queue)) == 8  # flex alone: whole batches, one queued ahead
+    queue.batch_finished()
+    await _submit_at(queue, "priority", 1)
+    assert len(_pop_items(queue)) == 1
+    queue.batch_finished()
+    queue.batch_finished()
+    assert [len(b) for b in queue.pop_optimal_batches(4, 2, timeout=0.05)] == [2]
