@@ -31,6 +31,7 @@ from pathlib import Path
 
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.engines.budget import default_max_batch_tokens
 from tests import model_factory
 
 from .common import texts_of_length
@@ -128,7 +129,9 @@ async def short_batches(count: int, rounds: int, tokens: int = 12) -> None:
         for round_no in range(rounds + 1):
             for cap in caps if round_no % 2 else caps[::-1]:
                 handler.max_batch_size = model._paced.batch_size = cap
-                model._paced.max_tokens = 32 * 512  # the default budget
+                # Exactly `cap` texts a batch, whatever their length (within the budget).
+                model._paced.max_rows = lambda longest, cap=cap: cap  # type: ignore[method-assign]
+                model._paced.max_tokens = default_max_batch_tokens(32)
                 started, started_cpu = time.perf_counter(), time.process_time()
                 replies = await asyncio.gather(*(worker.dispatch({"input": r}) for r in requests))
                 assert all(r.ok for r in replies)

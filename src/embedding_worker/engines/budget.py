@@ -18,6 +18,7 @@ requests; a row alone that does not fit raises as before.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -70,10 +71,14 @@ def token_bounded(
         yield batch
 
 
-def rows_for(batch_size: int) -> Callable[[int], int]:
+def rows_allowed(batch_size: int, longest: int) -> int:
     """The most texts a batch may hold, by its longest text's tokens (SHORT_TEXT_TOKENS)."""
-    wide = max_batch_rows(batch_size)
-    return lambda longest: wide if longest <= SHORT_TEXT_TOKENS else batch_size
+    return max_batch_rows(batch_size) if longest <= SHORT_TEXT_TOKENS else batch_size
+
+
+def rows_for(batch_size: int) -> Callable[[int], int]:
+    """`rows_allowed` for one batch size, as `token_bounded` takes it."""
+    return functools.partial(rows_allowed, batch_size)
 
 
 # What the allocators say when they cannot give memory: torch's CUDA and CPU allocators (c10's

@@ -40,7 +40,7 @@ from ..tiers import current_tier, tier_rank
 from .budget import (
     default_max_batch_tokens,
     max_batch_rows,
-    rows_for,
+    rows_allowed,
     token_bounded,
 )
 
@@ -89,7 +89,6 @@ class PacedQueue:
         self.replicas = replicas
         self.max_tokens = max_tokens or default_max_batch_tokens(batch_size)
         self.max_length = max_length  # the model's cut: no text is fed more tokens than this
-        self.max_rows = rows_for(batch_size)
         self.in_model = 0  # batches released and not yet through their forward pass
         self._served_above_flex = -FLEX_YIELD_S  # when work above flex last arrived (monotonic)
         self._text_seconds = 0.0  # forward-pass seconds a text, recently; 0 before any
@@ -211,6 +210,11 @@ class PacedQueue:
         with self._changed:
             self.in_model += len(batches)
         yield from batches
+
+    def max_rows(self, longest: int) -> int:
+        """The most texts a batch whose longest text has `longest` tokens may hold (derived from
+        `batch_size` on each call, so a changed batch size holds for both rules)."""
+        return rows_allowed(self.batch_size, longest)
 
     def _rows_to_pop(self, queue: Any, count: int) -> int:
         """Texts a batch popped from `queue` may hold: `max_batch_rows` when every text that
