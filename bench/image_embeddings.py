@@ -30,8 +30,9 @@ from embedding_worker.dispatch import Worker
 from tests import model_factory
 from tests.helpers import decode_vectors
 
+from .common import REQUEST_SIZE
+
 BATCH_SIZE = 32
-REQUEST_SIZE = 16
 VIT_B_32 = dict(
     hidden_size=768,
     num_layers=12,

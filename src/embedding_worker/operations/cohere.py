@@ -66,7 +66,7 @@ def _prompt_type(context: Context, request: CohereEmbedRequest) -> str | None:
 async def _keep_ends(
     context: Context, request: CohereEmbedRequest, prompt_type: str | None
 ) -> list[str]:
-    """truncate=START: each text cut at its start, where a token starts, to what fits after the
+    """truncate=START: each text cut at its start, where a word starts, to what fits after the
     model's prompt and special tokens. The prompt is kept whole; where the prompt and the text
     tokenize differently together by a token, the cut at the end takes it."""
     model = model_for(context.registry, request.model, Capability.EMBED)
