@@ -104,7 +104,13 @@ class Worker:
         return await self.dispatch({"openai_route": route, "openai_input": body}, job_id)
 
     def _error_reply(self, exc: APIError, openai_route: bool) -> Reply:
-        return Reply(exc.status, exc.to_dict(), openai_route, refresh_worker=not self.healthy)
+        return Reply(
+            exc.status,
+            exc.to_dict(),
+            openai_route,
+            refresh_worker=not self.healthy,
+            retry_after=exc.retry_after,
+        )
 
     @staticmethod
     def _route(job_input: Any) -> tuple[Operation, Any]:

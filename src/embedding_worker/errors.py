@@ -19,6 +19,7 @@ class APIError(Exception):
         code: str,
         param: str | None = None,
         retryable: bool = False,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -27,6 +28,8 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.retryable = retryable
+        # Whole seconds a client should wait before retrying (HTTP's Retry-After); None: unknown.
+        self.retry_after = retry_after
 
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
@@ -70,12 +73,36 @@ def method_not_allowed(message: str) -> APIError:
     return APIError(405, message, type="invalid_request_error", code="method_not_allowed")
 
 
-def overloaded(message: str) -> APIError:
-    return APIError(429, message, type="rate_limit_error", code="queue_full", retryable=True)
+# The Retry-After of a retryable refusal whose wait the worker cannot estimate.
+DEFAULT_RETRY_AFTER_S = 5
 
 
-def unavailable(message: str, code: str = "engine_unavailable") -> APIError:
-    return APIError(503, message, type="server_error", code=code, retryable=True)
+def overloaded(
+    message: str, retry_after: int = DEFAULT_RETRY_AFTER_S, code: str = "queue_full"
+) -> APIError:
+    """429: the worker is busy; the same request is welcome again after `retry_after` seconds."""
+    return APIError(
+        429,
+        message,
+        type="rate_limit_error",
+        code=code,
+        retryable=True,
+        retry_after=max(1, retry_after),
+    )
+
+
+def unavailable(
+    message: str, code: str = "engine_unavailable", retry_after: int = DEFAULT_RETRY_AFTER_S
+) -> APIError:
+    """503: this request could not be served now; a retry (here or on another worker) may be."""
+    return APIError(
+        503,
+        message,
+        type="server_error",
+        code=code,
+        retryable=True,
+        retry_after=max(1, retry_after),
+    )
 
 
 def internal(message: str = "internal error while serving the request") -> APIError:

@@ -57,6 +57,7 @@ class Reply:
     body: dict[str, Any]
     openai_route: bool = False  # asked through RunPod's OpenAI proxy
     refresh_worker: bool = False  # the worker is broken: ask RunPod for a new one
+    retry_after: int | None = None  # seconds to wait before retrying a retryable failure
 
     @property
     def ok(self) -> bool:
@@ -74,6 +75,8 @@ class Reply:
             output = JobOutput(self.body)
             return [output] if self.openai_route else output
         error = dict(self.body, status=self.status)
+        if self.retry_after is not None:  # no headers on a job: the wait goes in the error text
+            error["retry_after"] = self.retry_after
         failed: dict[str, Any] = {"error": json.dumps(error, ensure_ascii=False)}
         if self.refresh_worker:
             failed["refresh_worker"] = True

@@ -98,8 +98,8 @@ def error_response(error: APIError) -> Response:
     headers: Headers = ()
     if error.status == 401:
         headers = ((b"www-authenticate", b"Bearer"),)
-    elif error.code == "model_provisioning":
-        headers = ((b"retry-after", str(PROVISIONING_RETRY_S).encode()),)
+    elif error.retry_after is not None:
+        headers = ((b"retry-after", str(error.retry_after).encode()),)
     return json_response(error.to_dict(), error.status, headers)
 
 
@@ -204,7 +204,9 @@ class LocalServer:
             if self._load_failed is not None:
                 raise errors.unavailable(f"the models did not load: {self._load_failed}")
             raise errors.unavailable(
-                "the models are loading; retry shortly", code="model_provisioning"
+                "the models are loading; retry shortly",
+                code="model_provisioning",
+                retry_after=PROVISIONING_RETRY_S,
             )
         return self._worker
 
@@ -398,7 +400,10 @@ def create_app(worker: Worker, settings: ServerSettings | None = None) -> LocalS
 
 
 def reply_response(reply: Reply) -> Response:
-    return json_response(reply.body, reply.status)
+    headers: Headers = ()
+    if reply.retry_after is not None:
+        headers = ((b"retry-after", str(reply.retry_after).encode()),)
+    return json_response(reply.body, reply.status, headers)
 
 
 def _body_too_large(limit: int) -> APIError:
