@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -35,3 +36,9 @@ def model_and_replica(worker: Any, tail: str) -> tuple[Any, Any]:
     """The served model whose id ends with `tail`, and its (first) Infinity model replica."""
     model = next(m for m in worker.registry.models if m.served_id.endswith(tail))
     return model, model.engine._model_replicas[0]
+
+
+def bound_queue(monkeypatch: Any, model: Any, **settings: Any) -> None:
+    """Change a model's admission bounds (engines/admission.py) for one test."""
+    admission = model.admission
+    monkeypatch.setattr(admission, "settings", dataclasses.replace(admission.settings, **settings))

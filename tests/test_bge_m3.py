@@ -25,6 +25,7 @@ from embedding_worker.transports.http import create_app
 from embedding_worker.transports.runpod import runpod_handler
 from tests import model_factory
 from tests.bge_m3_recipe import Recipe
+from tests.helpers import bound_queue
 from tests.test_server import ServerThread
 
 TEXTS = [
@@ -381,7 +382,7 @@ async def test_concurrent_requests_share_batches_off_the_event_loop(
 
 async def test_the_queue_bound_refuses_with_429(bge_m3_worker, m3_id, monkeypatch):
     model = model_of(bge_m3_worker, m3_id)
-    monkeypatch.setattr(model, "queue_size", 3)
+    bound_queue(monkeypatch, model, max_items=3)
     body = {"model": m3_id, "input": TEXTS[:2], "output": ALL}
     first, second = await asyncio.gather(bge_m3_worker.dispatch(body), bge_m3_worker.dispatch(body))
     assert first.status == 200
@@ -411,7 +412,12 @@ async def test_a_failing_batch_fails_its_requests_and_the_model_keeps_serving(
 
 
 async def test_a_stalled_model_answers_503_within_the_timeout(bge_m3, monkeypatch):
-    env = {"MODEL_NAMES": str(bge_m3), "DTYPES": "float32", "REQUEST_TIMEOUT": "1"}
+    env = {
+        "MODEL_NAMES": str(bge_m3),
+        "DTYPES": "float32",
+        "REQUEST_TIMEOUT": "1",
+        "ENGINE_STALL_TIMEOUT": "0.5",
+    }
     worker = Worker.from_config(load_config(env))
     model = worker.registry.models[0]
     release = threading.Event()

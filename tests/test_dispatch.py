@@ -9,6 +9,7 @@ import pytest
 from runpod.serverless.modules.rp_job import run_job
 
 from embedding_worker.transports.runpod import runpod_handler
+from tests.helpers import bound_queue
 
 
 async def test_standard_flavour_answers_the_body_openai_route_a_one_element_list(worker, ids):
@@ -141,7 +142,7 @@ async def test_errors_never_echo_the_payload(worker, ids):
 
 async def test_queue_bound_refuses_then_recovers(worker, ids, monkeypatch):
     model = worker.registry.resolve(ids["embedder"], None)
-    monkeypatch.setattr(model, "queue_size", 40)
+    bound_queue(monkeypatch, model, max_items=40)
     texts = ["some words to embed"] * 30
     first, second = await asyncio.gather(
         worker.dispatch({"model": ids["embedder"], "input": texts}),

@@ -3,7 +3,8 @@
 Infinity's upstream issue #609: an exception in a batch thread kills it and every pending request
 waits for ever. The worker must answer every request with an error within REQUEST_TIMEOUT, mark
 itself unhealthy and ask RunPod for a replacement (`refresh_worker`, which runpod turns into
-stopPod).
+stopPod). An engine that stalls (no batch finishes for ENGINE_STALL_TIMEOUT while work waits) is
+unhealthy too, but only until it moves again.
 
 Each test gets its own worker (the shared one must stay healthy). The fault is injected below the
 worker's guard, where a real failure would come from: the model's forward pass or its tokenize step.
@@ -12,6 +13,7 @@ worker's guard, where a real failure would come from: the model's forward pass o
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import threading
 import time
@@ -25,6 +27,7 @@ from embedding_worker.transports.runpod import runpod_handler
 from tests.helpers import model_and_replica
 
 TIMEOUT_S = 4.0
+STALL_S = 2.0  # ENGINE_STALL_TIMEOUT: shorter than the requests' deadline, so a stall shows first
 NO_HANG_S = TIMEOUT_S + 20  # a test that waits longer than this has found a hang
 
 
@@ -37,6 +40,7 @@ async def fragile(bert_embedder, bert_reranker):
                 "MODEL_NAMES": f"{bert_embedder};{bert_reranker}",
                 "DTYPES": "float32",
                 "REQUEST_TIMEOUT": str(TIMEOUT_S),
+                "ENGINE_STALL_TIMEOUT": str(STALL_S),
             }
         )
     )
@@ -82,7 +86,7 @@ def _forward_of_embedder(replica):
 
 def _tokenizer_of_embedder(replica):
     # The worker's token ids are padded there instead of tokenizing again (tokenization.py).
-    return replica.encode_pre.__wrapped__, "pad"
+    return inspect.unwrap(replica.encode_pre), "pad"
 
 
 def _forward_of_cross_encoder(replica):
@@ -159,7 +163,60 @@ async def test_an_engine_that_stalls_answers_503_within_the_timeout(fragile):
         for result in results:
             error = _assert_failed_asking_for_a_new_worker(result, "timeout")
             assert f"{TIMEOUT_S:g} s" in error["error"]["message"]
+            assert error["retry_after"] >= 1  # retryable, elsewhere or later
         assert TIMEOUT_S <= elapsed < NO_HANG_S
         assert not fragile.healthy and model.pending == 0
+        assert "ENGINE_STALL_TIMEOUT" in fragile.registry.health.reason
+        # Meanwhile the stalled model refuses new work at once; the other model still serves.
+        refused = await fragile.dispatch(_jobs(model.served_id, 1)[0]["input"])
+        assert refused.status == 503 and refused.body["error"]["code"] == "engine_stalled"
+        other = next(m for m in fragile.registry.models if m is not model)
+        assert (await fragile.dispatch(_jobs(other.served_id, 1)[0]["input"])).status == 200
     finally:
         release.set()
+    # The kernel returns: the model moves again, and so the worker is healthy again.
+    deadline = time.monotonic() + NO_HANG_S
+    while not fragile.healthy:
+        assert time.monotonic() < deadline, fragile.registry.health.reason
+        await asyncio.sleep(0.05)
+    reply = await fragile.dispatch(_jobs(model.served_id, 1)[0]["input"])
+    assert reply.status == 200
+
+
+async def test_a_request_past_its_deadline_leaves_a_moving_engine_healthy(bert_embedder):
+    """Issue 28's finding 1: a request that waits longer than REQUEST_TIMEOUT behind work that
+    moves fails alone, retryably; the worker stays healthy, the request's batches that have not
+    reached the model are dropped, and the next request is served."""
+    worker = Worker.from_config(
+        load_config(
+            {"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32", "REQUEST_TIMEOUT": "1"}
+        )
+    )
+    await worker.start()
+    try:
+        model, replica = model_and_replica(worker, "tiny-bert-embedder")
+        forward = replica.forward
+        forwards = []
+
+        def slow(*args, **kwargs):
+            forwards.append(1)
+            time.sleep(0.3)  # every batch moves, slowly
+            return forward(*args, **kwargs)
+
+        replica.forward = slow
+        # 40 batches of 32 texts (too long for wider batches of short texts): 12 s of work, of
+        # which Infinity takes 8 batches at once while the model is idle.
+        texts = [f"text number {i} " + "with a few more words " * 8 for i in range(40 * 32)]
+        reply = await asyncio.wait_for(worker.dispatch({"input": texts}), NO_HANG_S)
+        assert reply.status == 503 and reply.body["error"]["code"] == "timeout"
+        assert reply.retry_after is not None and reply.retry_after >= 1
+        assert not reply.refresh_worker and worker.healthy
+        after = await asyncio.wait_for(worker.dispatch({"input": ["right after"]}), NO_HANG_S)
+        assert after.status == 200
+        # The 8 batches taken at once were not all computed: those left when the request gave up
+        # were skipped (about 1 s of 0.3 s batches ran, and the one right after).
+        assert len(forwards) < 8
+        assert model.pending == 0 and worker.healthy
+    finally:
+        replica.forward = forward
+        await worker.stop()

@@ -23,7 +23,7 @@ from embedding_worker.transports.batch_files import run_batch
 from embedding_worker.transports.http import create_app
 from embedding_worker.transports.runpod import runpod_handler
 from tests import model_factory
-from tests.helpers import answer, decode_vectors
+from tests.helpers import answer, bound_queue, decode_vectors
 from tests.test_batch import options, read_output
 from tests.test_server import ServerThread
 
@@ -324,8 +324,8 @@ async def test_image_limits(image_worker, names, monkeypatch, limit, value, reas
 
 async def test_images_share_the_queue_bound(image_worker, names, monkeypatch):
     model = image_worker.registry.resolve(names["clip"], None)
-    monkeypatch.setattr(model, "queue_size", 2)
-    monkeypatch.setattr(model, "pending", 1)  # one input already waiting
+    bound_queue(monkeypatch, model, max_items=2)
+    monkeypatch.setattr(model.admission, "items", 1)  # one input already waiting
     reply = await image_worker.dispatch(
         {"model": names["clip"], "input": [uri_of("png"), uri_of("png")]}
     )

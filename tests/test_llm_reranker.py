@@ -21,6 +21,7 @@ from embedding_worker.dispatch import Worker
 from embedding_worker.engines import ModelLoadError, ModelRegistry
 from embedding_worker.engines.kinds import kind_of
 from embedding_worker.engines.llm_reranker import LLMReranker
+from tests.helpers import bound_queue
 
 # The recipe passes max_length to tokenizer.pad, which ignores it (and says so).
 pytestmark = pytest.mark.filterwarnings("ignore:`max_length` is ignored")
@@ -300,7 +301,7 @@ async def test_a_failing_batch_fails_its_requests_and_the_model_keeps_serving(
 
 async def test_the_queue_bound_refuses_with_429(qwen3_worker, qwen3_ids, monkeypatch):
     model = model_of(qwen3_worker, qwen3_ids["reranker"])
-    monkeypatch.setattr(model, "queue_size", 3)
+    bound_queue(monkeypatch, model, max_items=3)
     first, second = await asyncio.gather(
         qwen3_worker.dispatch(
             {"model": qwen3_ids["reranker"], "query": "a", "documents": DOCS[:2]}

@@ -176,11 +176,11 @@ async def busy_engine(tiny_worker):
 
 async def _one_by_one(model, count: int) -> None:
     """One request, then `count` more one at a time while its forward pass runs."""
-    first = asyncio.ensure_future(model.embed(["first"]))
+    first = asyncio.ensure_future(model.embed(["first"], tokens=3))
     await asyncio.sleep(0.3)  # its batch is in the model, which now takes 1 s
     later = []
     for i in range(count):
-        later.append(asyncio.ensure_future(model.embed([f"text {i}"])))
+        later.append(asyncio.ensure_future(model.embed([f"text {i}"], tokens=4)))
         await asyncio.sleep(0.02)
     vectors = await asyncio.wait_for(asyncio.gather(first, *later), 60)
     assert all(v.shape == (1, model.dimensions) for v in vectors)

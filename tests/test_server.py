@@ -383,17 +383,14 @@ class StuckModel(Embedder):
         await asyncio.Event().wait()
 
 
-def stuck_worker(model_path, timeout_s: str) -> tuple[Worker, StuckModel]:
+def stuck_worker(model_path, timeout_s: str, stall_s: float = 300.0) -> tuple[Worker, StuckModel]:
     config = load_config({"MODEL_NAMES": str(model_path), "REQUEST_TIMEOUT": timeout_s})
     health = Health()
     tokens = TokenCounter(AutoTokenizer.from_pretrained(str(model_path)))
-    model = StuckModel(
-        config.models[0],
-        tokens,
-        128,
-        settings=EngineSettings(queue_size=100, timeout_s=config.request_timeout_s),
-        health=health,
+    settings = EngineSettings(
+        queue_size=100, timeout_s=config.request_timeout_s, stall_timeout_s=stall_s
     )
+    model = StuckModel(config.models[0], tokens, 128, settings=settings, health=health)
     return Worker(config, ModelRegistry([model], health)), model
 
 
@@ -419,8 +416,21 @@ def test_cancel_stops_a_running_job_and_shutdown_ends_unfinished_ones(bert_embed
     assert model.pending == 0
 
 
-def test_engine_timeout_fails_the_job_and_health_answers_503(bert_embedder):
+def test_a_timeout_alone_leaves_the_worker_healthy(bert_embedder):
     worker, _ = stuck_worker(bert_embedder, "0.3")
+    with ServerThread(create_app(worker)) as server, httpx.Client(base_url=server.url) as http:
+        job = http.post("/runsync", json={"input": {"input": "hello"}}).json()
+        assert job["status"] == "FAILED"
+        error = json.loads(job["error"])
+        assert error["error"]["code"] == "timeout" and error["retry_after"] >= 1
+        assert "stopPod" not in job and "refresh_worker" not in job
+        timed_out = http.post("/v1/embeddings", json={"input": "hello"})
+        assert timed_out.status_code == 503 and int(timed_out.headers["retry-after"]) >= 1
+        assert http.get("/health").status_code == 200
+
+
+def test_a_stalled_engine_makes_health_answer_503(bert_embedder):
+    worker, _ = stuck_worker(bert_embedder, "0.3", stall_s=0.1)
     with ServerThread(create_app(worker)) as server, httpx.Client(base_url=server.url) as http:
         assert http.get("/health").status_code == 200
         job = http.post("/runsync", json={"input": {"input": "hello"}}).json()
@@ -429,9 +439,10 @@ def test_engine_timeout_fails_the_job_and_health_answers_503(bert_embedder):
         health = http.get("/health")
         assert health.status_code == 503
         assert health.json()["status"] == "unhealthy"
-        assert "did not answer" in health.json()["reason"]
+        assert "ENGINE_STALL_TIMEOUT" in health.json()["reason"]
+        assert http.get("/ping").status_code == 503
         after = http.post("/v1/embeddings", json={"input": "hello"})
-        assert after.status_code == 503 and after.json()["error"]["code"] == "engine_unavailable"
+        assert after.status_code == 503 and after.json()["error"]["code"] == "engine_stalled"
 
 
 # --- the processes a user starts ------------------------------------------------------------------

@@ -6,6 +6,7 @@ same tensors exactly, on right-padding WordPiece (MiniLM, tiny BERT) and left-pa
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import numpy as np
@@ -33,7 +34,7 @@ TEXTS = [
 
 
 def _reused(replica) -> ReusedTokenIds:
-    step = replica.encode_pre.__wrapped__  # under the batch-thread guard
+    step = inspect.unwrap(replica.encode_pre)  # under the worker's wrappers
     assert isinstance(step, ReusedTokenIds)
     return step
 

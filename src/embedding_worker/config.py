@@ -64,6 +64,8 @@ class WorkerConfig:
     max_concurrency: int = 300
     trust_remote_code: bool = _ENGINE_DEFAULTS.trust_remote_code
     request_timeout_s: float = _ENGINE_DEFAULTS.timeout_s
+    engine_stall_timeout_s: float = _ENGINE_DEFAULTS.stall_timeout_s
+    max_queued_tokens: int | None = _ENGINE_DEFAULTS.max_queued_tokens  # None: measured pace
     limits: Limits = field(default_factory=Limits)
     keep_freed_memory: bool | None = None  # None: auto, on where models compute on the CPU
     service_tier: str = DEFAULT_TIER  # the tier of requests that name none, or name "auto"
@@ -79,6 +81,9 @@ class WorkerConfig:
         return EngineSettings(
             queue_size=self.queue_size,
             timeout_s=self.request_timeout_s,
+            stall_timeout_s=self.engine_stall_timeout_s,
+            max_queued_tokens=self.max_queued_tokens,
+            unmeasured_max_queued_tokens=self.limits.max_request_tokens,
             trust_remote_code=self.trust_remote_code,
             batch_invariant=self.batch_invariant,
         )
@@ -195,11 +200,23 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         max_concurrency=int_var(env, "RUNPOD_MAX_CONCURRENCY", _DEFAULTS.max_concurrency),
         trust_remote_code=bool_var(env, "TRUST_REMOTE_CODE", _DEFAULTS.trust_remote_code),
         request_timeout_s=float_var(env, "REQUEST_TIMEOUT", _DEFAULTS.request_timeout_s),
+        engine_stall_timeout_s=float_var(
+            env, "ENGINE_STALL_TIMEOUT", _DEFAULTS.engine_stall_timeout_s
+        ),
+        max_queued_tokens=_max_queued_tokens(env),
         limits=limits,
         keep_freed_memory=auto_bool_var(env, "KEEP_FREED_MEMORY"),
         service_tier=_service_tier(env),
         batch_invariant=bool_var(env, "BATCH_INVARIANT", _DEFAULTS.batch_invariant),
     )
+
+
+def _max_queued_tokens(env: Mapping[str, str]) -> int | None:
+    """MAX_QUEUED_TOKENS: a number of tokens, or `auto` (the default): the model's measured pace."""
+    raw = env.get("MAX_QUEUED_TOKENS", "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    return whole_number("MAX_QUEUED_TOKENS", raw, 1)
 
 
 def _service_tier(env: Mapping[str, str]) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import errors
 from ..logs import get_logger
+from .admission import Admission, AdmissionSettings
 from .spec import EngineSettings, ModelSpec
 from .tokenization import TokenCounter
 
@@ -56,18 +57,41 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the model and the reason."""
 
 
-@dataclass
 class Health:
-    """Set once an engine is stuck or dead: the worker then asks to be replaced."""
+    """Whether the worker can serve. An engine that died (a batch thread raised) fails it for
+    good: the worker asks to be replaced. An engine that stalls (work waits and no batch finishes
+    for ENGINE_STALL_TIMEOUT, admission.py) fails it only until the engine moves again. A request
+    that merely waited too long fails neither."""
 
-    healthy: bool = True
-    reason: str | None = None
+    def __init__(self) -> None:
+        self._dead: str | None = None
+        self._engines: list[ModelEngine] = []
+
+    def watch(self, engine: ModelEngine) -> None:
+        self._engines.append(engine)
 
     def fail(self, reason: str) -> None:
-        if self.healthy:
+        if self._dead is None:
             log.error("worker marked unhealthy: %s", reason)
-        self.healthy = False
-        self.reason = reason
+            self._dead = reason
+
+    @property
+    def dead(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def reason(self) -> str | None:
+        """Why the worker cannot serve now; None while it can."""
+        if self._dead is not None:
+            return self._dead
+        for engine in self._engines:
+            if engine.admission.stalled():
+                return engine.stall_reason()
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return self.reason is None
 
 
 class ModelEngine(ABC):
@@ -94,10 +118,19 @@ class ModelEngine(ABC):
         self.settings = settings
         self.tokens = tokens
         self.max_length = max_length
-        self.queue_size = settings.queue_size
         self.timeout_s = settings.timeout_s
+        self.admission = Admission(
+            spec.served_id,
+            AdmissionSettings(
+                max_items=settings.queue_size,
+                deadline_s=settings.timeout_s,
+                stall_s=settings.stall_timeout_s,
+                max_tokens=settings.max_queued_tokens,
+                unmeasured_max_tokens=settings.unmeasured_max_queued_tokens,
+            ),
+        )
         self.health = health
-        self.pending = 0  # items admitted and not yet answered
+        health.watch(self)
         # The tasks waiting in _admit, cancelled at once when the engine is reported dead (instead
         # of each waiting for its timeout), and the loop they run on.
         self._admitted: set[asyncio.Task[Any]] = set()
@@ -107,6 +140,21 @@ class ModelEngine(ABC):
     @property
     def served_id(self) -> str:
         return self.spec.served_id
+
+    @property
+    def pending(self) -> int:
+        """Inputs admitted and not yet answered."""
+        return self.admission.items
+
+    def progressed(self) -> None:
+        """A batch finished its forward pass: the engine is alive. Safe from any thread."""
+        self.admission.progressed()
+
+    def stall_reason(self) -> str:
+        return (
+            f"model '{self.served_id}' finished no batch for "
+            f"{self.admission.settings.stall_s:g} s while work waited (ENGINE_STALL_TIMEOUT)"
+        )
 
     def can(self, capability: Capability) -> bool:
         return capability in self.capabilities
@@ -150,35 +198,44 @@ class ModelEngine(ABC):
         for task in self._admitted:
             task.cancel()
 
-    async def _admit(self, items: int, call: Callable[[], Awaitable[T]]) -> T:
+    async def _admit(self, items: int, tokens: int, call: Callable[[], Awaitable[T]]) -> T:
         """Bounded queue and bounded time for every engine call.
 
         Infinity's queue is unbounded (INFINITY_QUEUE_SIZE is read only by its own HTTP server), so
-        the worker counts what it has handed over and refuses new work beyond the limit. A request
-        is always admitted into an empty queue, so a single large request can never be refused
-        forever. A call ends at the first of: its answer, REQUEST_TIMEOUT, or the engine reported
-        dead (which cancels every waiting call). The call runs in the caller's task: this is on
-        every request's path, and a task and `asyncio.wait` per call cost a quarter of the local
-        server's event-loop time.
+        the worker counts what it has handed over, in inputs and in tokens, and refuses work the
+        model could not answer in time with a retryable 429 (admission.py). A call ends at the
+        first of: its answer, REQUEST_TIMEOUT (a retryable 503 `timeout`; the worker stays
+        healthy, and the call's inputs that have not reached the model are dropped), or the engine
+        reported dead (which cancels every waiting call). The call runs in the caller's task: this
+        is on every request's path, and a task and `asyncio.wait` per call cost a quarter of the
+        local server's event-loop time.
         """
-        if not self.health.healthy:
+        if self.health.dead:
             raise errors.unavailable(f"the worker is unhealthy ({self.health.reason}); retry")
-        if self.pending and self.pending + items > self.queue_size:
-            raise errors.overloaded(
-                f"model '{self.served_id}' has {self.pending} inputs queued "
-                f"(INFINITY_QUEUE_SIZE={self.queue_size}); retry later"
+        admission = self.admission
+        if admission.stalled():
+            raise errors.unavailable(
+                f"{self.stall_reason()}; retry, here later or on another worker",
+                code="engine_stalled",
+                retry_after=admission.retry_after(),
             )
+        tokens = max(tokens, items)  # an input costs at least one token (an image counts none)
+        refused = admission.refusal(items, tokens)
+        if refused is not None:
+            raise refused
         task = asyncio.current_task()
         assert task is not None
         self._loop = task.get_loop()
         self._admitted.add(task)
-        self.pending += items
+        admission.enter(items, tokens)
+        answered = False
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
-                return (
-                    await call()
-                )  # cancelled with its items if it ends early: Infinity skips them
+                # Cancelled with its items if it ends early: Infinity skips them.
+                result = await call()
+            answered = True
+            return result
         except asyncio.CancelledError:
             if self._dead_reason is None:
                 raise  # the caller was cancelled (a job cancelled, a client gone)
@@ -189,12 +246,16 @@ class ModelEngine(ABC):
                 code="engine_failed",
             ) from None
         except TimeoutError:
-            message = f"model '{self.served_id}' did not answer within {self.timeout_s:g} s"
-            self.health.fail(message)
-            raise errors.unavailable(message, code="timeout") from None
+            admission.stalled()  # seen now, while the call still counts as waiting
+            raise errors.unavailable(
+                f"model '{self.served_id}' did not answer within {self.timeout_s:g} s "
+                "(REQUEST_TIMEOUT); the worker is busy, retry",
+                code="timeout",
+                retry_after=admission.retry_after(),
+            ) from None
         finally:
             self._admitted.discard(task)
-            self.pending -= items
+            admission.leave(items, tokens, answered)
             elapsed_ms = 1e3 * (time.monotonic() - started)
             log.debug("%s: %d items in %.1f ms", self.served_id, items, elapsed_ms)
 
@@ -211,9 +272,10 @@ class Embedder(ModelEngine):
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.EMBED})
     outputs: ClassVar[frozenset[str]] = frozenset({DENSE})
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        """Vectors for `texts`, one row each, in order (float32)."""
-        return await self._admit(len(texts), lambda: self._embed(texts))
+    async def embed(self, texts: list[str], *, tokens: int) -> np.ndarray:
+        """Vectors for `texts`, one row each, in order (float32); `tokens`: what the texts cost,
+        as the request counted them."""
+        return await self._admit(len(texts), tokens, lambda: self._embed(texts))
 
     @abstractmethod
     async def _embed(self, texts: list[str]) -> np.ndarray: ...
@@ -232,9 +294,9 @@ class ImageEmbedder(Embedder):
     def prepare_image(self, image: Image) -> Any:
         """The model's input for one decoded RGB image; safe to call from any thread."""
 
-    async def embed_inputs(self, inputs: list[Any]) -> np.ndarray:
+    async def embed_inputs(self, inputs: list[Any], *, tokens: int) -> np.ndarray:
         """Vectors for texts (str) and prepared images, one row each, in order (float32)."""
-        return await self._admit(len(inputs), lambda: self._embed_inputs(inputs))
+        return await self._admit(len(inputs), tokens, lambda: self._embed_inputs(inputs))
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         return await self._embed_inputs(list(texts))
@@ -268,10 +330,10 @@ class MultiOutputEmbedder(Embedder):
     multi_vector_dimensions: int = 0  # the numbers of each of a text's multi_vector vectors
 
     async def embed_outputs(
-        self, texts: list[str], outputs: frozenset[str]
+        self, texts: list[str], outputs: frozenset[str], *, tokens: int
     ) -> list[TextEmbeddings]:
         """For each text, in order, the `outputs` asked (a subset of `self.outputs`)."""
-        return await self._admit(len(texts), lambda: self._embed_outputs(texts, outputs))
+        return await self._admit(len(texts), tokens, lambda: self._embed_outputs(texts, outputs))
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         embedded = await self._embed_outputs(texts, frozenset({DENSE}))
@@ -300,10 +362,11 @@ class Reranker(ModelEngine):
         return self.tokens.count_pairs(query, docs)
 
     async def rerank(
-        self, query: str, docs: list[str], instruction: str | None = None
+        self, query: str, docs: list[str], instruction: str | None = None, *, tokens: int
     ) -> np.ndarray:
-        """Relevance scores in [0, 1] for `docs`, in the order given (not sorted)."""
-        return await self._admit(len(docs), lambda: self._rerank(query, docs, instruction))
+        """Relevance scores in [0, 1] for `docs`, in the order given (not sorted); `tokens`: the
+        pairs' tokens, as the request counted them."""
+        return await self._admit(len(docs), tokens, lambda: self._rerank(query, docs, instruction))
 
     @abstractmethod
     async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray: ...
@@ -318,10 +381,12 @@ class Classifier(ModelEngine):
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.CLASSIFY})
 
-    async def classify(self, texts: list[str], raw_scores: bool = False) -> list[LabelScores]:
+    async def classify(
+        self, texts: list[str], raw_scores: bool = False, *, tokens: int
+    ) -> list[LabelScores]:
         """For each text, every label with its score (softmax, or sigmoid for a multi-label
         model, as its config says; the logits with `raw_scores`), in the model's label order."""
-        return await self._admit(len(texts), lambda: self._classify(texts, raw_scores))
+        return await self._admit(len(texts), tokens, lambda: self._classify(texts, raw_scores))
 
     @abstractmethod
     async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]: ...

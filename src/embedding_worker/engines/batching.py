@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +64,9 @@ class SelfBatching(ABC):
     spec: ModelSpec
     served_id: str
     batch_size: int
+
+    # ModelEngine.progressed of the engine: told after every forward pass (admission.py).
+    progressed: Callable[[], None]
 
     def _init_batching(self) -> None:
         self._waiting: list[Item] = []
@@ -147,6 +150,7 @@ class SelfBatching(ABC):
                     if not live:
                         continue
                     results = await loop.run_in_executor(self._thread, forward, live)
+                    self.progressed()
                     for item, result in zip(live, results):
                         self._deliver(item, result)
         except asyncio.CancelledError:  # stopping: nobody will answer these

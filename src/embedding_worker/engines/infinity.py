@@ -1,10 +1,11 @@
 """The Infinity adapter: sentence-transformers embedders and cross-encoder rerankers on Infinity.
 
 Every Infinity model of the worker is one `AsyncEmbeddingEngine` in one `AsyncEngineArray` (the
-registry starts and stops the array). Five of Infinity's internals are worked around, each in one
+registry starts and stops the array). Six of Infinity's internals are worked around, each in one
 place: a batch thread that dies silently (`_guard_batch_threads`), batches released before they
 are full or cut by count only (pacing.py and budget.py, installed in `start`), a forward pass that
-fails its whole batch when memory runs out (`_split_on_out_of_memory`), a second tokenization of
+fails its whole batch when memory runs out (`_split_on_out_of_memory`), batches computed after
+every request in them has gone (`_skip_abandoned_batches`), a second tokenization of
 every text (tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's
 tensors exactly), and the inputs of CLIP-like models (vision.py).
 """
@@ -16,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -89,6 +91,13 @@ def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class AbandonedBatch:
+    """What the forward step gives for a batch it skipped: how many rows it had."""
+
+    rows: int
+
+
 class InfinityModel(ModelEngine):
     """What every Infinity-served model shares: the loaded replica's tokenizer and limits, the
     batch-thread guard and the paced queue. `load` gives an embedder or a reranker."""
@@ -106,6 +115,7 @@ class InfinityModel(ModelEngine):
         for each_replica in engine._model_replicas:
             self._prepare_replica(each_replica)
             self._split_on_out_of_memory(each_replica)
+            self._skip_abandoned_batches(each_replica)
             self._guard_batch_threads(each_replica)
 
     @staticmethod
@@ -162,6 +172,42 @@ class InfinityModel(ModelEngine):
         else:
             replica.encode_core = SplitOnOutOfMemory(core, self.served_id)
 
+    def _skip_abandoned_batches(self, replica: Any) -> None:
+        """A batch whose every request has gone (cancelled, timed out, its client away) by the
+        time its forward pass would start is not computed: Infinity computes every batch it has
+        popped, up to 8 at once, and a request that gave up would otherwise keep the model busy
+        for seconds after. The pre-processing step links its features to the batch's futures
+        (pacing.HandedOver); the forward step then returns an `AbandonedBatch`, and the
+        post-processing step placeholders that Infinity hands to futures already done."""
+        pre, core, post = replica.encode_pre, replica.encode_core, replica.encode_post
+        linked: dict[int, tuple[Any, list[Any]]] = {}  # id(features) -> (features, futures)
+
+        @functools.wraps(pre)
+        def encode_pre(inputs: list[Any]) -> Any:
+            features = pre(inputs)
+            paced = self._paced
+            futures = paced.handed_over.futures_of(inputs) if paced is not None else None
+            if futures is not None:
+                linked[id(features)] = (features, futures)
+            return features
+
+        @functools.wraps(core)
+        def encode_core(features: Any) -> Any:
+            known = linked.pop(id(features), None)
+            if known is not None and known[0] is features and all(f.done() for f in known[1]):
+                log.debug("%s: a batch nobody waits for is skipped", self.served_id)
+                return AbandonedBatch(len(known[1]))
+            return core(features)
+
+        @functools.wraps(post)
+        def encode_post(output: Any) -> Any:
+            if isinstance(output, AbandonedBatch):
+                return [0.0] * output.rows  # Infinity refuses None; the futures are done
+            return post(output)
+
+        replica.encode_pre, replica.encode_core = encode_pre, encode_core
+        replica.encode_post = encode_post
+
     def _guard_batch_threads(self, replica: Any) -> None:
         """Infinity's upstream issue #609: an exception in a batch thread (tokenise, forward,
         post-process) kills that thread, and every pending and later request waits for ever.
@@ -176,8 +222,9 @@ class InfinityModel(ModelEngine):
             @functools.wraps(method)
             def guarded(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
                 started = time.perf_counter()
+                done = None
                 try:
-                    return _method(*args)
+                    done = _method(*args)
                 except Exception as exc:
                     log.error(
                         "model '%s': Infinity batch thread died in %s: %s",
@@ -187,10 +234,16 @@ class InfinityModel(ModelEngine):
                     )
                     self.report_dead(f"its batch thread died in {_stage} ({type(exc).__name__})")
                     raise
+                else:
+                    if _stage == "encode_core":
+                        self.progressed()
+                    return done
                 finally:
                     if _stage == "encode_core" and self._paced is not None:
                         features = args[0] if args else ()
                         rows = getattr(features, "rows", None) or rows_of(features)
+                        if isinstance(done, AbandonedBatch):
+                            rows = 0  # no forward pass: no measure of the model's pace
                         self._paced.batch_finished(rows, time.perf_counter() - started)
 
             setattr(replica, stage, guarded)

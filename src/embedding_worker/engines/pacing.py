@@ -65,6 +65,44 @@ FLEX_TURN_S = 0.03
 AHEAD = 2
 
 
+class HandedOver:
+    """The batches handed to Infinity and the futures of their requests, so that a batch whose
+    every request has gone (cancelled, timed out, its client away) skips its forward pass:
+    Infinity computes every batch it has popped, and one pop takes up to 8 of them.
+
+    Infinity's pre-processing step sees a batch only as the list of its inputs (`to_input()` of
+    each item, the very text objects the request queued), so a batch is found again by the
+    identity of its inputs; a batch not found (a rerank pair, made afresh by `to_input`) is
+    computed as before. Used from Infinity's publisher and pre-processing threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_first: dict[int, list[tuple[list[Any], list[Any]]]] = {}
+
+    def add(self, batch: list[Any]) -> None:
+        if not batch:
+            return
+        inputs = [item.content.to_input() for item in batch]
+        futures = [item.future for item in batch]
+        with self._lock:
+            self._by_first.setdefault(id(inputs[0]), []).append((inputs, futures))
+
+    def futures_of(self, inputs: list[Any]) -> list[Any] | None:
+        """The futures of the batch made of exactly these input objects (forgotten then)."""
+        if not inputs:
+            return None
+        with self._lock:
+            entries = self._by_first.get(id(inputs[0]), [])
+            for i, (known, futures) in enumerate(entries):
+                if len(known) == len(inputs) and all(a is b for a, b in zip(known, inputs)):
+                    del entries[i]
+                    if not entries:
+                        del self._by_first[id(inputs[0])]
+                    return futures
+        return None
+
+
 class PacedQueue:
     """Wraps Infinity's FIFO queue (the three methods its batch handler calls) and releases a batch
     only when it is full or a model replica is idle.
@@ -94,6 +132,7 @@ class PacedQueue:
         self._text_seconds = 0.0  # forward-pass seconds a text, recently; 0 before any
         self._changed = threading.Condition()
         self._wake_pending = False
+        self.handed_over = HandedOver()
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self.queues)
@@ -209,6 +248,8 @@ class PacedQueue:
         ]
         with self._changed:
             self.in_model += len(batches)
+        for batch in batches:
+            self.handed_over.add(batch)
         yield from batches
 
     def max_rows(self, longest: int) -> int:

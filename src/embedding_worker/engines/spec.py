@@ -34,10 +34,17 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """Settings shared by every engine: the queue bound, the time bound, and remote code."""
+    """Settings shared by every engine: the queue bounds, the time bounds, and remote code."""
 
     queue_size: int = 48_000  # most inputs queued per model (INFINITY_QUEUE_SIZE)
     timeout_s: float = 300.0  # most seconds one engine call may take (REQUEST_TIMEOUT)
+    # Seconds without a finished batch, while work waits, after which a model is stalled and the
+    # worker unhealthy until it moves again (ENGINE_STALL_TIMEOUT).
+    stall_timeout_s: float = 300.0
+    # Most tokens queued per model (MAX_QUEUED_TOKENS); None: what the model answers within
+    # REQUEST_TIMEOUT at its measured pace, and `unmeasured_max_queued_tokens` until it is measured.
+    max_queued_tokens: int | None = None
+    unmeasured_max_queued_tokens: int = 300_000  # MAX_REQUEST_TOKENS: one maximum-size request
     trust_remote_code: bool = False
     # Embedders pad each text to a length of its own, so its vector does not depend on its batch.
     # Off by default: it costs throughput (bench/RESULTS.md, bench.invariance and bench.run).

@@ -55,7 +55,9 @@ async def _classified(
     check_count(len(request.input), context.limits, "input")
     lengths = await tokenize(len(request.input), model.tokens.count, request.input)
     tokens = check_lengths(model, lengths, request.truncate, context.limits, "input")
-    labels = await model.classify(counted(request.input, lengths), request.raw_scores)
+    labels = await model.classify(
+        counted(request.input, lengths), request.raw_scores, tokens=tokens
+    )
     ranked = [sorted(each, key=lambda pair: -pair[1])[: request.top_k] for each in labels]
     return model, ranked, tokens
 

@@ -382,9 +382,9 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
         prepared = iter(await _prepared_images(model, counted.images, context.limits))
         texts = iter(counted.texts)
         inputs = [next(prepared if isinstance(item, ImageRef) else texts) for item in request.input]
-        vectors = await model.embed_inputs(inputs)
+        vectors = await model.embed_inputs(inputs, tokens=counted.tokens)
     else:
-        vectors = await model.embed(counted.texts)
+        vectors = await model.embed(counted.texts, tokens=counted.tokens)
     vectors = _resize(vectors, request.dimensions, model)
     if request.dimensions is None and model.dimensions is None:
         check_answer_size(len(vectors), vectors.shape[1], request.encoding_format, context.limits)
@@ -467,7 +467,9 @@ async def _create_multi_output(context: Context, request: EmbeddingRequest) -> d
     assert isinstance(model, MultiOutputEmbedder)  # _check_outputs made sure
     outputs = request.outputs
     _check_multi_output_size(counted, request, context.limits)
-    embedded: list[TextEmbeddings] = await model.embed_outputs(counted.texts, outputs)
+    embedded: list[TextEmbeddings] = await model.embed_outputs(
+        counted.texts, outputs, tokens=counted.tokens
+    )
     data: list[dict[str, Any]] = [{"object": "embedding"} for _ in embedded]
     if DENSE in outputs:
         dense = _resize(

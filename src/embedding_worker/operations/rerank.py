@@ -120,7 +120,9 @@ async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
 
     # Each document carries its pair's tokens, which bound the engine's batches (budget.py).
-    scores = await model.rerank(request.query, counted(docs, lengths), request.instruction)
+    scores = await model.rerank(
+        request.query, counted(docs, lengths), request.instruction, tokens=tokens
+    )
     check_finite(scores, model)
     # Stable sort by score, highest first: equal scores keep the documents' order.
     order = np.argsort(-scores, kind="stable")
