@@ -139,9 +139,23 @@ class FakeNetwork(image_urls.Network):
     def transport(self):
         async def handle(request):
             self.seen.append(request)
-            return await self.handler(request)
+            response = await self.handler(request)
+            if not hasattr(response, "_content"):
+                return response
+            # A body given whole is read already; the worker reads the raw stream, as off a socket.
+            return httpx.Response(
+                response.status_code, headers=response.headers, stream=_Stream(response.content)
+            )
 
         return httpx.MockTransport(handle)
+
+
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, data: bytes):
+        self.data = data
+
+    async def __aiter__(self):
+        yield self.data
 
 
 def _png(request):
