@@ -5,9 +5,10 @@ URL (image_urls.py fetches it). Decoding refuses more than IMAGE_MAX_BYTES of en
 than IMAGE_MAX_PIXELS pixels, checked from the header before any pixel is decoded (the guard
 against decompression bombs; Pillow's own guard, which refuses at open, stays as it is); formats
 other than PNG, JPEG, WebP and GIF (its first frame); and anything Pillow cannot read. Each refusal
-is an invalid_input naming the item. A decoded image is converted to RGB (what every CLIP
-processor does first) and handed at once to the model's own `prepare_image`, in a thread: only the
-model's small input is kept, never the full-size pixels.
+is an invalid_input naming the item. A request's images together decode at most
+IMAGE_MAX_REQUEST_PIXELS (a 413), each charged from its header before it is decoded. A decoded
+image is converted to RGB (what every CLIP processor does first) and handed at once to the model's
+own `prepare_image`, in a thread: only the model's small input is kept, never the full-size pixels.
 """
 
 from __future__ import annotations
