@@ -80,3 +80,21 @@ def test_numbers_and_flags():
     assert load_config({}).keep_freed_memory is None  # auto
     assert load_config({"KEEP_FREED_MEMORY": " Auto "}).keep_freed_memory is None
     assert config.models[0].backend == "optimum"
+
+
+def test_request_image_limits():
+    limits = load_config({}).limits
+    assert limits.max_request_image_pixels == 250_000_000
+    assert limits.image_url_bytes_in_flight == 64_000_000
+    limits = load_config(
+        {"IMAGE_MAX_REQUEST_PIXELS": "1000000", "IMAGE_URL_BYTES_IN_FLIGHT": "20000000"}
+    ).limits
+    assert (limits.max_request_image_pixels, limits.image_url_bytes_in_flight) == (
+        1_000_000,
+        20_000_000,
+    )
+    # Each download holds room for a whole image: one must fit.
+    with pytest.raises(ConfigError, match="IMAGE_URL_BYTES_IN_FLIGHT .* at least IMAGE_MAX_BYTES"):
+        load_config({"IMAGE_URL_BYTES_IN_FLIGHT": "5000000"})
+    with pytest.raises(ConfigError, match="IMAGE_MAX_REQUEST_PIXELS must be at least 1"):
+        load_config({"IMAGE_MAX_REQUEST_PIXELS": "0"})

@@ -9,10 +9,15 @@ check runs on what it gives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import gzip
 import http.server
 import ipaddress
 import threading
+import time
+import tracemalloc
+import zlib
 
 import httpx
 import numpy as np
@@ -139,9 +144,23 @@ class FakeNetwork(image_urls.Network):
     def transport(self):
         async def handle(request):
             self.seen.append(request)
-            return await self.handler(request)
+            response = await self.handler(request)
+            if not hasattr(response, "_content"):
+                return response
+            # A body given whole is read already; the worker reads the raw stream, as off a socket.
+            return httpx.Response(
+                response.status_code, headers=response.headers, stream=_Stream(response.content)
+            )
 
         return httpx.MockTransport(handle)
+
+
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, data: bytes):
+        self.data = data
+
+    async def __aiter__(self):
+        yield self.data
 
 
 def _png(request):
@@ -307,3 +326,230 @@ def test_the_allow_list_holds_host_names_only(value):
 def test_the_allow_list_is_read_lower_case():
     limits = load_config({"IMAGE_URL_HOSTS": " Images.Example.com. ; cdn.example.org"}).limits
     assert limits.image_url_hosts == {"images.example.com", "cdn.example.org"}
+
+
+# A real HTTP server on 127.0.0.1 behind the Network seam: DNS gives a public address, and the
+# connection goes to the server over a real socket (a test cannot reach a public one). What the
+# worker reads is what a server sends, bytes and timing, not what httpx makes of a Response object.
+
+
+class _ToLoopback(httpx.AsyncBaseTransport):
+    def __init__(self, port: int):
+        self.port = port
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request):
+        request.url = request.url.copy_with(scheme="http", host="127.0.0.1", port=self.port)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+
+class LocalNetwork(image_urls.Network):
+    def __init__(self, port: int):
+        self.port = port
+
+    async def resolve(self, host, port):
+        return [PUBLIC]
+
+    def transport(self):
+        return _ToLoopback(self.port)
+
+
+def _noise_png(side: int, seed: int) -> bytes:
+    from tests.test_images import _noise, encoded
+
+    return encoded(_noise(side, side, seed=seed))
+
+
+ZEROS = 64_000_000  # a bomb's inflated size: 64 times the 1 MB limit its tests set
+BIG_PNG = _noise_png(600, seed=11)  # about 1 MB of noise, which PNG cannot compress
+
+
+class _Served(http.server.BaseHTTPRequestHandler):
+    """Bodies by path: bombs, a compressed image, a drip, a large image."""
+
+    bodies: dict[str, tuple[bytes, str | None]] = {}
+    accept_encodings: list[str] = []
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).accept_encodings.append(self.headers.get("Accept-Encoding", ""))
+        if self.path == "/drip":
+            return self._drip()
+        body, coding = self.bodies[self.path]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        if coding:
+            self.send_header("Content-Encoding", coding)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:
+            pass  # the worker hung up: it was refused
+
+    def _drip(self):
+        """200 bytes, one each 50 ms: each read answers in time, the whole takes 10 s."""
+        self.send_response(200)
+        self.send_header("Content-Length", "200")
+        self.end_headers()
+        try:
+            for _ in range(200):
+                self.wfile.write(b"\0")
+                self.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+@pytest.fixture(scope="module")
+def local_server():
+    import brotli
+
+    zeros = bytes(ZEROS)
+    _Served.bodies = {
+        "/gzip-bomb": (_gzip(zeros), "gzip"),
+        "/deflate-bomb": (zlib.compress(zeros), "deflate"),
+        "/brotli-bomb": (brotli.compress(zeros, quality=5), "br"),
+        "/gzip.png": (_gzip(PNG), "gzip"),
+        "/deflate.png": (zlib.compress(PNG), "deflate"),
+        "/cut-gzip.png": (_gzip(PNG)[:-20], "gzip"),
+        "/twice.png": (_gzip(_gzip(PNG)), "gzip, gzip"),
+        "/big.png": (BIG_PNG, None),
+    }
+    assert all(
+        len(body) < 1_000_000 for path, (body, _) in _Served.bodies.items() if "bomb" in path
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Served)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture
+def served(local_server, monkeypatch):
+    monkeypatch.setattr(image_urls, "NETWORK", LocalNetwork(local_server))
+    _Served.accept_encodings.clear()
+    return lambda path: {"type": "image", "image": f"https://images.example.com{path}"}
+
+
+def _limit(worker, monkeypatch, **limits):
+    monkeypatch.setattr(worker, "limits", dataclasses.replace(worker.limits, **limits))
+
+
+@contextlib.contextmanager
+def peak_memory():
+    """The peak of memory the Python and numpy allocators hold (where bodies and their copies
+    live) above what they held at the start, in bytes, in `peak[0]` when the block ends."""
+    peak = [0]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        yield peak
+        peak[0] = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("path", ["/gzip-bomb", "/deflate-bomb"])
+async def test_a_compression_bomb_inflates_no_further_than_the_byte_limit(
+    url_worker, served, monkeypatch, path
+):
+    # Finding (issue 28): httpx inflated a 6.5 KB brotli body to 4 GiB before the byte check.
+    _limit(url_worker, monkeypatch, max_image_bytes=1_000_000)
+    with peak_memory() as peak:
+        message = await refusal(url_worker, served(path))
+    assert "item 1 is an image URL of more than 1000000 bytes (IMAGE_MAX_BYTES)" in message
+    assert peak[0] < 8_000_000  # the body inflates to 64 MB
+    assert _Served.accept_encodings == ["identity"]  # the server compressed it unasked
+    assert url_worker.healthy
+
+
+async def test_a_coding_other_than_gzip_or_deflate_is_refused_unread(url_worker, served):
+    with peak_memory() as peak:
+        message = await refusal(url_worker, served("/brotli-bomb"))
+    assert "compressed in a way not decoded here" in message and peak[0] < 8_000_000
+    # Codings stacked are refused alike: one inflation, one bound.
+    assert "compressed in a way not decoded here" in await refusal(url_worker, served("/twice.png"))
+
+
+async def test_an_image_compressed_unasked_is_inflated_and_embedded(url_worker, served):
+    body = await answer(
+        url_worker, input=[served("/gzip.png"), served("/deflate.png"), uri_of("png")]
+    )
+    vectors = decode_vectors(body)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    np.testing.assert_allclose(vectors[1], vectors[2], atol=1e-6)
+    assert _Served.accept_encodings == ["identity", "identity"]
+    assert "compressed answer is damaged" in await refusal(url_worker, served("/cut-gzip.png"))
+
+
+async def test_a_body_that_drips_is_cut_at_the_whole_download_deadline(url_worker, served):
+    # Every byte arrives within the 0.5 s IMAGE_URL_TIMEOUT of the one before; the whole would
+    # take 10 s, and then be no image.
+    message = await refusal(url_worker, served("/drip"))
+    assert "did not answer within 0.5 s (IMAGE_URL_TIMEOUT)" in message
+    assert url_worker.healthy
+
+
+async def test_a_request_of_many_large_images_holds_a_bounded_number_of_bytes(
+    url_worker, served, monkeypatch
+):
+    # Finding (issue 28): 400 copies of one 9.7 MB image were all held before any was decoded
+    # (+4.1 GB). Here 40 copies of 1 MB, two at a time in flight: each is decoded as it arrives.
+    copies = 40
+    _limit(
+        url_worker,
+        monkeypatch,
+        max_image_bytes=len(BIG_PNG) + 1,
+        image_url_bytes_in_flight=2 * len(BIG_PNG) + 2,
+    )
+    with peak_memory() as peak:
+        body = await answer(url_worker, input=[served("/big.png")] * copies)
+    vectors = decode_vectors(body)
+    assert len(vectors) == copies
+    np.testing.assert_allclose(vectors, np.repeat(vectors[:1], copies, axis=0), atol=1e-6)
+    # Measured: 7 MB (two bodies, their copies and decoding); all of them held, 40 to 80.
+    assert peak[0] < 12 * len(BIG_PNG)
+
+
+async def test_image_urls_are_charged_to_the_request_pixels_as_they_arrive(
+    url_worker, network, monkeypatch
+):
+    from embedding_worker import images
+
+    network()
+    pixels = 40 * 30  # PNG's
+    decoded = []
+    real_decode = images.decode
+
+    def counted(data, index, limits, budget=None):
+        image = real_decode(data, index, limits, budget)
+        decoded.append(index)
+        return image
+
+    monkeypatch.setattr(images, "decode", counted)
+    url = {"type": "image", "image": "https://images.example.com/a.png"}
+    _limit(url_worker, monkeypatch, max_request_image_pixels=3 * pixels)
+    await answer(url_worker, input=[url, url, uri_of("png")])
+    reply = await url_worker.dispatch({"input": [url, url, url, url]})
+    assert reply.status == 413 and reply.body["error"]["code"] == "request_too_large"
+    assert "IMAGE_MAX_REQUEST_PIXELS" in reply.body["error"]["message"]
+    assert len(decoded) == 3 + 3  # never the fourth
+    # Data URIs are charged first, all of them, before any URL is fetched or image decoded.
+    _limit(url_worker, monkeypatch, max_request_image_pixels=2 * pixels)
+    decoded.clear()
+    fetched = len(image_urls.NETWORK.seen)
+    reply = await url_worker.dispatch({"input": [url, uri_of("png"), uri_of("png"), uri_of("png")]})
+    assert reply.status == 413 and decoded == [] and len(image_urls.NETWORK.seen) == fetched

@@ -437,3 +437,75 @@ async def test_dtypes_auto_is_bfloat16_on_a_cpu_that_computes_it(clip):
         assert got.dtype == np.float32 and (got * want).sum(axis=1).min() > 0.999
     finally:
         await worker.stop()
+
+
+def _count_decodes(monkeypatch) -> list[int]:
+    from embedding_worker import images
+
+    decoded: list[int] = []
+    real_decode = images.decode
+
+    def counted(data, index, limits, budget=None):
+        decoded.append(index)
+        return real_decode(data, index, limits, budget)
+
+    monkeypatch.setattr(images, "decode", counted)
+    return decoded
+
+
+async def test_a_request_over_its_pixels_is_refused_before_any_decoding(
+    image_worker, names, monkeypatch
+):
+    # Finding (issue 28): a 3 KB PNG of 5000x5000 one-bit pixels took 0.5 s of CPU to decode, and
+    # a 1 MB request of them 127 s. Each counts its 25 million pixels, whatever its bytes.
+    from embedding_worker import images
+
+    bomb = encoded(Image.new("1", (5000, 5000)))
+    assert len(bomb) < 4_000
+    assert images.decoded_pixels(Image.open(io.BytesIO(bomb))) == 25_000_000
+    decoded = _count_decodes(monkeypatch)
+    limits = image_worker.limits
+    assert limits.max_request_image_pixels == 10 * limits.max_image_pixels  # the default
+    request = [data_uri(bomb)] * (limits.max_request_image_pixels // 25_000_000 + 1)
+    reply = await image_worker.dispatch({"model": names["clip"], "input": ["a cat", *request]})
+    assert reply.status == 413 and reply.body["error"]["code"] == "request_too_large"
+    assert reply.body["error"]["param"] == "input"
+    assert reply.body["error"]["message"] == (
+        "the request's images hold more than 250000000 pixels to decode "
+        "(IMAGE_MAX_REQUEST_PIXELS); split them into smaller requests"
+    )
+    assert decoded == []
+    # Within it, the same images are decoded.
+    monkeypatch.setattr(
+        image_worker,
+        "limits",
+        dataclasses.replace(limits, max_request_image_pixels=3 * 40 * 30),  # three PNGs
+    )
+    await answer(image_worker, model=names["clip"], input=[uri_of("png")] * 3)
+    assert decoded == [0, 1, 2]
+    reply = await image_worker.dispatch({"model": names["clip"], "input": [uri_of("png")] * 4})
+    assert reply.status == 413 and decoded == [0, 1, 2]
+
+
+def _animation(frames: int) -> bytes:
+    images = [_noise(40, 30, seed=seed).convert("P") for seed in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, "GIF", save_all=True, append_images=images[1:])
+    return out.getvalue()
+
+
+async def test_an_animation_costs_the_one_frame_decoded(image_worker, names, monkeypatch):
+    animation = _animation(30)
+    assert Image.open(io.BytesIO(animation)).n_frames == 30
+    monkeypatch.setattr(
+        image_worker,
+        "limits",
+        dataclasses.replace(image_worker.limits, max_request_image_pixels=2 * 40 * 30),
+    )
+    uri = data_uri(animation, "gif")
+    alone = decode_vectors(await answer(image_worker, model=names["clip"], input=[uri, uri]))
+    first = encoded(Image.open(io.BytesIO(animation)).convert("RGB"))
+    still = decode_vectors(await answer(image_worker, model=names["clip"], input=[data_uri(first)]))
+    np.testing.assert_allclose(alone[0], still[0], atol=1e-6)  # its first frame, only
+    reply = await image_worker.dispatch({"model": names["clip"], "input": [uri, uri, uri]})
+    assert reply.status == 413

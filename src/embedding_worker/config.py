@@ -193,7 +193,19 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         image_url_timeout_s=float_var(
             env, "IMAGE_URL_TIMEOUT", _LIMIT_DEFAULTS.image_url_timeout_s
         ),
+        max_request_image_pixels=int_var(
+            env, "IMAGE_MAX_REQUEST_PIXELS", _LIMIT_DEFAULTS.max_request_image_pixels
+        ),
+        image_url_bytes_in_flight=int_var(
+            env, "IMAGE_URL_BYTES_IN_FLIGHT", _LIMIT_DEFAULTS.image_url_bytes_in_flight
+        ),
     )
+    if limits.image_url_bytes_in_flight < limits.max_image_bytes:
+        # Each download holds room for a whole image until it is decoded.
+        raise ConfigError(
+            f"IMAGE_URL_BYTES_IN_FLIGHT ({limits.image_url_bytes_in_flight}) must be at least "
+            f"IMAGE_MAX_BYTES ({limits.max_image_bytes}): one image URL must fit"
+        )
     return WorkerConfig(
         models=tuple(models),
         queue_size=int_var(env, "INFINITY_QUEUE_SIZE", _DEFAULTS.queue_size),

@@ -5,9 +5,10 @@ URL (image_urls.py fetches it). Decoding refuses more than IMAGE_MAX_BYTES of en
 than IMAGE_MAX_PIXELS pixels, checked from the header before any pixel is decoded (the guard
 against decompression bombs; Pillow's own guard, which refuses at open, stays as it is); formats
 other than PNG, JPEG, WebP and GIF (its first frame); and anything Pillow cannot read. Each refusal
-is an invalid_input naming the item. A decoded image is converted to RGB (what every CLIP
-processor does first) and handed at once to the model's own `prepare_image`, in a thread: only the
-model's small input is kept, never the full-size pixels.
+is an invalid_input naming the item. A request's images together decode at most
+IMAGE_MAX_REQUEST_PIXELS (a 413), each charged from its header before it is decoded. A decoded
+image is converted to RGB (what every CLIP processor does first) and handed at once to the model's
+own `prepare_image`, in a thread: only the model's small input is kept, never the full-size pixels.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import base64
 import binascii
 import io
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors
+from . import errors, image_urls
 from .errors import APIError
 from .limits import Limits
 
@@ -90,8 +92,41 @@ def _too_many_pixels(index: int, size: str, limits: Limits) -> APIError:
     )
 
 
-def decode(data: bytes, index: int, limits: Limits) -> Any:
-    """An encoded image as an RGB Pillow image, within the limits; refusals name the item."""
+def _too_many_request_pixels(limits: Limits) -> APIError:
+    return errors.too_large(
+        f"the request's images hold more than {limits.max_request_image_pixels} pixels to decode "
+        "(IMAGE_MAX_REQUEST_PIXELS); split them into smaller requests",
+        param="input",
+    )
+
+
+class PixelBudget:
+    """The pixels one request's images may decode (IMAGE_MAX_REQUEST_PIXELS): decoding costs about
+    the same per pixel whatever the file's size (a 3 KB PNG can hold 25 million one-bit pixels), so
+    each image is charged from its header, before it is decoded. Decoding threads share it."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self.left = limits.max_request_image_pixels
+        self._lock = threading.Lock()
+
+    def charge(self, image: Any) -> None:
+        cost = decoded_pixels(image)
+        with self._lock:
+            if cost > self.left:
+                raise _too_many_request_pixels(self._limits)
+            self.left -= cost
+
+
+def decoded_pixels(image: Any) -> int:
+    """Pixels times frames decoded: `load()` decodes an animation's first frame only, so an
+    animated GIF, WebP or PNG costs one frame, whatever the frames after it."""
+    width, height = image.size
+    return width * height
+
+
+def _opened(data: bytes, index: int, limits: Limits) -> Any:
+    """An encoded image's header read and checked: format, size and pixels; nothing decoded."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_image_bytes:
@@ -111,6 +146,17 @@ def decode(data: bytes, index: int, limits: Limits) -> Any:
         raise _refused(
             index, f"is an image of {width}x{height} pixels, under {MIN_SIDE}x{MIN_SIDE}"
         )
+    return image
+
+
+def decode(data: bytes, index: int, limits: Limits, budget: PixelBudget | None = None) -> Any:
+    """An encoded image as an RGB Pillow image, within the limits, charged to `budget` (if any)
+    before it is decoded; refusals name the item."""
+    from PIL import Image
+
+    image = _opened(data, index, limits)
+    if budget is not None:
+        budget.charge(image)
     try:
         image.load()  # the first frame of an animation
         return image if image.mode == "RGB" else image.convert("RGB")
@@ -118,19 +164,23 @@ def decode(data: bytes, index: int, limits: Limits) -> Any:
         raise _refused(index, "is a damaged or truncated image") from None
 
 
-# An image item as it reaches decoding: a data URI, or the bytes fetched for a URL.
-Encoded = ImageRef | bytes
+def charge_data_uris(
+    refs: Sequence[tuple[int, ImageRef]], budget: PixelBudget, limits: Limits
+) -> None:
+    """Every data URI's header read and charged, so that a request over its pixels is refused
+    before any image is decoded or fetched."""
+    for index, ref in refs:
+        budget.charge(_opened(data_uri_bytes(ref, index, limits), index, limits))
 
 
 def prepare(
-    encoded: Sequence[tuple[int, Encoded]], prepare_image: Callable[[Any], Any], limits: Limits
+    refs: Sequence[tuple[int, ImageRef]], prepare_image: Callable[[Any], Any], limits: Limits
 ) -> list[Any]:
-    """Decode each (item index, image) and turn it into the model's input at once."""
-    prepared = []
-    for index, image in encoded:
-        data = data_uri_bytes(image, index, limits) if isinstance(image, ImageRef) else image
-        prepared.append(prepare_image(decode(data, index, limits)))
-    return prepared
+    """Decode each (item index, data URI) and turn it into the model's input at once."""
+    return [
+        prepare_image(decode(data_uri_bytes(ref, index, limits), index, limits))
+        for index, ref in refs
+    ]
 
 
 # Requests of a few images are decoded in one thread hop; larger ones in a few, so that the decoding
@@ -139,16 +189,56 @@ _IMAGES_PER_THREAD = 8
 
 
 async def prepare_all(
-    encoded: list[tuple[int, Encoded]], prepare_image: Callable[[Any], Any], limits: Limits
+    items: Sequence[tuple[int, ImageRef]], prepare_image: Callable[[Any], Any], limits: Limits
 ) -> list[Any]:
-    """`prepare` off the event loop: unpacking and decoding a large image take milliseconds."""
-    chunks = [
-        encoded[start : start + _IMAGES_PER_THREAD]
-        for start in range(0, len(encoded), _IMAGES_PER_THREAD)
+    """Every (item index, image) unpacked or fetched, decoded and made the model's input, in
+    order, off the event loop (decoding a large image takes milliseconds).
+
+    Data URIs are charged to the request's pixels first, all of them, before anything is decoded or
+    fetched. Each image URL is decoded as soon as it arrives, charged from its header first, and
+    its bytes given back at once (image_urls.Fetcher bounds the bytes held)."""
+    budget = PixelBudget(limits)
+    data_uris = [(index, ref) for index, ref in items if ref.is_data_uri]
+    urls = [(index, ref.source) for index, ref in items if not ref.is_data_uri]
+    if data_uris:
+        await asyncio.to_thread(charge_data_uris, data_uris, budget, limits)
+    done: dict[int, Any] = {}
+
+    async def unpack(chunk: list[tuple[int, ImageRef]]) -> None:
+        prepared = await asyncio.to_thread(prepare, chunk, prepare_image, limits)
+        done.update(zip((index for index, _ in chunk), prepared))
+
+    def prepare_fetched(data: bytes, index: int) -> Any:
+        return prepare_image(decode(data, index, limits, budget))
+
+    async def fetch(fetcher: image_urls.Fetcher, index: int, url: str) -> None:
+        async with fetcher.fetched(index, url) as data:
+            done[index] = await asyncio.to_thread(prepare_fetched, data, index)
+
+    work = [
+        unpack(data_uris[start : start + _IMAGES_PER_THREAD])
+        for start in range(0, len(data_uris), _IMAGES_PER_THREAD)
     ]
-    if len(chunks) == 1:
-        return await asyncio.to_thread(prepare, chunks[0], prepare_image, limits)
-    done = await asyncio.gather(
-        *(asyncio.to_thread(prepare, chunk, prepare_image, limits) for chunk in chunks)
-    )
-    return [item for chunk in done for item in chunk]
+    if urls:
+        async with image_urls.Fetcher(limits) as fetcher:
+            await _all(work + [fetch(fetcher, index, url) for index, url in urls])
+    else:
+        await _all(work)
+    return [done[index] for index, _ in items]
+
+
+async def _all(work: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the coroutines together; the first failure cancels the rest and is raised as itself
+    (a refusal first, if any)."""
+    if len(work) == 1:
+        await work[0]
+        return
+    try:
+        async with asyncio.TaskGroup() as group:
+            for job in work:
+                group.create_task(job)
+    except BaseExceptionGroup as failed:
+        first = next(
+            (e for e in failed.exceptions if isinstance(e, APIError)), failed.exceptions[0]
+        )
+        raise first from None

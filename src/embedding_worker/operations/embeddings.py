@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from .. import errors, image_urls, images, prompts
+from .. import errors, images, prompts
 from ..encoding import EmbeddingType, encode_types, encode_vectors
 from ..engines import Capability, Embedder, ImageEmbedder, ModelEngine
 from ..engines.base import (
@@ -288,12 +288,7 @@ async def _prepared_images(
     model: ImageEmbedder, image_items: list[tuple[int, ImageRef]], limits: Limits
 ) -> list[Any]:
     """Every image item fetched or unpacked, decoded and made the model's input, in order."""
-    urls = [(i, ref.source) for i, ref in image_items if not ref.is_data_uri]
-    fetched = dict(zip((i for i, _ in urls), await image_urls.fetch_all(urls, limits)))
-    encoded: list[tuple[int, images.Encoded]] = [
-        (i, fetched[i] if i in fetched else ref) for i, ref in image_items
-    ]
-    return await images.prepare_all(encoded, model.prepare_image, limits)
+    return await images.prepare_all(image_items, model.prepare_image, limits)
 
 
 @dataclass(frozen=True)
