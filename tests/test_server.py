@@ -32,6 +32,7 @@ from embedding_worker.engines import Embedder, EngineSettings, Health, ModelRegi
 from embedding_worker.engines.tokenization import TokenCounter
 from embedding_worker.reply import Reply
 from embedding_worker.transports.http import (
+    API_KEY_ENV,
     SERVER_VARIABLES,
     ServerSettings,
     create_app,
@@ -610,11 +611,40 @@ def test_an_answer_that_cannot_be_written_is_a_500_error_object_not_a_lost_job(b
         assert json.loads(failed["error"])["error"]["code"] == "internal_error"
 
 
-@pytest.mark.parametrize("name", [n for n in SERVER_VARIABLES if n != "WORKER_API_KEY"])
+LISTS = {"SERVER_ALLOWED_HOSTS", "SERVER_ALLOWED_ORIGINS"}
+
+
+@pytest.mark.parametrize("name", [n for n in SERVER_VARIABLES if n not in {API_KEY_ENV, *LISTS}])
 def test_server_settings_refuse_bad_values_naming_the_variable(name):
     with pytest.raises(ConfigError, match=name):
         ServerSettings.from_env({name: "0"})
     assert ServerSettings.from_env({name: "7"}) != ServerSettings()
+
+
+@pytest.mark.parametrize(
+    "name, good, bad",
+    [
+        (
+            "SERVER_ALLOWED_HOSTS",
+            {"Example.COM, 10.0.0.5,::1": ("example.com", "10.0.0.5", "::1"), "*": ("*",)},
+            ["http://example.com", "example.com:80", "[::1]", "a..b", "7", "a,,b"],
+        ),
+        (
+            "SERVER_ALLOWED_ORIGINS",
+            {"https://App.example.com, http://localhost:3000": (
+                "https://app.example.com", "http://localhost:3000"
+            ), "*, https://a.b": ("*",)},
+            ["app.example.com", "ftp://a.b", "https://a.b/path", "null", "https://"],
+        ),
+    ],
+)  # fmt: skip
+def test_server_settings_read_host_and_origin_lists(name, good, bad):
+    field = name.removeprefix("SERVER_").lower()
+    for raw, expected in good.items():
+        assert getattr(ServerSettings.from_env({name: raw}), field) == expected
+    for raw in bad:
+        with pytest.raises(ConfigError, match=name):
+            ServerSettings.from_env({name: raw})
 
 
 def test_every_server_variable_is_in_the_configuration_table():
