@@ -313,6 +313,22 @@ def test_http_errors_are_openai_error_objects(http, method, path, content, statu
         assert response.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods allowed
 
 
+@pytest.mark.parametrize("path", ["/health", "/ping", "/v1/models", "/openai/v1/models", "/models"])
+def test_head_answers_where_get_does_with_the_same_headers_and_no_body(http, path):
+    got, head = http.get(path), http.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"] != "0"
+    assert head.headers["content-type"] == "application/json"
+
+
+def test_a_405_names_head_beside_get(http):
+    refused = http.post("/health")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+    assert http.delete("/status/some-job").headers["allow"] == "GET, POST, HEAD"
+    assert http.head("/v1/embeddings").status_code == 405  # no GET there, so no HEAD
+
+
 def test_health_reports_ok_and_job_counts(http):
     poll(http, http.post("/run", json={"input": {"openai_route": "/v1/models"}}).json()["id"])
     response = http.get("/health")

@@ -634,11 +634,11 @@ DRAIN_RETRY_S = 1  # another worker, or this one restarted, may answer at once
 
 
 def _host_name(host: bytes) -> str:
-    """The name of a Host header: "Name:8000" -> "name", "[::1]:8000" -> "::1"."""
+    """The name of a Host header: "Name.:8000" -> "name", "[::1]:8000" -> "::1"."""
     text = host.decode("latin-1").strip().lower()
     if text.startswith("["):
         return text[1 : text.find("]")]
-    return text.rpartition(":")[0] if ":" in text else text
+    return (text.rpartition(":")[0] if ":" in text else text).rstrip(".")
 
 
 def _body_too_large(limit: int) -> APIError:
