@@ -59,15 +59,13 @@ OPENAI_PREFIXES = ("/openai/v1", "/v1")  # RunPod's proxy path, and a plain Open
 
 @dataclass(frozen=True)
 class ServerSettings:
-    api_key: str | None = None  # bearer token every route but /health requires; None: no check
+    api_key: str | None = None  # bearer token all but /health and /ping require; None: no check
     job_ttl_s: float = 1800.0  # RunPod keeps /run results for 30 minutes
     max_finished_jobs: int = 1000
     max_job_result_bytes: int = 512 * 1024 * 1024
     max_body_bytes: int = 20 * 1024 * 1024  # RunPod's /runsync payload limit
     max_header_bytes: int = 16 * 1024  # the request line and headers (h11's and Node's default)
-    header_timeout_s: float = (
-        10.0  # from the connection (or the request's first byte) to its headers
-    )
+    header_timeout_s: float = 10.0  # from the connection (or a request's first byte) to headers
     body_timeout_s: float = 120.0  # from the headers to the whole body: 20 MiB at 170 KB/s
     keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this (uvicorn's)
     max_connections: int = 1024  # open connections; a request on one beyond is 503 server_busy
