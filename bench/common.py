@@ -176,7 +176,7 @@ class KeepAliveClient:
     @staticmethod
     def request(path: str, body: Any) -> bytes:
         data = json.dumps(body).encode()
-        head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         return (head + f"Content-Length: {len(data)}\r\n\r\n").encode() + data
 
     async def send(self, request: bytes) -> tuple[int, bytes]:

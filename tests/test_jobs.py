@@ -84,3 +84,14 @@ def test_a_finished_job_is_not_finished_again():
     assert job.status is JobStatus.CANCELLED
     assert job.answer == b'{"status": "CANCELLED"}'
     assert jobs.finished_bytes == len(b'{"status": "CANCELLED"}')
+
+
+def test_unfinished_jobs_count_with_their_cost_until_they_finish():
+    jobs = store(Clock())
+    first, second = jobs.add(cost=100), jobs.add(cost=50)
+    assert (jobs.unfinished_count, jobs.queued_bytes) == (2, 150)
+    jobs.finish(first, JobStatus.CANCELLED, b"{}")
+    jobs.finish(first, JobStatus.COMPLETED, b"{}")  # a late second finish releases nothing
+    assert (jobs.unfinished_count, jobs.queued_bytes) == (1, 50)
+    jobs.finish(second, JobStatus.COMPLETED, b"{}")
+    assert (jobs.unfinished_count, jobs.queued_bytes) == (0, 0)

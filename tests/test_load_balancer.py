@@ -132,6 +132,13 @@ def test_handler_py_serves_a_load_balancing_endpoint(bert_embedder):
         assert answer.status_code == 200
         job = httpx.post(f"{base}/runsync", json={"input": {"input": "hi"}}, timeout=60).json()
         assert job["status"] == "COMPLETED"
+        # Through RunPod's proxy: the endpoint's domain as Host, a web app's Origin (RunPod has
+        # checked the caller's RunPod API key). No WORKER_API_KEY, and still served.
+        proxied = {"host": "abc123.api.runpod.ai", "origin": "https://app.example.com"}
+        answer = httpx.post(
+            f"{base}/v1/embeddings", json={"input": ["hi"]}, headers=proxied, timeout=60
+        )
+        assert answer.status_code == 200, answer.text
     finally:
         process.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught.

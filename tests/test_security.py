@@ -1,5 +1,5 @@
 """Security: no remote code unless asked, no model loaded by a request, no payload or token in
-logs."""
+logs, no web page driving a local server without an API key."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import os
 import subprocess
 import sys
 
+import httpx
 import pytest
 from runpod.serverless.modules import rp_logger
 from runpod.serverless.modules.rp_job import run_job
 
 from embedding_worker.config import load_config
 from embedding_worker.engines.infinity import engine_args
+from embedding_worker.transports.http import ServerSettings, create_app
 from embedding_worker.transports.runpod import runpod_handler
 from tests.conftest import ROOT
+from tests.test_server import ServerThread, stuck_worker
 
 SECRET = "hf_" + "Zq7" * 12  # looks like a Hugging Face token
 
@@ -171,3 +174,84 @@ def test_runpod_logs_at_info_unless_asked_and_start_errors_hide_tokens():
     )
     assert start.returncode == 2 and "no-such/model" in start.stderr
     assert SECRET not in start.stdout + start.stderr
+
+
+# ------------------------------------------------------------------------------ web pages
+
+
+PROBE = json.dumps({"model": "no-such/model", "input": "x"})  # served: 404; refused: 403
+
+
+@pytest.fixture(scope="module")
+def stuck(bert_embedder):
+    """A worker whose engine is never reached here: a probe is refused or its model unknown."""
+    return stuck_worker(bert_embedder, "300")
+
+
+def _serve(stuck, **settings) -> ServerThread:
+    return ServerThread(create_app(stuck[0], ServerSettings(**settings)))
+
+
+def _probe(url: str, path: str = "/v1/embeddings", **headers: str) -> tuple[int, str]:
+    answer = httpx.post(url + path, content=PROBE, headers=headers)
+    code = answer.json()["error"]["code"] if answer.status_code >= 400 else ""
+    return answer.status_code, code
+
+
+def test_a_keyless_server_refuses_cross_site_requests(stuck):
+    """A web page may post a form or a text/plain body to any address; its Origin shows it."""
+    with _serve(stuck) as server:
+        port = server.url.rsplit(":", 1)[1]
+        before = httpx.get(server.url + "/health").json()["jobs"]
+        for origin in ("http://evil.example", "null", f"http://localhost:{port}"):
+            for path in ("/v1/embeddings", "/runsync", "/run"):
+                refused = _probe(server.url, path, origin=origin, content_type="text/plain")
+                assert refused == (403, "forbidden"), (origin, path)
+        assert httpx.get(server.url + "/health").json()["jobs"] == before  # nothing ran
+        assert _probe(server.url) == (404, "model_not_found")  # no Origin: curl, SDKs
+        assert _probe(server.url, origin=server.url) == (404, "model_not_found")  # same origin
+        for path in ("/health", "/ping"):  # probes answer whoever asks
+            assert httpx.get(
+                server.url + path, headers={"origin": "http://evil.example"}
+            ).is_success
+
+
+def test_a_keyless_loopback_server_refuses_foreign_host_names(stuck):
+    """DNS rebinding: a page whose own name now resolves to 127.0.0.1 is same-origin to the
+    browser; the Host header still names the page's domain."""
+    with _serve(stuck) as server:
+        port = server.url.rsplit(":", 1)[1]
+        rebound = f"evil.example:{port}"
+        assert _probe(server.url, host=rebound, origin=f"http://{rebound}") == (403, "forbidden")
+        assert httpx.get(server.url + "/v1/models", headers={"host": rebound}).status_code == 403
+        for host in ("localhost", "127.0.0.1", "[::1]", "app.localhost", "LOCALHOST."):
+            assert _probe(server.url, host=f"{host}:{port}") == (404, "model_not_found"), host
+
+
+def test_allowed_hosts_and_origins_are_served(stuck):
+    allowed = {"allowed_hosts": ("box.lan",), "allowed_origins": ("https://app.example",)}
+    with _serve(stuck, **allowed) as server:
+        assert _probe(server.url, host="box.lan:8000") == (404, "model_not_found")
+        assert _probe(server.url, host="other.lan")[0] == 403
+        assert _probe(server.url, origin="https://app.example") == (404, "model_not_found")
+        assert _probe(server.url, origin="https://app.example.evil")[0] == 403
+    with _serve(stuck, allowed_hosts=("*",), allowed_origins=("*",)) as server:
+        assert _probe(server.url, host="any.name", origin="http://x") == (404, "model_not_found")
+
+
+def test_a_keyless_server_on_all_interfaces_checks_origin_not_host(stuck):
+    """Listening on 0.0.0.0 it is reached under names it cannot know (LAN names, addresses)."""
+    with _serve(stuck) as server:
+        server.server.config.app.listening_on("0.0.0.0")
+        assert _probe(server.url, host="192.168.1.5:8000") == (404, "model_not_found")
+        assert _probe(server.url, host="192.168.1.5:8000", origin="http://evil.example")[0] == 403
+
+
+def test_with_an_api_key_the_key_is_the_protection(stuck):
+    """A page cannot attach the key cross-site without a CORS preflight, never approved here."""
+    with _serve(stuck, api_key="key-0123") as server:
+        foreign = {"host": "evil.example", "origin": "http://evil.example"}
+        assert _probe(server.url, **foreign) == (401, "invalid_api_key")
+        keyed = {**foreign, "authorization": "Bearer key-0123"}
+        assert _probe(server.url, **keyed) == (404, "model_not_found")
+        assert httpx.options(server.url + "/v1/embeddings", headers=foreign).status_code == 405

@@ -32,6 +32,7 @@ from embedding_worker.engines import Embedder, EngineSettings, Health, ModelRegi
 from embedding_worker.engines.tokenization import TokenCounter
 from embedding_worker.reply import Reply
 from embedding_worker.transports.http import (
+    API_KEY_ENV,
     SERVER_VARIABLES,
     ServerSettings,
     create_app,
@@ -310,6 +311,22 @@ def test_http_errors_are_openai_error_objects(http, method, path, content, statu
     assert set(error) == {"message", "type", "param", "code"}
     if status == 405:
         assert response.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods allowed
+
+
+@pytest.mark.parametrize("path", ["/health", "/ping", "/v1/models", "/openai/v1/models", "/models"])
+def test_head_answers_where_get_does_with_the_same_headers_and_no_body(http, path):
+    got, head = http.get(path), http.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"] != "0"
+    assert head.headers["content-type"] == "application/json"
+
+
+def test_a_405_names_head_beside_get(http):
+    refused = http.post("/health")
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
+    assert http.delete("/status/some-job").headers["allow"] == "GET, POST, HEAD"
+    assert http.head("/v1/embeddings").status_code == 405  # no GET there, so no HEAD
 
 
 def test_health_reports_ok_and_job_counts(http):
@@ -621,11 +638,40 @@ def test_an_answer_that_cannot_be_written_is_a_500_error_object_not_a_lost_job(b
         assert json.loads(failed["error"])["error"]["code"] == "internal_error"
 
 
-@pytest.mark.parametrize("name", [n for n in SERVER_VARIABLES if n != "WORKER_API_KEY"])
+LISTS = {"SERVER_ALLOWED_HOSTS", "SERVER_ALLOWED_ORIGINS"}
+
+
+@pytest.mark.parametrize("name", [n for n in SERVER_VARIABLES if n not in {API_KEY_ENV, *LISTS}])
 def test_server_settings_refuse_bad_values_naming_the_variable(name):
     with pytest.raises(ConfigError, match=name):
         ServerSettings.from_env({name: "0"})
     assert ServerSettings.from_env({name: "7"}) != ServerSettings()
+
+
+@pytest.mark.parametrize(
+    "name, good, bad",
+    [
+        (
+            "SERVER_ALLOWED_HOSTS",
+            {"Example.COM, 10.0.0.5,::1": ("example.com", "10.0.0.5", "::1"), "*": ("*",)},
+            ["http://example.com", "example.com:80", "[::1]", "a..b", "7", "a,,b"],
+        ),
+        (
+            "SERVER_ALLOWED_ORIGINS",
+            {"https://App.example.com, http://localhost:3000": (
+                "https://app.example.com", "http://localhost:3000"
+            ), "*, https://a.b": ("*",)},
+            ["app.example.com", "ftp://a.b", "https://a.b/path", "null", "https://"],
+        ),
+    ],
+)  # fmt: skip
+def test_server_settings_read_host_and_origin_lists(name, good, bad):
+    field = name.removeprefix("SERVER_").lower()
+    for raw, expected in good.items():
+        assert getattr(ServerSettings.from_env({name: raw}), field) == expected
+    for raw in bad:
+        with pytest.raises(ConfigError, match=name):
+            ServerSettings.from_env({name: raw})
 
 
 def test_every_server_variable_is_in_the_configuration_table():

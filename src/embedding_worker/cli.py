@@ -217,7 +217,7 @@ def dispatch_mode(args: argparse.Namespace, argv: list[str]) -> int:
         return batch_files.main(build_worker(load_config_or_exit()), options)
     balanced = load_balancer_mode(os.environ)
     if balanced is not None:  # requests come straight to this process's HTTP server
-        serve_http("0.0.0.0", balanced[0], balanced[1], load_in_background=True)
+        serve_http("0.0.0.0", balanced[0], balanced[1], load_in_background=True, runpod_proxy=True)
         return 0
     from .transports.runpod import run_runpod
 
@@ -226,8 +226,15 @@ def dispatch_mode(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def serve_http(host: str, port: int, health_port: int | None, load_in_background: bool) -> None:
-    """The HTTP server on the worker: built first, or (load_in_background) while it listens."""
+def serve_http(
+    host: str,
+    port: int,
+    health_port: int | None,
+    load_in_background: bool,
+    runpod_proxy: bool = False,
+) -> None:
+    """The HTTP server on the worker: built first, or (load_in_background) while it listens.
+    `runpod_proxy`: behind RunPod's load balancer (LocalServer)."""
     from .startup import build_worker, configure_logging, load_config_or_exit
     from .transports.http import LocalServer, ServerSettings, serve
 
@@ -239,9 +246,11 @@ def serve_http(host: str, port: int, health_port: int | None, load_in_background
     if load_in_background:
         configure_logging()
         config = load_config_or_exit()  # a bad setting still stops the start at once
-        app = LocalServer(None, settings, load=lambda: build_worker(config))
+        app = LocalServer(
+            None, settings, load=lambda: build_worker(config), runpod_proxy=runpod_proxy
+        )
     else:
-        app = LocalServer(build_worker(), settings)
+        app = LocalServer(build_worker(), settings, runpod_proxy=runpod_proxy)
     serve(app, host, port, health_port)
 
 

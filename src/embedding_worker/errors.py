@@ -73,6 +73,23 @@ def method_not_allowed(message: str) -> APIError:
     return APIError(405, message, type="invalid_request_error", code="method_not_allowed")
 
 
+def forbidden(message: str) -> APIError:
+    """403: a request the server refuses to serve from where it came (a foreign Origin or Host)."""
+    return APIError(403, message, type="invalid_request_error", code="forbidden")
+
+
+def request_timeout(message: str) -> APIError:
+    """408: the client did not send its whole request in time; it may send it again."""
+    return APIError(
+        408, message, type="invalid_request_error", code="request_timeout", retryable=True
+    )
+
+
+def headers_too_large(message: str) -> APIError:
+    """431: the request line and headers are over the server's limit."""
+    return APIError(431, message, type="invalid_request_error", code="headers_too_large")
+
+
 # The Retry-After of a retryable refusal whose wait the worker cannot estimate.
 DEFAULT_RETRY_AFTER_S = 5
 

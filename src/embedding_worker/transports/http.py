@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from http import HTTPStatus
+from typing import Any, ClassVar
 
 import orjson
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .. import errors, operations
 from ..dispatch import Worker
-from ..env import float_var, int_var
+from ..env import ConfigError, float_var, int_var
 from ..errors import APIError
 from ..logs import redacted_traceback
 from ..reply import Reply
@@ -40,17 +43,37 @@ SERVER_VARIABLES = (
     "SERVER_MAX_FINISHED_JOBS",
     "SERVER_MAX_JOB_RESULT_BYTES",
     "SERVER_MAX_BODY_BYTES",
+    "SERVER_MAX_HEADER_BYTES",
+    "SERVER_HEADER_TIMEOUT_S",
+    "SERVER_BODY_TIMEOUT_S",
+    "SERVER_KEEP_ALIVE_S",
+    "SERVER_MAX_CONNECTIONS",
+    "SERVER_MAX_QUEUED_JOBS",
+    "SERVER_MAX_QUEUED_BYTES",
+    "SERVER_DRAIN_TIMEOUT_S",
+    "SERVER_ALLOWED_HOSTS",
+    "SERVER_ALLOWED_ORIGINS",
 )
 OPENAI_PREFIXES = ("/openai/v1", "/v1")  # RunPod's proxy path, and a plain OpenAI server's
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    api_key: str | None = None  # bearer token every route but /health requires; None: no check
+    api_key: str | None = None  # bearer token all but /health and /ping require; None: no check
     job_ttl_s: float = 1800.0  # RunPod keeps /run results for 30 minutes
     max_finished_jobs: int = 1000
     max_job_result_bytes: int = 512 * 1024 * 1024
     max_body_bytes: int = 20 * 1024 * 1024  # RunPod's /runsync payload limit
+    max_header_bytes: int = 16 * 1024  # the request line and headers (h11's and Node's default)
+    header_timeout_s: float = 10.0  # from the connection (or a request's first byte) to headers
+    body_timeout_s: float = 120.0  # from the headers to the whole body: 20 MiB at 170 KB/s
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this (uvicorn's)
+    max_connections: int = 1024  # open connections; a request on one beyond is 503 server_busy
+    max_queued_jobs: int = 256  # unfinished /run jobs; beyond, /run answers 429 queue_full
+    max_queued_bytes: int = 64 * 1024 * 1024  # request bytes of unfinished /run jobs; beyond, 429
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may still finish
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*": any
+    allowed_origins: tuple[str, ...] = ()  # cross-site Origins served without a key; "*": any
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -65,7 +88,53 @@ class ServerSettings:
                 env, "SERVER_MAX_JOB_RESULT_BYTES", default.max_job_result_bytes
             ),
             max_body_bytes=int_var(env, "SERVER_MAX_BODY_BYTES", default.max_body_bytes),
+            max_header_bytes=int_var(env, "SERVER_MAX_HEADER_BYTES", default.max_header_bytes),
+            header_timeout_s=float_var(env, "SERVER_HEADER_TIMEOUT_S", default.header_timeout_s),
+            body_timeout_s=float_var(env, "SERVER_BODY_TIMEOUT_S", default.body_timeout_s),
+            keep_alive_s=float_var(env, "SERVER_KEEP_ALIVE_S", default.keep_alive_s),
+            max_connections=int_var(env, "SERVER_MAX_CONNECTIONS", default.max_connections),
+            max_queued_jobs=int_var(env, "SERVER_MAX_QUEUED_JOBS", default.max_queued_jobs),
+            max_queued_bytes=int_var(env, "SERVER_MAX_QUEUED_BYTES", default.max_queued_bytes),
+            drain_timeout_s=float_var(env, "SERVER_DRAIN_TIMEOUT_S", default.drain_timeout_s),
+            allowed_hosts=_names(env, "SERVER_ALLOWED_HOSTS", _host_entry),
+            allowed_origins=_names(env, "SERVER_ALLOWED_ORIGINS", _origin_entry),
         )
+
+
+def _names(env: Mapping[str, str], name: str, check: Callable[[str], str]) -> tuple[str, ...]:
+    """A comma-separated list, each entry lower-cased and checked; "*" alone allows any."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ()
+    entries = tuple(part.strip().lower() for part in raw.split(","))
+    if "*" in entries:
+        return ("*",)
+    for entry in entries:
+        if not entry or check(entry) != entry:
+            raise ConfigError(f"{name}: {entry!r} is not {check.__doc__}")
+    return entries
+
+
+def _host_entry(entry: str) -> str:
+    """a host name or address without scheme or port (example.com, 10.0.0.5, ::1)"""
+    if entry.strip("[]") != entry:
+        return ""
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        pass
+    labels = entry.split(".")
+    if entry.isdigit() or any(not label.replace("-", "").isalnum() for label in labels):
+        return ""
+    return entry
+
+
+def _origin_entry(entry: str) -> str:
+    """an origin: scheme://host[:port] (https://app.example.com, http://localhost:3000)"""
+    scheme, sep, rest = entry.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+        return ""
+    return entry
 
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -103,40 +172,76 @@ def error_response(error: APIError) -> Response:
     return json_response(error.to_dict(), error.status, headers)
 
 
-class Request:
-    """One HTTP request as a route sees it: its path parameter, headers, and a bounded body."""
+# Bodies up to this size are parsed on the event loop: a thread hop costs more than parsing them
+# (about 0.1 ms of orjson), and small requests are most of the traffic. Larger ones are parsed on a
+# thread, so that a 20 MB body of millions of tiny values stalls no other request.
+INLINE_JSON_BYTES = 64 * 1024
+_parse = orjson.loads  # one name for both paths, so a test can watch where parsing runs
 
-    def __init__(self, scope: Mapping[str, Any], receive: Receive, param: str, max_body: int):
+
+class Request:
+    """One HTTP request as a route sees it: its path parameter, headers, and a bounded body that
+    must arrive within the body deadline."""
+
+    def __init__(self, scope: Mapping[str, Any], receive: Receive, param: str, server: LocalServer):
         self.param = param  # the {job_id} of /status/{job_id} and /cancel/{job_id}
         self._headers: list[tuple[bytes, bytes]] = scope["headers"]  # names lower-case (ASGI)
         self._receive = receive
-        self._max_body = max_body
+        self._settings = server.settings
+        self.body_read = False  # the whole body has been received
 
     def header(self, name: bytes) -> bytes:
         return next((value for key, value in self._headers if key == name), b"")
 
-    async def json(self) -> Any:
-        """The body as JSON, refusing bodies over the limit before reading them whole."""
+    @property
+    def has_body(self) -> bool:
+        """Whether the request declares a body (which may not have been read)."""
+        length = self.header(b"content-length")
+        return (bool(length) and length != b"0") or bool(self.header(b"transfer-encoding"))
+
+    async def body(self) -> bytes:
+        """The raw body, refusing bodies over the limit before reading them whole, and bodies
+        that do not arrive within SERVER_BODY_TIMEOUT_S (a client trickling bytes would otherwise
+        hold its connection and buffer for ever)."""
+        limit = self._settings.max_body_bytes
         declared = self.header(b"content-length")
-        if declared.isdigit() and int(declared) > self._max_body:
-            raise _body_too_large(self._max_body)
+        if declared.isdigit() and int(declared) > limit:
+            raise _body_too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise errors.invalid_input("the client went away before sending its body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self._max_body:
-                raise _body_too_large(self._max_body)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
         try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError:
-            raise errors.invalid_input("the request body is not valid JSON") from None
+            async with asyncio.timeout(self._settings.body_timeout_s):
+                while True:
+                    message = await self._receive()
+                    if message["type"] == "http.disconnect":
+                        raise errors.invalid_input("the client went away before sending its body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise _body_too_large(limit)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise errors.request_timeout(
+                f"the request body did not arrive within {self._settings.body_timeout_s:g} s "
+                "(SERVER_BODY_TIMEOUT_S)"
+            ) from None
+        self.body_read = True
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def json(self) -> Any:
+        return await parse_json(await self.body())
+
+
+async def parse_json(body: bytes) -> Any:
+    """`body` as JSON: small bodies inline, large ones on a thread (INLINE_JSON_BYTES)."""
+    try:
+        if len(body) <= INLINE_JSON_BYTES:
+            return _parse(body)
+        return await asyncio.to_thread(_parse, body)
+    except orjson.JSONDecodeError:
+        raise errors.invalid_input("the request body is not valid JSON") from None
 
 
 class LocalServer:
@@ -153,10 +258,13 @@ class LocalServer:
         worker: Worker | None,
         settings: ServerSettings | None = None,
         load: Callable[[], Worker] | None = None,
+        runpod_proxy: bool = False,
     ) -> None:
         """`worker`, or with `load` a function that builds it: the server then listens at once
         and loads the models in the background (RunPod's load-balancing endpoints), answering
-        /ping 204 and every other route 503 model_provisioning until they are ready."""
+        /ping 204 and every other route 503 model_provisioning until they are ready.
+        `runpod_proxy`: requests come through RunPod's load balancer, which checks the caller's
+        RunPod API key (see `_check_origin`)."""
         assert (worker is None) != (load is None), "a worker, or how to load one"
         self._worker = worker
         self._load = load
@@ -169,6 +277,11 @@ class LocalServer:
             max_bytes=self.settings.max_job_result_bytes,
         )
         self._api_key = self.settings.api_key.encode() if self.settings.api_key else None
+        self._runpod_proxy = runpod_proxy
+        self._hosts: frozenset[str] | None = None  # Host names served; None: any (listening_on)
+        self._origins = frozenset(self.settings.allowed_origins)
+        self._draining = False  # set when the server starts shutting down
+        self._run_reserved = 0  # bytes of /run bodies admitted and still being parsed
         # path -> {method: handler}; /status/ and /cancel/ take the job id as the rest of the path.
         self._routes: dict[str, dict[str, Handler]] = {
             "/runsync": {"POST": self.runsync},
@@ -195,8 +308,38 @@ class LocalServer:
                     self._prefixed.append((path, {operation.method: handler}))
                 else:
                     self._routes[path] = {operation.method: handler}
-        # Answered without the API key, for load balancers and probes.
+        # Answered without the API key or the Origin and Host checks, for load balancers and
+        # probes, and while the server drains.
         self._open = {"/health", "/ping"}
+
+    def listening_on(self, host: str) -> None:
+        """Which Host headers to serve, given the address the server listens on.
+
+        Without an API key, a server on a loopback address serves only loopback names (and
+        SERVER_ALLOWED_HOSTS): a web page on a name its attacker controls that re-points the name
+        at 127.0.0.1 (DNS rebinding) sends its own name as Host, and is refused. A server on any
+        other address (0.0.0.0, a LAN address, RunPod's load balancer, whose Host is the
+        endpoint's domain) is reached under names this process cannot know, so it checks Host
+        only against SERVER_ALLOWED_HOSTS when that is set; such a server wants WORKER_API_KEY.
+        """
+        allowed = self.settings.allowed_hosts
+        if "*" in allowed or self._api_key is not None:
+            self._hosts = None
+            return
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not allowed:
+            self._hosts = None
+            return
+        self._hosts = frozenset({"localhost", "127.0.0.1", "::1", host.strip("[]"), *allowed})
+
+    def start_draining(self) -> None:
+        """The server is shutting down: new requests are refused with 503 shutting_down, and
+        requests still running when the drain time is up are answered so (not uvicorn's
+        plain-text 500)."""
+        self._draining = True
 
     @property
     def worker(self) -> Worker:
@@ -212,20 +355,27 @@ class LocalServer:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            response = await self._respond(scope, receive)
+            response, close = await self._respond(scope, receive)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(response.body)).encode()),
                 *response.headers,
             ]
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
-            await send({"type": "http.response.body", "body": response.body})
+            if close:  # the rest of an unread body would be read as the next request
+                headers.append((b"connection", b"close"))
+            body = b"" if scope["method"] == "HEAD" else response.body
+            try:
+                await send(
+                    {"type": "http.response.start", "status": response.status, "headers": headers}
+                )
+                await send({"type": "http.response.body", "body": body})
+            except asyncio.CancelledError:
+                pass  # the client left while its answer was written: nothing more to do
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
-    async def _respond(self, scope: dict[str, Any], receive: Receive) -> Response:
+    async def _respond(self, scope: dict[str, Any], receive: Receive) -> tuple[Response, bool]:
+        """The answer, and whether to close the connection after it (a body left unread)."""
         path = scope["path"].rstrip("/") or "/"
         method = scope["method"]
         methods, param = self._routes.get(path), ""
@@ -237,23 +387,69 @@ class LocalServer:
                 if path.startswith(prefix) and len(path) > len(prefix):
                     methods, param = handlers, path[len(prefix) :]
                     break
+        request = Request(scope, receive, param, self)
         try:
-            if methods is None:
-                raise errors.not_found(f"no route {method} {scope['path']}")
-            handler = methods.get(method)
-            if handler is None:
-                error = errors.method_not_allowed(f"{method} is not allowed on {scope['path']}")
-                allow = ((b"allow", ", ".join(methods).encode()),)
-                return json_response(error.to_dict(), error.status, allow)
-            request = Request(scope, receive, param, self.settings.max_body_bytes)
-            if self._api_key is not None and path not in self._open:
-                self._check_bearer(request.header(b"authorization"))
-            return await handler(request)
+            response = await self._answer(request, path, method, methods)
         except APIError as exc:
-            return error_response(exc)
+            response = error_response(exc)
+        except asyncio.CancelledError:
+            # uvicorn cancels a request when its client disconnects (_BoundedProtocol), and when
+            # the drain time is up: the first has nobody to answer, the second gets a JSON 503.
+            response = error_response(_shutting_down())
         except Exception as exc:  # a bug: answered as an error object, never a dropped connection
             log.error("%s %s failed: %s", method, scope["path"], redacted_traceback(exc))
-            return error_response(errors.internal())
+            response = error_response(errors.internal())
+        return response, not request.body_read and request.has_body
+
+    async def _answer(
+        self, request: Request, path: str, method: str, methods: dict[str, Handler] | None
+    ) -> Response:
+        if methods is None:
+            raise errors.not_found(f"no route {method} {path}")
+        handler = methods.get(method)
+        if handler is None and method == "HEAD":
+            handler = methods.get("GET")  # the same answer, without its body (__call__)
+        if handler is None:
+            error = errors.method_not_allowed(f"{method} is not allowed on {path}")
+            allowed = [*methods, "HEAD"] if "GET" in methods else list(methods)
+            return json_response(
+                error.to_dict(), error.status, ((b"allow", ", ".join(allowed).encode()),)
+            )
+        if path not in self._open:
+            if self._draining:
+                raise _shutting_down()
+            if self._api_key is not None:
+                self._check_bearer(request.header(b"authorization"))
+            else:
+                self._check_origin(request)
+        return await handler(request)
+
+    def _check_origin(self, request: Request) -> None:
+        """Without an API key, refuse what a web page could send: a request whose Host is not
+        one this server answers to (DNS rebinding, see `listening_on`), and a cross-site request
+        (an `Origin` other than the server's own), such as a form's `text/plain` POST, which a
+        browser sends without asking first. With an API key the key is the protection: a page
+        cannot attach it cross-site without a CORS preflight, which this server never approves.
+        Behind RunPod's load balancer the caller's RunPod API key is, so Origin is checked only
+        against SERVER_ALLOWED_ORIGINS when that is set."""
+        host = request.header(b"host")
+        if self._hosts is not None and host and _host_name(host) not in self._hosts:
+            if not _host_name(host).endswith(".localhost"):  # RFC 6761: always loopback
+                raise errors.forbidden(
+                    "this server does not answer to that Host name; add it to "
+                    "SERVER_ALLOWED_HOSTS, or set WORKER_API_KEY"
+                )
+        origin = request.header(b"origin")
+        if not origin or "*" in self._origins or (self._runpod_proxy and not self._origins):
+            return
+        text = origin.decode("latin-1").lower()
+        if text in self._origins:
+            return
+        if text.partition("://")[2] != host.decode("latin-1").lower():
+            raise errors.forbidden(
+                "cross-site requests are refused without an API key; add the origin to "
+                "SERVER_ALLOWED_ORIGINS, or set WORKER_API_KEY"
+            )
 
     def _check_bearer(self, authorization: bytes) -> None:
         assert self._api_key is not None
@@ -321,8 +517,28 @@ class LocalServer:
         return json_response(job_answer(job_id, reply))
 
     async def run(self, request: Request) -> Response:
-        job_input = _job_input(await request.json())
-        job = self.jobs.add()
+        """Queue a job, bounded by the unfinished jobs' count and request bytes: a job's bytes
+        are known before any parsing, hold its memory until it finishes (the parsed input is
+        several times larger), and measure every kind of input alike, texts, images, documents
+        (the engine then bounds the work it takes in by tokens). A queue holding nothing admits
+        any one request, so a request within SERVER_MAX_BODY_BYTES is never refused for ever."""
+        body = await request.body()
+        cost = len(body)
+        queued = self.jobs.queued_bytes + self._run_reserved
+        settings = self.settings
+        if self.jobs.unfinished_count >= settings.max_queued_jobs or (
+            queued and queued + cost > settings.max_queued_bytes
+        ):
+            raise errors.overloaded(
+                f"{self.jobs.unfinished_count} /run jobs of {queued} bytes are queued "
+                "(SERVER_MAX_QUEUED_JOBS, SERVER_MAX_QUEUED_BYTES); retry later"
+            )
+        self._run_reserved += cost  # admitted: counted while it is parsed on a thread
+        try:
+            job_input = _job_input(await parse_json(body))
+        finally:
+            self._run_reserved -= cost
+        job = self.jobs.add(cost)
         job.task = asyncio.create_task(self._run_job(job, job_input))
         return json_response({"id": job.id, "status": job.status.value})
 
@@ -406,6 +622,23 @@ def reply_response(reply: Reply) -> Response:
     return json_response(reply.body, reply.status, headers)
 
 
+def _shutting_down() -> APIError:
+    return errors.unavailable(
+        "the server is shutting down; retry", code="shutting_down", retry_after=DRAIN_RETRY_S
+    )
+
+
+DRAIN_RETRY_S = 1  # another worker, or this one restarted, may answer at once
+
+
+def _host_name(host: bytes) -> str:
+    """The name of a Host header: "Name.:8000" -> "name", "[::1]:8000" -> "::1"."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")]
+    return (text.rpartition(":")[0] if ":" in text else text).rstrip(".")
+
+
 def _body_too_large(limit: int) -> APIError:
     return errors.too_large(f"the request body is over {limit} bytes (SERVER_MAX_BODY_BYTES)")
 
@@ -419,21 +652,180 @@ def _job_input(body: Any) -> Any:
     return body["input"]
 
 
+class _BoundedProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools) with the bounds it lacks, in one place.
+
+    - Headers: the request line and headers must arrive within SERVER_HEADER_TIMEOUT_S of the
+      connection (or, on a kept-alive one, of the request's first byte) and within
+      SERVER_MAX_HEADER_BYTES; otherwise 408 or 431 and the connection closes. uvicorn has no
+      header deadline and httptools no size limit: a slowloris client held a connection for
+      ever, 100 MB of unterminated headers cost 130 MB. (The body has its deadline in
+      `Request.body`, which answers it with 408 in JSON.)
+    - Connections: a request on a connection beyond SERVER_MAX_CONNECTIONS is answered 503
+      server_busy in JSON with Retry-After (uvicorn's own limit answers in plain text).
+    - A client that disconnects while its request runs has its request cancelled: the work it
+      asked for that has not reached the model is dropped. uvicorn only marks the request
+      disconnected; cancelling here costs nothing per request, where an ASGI app watching
+      `receive()` needs a task of its own for every request.
+    """
+
+    settings: ClassVar[ServerSettings]  # set on a subclass for each server (uvicorn_server)
+    _header_timer: asyncio.TimerHandle | None = None
+    _in_headers = True  # the bytes arriving belong to a request's line and headers
+    _header_bytes = 0  # bytes received since the current request's headers began
+    _task: asyncio.Task[None] | None = None  # the request running on this connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        cycle = self.cycle
+        if self._task is not None and cycle is not None and not cycle.response_complete:
+            self._task.cancel()
+        self._task = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_headers:
+            super().data_received(data)
+            return
+        self._header_bytes += len(data)
+        super().data_received(data)
+        # Checked after parsing, so a chunk that completes the headers and carries a body is
+        # not counted against them: httptools holds at most one read (256 KB) beyond the limit.
+        if self._in_headers and self._header_bytes > self.settings.max_header_bytes:
+            self._refuse(
+                errors.headers_too_large(
+                    f"the request line and headers are over {self.settings.max_header_bytes} "
+                    "bytes (SERVER_MAX_HEADER_BYTES)"
+                )
+            )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:  # a later request on a kept-alive connection
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._stop_header_timer()
+        self._in_headers = False
+        self._header_bytes = 0
+        if len(self.connections) <= self.settings.max_connections:
+            super().on_headers_complete()
+            return
+        app, self.app = self.app, _server_busy  # the request's task runs `self.app`
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_headers = True  # what arrives next is the next request
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn's, keeping the task to cancel when the client leaves (reset_contextvars, which
+        # runs the task in a fresh context, is off in uvicorn_server's Config).
+        task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+        self._task = task
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(
+            self.settings.header_timeout_s, self._headers_too_slow
+        )
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self._header_bytes:  # nothing sent: an idle connection is closed without a word
+            self.transport.close()
+            return
+        self._refuse(
+            errors.request_timeout(
+                f"the request headers did not arrive within {self.settings.header_timeout_s:g} s "
+                "(SERVER_HEADER_TIMEOUT_S)"
+            )
+        )
+
+    def _refuse(self, error: APIError) -> None:
+        """Answer `error` before any request was made of the headers, and close."""
+        self._stop_header_timer()
+        if not self.transport.is_closing():
+            self.transport.write(_raw_response(error))
+            self.transport.close()
+
+
+def _raw_response(error: APIError) -> bytes:
+    """A whole HTTP response for `error`, written by the protocol itself, closing the connection."""
+    body = orjson.dumps(error.to_dict())
+    head = [
+        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    if error.retry_after is not None:
+        head.append(f"retry-after: {error.retry_after}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _server_busy(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    """The answer to a request on a connection beyond SERVER_MAX_CONNECTIONS."""
+    error = errors.unavailable(
+        "the server has too many connections open (SERVER_MAX_CONNECTIONS); retry",
+        code="server_busy",
+        retry_after=1,
+    )
+    body = orjson.dumps(error.to_dict())
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app when its shutdown starts (`LocalServer.start_draining`)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        if isinstance(app, LocalServer):
+            app.start_draining()
+        await super().shutdown(sockets)
+
+
 def uvicorn_server(app: LocalServer, host: str, port: int) -> uvicorn.Server:
-    """A uvicorn server for `app`, logging through the worker's logging set-up."""
+    """A uvicorn server for `app` on `host`, with the server's bounds (`_BoundedProtocol`),
+    logging through the worker's logging set-up."""
+    app.listening_on(host)
+    settings = app.settings
+    protocol = type("BoundedProtocol", (_BoundedProtocol,), {"settings": settings})
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=protocol,
         lifespan="on",  # engines start in the server's loop; a failed start stops the server
         log_config=None,
         # No line per request (the worker logs failures), and no X-Forwarded-* rewriting of the
         # client address nobody reads: both cost CPU on every request.
         access_log=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=30,
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
     )
-    return uvicorn.Server(config)
+    return _DrainingServer(config)
 
 
 def serve(app: LocalServer, host: str, port: int, health_port: int | None = None) -> None:

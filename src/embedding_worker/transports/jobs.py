@@ -3,6 +3,7 @@
 A finished job's answer is kept until it is older than the time limit, or until newer answers push
 it out (count and size limits), so a server that takes /run jobs for days holds bounded memory.
 The newest answer is always kept, however large, so the client that asked for it can fetch it.
+Unfinished jobs are counted with their cost (request bytes), which the server bounds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Job:
     status: JobStatus = JobStatus.IN_QUEUE
     answer: bytes | None = None  # the serialised /status answer, once finished
     finished_at: float | None = None
+    cost: int = 0  # the request's bytes, counted in `JobStore.queued_bytes` until it finishes
     task: asyncio.Task | None = field(default=None, repr=False)  # held so it is not collected
 
     @property
@@ -63,6 +65,8 @@ class JobStore:
         self._finished_bytes = 0
         # /runsync jobs hold no stored answer: counted only, in progress and finished by status.
         self._sync_counts = {status: 0 for status in JobStatus}
+        self._unfinished = 0
+        self._queued_bytes = 0
 
     def sync_started(self) -> None:
         self._sync_counts[JobStatus.IN_PROGRESS] += 1
@@ -71,10 +75,21 @@ class JobStore:
         self._sync_counts[JobStatus.IN_PROGRESS] -= 1
         self._sync_counts[status] += 1
 
-    def add(self) -> Job:
-        job = Job(id=str(uuid.uuid4()))
+    def add(self, cost: int = 0) -> Job:
+        job = Job(id=str(uuid.uuid4()), cost=cost)
         self._jobs[job.id] = job
+        self._unfinished += 1
+        self._queued_bytes += cost
         return job
+
+    @property
+    def unfinished_count(self) -> int:
+        return self._unfinished
+
+    @property
+    def queued_bytes(self) -> int:
+        """The summed cost of the unfinished jobs."""
+        return self._queued_bytes
 
     def get(self, job_id: str) -> Job | None:
         self._drop_expired()
@@ -87,6 +102,8 @@ class JobStore:
         job.answer = answer
         job.finished_at = self._clock()
         job.task = None
+        self._unfinished -= 1
+        self._queued_bytes -= job.cost
         self._finished[job.id] = len(answer)
         self._finished_bytes += len(answer)
         self._drop_expired()
