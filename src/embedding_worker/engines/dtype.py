@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..cpu import cpu_flags
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), not by emulation.
@@ -20,12 +22,7 @@ def cpu_has_native_bf16() -> bool:
         check = getattr(torch.cpu, probe, None)  # private torch API: fall back to the flags below
         if check is not None and check():
             return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def is_sequence_classifier(source: str) -> bool:

@@ -8,11 +8,11 @@ The handler only hands the job's input to `Worker.dispatch` and returns the Repl
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from ..cpu import processor_name
 from ..dispatch import Worker
 from ..reply import Reply
 from .jobs import JobStatus
@@ -42,17 +42,6 @@ def runpod_config(worker: Worker) -> dict[str, Any]:
         "handler": runpod_handler(worker),
         "concurrency_modifier": lambda current: max_concurrency,
     }
-
-
-def processor_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def import_runpod(environ: MutableMapping[str, str] = os.environ) -> Any:
