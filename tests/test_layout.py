@@ -1,12 +1,17 @@
 """The layout keeps its promises: no import cycles in src/, nothing private imported across
-modules, no environment changed at import, each default written once, one list of operations."""
+modules, no environment changed at import, each default written once, one list of operations,
+comments without benchmark figures."""
 
 from __future__ import annotations
 
 import ast
+import io
 import os
+import re
 import subprocess
 import sys
+import tokenize
+from collections.abc import Iterator
 from pathlib import Path
 
 from embedding_worker import operations
@@ -166,3 +171,32 @@ def test_one_list_of_operations_gives_every_route():
         for field in op.job_fields:
             found = operations.recognise({field: "x"})
             assert found is not None and field in found.job_fields
+
+
+# A ratio (0.86x), an approximation (~20), a percentage, a measurement's circumstances, a date.
+FIGURE = re.compile(r"\b\d+(\.\d+)?x\b|~\d|\b\d+(\.\d+)?\s?%|\bmeasured (at|on)\b|\b20\d\d-\d\d")
+
+
+def prose(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, text) of each comment and docstring in a module."""
+    source = path.read_text()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            if (doc := ast.get_docstring(node, clean=False)) is not None:
+                yield node.body[0].lineno, doc
+
+
+def test_comments_carry_no_benchmark_figures():
+    """Comments and docstrings say why, in the present tense; figures (ratios, percentages,
+    approximations, dates) belong to bench/RESULTS.md and docs/design.md, which say how and when
+    they were measured."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {match.group(0)!r}"
+        for path in MODULES.values()
+        for line, text in prose(path)
+        for match in FIGURE.finditer(text)
+    ]
+    assert not found

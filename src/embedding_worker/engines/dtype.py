@@ -48,8 +48,8 @@ def resolve_dtype(dtype: str, backend: str, source: str | None = None) -> str:
     """The dtype handed to Infinity: what DTYPES=auto means on this machine.
 
     Infinity's own `auto` is bfloat16/float16 on a GPU (kept) but always float32 on a CPU. On a CPU
-    with native bfloat16 the worker picks bfloat16 for embedders: about 1.8x float32's throughput
-    with cosine >= 0.9999 to the float32 vectors on MiniLM (bench/run.py measures both). Rerankers
+    with native bfloat16 the worker picks bfloat16 for embedders: faster than float32, with
+    vectors close to float32's (docs/design.md; bench/run.py measures both). Rerankers
     (`source` names a sequence classifier) stay float32: a relevance score is one logit, and
     bfloat16's three significant digits can reorder close documents.
     """
