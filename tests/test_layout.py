@@ -107,11 +107,11 @@ def test_the_import_scan_sees_the_package():
 
 
 def test_the_import_scan_counts_lazy_and_type_checking_imports():
-    lazy = {t for t, _ in imports("embedding_worker.transports.batch_files")}
-    assert "embedding_worker.transports.remote" in lazy  # imported inside run_batch
-    assert "embedding_worker.dispatch" not in lazy  # only under TYPE_CHECKING
-    checked = {t for t, _ in imports("embedding_worker.transports.batch_files", True)}
-    assert "embedding_worker.dispatch" in checked
+    lazy = {t for t, _ in imports("embedding_worker.cli")}
+    assert "embedding_worker.transports.batch_files" in lazy  # imported inside functions
+    assert "embedding_worker.engines" not in {t for t, _ in imports("embedding_worker.prompts")}
+    checked = {t for t, _ in imports("embedding_worker.prompts", type_checking=True)}
+    assert "embedding_worker.engines" in checked  # only under TYPE_CHECKING
     assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert import_cycle({"a": {"b"}, "b": set()}) is None
 
