@@ -24,7 +24,8 @@ from pathlib import Path
 
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.transports.batch_files import BatchOptions, run_batch
+from embedding_worker.transports.batch_files import run_batch
+from embedding_worker.transports.batch_run import BatchOptions
 
 WORDS = "the quick brown fox jumps over a lazy dog near old stone bridges under quiet stars".split()
 

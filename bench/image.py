@@ -2,39 +2,29 @@
 
     .venv/bin/python -m bench.image [--report bench/results/image.json] [--build] [--rounds 5]
 
-Reads the report builder/image.py writes (builds the image first with --build, or when there is no
-report): the image's layers, each with its share, against the files they unpack to, and, unless
---no-compressed, the gzip size a registry stores and RunPod pulls (`buildah push` to an OCI
+Reads the report `python -m builder.image` writes (builds the image first with --build, or when
+there is no report): the image's layers, each with its share, against the files they unpack to, and,
+unless --no-compressed, the gzip size a registry stores and RunPod pulls (`buildah push` to an OCI
 folder). Then it starts the worker --rounds times on the host (the virtual environment) and in the
-image (its CMD, load-balancing mode), alternating, on the default configuration (the bundled
-all-MiniLM-L6-v2, nothing set), and times each from the process start to /ping 200 and to its
-first /v1/embeddings answer: the ratio is container / host, medians, from the same run.
+image (its CMD, load-balancing mode), alternating, on the default configuration (the bundled all-
+MiniLM-L6-v2, nothing set), and times each from the process start to /ping 200 and to its first
+/v1/embeddings answer: the ratio is container / host, medians, from the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from bench.common import RESULTS, ROOT
+from bench.common import RESULTS
+from builder import image as image_tool
+from builder.image.report import Image, ServerRun
 from embedding_worker.config import DEFAULT_MODEL_ID
-
-
-def builder() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("builder_image", ROOT / "builder" / "image.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def compressed_layers(tag: str) -> list[int]:
@@ -49,12 +39,12 @@ def compressed_layers(tag: str) -> list[int]:
         return [int(layer["size"]) for layer in manifest["layers"]]
 
 
-def starts(image_tool: ModuleType, image: dict[str, Any], rounds: int) -> dict[str, list[Any]]:
+def starts(image: Image, rounds: int) -> dict[str, list[ServerRun]]:
     """Alternating cold starts, host first in odd rounds and the container first in even ones."""
-    times: dict[str, list[Any]] = {"host": [], "container": []}
+    times: dict[str, list[ServerRun]] = {"host": [], "container": []}
     with (
         tempfile.TemporaryDirectory(prefix="image-bench.") as tmp,
-        image_tool.container(image["tag"]) as ctr,
+        image_tool.container(image.tag) as ctr,
     ):
         for round_ in range(rounds):
             order = ["host", "container"] if round_ % 2 == 0 else ["container", "host"]
@@ -63,12 +53,12 @@ def starts(image_tool: ModuleType, image: dict[str, Any], rounds: int) -> dict[s
                     result = image_tool.start_on_host({}, {}, Path(tmp), DEFAULT_MODEL_ID, [])
                 else:
                     result = image_tool.start_in_container(image, ctr, {}, {}, DEFAULT_MODEL_ID, [])
-                if result["embeddings"]["status"] != 200:
-                    raise SystemExit(f"{side}: no answer: {result['embeddings']}")
+                if result.embeddings.status != 200:
+                    raise SystemExit(f"{side}: no answer: {result.embeddings}")
                 times[side].append(result)
                 print(
-                    f"round {round_ + 1} {side}: ready {result['ready_s']:.2f} s, "
-                    f"first answer {result['first_answer_s']:.2f} s",
+                    f"round {round_ + 1} {side}: ready {result.ready_s:.2f} s, "
+                    f"first answer {result.first_answer_s:.2f} s",
                     flush=True,
                 )
     return times
@@ -99,12 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.image", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--report", type=Path, default=RESULTS / "image.json")
-    parser.add_argument("--build", action="store_true", help="run builder/image.py first")
+    parser.add_argument("--build", action="store_true", help="run python -m builder.image first")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-compressed", action="store_true")
     args = parser.parse_args(argv)
 
-    image_tool = builder()
     if args.build or not args.report.exists():
         status = image_tool.main(["--report", str(args.report)])
         if status != 0:
@@ -112,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     report = json.loads(args.report.read_text())
     image, traces = report["image"], report["traces"]
     compressed = None if args.no_compressed else compressed_layers(image["tag"])
-    times = starts(image_tool, image, args.rounds)
+    times = starts(Image.from_json(image), args.rounds)
 
     def median(side: str, key: str) -> float:
-        return statistics.median(r[key] for r in times[side])
+        return statistics.median(getattr(run, key) for run in times[side])
 
     summary = {
         "tag": image["tag"],
@@ -126,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "ready_s": {side: median(side, "ready_s") for side in times},
         "first_answer_s": {side: median(side, "first_answer_s") for side in times},
-        "all_first_answers_s": {side: [r["first_answer_s"] for r in times[side]] for side in times},
+        "all_first_answers_s": {side: [r.first_answer_s for r in times[side]] for side in times},
         "report_first_answer_s": {
             side: report["servers"][side]["first_answer_s"] for side in ("host", "container")
         },
@@ -135,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["first_answer_ratio"] = ratio
     # Each round's two starts ran back to back, under the same load from elsewhere.
     paired = statistics.median(
-        c["first_answer_s"] / h["first_answer_s"] for c, h in zip(times["container"], times["host"])
+        c.first_answer_s / h.first_answer_s for c, h in zip(times["container"], times["host"])
     )
     summary["paired_ratio"] = paired
     lines = [

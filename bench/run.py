@@ -18,7 +18,6 @@ import base64
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -58,6 +57,7 @@ from bench.common import (
 from embedding_worker import encoding
 from embedding_worker.allocator import keep_freed_memory
 from embedding_worker.config import bundled_model_path, load_config
+from embedding_worker.cpu import processor_name
 from embedding_worker.dispatch import Worker
 from embedding_worker.operations.embeddings import embedding_response
 from embedding_worker.transports.runpod import runpod_handler
@@ -113,14 +113,8 @@ def prepare_process(args: argparse.Namespace) -> bool:
 
 
 def machine(malloc_kept: bool) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     info = {
-        "cpu": cpu,
+        "cpu": processor_name(),
         "cores": (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         ),

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 
 from embedding_worker.operations import batch
-from embedding_worker.transports import batch_files
-from embedding_worker.transports.batch_files import BatchOptions, BatchRun, run_batch, run_local
+from embedding_worker.transports import batch_run
+from embedding_worker.transports.batch_files import run_batch, run_local
+from embedding_worker.transports.batch_run import BatchOptions, BatchRun
 from embedding_worker.transports.remote import run_endpoint
 from embedding_worker.transports.runpod import runpod_handler
 from tests.conftest import ROOT
@@ -272,7 +273,7 @@ async def test_a_foreign_output_file_is_refused_not_appended(worker, ids, tmp_pa
     source = write_lines(tmp_path / "requests.jsonl", make_lines(5, ids))
     foreign = tmp_path / "results.jsonl"
     foreign.write_text('{"something": "else"}\n')
-    with pytest.raises(batch_files.OutputFileError, match="line 1"):
+    with pytest.raises(batch_run.OutputFileError, match="line 1"):
         await run_batch(worker, options(tmp_path, source))
     assert foreign.read_text() == '{"something": "else"}\n'
 

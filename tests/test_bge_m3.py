@@ -20,7 +20,8 @@ from embedding_worker.dispatch import Worker
 from embedding_worker.engines import ModelLoadError, ModelRegistry
 from embedding_worker.engines.bge_m3 import BGEM3Embedder
 from embedding_worker.engines.kinds import kind_of
-from embedding_worker.transports.batch_files import BatchOptions, run_batch
+from embedding_worker.transports.batch_files import run_batch
+from embedding_worker.transports.batch_run import BatchOptions
 from embedding_worker.transports.http import create_app
 from embedding_worker.transports.runpod import runpod_handler
 from tests import model_factory

@@ -1,4 +1,4 @@
-"""The worker's CPU image, built from the Dockerfile and run for real by builder/image.py: buildah,
+"""The worker's CPU image, built from the Dockerfile and run for real by builder/image/: buildah,
 a debootstrapped Debian base, the image's CMD as RunPod's local test and as a load-balancing
 endpoint answering .runpod/tests.json's jobs, its vectors against the host's.
 
@@ -10,8 +10,9 @@ machine, about 1 once the base and buildah's layer cache are there (README, docs
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from typing import Any
@@ -19,18 +20,18 @@ from typing import Any
 import numpy as np
 import pytest
 
+import builder.image
 from tests.conftest import ROOT
 from tests.test_deploy import TESTS, check_hub_answer
 
-SCRIPT = ROOT / "builder" / "image.py"
-SKIP = 77  # builder/image.py: buildah cannot be installed here
+SKIP = 77  # python -m builder.image: buildah cannot be installed here
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("image") / "image.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--report", str(path)],
+        [sys.executable, "-m", "builder.image", "--report", str(path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -131,14 +132,6 @@ def test_the_report_holds_the_size_and_the_start_times(report):
     assert servers["container"]["first_answer_s"] > 0 and servers["host"]["first_answer_s"] > 0
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("builder_image", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "euid,absent,reason",
     [
@@ -150,10 +143,33 @@ def load_script():
 def test_the_script_skips_only_where_buildah_cannot_be_had_and_says_why(
     euid, absent, reason, monkeypatch, capsys, tmp_path
 ):
-    script = load_script()
-    monkeypatch.setattr(script.os, "geteuid", lambda: euid)
-    real_which = script.shutil.which
-    monkeypatch.setattr(script.shutil, "which", lambda t: None if t in absent else real_which(t))
-    assert script.main(["--report", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path)]) == SKIP
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda t: None if t in absent else real_which(t))
+    args = ["--report", str(tmp_path / "r.json"), "--cache-dir", str(tmp_path)]
+    assert builder.image.main(args) == SKIP == builder.image.SKIP
     assert reason in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()  # nothing was built or reported
+
+
+def test_a_report_holds_the_steps_that_ran_and_reads_back_as_written():
+    from builder.image.report import Base, Image, Layer, Report
+
+    failed = Report(tag="t", base=Base(tag="b", source="debootstrap", seconds=1.0), error="boom")
+    failed.failures = failed.find_failures()
+    data = json.loads(failed.to_json())
+    assert list(data) == ["tag", "base", "error", "seconds", "failures"]  # no step that did not run
+    assert data["failures"] == ["boom"] and data["base"]["source"] == "debootstrap"
+    image = Image(
+        tag="t",
+        id="i",
+        user="1000:1000",
+        cmd=["python", "-u", "handler.py"],
+        workdir="/app",
+        env=["PATH=/usr/bin", "MODELS_DIR=/baked"],
+        history=["RUN x"],
+        layers=[Layer(bytes=3, step="RUN x")],
+        layers_bytes=3,
+    )
+    written = json.loads(Report(tag="t", image=image).to_json())["image"]
+    assert Image.from_json(written) == image and image.models_dir == "/baked"

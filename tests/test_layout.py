@@ -1,12 +1,17 @@
 """The layout keeps its promises: no import cycles in src/, nothing private imported across
-modules, no environment changed at import, each default written once, one list of operations."""
+modules, no environment changed at import, each default written once, one list of operations,
+comments without benchmark figures."""
 
 from __future__ import annotations
 
 import ast
+import io
 import os
+import re
 import subprocess
 import sys
+import tokenize
+from collections.abc import Iterator
 from pathlib import Path
 
 from embedding_worker import operations
@@ -36,16 +41,18 @@ def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def imports(name: str) -> list[tuple[str, list[str]]]:
+def imports(name: str, type_checking: bool = False) -> list[tuple[str, list[str]]]:
     """(module imported, names taken from it) for each import in `name`, resolved to module
-    names; imports only for type checkers are left out (they never run)."""
+    names: those at the top and those inside functions (lazy ones run too, later); imports only
+    for type checkers are counted with `type_checking` (a cycle through one is still a cycle in
+    the design, and mypy follows it)."""
     path = MODULES[name]
     tree = ast.parse(path.read_text())
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
-        if _type_checking_only(node, parents):
+        if not type_checking and _type_checking_only(node, parents):
             continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
@@ -65,29 +72,55 @@ def imports(name: str) -> list[tuple[str, list[str]]]:
     return [(target, names) for target, names in found if target in MODULES]
 
 
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """The first import cycle found in `graph` (module -> the modules it imports), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                return path[path.index(target) :] + [target]
+            if target not in state:
+                found = visit(target, [*path, target])
+                if found:
+                    return found
+        state[name] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state:
+            found = visit(name, [name])
+            if found:
+                return found
+    return None
+
+
+def import_graph(type_checking: bool) -> dict[str, set[str]]:
+    return {name: {t for t, _ in imports(name, type_checking) if t != name} for name in MODULES}
+
+
 def test_the_import_scan_sees_the_package():
     assert "embedding_worker.operations.embeddings" in MODULES
     targets = {target for target, _ in imports("embedding_worker.dispatch")}
     assert {"embedding_worker.operations", "embedding_worker.engines"} <= targets
 
 
+def test_the_import_scan_counts_lazy_and_type_checking_imports():
+    lazy = {t for t, _ in imports("embedding_worker.cli")}
+    assert "embedding_worker.transports.batch_files" in lazy  # imported inside functions
+    assert "embedding_worker.engines" not in {t for t, _ in imports("embedding_worker.prompts")}
+    checked = {t for t, _ in imports("embedding_worker.prompts", type_checking=True)}
+    assert "embedding_worker.engines" in checked  # only under TYPE_CHECKING
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": set()}) is None
+
+
 def test_no_import_cycles_in_src():
-    graph = {name: {t for t, _ in imports(name) if t != name} for name in MODULES}
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(name: str, path: list[str]) -> None:
-        state[name] = 1
-        for target in sorted(graph[name]):
-            if state.get(target) == 1:
-                cycle = path[path.index(target) :] + [target]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if target not in state:
-                visit(target, [*path, target])
-        state[name] = 2
-
-    for name in sorted(MODULES):
-        if name not in state:
-            visit(name, [name])
+    """Lazy imports and imports for type checkers count: either way round, two modules that
+    import each other are one module's worth of design split in two."""
+    cycle = import_cycle(import_graph(type_checking=True))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
 def test_nothing_private_is_imported_across_modules():
@@ -138,3 +171,32 @@ def test_one_list_of_operations_gives_every_route():
         for field in op.job_fields:
             found = operations.recognise({field: "x"})
             assert found is not None and field in found.job_fields
+
+
+# A ratio (0.86x), an approximation (~20), a percentage, a measurement's circumstances, a date.
+FIGURE = re.compile(r"\b\d+(\.\d+)?x\b|~\d|\b\d+(\.\d+)?\s?%|\bmeasured (at|on)\b|\b20\d\d-\d\d")
+
+
+def prose(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, text) of each comment and docstring in a module."""
+    source = path.read_text()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            if (doc := ast.get_docstring(node, clean=False)) is not None:
+                yield node.body[0].lineno, doc
+
+
+def test_comments_carry_no_benchmark_figures():
+    """Comments and docstrings say why, in the present tense; figures (ratios, percentages,
+    approximations, dates) belong to bench/RESULTS.md and docs/design.md, which say how and when
+    they were measured."""
+    found = [
+        f"{path.relative_to(ROOT)}:{line}: {match.group(0)!r}"
+        for path in MODULES.values()
+        for line, text in prose(path)
+        for match in FIGURE.finditer(text)
+    ]
+    assert not found

@@ -1,5 +1,5 @@
-"""A real package: pinned dependencies that agree with the lock files, the console script, no
-sys.path patches anywhere, a license."""
+"""A real package: pinned dependencies that agree with the lock files, the console script, one
+version written once, no sys.path patches anywhere, a license."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 import tomllib
 from importlib import metadata
 
+import embedding_worker
 from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -45,10 +46,32 @@ def test_the_console_script_is_installed():
     )
 
 
+def test_the_package_version_is_the_modules_own():
+    assert "version" not in PYPROJECT["project"] and "version" in PYPROJECT["project"]["dynamic"]
+    dynamic = PYPROJECT["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic == {"attr": "embedding_worker.__version__"}
+    # What the installed package says (`pip install -e .` built its metadata from the attribute).
+    assert metadata.version("embedding-worker") == embedding_worker.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+", embedding_worker.__version__)
+
+
+def test_the_version_is_written_once():
+    version = embedding_worker.__version__
+    files = [ROOT / "pyproject.toml", ROOT / "Dockerfile", ROOT / "handler.py"]
+    files += [*ROOT.glob("src/**/*.py"), *ROOT.glob("builder/**/*.py"), *ROOT.glob("builder/*.txt")]
+    files += [*ROOT.glob(".runpod/*.json")]
+    copies = [
+        str(path.relative_to(ROOT))
+        for path in files
+        if path.is_file() and re.search(rf"[\"']v?{re.escape(version)}[\"']", path.read_text())
+    ]
+    assert copies == ["src/embedding_worker/__init__.py"]
+
+
 def test_no_sys_path_patches_anywhere():
     patch = re.compile(r"sys\.path\s*(\[|\.insert|\.append|\.extend|=|\+=)")
     sources = [ROOT / "handler.py", *ROOT.glob(f"{'src'}/**/*.py")]
-    sources += [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("builder/*.py")]
+    sources += [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("builder/**/*.py")]
     patched = [str(p.relative_to(ROOT)) for p in sources if patch.search(p.read_text())]
     assert not patched
 

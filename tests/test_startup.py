@@ -11,13 +11,14 @@ from tests.conftest import ROOT
 PROBE = """
 import json, sys, time
 import cpuinfo, cpuinfo.cpuinfo
+from embedding_worker.cpu import processor_name
 from embedding_worker.transports import runpod as runpod_transport
 probes = []
 real = cpuinfo.cpuinfo.get_cpu_info_json  # what starts py-cpuinfo's subprocess
 cpuinfo.cpuinfo.get_cpu_info_json = lambda: probes.append(1) or real()
 runpod = runpod_transport.import_runpod()
 from runpod.serverless.utils import rp_debugger
-print(json.dumps({"processor": rp_debugger.PROCESSOR, "expected": runpod_transport.processor_name(),
+print(json.dumps({"processor": rp_debugger.PROCESSOR, "expected": processor_name(),
                   "full_probes": len(probes), "restored": cpuinfo.get_cpu_info.__module__,
                   "start": callable(runpod.serverless.start)}))
 """

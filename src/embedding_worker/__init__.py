@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the one copy: pyproject.toml reads it ([tool.setuptools.dynamic])
 
 __all__ = ["Reply", "Worker", "WorkerConfig", "__version__", "load_config"]
 

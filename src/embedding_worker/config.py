@@ -39,7 +39,7 @@ DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 BACKENDS = ("torch", "optimum", "ctranslate2")
 
-# Infinity's dtype names, plus the short spellings people type (the old worker documented "fp16").
+# Infinity's dtype names, plus the short spellings people type (fp32, fp16, half, bf16).
 DTYPE_ALIASES = {
     "auto": "auto",
     "float32": "float32",

@@ -30,7 +30,8 @@ def encode_vectors(vectors: np.ndarray, encoding_format: Literal["float", "base6
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
     # orjson writes each float32 as its shortest round-tripping text; reading that back gives Python
     # floats whose repr is that same short text. The standard json module (which runpod uses for job
-    # results) then writes ~13 bytes a number instead of ~22 for float32 widened by tolist().
+    # results) then writes that short text, not the 17 digits of float32 widened by tolist()
+    # (docs/design.md).
     return orjson.loads(orjson.dumps(matrix, option=orjson.OPT_SERIALIZE_NUMPY))
 
 

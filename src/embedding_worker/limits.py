@@ -24,8 +24,8 @@ RUNPOD_PAYLOAD_LIMIT = 20_000_000
 # id).
 MAX_JSON_DEPTH = 32
 
-# Bytes of JSON per number in a float answer: the shortest float32 text plus ", ". Unit vectors
-# average 12.6 to 13.7 (measured, 8 to 4096 dims); 16 covers the longest forms like -1.2345678e-05.
+# Bytes of JSON per number in a float answer: the shortest float32 text plus ", ". 16 covers the
+# longest forms like -1.2345678e-05; unit vectors average less (docs/design.md).
 FLOAT_BYTES = 16
 # '{"object": "embedding", "embedding": ..., "index": 2047}, ' and the like.
 ITEM_OVERHEAD_BYTES = 64
@@ -46,9 +46,9 @@ class Limits:
     max_image_pixels: int = 25_000_000
     image_url_hosts: frozenset[str] = frozenset()
     image_url_timeout_s: float = 10.0
-    # Per request: the pixels its images may decode (ten images at the most pixels: about 4.5 s of
-    # one core at the 18 ns a pixel measured for PNG decoding, RGB and a CLIP resize), and the
-    # bytes of image URL bodies it may hold at once, downloading or waiting to be decoded.
+    # Per request: the pixels its images may decode (ten images at the most pixels: seconds of a
+    # core, docs/configuration.md), and the bytes of image URL bodies it may hold at once,
+    # downloading or waiting to be decoded.
     max_request_image_pixels: int = 250_000_000
     image_url_bytes_in_flight: int = 64_000_000
 

@@ -23,7 +23,7 @@ log = logging.getLogger("embedding_worker")
 
 class _LoggerNames(logging.Filter):
     """uvicorn logs its ordinary start-up lines as `uvicorn.error` (its name for the server's own
-    log, errors or not); shown as `uvicorn`, they no longer read as failures."""
+    log, errors or not); shown as `uvicorn`, they do not read as failures."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "uvicorn.error":

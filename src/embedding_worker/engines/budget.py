@@ -8,12 +8,12 @@ rows x longest stays within the model's MAX_BATCH_TOKENS, and a text longer than
 The default budget is the batch size times `TYPICAL_TEXT_TOKENS`: batches of texts up to that long
 keep BATCH_SIZES rows, and only longer texts go in fewer. Batches of short texts (none longer than
 `SHORT_TEXT_TOKENS`) may hold up to `ROWS_PER_BATCH_SIZE` times BATCH_SIZES, within the budget:
-on a CPU, 128 or 256 texts of 12 tokens a batch take 1.14x fewer CPU seconds a text than 32, where
-128 texts of 110 tokens take 0.92x (bench.token_budget, bench/RESULTS.md).
+on a CPU, wider batches of short texts take fewer CPU seconds a text, where wider batches of
+medium texts take more (docs/design.md, "Batches bounded by tokens").
 
 When a forward pass still runs out of memory (a GPU shared with another process, fragmentation),
 `SplitOnOutOfMemory` runs the batch again in halves, down to one row, instead of failing its
-requests; a row alone that does not fit raises as before.
+requests; a row alone that does not fit raises its error.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..cpu import cpu_flags
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), not by emulation.
@@ -20,12 +22,7 @@ def cpu_has_native_bf16() -> bool:
         check = getattr(torch.cpu, probe, None)  # private torch API: fall back to the flags below
         if check is not None and check():
             return True
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return not cpu_flags().isdisjoint({"avx512_bf16", "amx_bf16"})
 
 
 def is_sequence_classifier(source: str) -> bool:
@@ -51,8 +48,8 @@ def resolve_dtype(dtype: str, backend: str, source: str | None = None) -> str:
     """The dtype handed to Infinity: what DTYPES=auto means on this machine.
 
     Infinity's own `auto` is bfloat16/float16 on a GPU (kept) but always float32 on a CPU. On a CPU
-    with native bfloat16 the worker picks bfloat16 for embedders: about 1.8x float32's throughput
-    with cosine >= 0.9999 to the float32 vectors on MiniLM (bench/run.py measures both). Rerankers
+    with native bfloat16 the worker picks bfloat16 for embedders: faster than float32, with
+    vectors close to float32's (docs/design.md; bench/run.py measures both). Rerankers
     (`source` names a sequence classifier) stay float32: a relevance score is one logit, and
     bfloat16's three significant digits can reorder close documents.
     """

@@ -214,7 +214,7 @@ class InfinityModel(ModelEngine):
 
         The replica's three stage methods are wrapped so that the first exception reports the engine
         dead: the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and
-        asks RunPod for a replacement. The exception is re-raised, so Infinity behaves as before.
+        asks RunPod for a replacement. The exception is re-raised, so Infinity goes on as it would.
         """
         for stage in ("encode_pre", "encode_core", "encode_post"):
             method = getattr(replica, stage)

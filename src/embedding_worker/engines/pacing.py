@@ -3,8 +3,8 @@
 Infinity's publisher thread hands the model a new batch as soon as the previous one has left its
 hand-over queue, which is long before the model is free: it pops whatever has arrived by then.
 Callers in one process resubmit together and fill whole batches anyway, but requests that come over
-sockets trickle in, a few at a time, and the model ends up running batches of 2 to 10 where 32 were
-waiting a moment later (bench/arrival.py: ~0.7x the throughput at 64 concurrent one-text clients).
+sockets trickle in, a few at a time, and the model ends up running small batches where a full one
+was waiting a moment later (docs/design.md says what that costs).
 
 `PacedQueue` replaces Infinity's queue of waiting items and only lets a batch go when it is full, or
 when the model has nothing else to do. A lone request is never held back: with the model idle it
@@ -13,7 +13,7 @@ submits (jobs that arrive together are validated and counted one after another i
 first would otherwise go alone). A full batch that a later job of the turn completes goes at once,
 without waiting for the turn's end. Full batches still run ahead of the model (tokenised while the
 previous batch computes) whenever fewer than `AHEAD` per model replica are in it; the full batches
-waiting then go in one pop (up to Infinity's 8), which Infinity sorts by length as before.
+waiting then go in one pop (up to Infinity's 8), which Infinity sorts by length as any pop.
 
 Each batch popped is then cut to the model's token budget (budget.py): rows x longest tokens at most
 MAX_BATCH_TOKENS, so a pop of long texts hands over more, smaller batches. A pop whose texts are all
@@ -55,8 +55,7 @@ FLEX = tier_rank("flex")
 FLEX_YIELD_S = 2.0
 # Meanwhile a flex batch holds as many texts as the model computes in about FLEX_TURN_S (from the
 # seconds a text its recent full batches took): such a request then waits a few tens of ms, not
-# a whole batch (on a CPU, 32 medium texts take about 0.15 s). Where batches are that fast anyway (a
-# GPU), flex batches stay whole.
+# a whole batch (docs/api.md). Where batches are that fast anyway (a GPU), flex batches stay whole.
 FLEX_TURN_S = 0.03
 
 # Full batches go while a replica has fewer than this many between leaving the queue and finishing

@@ -21,8 +21,8 @@ from ..logs import get_logger
 log = get_logger(__name__)
 
 # Requests of up to this many texts are counted one text at a time. encode_batch hands even one
-# text to the tokenizer's thread pool, whose threads then compete with the model's for the CPU:
-# one-text requests through the local server reached 0.86x the engine with it, 0.95x without.
+# text to the tokenizer's thread pool, whose threads then compete with the model's for the CPU
+# (docs/design.md, "Token counts of small requests").
 _ONE_BY_ONE_MAX = 8
 
 # The check that reuse gives the engine exactly what its own tokenize step gives: surrounding
@@ -61,7 +61,7 @@ class TokenizedText(CountedText):
     special tokens added). Engines that cannot use them see a plain string.
 
     Plain int64 arrays, not the tokenizer's Encoding: that holds the token strings and masks too,
-    ~27 KB for a 227-token text against 1.8 KB, and texts wait in the queue with them."""
+    many times the ids' size, and texts wait in the queue with them (docs/design.md)."""
 
     ids: np.ndarray
     type_ids: np.ndarray | None  # None when the model takes no token_type_ids
@@ -100,7 +100,7 @@ class TokenCounter:
         return len(self.tokenizer)
 
     def _encode_batch(self, inputs: list[Any], add_special_tokens: bool = True) -> list[Any]:
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: ~20% less time, same
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets: less time, the same
         # ids.
         assert self._fast is not None
         encode = getattr(self._fast, "encode_batch_fast", None) or self._fast.encode_batch

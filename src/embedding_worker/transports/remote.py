@@ -6,7 +6,7 @@ RunPod's autoscaling spreads them over many workers; each job is polled on `/sta
 that fails, times out or cannot be sent is sent again, and so are the lines it answered with a full
 queue or a timeout (429/503), at most `retries` times with exponential backoff; lines still
 unanswered then are left out of the output, for the next run. The output file, resuming and skipping
-are batch_files.py's.
+are batch_run.py's.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from ..operations.batch import LineRequest, bounded, error_line, is_retryable
-
-if TYPE_CHECKING:
-    from .batch_files import BatchRun
+from .batch_run import BatchRun
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ The handler only hands the job's input to `Worker.dispatch` and returns the Repl
 from __future__ import annotations
 
 import os
-import platform
 import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from ..cpu import processor_name
 from ..dispatch import Worker
 from ..reply import Reply
 from .jobs import JobStatus
@@ -44,26 +44,15 @@ def runpod_config(worker: Worker) -> dict[str, Any]:
     }
 
 
-def processor_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def import_runpod(environ: MutableMapping[str, str] = os.environ) -> Any:
-    """Import the runpod SDK quietly and without its 1.2 s CPU probe.
+    """Import the runpod SDK quietly and without its CPU probe subprocess.
 
     runpod's logger prints every job's input and output at DEBUG, its default level; it reads
     RUNPOD_DEBUG_LEVEL once, at import, so INFO is set first unless the user chose a level
     (RUNPOD_LOG_LEVEL or --rp_log_level still override it). At import, runpod also asks py-cpuinfo
     for the processor's name (shown only in its debug output); py-cpuinfo's full probe starts a
-    Python subprocess, about 1.2 s of every cold start. For that one import it gets the name from
-    /proc/cpuinfo instead.
+    Python subprocess, a cost on every cold start (docs/design.md). For that one import it gets the
+    name from /proc/cpuinfo instead.
     """
     if "runpod" in sys.modules:
         return sys.modules["runpod"]
