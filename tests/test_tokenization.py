@@ -18,6 +18,7 @@ from embedding_worker.engines.tokenization import (
     ReusedTokenIds,
     TokenCounter,
     TokenizedText,
+    pad_ids,
     reuse_token_ids,
 )
 from tests.helpers import answer as embed
@@ -124,3 +125,34 @@ def test_reuse_is_installed_only_where_it_reproduces_the_step_exactly(bert_embed
     assert counter.model_input is None
     tokenized, _ = counter.tokenize(["hello"])
     assert not isinstance(tokenized[0], TokenizedText)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_ids_pads_as_the_tokenizer_does(bert_embedder, side):
+    # The one padding step of every engine that pads ids itself (Infinity's embedders on reuse,
+    # bge-m3, the LLM rerankers): the tensors of the tokenizer's own `pad`, dtype included.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bert_embedder)
+    tokenizer.padding_side = side
+    encoded = tokenizer(TEXTS)
+    expected = dict(tokenizer.pad(encoded, return_tensors="pt"))
+    type_ids = [np.array(row) for row in encoded["token_type_ids"]]
+    got = pad_ids(
+        encoded["input_ids"],
+        tokenizer.pad_token_id,
+        left=side == "left",
+        type_ids=type_ids,
+        pad_type_id=tokenizer.pad_token_type_id,
+    )
+    _assert_same_tensors(got, expected)
+    without_types = pad_ids(encoded["input_ids"], tokenizer.pad_token_id, left=side == "left")
+    assert without_types.keys() == {"input_ids", "attention_mask"}
+
+
+def test_pad_ids_pads_to_a_width_longer_than_the_longest_row():
+    right = pad_ids([[5, 6], [7]], 0, width=4)
+    assert right["input_ids"].tolist() == [[5, 6, 0, 0], [7, 0, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+    left = pad_ids([[5, 6], [7]], 0, left=True, width=1)  # a width shorter: the longest row's
+    assert left["input_ids"].tolist() == [[5, 6], [0, 7]]
