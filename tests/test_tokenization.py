@@ -22,7 +22,7 @@ from embedding_worker.engines.tokenization import (
     reuse_token_ids,
 )
 from tests.helpers import answer as embed
-from tests.helpers import decode_vectors, model_and_replica
+from tests.helpers import decode_vectors, model_and_replica, worker_without
 
 # Not the probe texts the reuse is checked on when a model loads.
 TEXTS = [
@@ -83,6 +83,27 @@ async def test_a_cut_text_in_a_batch_embeds_as_in_sentence_transformers(worker, 
     )
     expected = SentenceTransformer(str(bert_embedder), device="cpu").encode(
         [long_text, "short"], normalize_embeddings=True
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+async def test_with_reuse_off_the_engine_tokenizes_and_answers_the_same(bert_embedder):
+    # What bench.handler_ab --without reuse measures against.
+    worker = worker_without(
+        {"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32"}, reuse_token_ids=False
+    )
+    await worker.start()
+    try:
+        model, replica = model_and_replica(worker, "tiny-bert-embedder")
+        assert model.tokens.model_input is None
+        assert not isinstance(inspect.unwrap(replica.encode_pre), ReusedTokenIds)
+        tokenized, _ = model.tokens.tokenize(TEXTS)
+        assert not any(isinstance(t, TokenizedText) for t in tokenized)
+        got = decode_vectors(await embed(worker, model=model.served_id, input=TEXTS))
+    finally:
+        await worker.stop()
+    expected = SentenceTransformer(str(bert_embedder), device="cpu").encode(
+        TEXTS, normalize_embeddings=True
     )
     np.testing.assert_allclose(got, expected, atol=1e-5)
 

@@ -123,7 +123,9 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
             ),
             dtype=np.int64,
         )
-        self.reuses_token_ids = self._reuse_token_ids()
+        self.reuses_token_ids = (
+            self.settings.optimisations.reuse_token_ids and self._reuse_token_ids()
+        )
         self._init_batching()
 
     @classmethod
