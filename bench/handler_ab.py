@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import time
@@ -38,33 +39,31 @@ from bench.common import (
 )
 from embedding_worker.allocator import keep_freed_memory
 from embedding_worker.dispatch import Worker
+from embedding_worker.engines import ModelRegistry
+from embedding_worker.engines.spec import Optimisations
 from embedding_worker.transports.runpod import runpod_handler
+
+# Each --without choice: the optimisation it switches off (engines.spec.Optimisations).
+OPTIMISATIONS = {
+    "reuse": "reuse_token_ids",
+    "turn-wake": "turn_end_wake",
+    "full-wake": "full_batch_wake",
+}
 
 
 async def compare(args: argparse.Namespace) -> None:
     # the worker's malloc settings, unless told otherwise
     keep_freed_memory(os.environ, False if args.glibc_malloc else None)
     config = float32_config(args.model)
-    full, without = Worker.from_config(config), Worker.from_config(config)
+    switched_off = Optimisations(**{OPTIMISATIONS[args.without]: False})
+    settings = dataclasses.replace(config.engine_settings, optimisations=switched_off)
+    full = Worker.from_config(config)
+    without = Worker(config, ModelRegistry.load(config.models, settings))
     engine = raw_engine(config)
     await engine.astart()
     await full.start()
     await without.start()
     model = without.registry.models[0]
-    if args.without == "reuse":
-        model.tokens.model_input = None  # texts carry no ids: Infinity tokenizes them itself
-    elif args.without == "full-wake":
-        assert model._paced is not None
-        model._paced._notify = lambda: None  # type: ignore[method-assign]
-    else:
-        paced = model._paced
-        assert paced is not None
-
-        def extend(items: list[Any]) -> None:  # the wake at once, without the turn rule
-            paced.inner.extend(items)
-            paced._wake()
-
-        paced.extend = extend  # type: ignore[method-assign]
     served = model.served_id
     texts = texts_of_length(model.tokens.tokenizer, LENGTHS[args.length], args.inputs)
     requests = in_requests(texts)
@@ -132,7 +131,7 @@ def main() -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--without", choices=["reuse", "turn-wake", "full-wake"], required=True)
+    parser.add_argument("--without", choices=list(OPTIMISATIONS), required=True)
     parser.add_argument("--model", choices=FULL_MODELS, default="minilm")
     parser.add_argument("--length", choices=list(LENGTHS), default="short")
     parser.add_argument("--inputs", type=int, default=1024)

@@ -10,15 +10,17 @@ batching, as Infinity alone does). Each runs in fresh processes, alternating; th
 process's peak resident memory (and CUDA's peak allocation on a GPU) above what it held before the
 burst, and the burst's texts/s, medians.
 
-Short texts: the bundled all-MiniLM-L6-v2 (DTYPES=auto) fed ~12-token texts in requests of 16, with
-the engine's batch cap set to 32, 128 and 256 in turn, interleaved rounds, medians: whether batches
-larger than BATCH_SIZES's default would gain for short texts.
+Short texts: the bundled all-MiniLM-L6-v2 (DTYPES=auto) fed ~12-token texts in requests of 16, by
+three workers whose batches hold exactly 32, 128 and 256 texts (BATCH_SIZES, the wider batches of
+short texts off), in turn, interleaved rounds, medians: whether batches larger than BATCH_SIZES's
+default would gain for short texts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -31,7 +33,9 @@ from pathlib import Path
 
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.engines import ModelRegistry
 from embedding_worker.engines.budget import default_max_batch_tokens
+from embedding_worker.engines.spec import Optimisations
 from tests import model_factory
 
 from .common import texts_of_length
@@ -115,23 +119,35 @@ def peak_memory(count: int, repeats: int) -> None:
         print(f"  CUDA peak: {budgeted['cuda_peak_mib'] / count_only['cuda_peak_mib']:.2f}x")
 
 
+def _worker_of_batch_size(cap: int) -> Worker:
+    """A worker whose batches hold exactly `cap` texts, whatever their length (within the budget
+    of 32 texts a batch): BATCH_SIZES=`cap`, without the wider batches of short texts."""
+    config = load_config(
+        {
+            "MODEL_NAMES": DEFAULT_MODEL_ID,
+            "BATCH_SIZES": str(cap),
+            "MAX_BATCH_TOKENS": str(default_max_batch_tokens(32)),
+        }
+    )
+    narrow = Optimisations(wide_short_batches=False)
+    settings = dataclasses.replace(config.engine_settings, optimisations=narrow)
+    return Worker(config, ModelRegistry.load(config.models, settings))
+
+
 async def short_batches(count: int, rounds: int, tokens: int = 12) -> None:
-    worker = Worker.from_config(load_config({"MODEL_NAMES": DEFAULT_MODEL_ID}))
-    await worker.start()
-    model = worker.registry.models[0]
-    handler = model.engine._batch_handler  # Infinity's cap per batch: BATCH_SIZES
-    texts = texts_of_length(model.tokens.tokenizer, tokens, count)
-    requests = [texts[i : i + 16] for i in range(0, len(texts), 16)]
     caps = (32, 128, 256)
+    workers = {cap: _worker_of_batch_size(cap) for cap in caps}
+    for worker in workers.values():
+        await worker.start()
+    tokenizer = workers[32].registry.models[0].tokens.tokenizer
+    texts = texts_of_length(tokenizer, tokens, count)
+    requests = [texts[i : i + 16] for i in range(0, len(texts), 16)]
     rates: dict[int, list[float]] = {cap: [] for cap in caps}
     cpu_rates: dict[int, list[float]] = {cap: [] for cap in caps}  # steadier on a shared machine
     try:
         for round_no in range(rounds + 1):
             for cap in caps if round_no % 2 else caps[::-1]:
-                handler.max_batch_size = model._paced.batch_size = cap
-                # Exactly `cap` texts a batch, whatever their length (within the budget).
-                model._paced.max_rows = lambda longest, cap=cap: cap  # type: ignore[method-assign]
-                model._paced.max_tokens = default_max_batch_tokens(32)
+                worker = workers[cap]
                 started, started_cpu = time.perf_counter(), time.process_time()
                 replies = await asyncio.gather(*(worker.dispatch({"input": r}) for r in requests))
                 assert all(r.ok for r in replies)
@@ -139,7 +155,8 @@ async def short_batches(count: int, rounds: int, tokens: int = 12) -> None:
                     rates[cap].append(count / (time.perf_counter() - started))
                     cpu_rates[cap].append(count / (time.process_time() - started_cpu))
     finally:
-        await worker.stop()
+        for worker in workers.values():
+            await worker.stop()
     base, cpu_base = statistics.median(rates[32]), statistics.median(cpu_rates[32])
     print(f"{count} texts of ~{tokens} tokens, all-MiniLM-L6-v2, DTYPES=auto, medians")
     for cap in caps:

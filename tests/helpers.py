@@ -38,6 +38,20 @@ def model_and_replica(worker: Any, tail: str) -> tuple[Any, Any]:
     return model, model.engine._model_replicas[0]
 
 
+def worker_without(env: dict[str, str], **switched: bool) -> Any:
+    """A worker (not started) for the config `env`, its optimisations switched as given (the
+    keyword arguments of engines.spec.Optimisations), as the benchmarks build theirs."""
+    from embedding_worker.config import load_config
+    from embedding_worker.dispatch import Worker
+    from embedding_worker.engines import ModelRegistry
+    from embedding_worker.engines.spec import Optimisations
+
+    config = load_config(env)
+    optimisations = Optimisations(**switched)
+    settings = dataclasses.replace(config.engine_settings, optimisations=optimisations)
+    return Worker(config, ModelRegistry.load(config.models, settings))
+
+
 def bound_queue(monkeypatch: Any, model: Any, **settings: Any) -> None:
     """Change a model's admission bounds (engines/admission.py) for one test."""
     admission = model.admission

@@ -26,7 +26,7 @@ from embedding_worker.transports.http import create_app
 from embedding_worker.transports.runpod import runpod_handler
 from tests import model_factory
 from tests.bge_m3_recipe import Recipe
-from tests.helpers import bound_queue
+from tests.helpers import bound_queue, worker_without
 from tests.test_server import ServerThread
 
 TEXTS = [
@@ -207,6 +207,23 @@ async def test_the_worker_s_token_ids_are_reused_and_equal_the_recipe_s(bge_m3_w
     assert model.reuses_token_ids
     texts, _ = model.tokens.tokenize(TEXTS)
     assert [t.ids.tolist() for t in texts] == model._tokenize_texts(TEXTS)
+
+
+async def test_with_reuse_off_the_worker_thread_tokenizes_and_answers_the_same(bge_m3, recipe):
+    worker = worker_without(
+        {"MODEL_NAMES": str(bge_m3), "BATCH_SIZES": "3", "DTYPES": "float32"},
+        reuse_token_ids=False,
+    )
+    await worker.start()
+    try:
+        model = worker.registry.models[0]
+        assert isinstance(model, BGEM3Embedder) and not model.reuses_token_ids
+        assert model.tokens.model_input is None
+        reply = await worker.dispatch({"model": model.served_id, "input": TEXTS, "output": ALL})
+        assert reply.status == 200, reply.body
+        assert_matches_recipe(reply.body, recipe, TEXTS)
+    finally:
+        await worker.stop()
 
 
 # ------------------------------------------------------------------ every transport

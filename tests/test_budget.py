@@ -363,3 +363,15 @@ async def test_a_pop_of_short_texts_takes_wider_batches():
     queue.extend(_items(6, tokens=10) + _items(1, tokens=SHORT_TEXT_TOKENS + 1))
     await asyncio.sleep(0)
     assert _pop(queue) == [4, 3]  # one text is not short: batches of 4
+
+
+async def test_without_wide_short_batches_short_texts_go_batch_size_a_batch():
+    # What bench.token_budget's short-text part measures against.
+    from infinity_emb.inference.queue import CustomFIFOQueue
+
+    from tests.test_pacing import _items, _pop
+
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4, wide_short_batches=False)
+    queue.extend(_items(40, tokens=SHORT_TEXT_TOKENS))
+    await asyncio.sleep(0)
+    assert _pop(queue) == [4] * 8  # the model was idle: Infinity's most batches a pop, of 4

@@ -19,6 +19,7 @@ from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.pacing import PacedQueue
 from embedding_worker.engines.tokenization import counted
+from tests.helpers import worker_without
 
 
 def _items(n: int, tokens: int = 100) -> list[PrioritizedQueueItem]:
@@ -76,18 +77,29 @@ async def test_an_idle_model_takes_what_one_turn_of_the_loop_submits_together():
     assert _pop(queue, timeout=0) == [4]  # a full batch need not wait for the turn's end
 
 
-async def test_a_full_batch_wakes_the_publisher_before_the_turn_ends():
-    # Many jobs in one turn of the loop: the model starts on the first full batch while the turn
-    # goes on validating and tokenizing the others (a GPU would otherwise wait for all of them).
-    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+def _a_full_batch_later_in_the_turn(
+    queue: PacedQueue, publisher_timeout: float
+) -> tuple[list[list[int]], float]:
+    """A lone item, then a full batch in the same turn of the event loop while the publisher
+    waits (`publisher_timeout` at most): what it released, and how many seconds after."""
     queue.extend(_items(1))
     released: list[list[int]] = []
-    publisher = threading.Thread(target=lambda: released.append(_pop(queue, timeout=5)))
+    publisher = threading.Thread(
+        target=lambda: released.append(_pop(queue, timeout=publisher_timeout))
+    )
     publisher.start()
     started = time.monotonic()
     queue.extend(_items(4))  # the same turn: no await between
     publisher.join(10)  # blocks the loop, so the turn cannot end meanwhile
-    assert released == [[4]] and time.monotonic() - started < 2
+    return released, time.monotonic() - started
+
+
+async def test_a_full_batch_wakes_the_publisher_before_the_turn_ends():
+    # Many jobs in one turn of the loop: the model starts on the first full batch while the turn
+    # goes on validating and tokenizing the others (a GPU would otherwise wait for all of them).
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    released, seconds = _a_full_batch_later_in_the_turn(queue, publisher_timeout=5)
+    assert released == [[4]] and seconds < 2
     assert len(queue) == 1  # the part-filled rest waits: for the turn's end, then for the model
     await asyncio.sleep(0)
     assert _pop(queue, timeout=0) == []
@@ -135,6 +147,21 @@ async def test_a_waiting_publisher_wakes_when_the_model_finishes_not_at_its_time
     queue.batch_finished()
     publisher.join(10)
     assert released == [[2]] and time.monotonic() - started < 5
+
+
+async def test_without_turn_end_wake_a_request_goes_before_its_turn_ends():
+    # What bench.handler_ab --without turn-wake measures: the publisher woken at each submission.
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4, turn_end_wake=False)
+    queue.extend(_items(1))
+    assert _pop(queue, timeout=0) == [1]  # not held for what the rest of the turn submits
+
+
+async def test_without_full_batch_wake_a_full_batch_waits_for_the_publishers_next_look():
+    # What bench.handler_ab --without full-wake measures: the publisher is not woken for a full
+    # batch that a later job of the turn completes; it finds it when its wait times out.
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4, full_batch_wake=False)
+    released, seconds = _a_full_batch_later_in_the_turn(queue, publisher_timeout=1.0)
+    assert released == [[4]] and seconds >= 0.9
 
 
 @pytest.fixture
@@ -201,6 +228,22 @@ async def test_without_pacing_infinity_splits_them(busy_engine):
     await _one_by_one(model, 12)
     assert sizes[0] == 1 and sum(sizes) == 13
     assert len(sizes) > 3, sizes
+
+
+async def test_optimisations_switched_off_in_the_settings_reach_the_paced_queue(bert_embedder):
+    # Batches of short texts hold BATCH_SIZES texts, not more, once wide_short_batches is off.
+    env = {"MODEL_NAMES": str(bert_embedder), "BATCH_SIZES": "4"}
+    worker = worker_without(env, wide_short_batches=False)
+    await worker.start()
+    try:
+        model = worker.registry.models[0]
+        sizes = _record_batch_sizes(model)
+        texts = [f"text {i}" for i in range(12)]
+        vectors = await asyncio.wait_for(model.embed(texts, tokens=48), 60)
+        assert vectors.shape[0] == 12
+        assert sizes == [4, 4, 4]
+    finally:
+        await worker.stop()
 
 
 async def test_jobs_submitted_in_one_turn_of_the_loop_share_batches(tiny_worker):

@@ -18,10 +18,11 @@ from embedding_worker.engines.tokenization import (
     ReusedTokenIds,
     TokenCounter,
     TokenizedText,
+    pad_ids,
     reuse_token_ids,
 )
 from tests.helpers import answer as embed
-from tests.helpers import decode_vectors, model_and_replica
+from tests.helpers import decode_vectors, model_and_replica, worker_without
 
 # Not the probe texts the reuse is checked on when a model loads.
 TEXTS = [
@@ -86,6 +87,27 @@ async def test_a_cut_text_in_a_batch_embeds_as_in_sentence_transformers(worker, 
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+async def test_with_reuse_off_the_engine_tokenizes_and_answers_the_same(bert_embedder):
+    # What bench.handler_ab --without reuse measures against.
+    worker = worker_without(
+        {"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32"}, reuse_token_ids=False
+    )
+    await worker.start()
+    try:
+        model, replica = model_and_replica(worker, "tiny-bert-embedder")
+        assert model.tokens.model_input is None
+        assert not isinstance(inspect.unwrap(replica.encode_pre), ReusedTokenIds)
+        tokenized, _ = model.tokens.tokenize(TEXTS)
+        assert not any(isinstance(t, TokenizedText) for t in tokenized)
+        got = decode_vectors(await embed(worker, model=model.served_id, input=TEXTS))
+    finally:
+        await worker.stop()
+    expected = SentenceTransformer(str(bert_embedder), device="cpu").encode(
+        TEXTS, normalize_embeddings=True
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
 async def test_usage_counts_the_text_the_model_sees(qwen3_worker, qwen3_ids, qwen3_embedder):
     # sentence-transformers strips each text before tokenizing; byte-level BPE counts spaces.
     from transformers import AutoTokenizer
@@ -124,3 +146,34 @@ def test_reuse_is_installed_only_where_it_reproduces_the_step_exactly(bert_embed
     assert counter.model_input is None
     tokenized, _ = counter.tokenize(["hello"])
     assert not isinstance(tokenized[0], TokenizedText)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_ids_pads_as_the_tokenizer_does(bert_embedder, side):
+    # The one padding step of every engine that pads ids itself (Infinity's embedders on reuse,
+    # bge-m3, the LLM rerankers): the tensors of the tokenizer's own `pad`, dtype included.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bert_embedder)
+    tokenizer.padding_side = side
+    encoded = tokenizer(TEXTS)
+    expected = dict(tokenizer.pad(encoded, return_tensors="pt"))
+    type_ids = [np.array(row) for row in encoded["token_type_ids"]]
+    got = pad_ids(
+        encoded["input_ids"],
+        tokenizer.pad_token_id,
+        left=side == "left",
+        type_ids=type_ids,
+        pad_type_id=tokenizer.pad_token_type_id,
+    )
+    _assert_same_tensors(got, expected)
+    without_types = pad_ids(encoded["input_ids"], tokenizer.pad_token_id, left=side == "left")
+    assert without_types.keys() == {"input_ids", "attention_mask"}
+
+
+def test_pad_ids_pads_to_a_width_longer_than_the_longest_row():
+    right = pad_ids([[5, 6], [7]], 0, width=4)
+    assert right["input_ids"].tolist() == [[5, 6, 0, 0], [7, 0, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
+    left = pad_ids([[5, 6], [7]], 0, left=True, width=1)  # a width shorter: the longest row's
+    assert left["input_ids"].tolist() == [[5, 6], [0, 7]]

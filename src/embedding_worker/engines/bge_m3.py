@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from ..logs import get_logger
 from ..model_paths import model_file
 from .base import (
     DENSE,
@@ -37,9 +36,7 @@ from .base import (
 from .batching import Item, SelfBatching, TokenIds
 from .dtype import resolve_dtype, torch_dtype
 from .spec import EngineSettings, ModelSpec
-from .tokenization import PROBE_TEXTS, ModelInput, TokenCounter, TokenizedText
-
-log = get_logger(__name__)
+from .tokenization import ModelInput, TokenCounter, TokenizedText, pad_ids
 
 KIND = "bge-m3"
 SPARSE_HEAD = "sparse_linear.pt"
@@ -126,7 +123,9 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
             ),
             dtype=np.int64,
         )
-        self.reuses_token_ids = self._reuse_token_ids()
+        self.reuses_token_ids = (
+            self.settings.optimisations.reuse_token_ids and self._reuse_token_ids()
+        )
         self._init_batching()
 
     @classmethod
@@ -167,26 +166,17 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
     def _reuse_token_ids(self) -> bool:
         """Let texts carry the ids the worker makes when it counts them, so the worker thread does
         not tokenize them again: only if, on the probe texts, they are the recipe's ids exactly."""
-        counter = self.tokens
-        if counter._fast is None:
-            return False
-        counter.model_input = ModelInput(
+        model_input = ModelInput(
             prepare=lambda text: text,  # the recipe hands the text to the tokenizer as it is
             max_length=self.max_length,
             truncation_side=self.tokenizer.truncation_side,
             with_type_ids=False,
         )
-        texts = [*PROBE_TEXTS, "many words " * self.max_length]
-        try:
-            probes, _ = counter.tokenize(texts)
-            made = [p.ids.tolist() for p in probes]  # type: ignore[attr-defined]
-            reusable = made == self._tokenize_texts(texts)
-        except Exception as exc:  # a tokenizer this cannot reproduce: tokenize on the thread
-            log.debug("%s: token reuse check failed: %s", self.served_id, exc)
-            reusable = False
-        if not reusable:
-            counter.model_input = None
-        return reusable
+
+        def reproduces(texts: list[str], tokenized: list[TokenizedText]) -> bool:
+            return [t.ids.tolist() for t in tokenized] == self._tokenize_texts(texts)
+
+        return self.tokens.carry_token_ids(model_input, reproduces)
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -221,12 +211,8 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
 
         asked: frozenset[str] = frozenset().union(*(item.call.options for item in items))
         lengths = [len(item.ids) for item in items]
-        width = max(lengths)
-        input_ids = torch.full((len(items), width), self.tokenizer.pad_token_id)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            input_ids[row, : lengths[row]] = torch.as_tensor(item.ids)
-            attention_mask[row, : lengths[row]] = 1
+        padded = pad_ids([item.ids for item in items], self.tokenizer.pad_token_id)
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
         dense = weights = colbert = None
         with torch.inference_mode():
             hidden = self.encoder(

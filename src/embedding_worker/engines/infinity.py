@@ -251,7 +251,10 @@ class InfinityModel(ModelEngine):
     async def start(self) -> None:
         # Runs after Infinity's own start, which makes a new batch handler (and queue) every time.
         self._paced = pacing.install(
-            self.engine._batch_handler, self.spec.max_batch_tokens, self.max_length
+            self.engine._batch_handler,
+            self.spec.max_batch_tokens,
+            self.max_length,
+            self.settings.optimisations,
         )
 
 
@@ -263,6 +266,8 @@ class InfinityEmbedder(InfinityModel, Embedder):
         self.dimensions = get_dim() if get_dim else None
 
     def _prepare_replica(self, replica: Any) -> None:
+        if not self.settings.optimisations.reuse_token_ids:
+            return
         if reuse_token_ids(replica, self.tokens, self.settings.batch_invariant):
             log.debug("%s: the engine reuses the worker's token ids", self.served_id)
 

@@ -30,7 +30,7 @@ from .base import Health, ModelLoadError, Reranker
 from .batching import Item, SelfBatching, TokenIds
 from .dtype import torch_dtype
 from .spec import EngineSettings, ModelSpec
-from .tokenization import TokenCounter
+from .tokenization import TokenCounter, pad_ids
 
 log = get_logger(__name__)
 
@@ -238,12 +238,8 @@ class LLMReranker(SelfBatching, Reranker):
         import torch
 
         # Left padding with the pad token, masked out (what the recipe's tokenizer.pad builds).
-        width = max(len(ids) for ids in batch_ids)
-        input_ids = torch.full((len(batch_ids), width), self.tokenizer.pad_token_id)
-        attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-        for row, ids in enumerate(batch_ids):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
+        padded = pad_ids(batch_ids, self.tokenizer.pad_token_id, left=True)
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
         with torch.inference_mode():
             hidden = self.backbone(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)

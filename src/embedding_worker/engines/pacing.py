@@ -43,6 +43,7 @@ from .budget import (
     rows_allowed,
     token_bounded,
 )
+from .spec import Optimisations
 
 # A lower tier's waiting work is passed over for higher tiers' at most this many hand-overs to the
 # model in a row; then it goes next, so flex work always progresses, however busy priority is.
@@ -108,6 +109,11 @@ class PacedQueue:
 
     `batch_finished()` must be called once for every batch released, after its forward pass (the
     worker's batch-thread guard does, see engines.InfinityModel).
+
+    Three of its rules can be switched off, for benchmarks to measure them (spec.Optimisations):
+    without `turn_end_wake` the publisher wakes at each submission; without `full_batch_wake` a
+    full batch submitted during a turn waits for the turn's end or the publisher's next look;
+    without `wide_short_batches` batches of short texts hold `batch_size` texts, as others do.
     """
 
     def __init__(
@@ -117,6 +123,10 @@ class PacedQueue:
         replicas: int = 1,
         max_tokens: int | None = None,
         max_length: int | None = None,
+        *,
+        turn_end_wake: bool = True,
+        full_batch_wake: bool = True,
+        wide_short_batches: bool = True,
     ) -> None:
         self.inner = inner  # infinity_emb.inference.queue.CustomFIFOQueue: the default tier's
         # One queue a service tier (tiers.TIERS: priority, default, flex), of Infinity's own kind.
@@ -126,6 +136,9 @@ class PacedQueue:
         self.replicas = replicas
         self.max_tokens = max_tokens or default_max_batch_tokens(batch_size)
         self.max_length = max_length  # the model's cut: no text is fed more tokens than this
+        self.turn_end_wake = turn_end_wake
+        self.full_batch_wake = full_batch_wake
+        self.wide_short_batches = wide_short_batches
         self.in_model = 0  # batches released and not yet through their forward pass
         self._served_above_flex = -FLEX_YIELD_S  # when work above flex last arrived (monotonic)
         self._text_seconds = 0.0  # forward-pass seconds a text, recently; 0 before any
@@ -155,10 +168,12 @@ class PacedQueue:
         return chosen
 
     def extend(self, items: list[Any]) -> None:
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:  # not called from an event loop: nothing more comes with these
-            loop = None
+        loop: asyncio.AbstractEventLoop | None = None
+        if self.turn_end_wake:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not called from an event loop: nothing more comes with these
+                pass
         first_of_turn = loop is not None and not self._wake_pending
         if loop is not None and first_of_turn:
             self._wake_pending = True  # before the items are in: the publisher reads both
@@ -170,7 +185,11 @@ class PacedQueue:
         self.queues[rank].extend(items)
         if loop is None:
             self._wake()
-        elif not first_of_turn and before // self.batch_size < len(self) // self.batch_size:
+        elif (
+            self.full_batch_wake
+            and not first_of_turn
+            and before // self.batch_size < len(self) // self.batch_size
+        ):
             # A later job of the turn completed a full batch: the model starts on it while the rest
             # of the turn's jobs are still validated and tokenized. A turn's first request is never
             # split this way, so a request alone is batched the same way every time (same answer).
@@ -254,12 +273,16 @@ class PacedQueue:
     def max_rows(self, longest: int) -> int:
         """The most texts a batch whose longest text has `longest` tokens may hold (derived from
         `batch_size` on each call, so a changed batch size holds for both rules)."""
+        if not self.wide_short_batches:
+            return self.batch_size
         return rows_allowed(self.batch_size, longest)
 
     def _rows_to_pop(self, queue: Any, count: int) -> int:
         """Texts a batch popped from `queue` may hold: `max_batch_rows` when every text that
         `count` such batches would take is short (SHORT_TEXT_TOKENS), else BATCH_SIZES. Decided
         before the pop, so that a pop hands over `count` batches, not more to be cut after."""
+        if not self.wide_short_batches:
+            return self.batch_size
         wide = max_batch_rows(self.batch_size)
         with queue._lock_queue_event:  # Infinity's CustomFIFOQueue: its lock and its list
             front = queue._queue[: wide * count]
@@ -291,13 +314,18 @@ class PacedQueue:
 
 
 def install(
-    handler: Any, max_tokens: int | None = None, max_length: int | None = None
+    handler: Any,
+    max_tokens: int | None = None,
+    max_length: int | None = None,
+    optimisations: Optimisations | None = None,
 ) -> PacedQueue:
-    """Put a PacedQueue around a started Infinity BatchHandler's queue (before any request arrives).
+    """Put a PacedQueue around a started Infinity BatchHandler's queue (before any request arrives),
+    with the `optimisations` it takes on (all by default).
 
     The publisher thread reads `handler._queue_prio` afresh on every turn, so it takes the wrapper
     from its next turn on; waking it turns it over at once instead of after its 0.2 s wait.
     """
+    on = optimisations or Optimisations()
     inner = handler._queue_prio
     paced = PacedQueue(
         inner,
@@ -305,6 +333,9 @@ def install(
         replicas=len(handler.model_worker),
         max_tokens=max_tokens,
         max_length=max_length,
+        turn_end_wake=on.turn_end_wake,
+        full_batch_wake=on.full_batch_wake,
+        wide_short_batches=on.wide_short_batches,
     )
     handler._queue_prio = paced
     inner._sync_event.set()

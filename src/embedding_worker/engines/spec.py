@@ -3,7 +3,7 @@ shares."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .budget import default_max_batch_tokens
 
@@ -33,8 +33,30 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class Optimisations:
+    """The worker's optimisations of how an engine is fed, each on unless switched off here: the
+    benchmarks switch one off to measure what it gains (bench.handler_ab, bench.token_budget).
+    None is a setting of the worker's: each is on in every deployment."""
+
+    # Texts carry the token ids counted for them, and the engine pads those instead of tokenizing
+    # again (tokenization.py: Infinity's embedders and bge-m3). Infinity's embedders pad by
+    # `batch_invariant` only on it.
+    reuse_token_ids: bool = True
+    # The paced queue wakes Infinity's publisher at the end of the event loop's turn that
+    # submitted work, not at each submission (pacing.py).
+    turn_end_wake: bool = True
+    # A full batch that a later job of a turn completes goes to the model at once, not at the
+    # turn's end (pacing.py).
+    full_batch_wake: bool = True
+    # Batches of short texts hold more than the batch size (budget.py, engines batched by
+    # Infinity).
+    wide_short_batches: bool = True
+
+
+@dataclass(frozen=True)
 class EngineSettings:
-    """Settings shared by every engine: the queue bounds, the time bounds, and remote code."""
+    """Settings shared by every engine: the queue bounds, the time bounds, remote code, and the
+    optimisations on."""
 
     queue_size: int = 48_000  # most inputs queued per model (INFINITY_QUEUE_SIZE)
     timeout_s: float = 300.0  # most seconds one engine call may take (REQUEST_TIMEOUT)
@@ -49,3 +71,4 @@ class EngineSettings:
     # Embedders pad each text to a length of its own, so its vector does not depend on its batch.
     # Off by default: it costs throughput (bench/RESULTS.md, bench.invariance and bench.run).
     batch_invariant: bool = False
+    optimisations: Optimisations = field(default_factory=Optimisations)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from ..logs import get_logger
+
+if TYPE_CHECKING:
+    import torch
 
 log = get_logger(__name__)
 
@@ -92,7 +95,7 @@ class TokenCounter:
         if self._fast is not None:
             self._fast.no_truncation()
             self._fast.no_padding()
-        # Set when the engine takes the counter's ids (reuse_token_ids): texts then carry them.
+        # Set by `carry_token_ids` when the engine takes the counter's ids: texts then carry them.
         self.model_input: ModelInput | None = None
 
     @property
@@ -150,6 +153,32 @@ class TokenCounter:
             out.append(tokenized)
         return out, lengths
 
+    def carry_token_ids(
+        self,
+        model_input: ModelInput,
+        reproduces: Callable[[list[str], list[TokenizedText]], bool],
+    ) -> bool:
+        """From now on `tokenize` gives each text the ids the model is fed for it, as
+        `model_input` describes the model's tokenize step, so that the engine need not tokenize
+        it again; only if `reproduces(texts, tokenized)`, the caller's comparison with the
+        model's own step, holds on the probe texts and one longer than the model's maximum (and
+        the counts stay those of `count`). Returns whether the texts carry their ids."""
+        if self._fast is None:
+            return False
+        self.model_input = model_input
+        texts = [*PROBE_TEXTS, "many words " * model_input.max_length]
+        try:
+            tokenized, lengths = self.tokenize(texts)
+            carried = lengths == self.count(texts) and reproduces(
+                texts, cast(list[TokenizedText], tokenized)
+            )
+        except Exception as exc:  # a tokenizer this cannot reproduce: the engine tokenizes
+            log.debug("token reuse check failed: %s", exc)
+            carried = False
+        if not carried:
+            self.model_input = None
+        return carried
+
     def keep_end(self, text: str, tokens: int) -> str:
         """The end of `text` that holds at most `tokens` tokens (special tokens not counted), cut
         where a word starts, so that the kept words tokenize as they did in the whole text: what
@@ -182,6 +211,42 @@ class TokenCounter:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def pad_ids(
+    rows: Sequence[Sequence[int] | np.ndarray],
+    pad_id: int,
+    *,
+    left: bool = False,
+    type_ids: Sequence[np.ndarray | None] | None = None,
+    pad_type_id: int = 0,
+    width: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The int64 tensors of a batch of token ids, as a Hugging Face tokenizer pads them: each row
+    padded with `pad_id` to the longest row (or to `width` if that is longer), on the left or the
+    right, and its `attention_mask`; with `type_ids` (a row's None: all `pad_type_id`), the
+    `token_type_ids` too. Every engine that pads ids itself pads them here, so that a row's
+    tensors are the same whichever engine or batch it is in."""
+    import torch
+
+    count, width = len(rows), max(width, *(len(ids) for ids in rows))
+    input_ids = np.full((count, width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((count, width), dtype=np.int64)
+    token_types = None if type_ids is None else np.full((count, width), pad_type_id, np.int64)
+    for row, ids in enumerate(rows):
+        n = len(ids)
+        cols = slice(width - n, width) if left else slice(0, n)
+        input_ids[row, cols] = ids
+        attention_mask[row, cols] = 1
+        if token_types is not None and type_ids is not None and type_ids[row] is not None:
+            token_types[row, cols] = type_ids[row]
+    tensors = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+    }
+    if token_types is not None:
+        tensors["token_type_ids"] = torch.from_numpy(token_types)
+    return tensors
+
+
 class PaddedBatch:
     """Pads the ids of `TokenizedText`s into the tensors a Hugging Face tokenizer returns for a
     batch: to the longest, on the tokenizer's padding side, with its pad ids."""
@@ -199,22 +264,15 @@ class PaddedBatch:
 
     def __call__(self, texts: Sequence[TokenizedText], width: int = 0) -> dict[str, Any]:
         """The batch's tensors, padded to the longest text, or to `width` if that is longer."""
-        import torch
-
-        rows, width = len(texts), max(width, *(len(t.ids) for t in texts))
-        arrays = {
-            "input_ids": np.full((rows, width), self.pad_id, dtype=np.int64),
-            "token_type_ids": np.full((rows, width), self.pad_type_id, dtype=np.int64),
-            "attention_mask": np.zeros((rows, width), dtype=np.int64),
-        }
-        for row, text in enumerate(texts):
-            n = len(text.ids)
-            cols = slice(width - n, width) if self.left else slice(0, n)
-            arrays["input_ids"][row, cols] = text.ids
-            if text.type_ids is not None:
-                arrays["token_type_ids"][row, cols] = text.type_ids
-            arrays["attention_mask"][row, cols] = 1
-        return {name: torch.from_numpy(arrays[name]) for name in self.names}
+        padded = pad_ids(
+            [text.ids for text in texts],
+            self.pad_id,
+            left=self.left,
+            type_ids=[text.type_ids for text in texts] if self.with_type_ids else None,
+            pad_type_id=self.pad_type_id,
+            width=width,
+        )
+        return {name: padded[name] for name in self.names}
 
 
 def _same_features(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -309,7 +367,7 @@ def reuse_token_ids(replica: Any, counter: TokenCounter, batch_invariant: bool =
     first = getattr(replica, "_first_module", lambda: None)()
     tokenizer = getattr(first, "tokenizer", None)
     max_length = getattr(first, "max_seq_length", None)
-    if counter._fast is None or tokenizer is None or not max_length:
+    if tokenizer is None or not max_length:
         return False
     if first is None or not hasattr(first, "do_lower_case"):  # not an ST models.Transformer
         return False
@@ -322,23 +380,17 @@ def reuse_token_ids(replica: Any, counter: TokenCounter, batch_invariant: bool =
         return text.lower() if first.do_lower_case else text
 
     own_step = replica.encode_pre
-    counter.model_input = ModelInput(
+    model_input = ModelInput(
         prepare=prepare,
         max_length=int(max_length),
         truncation_side=getattr(tokenizer, "truncation_side", "right"),
         with_type_ids=pad.with_type_ids,
     )
-    # One probe longer than the model's maximum, to check the cut too.
-    texts = [*PROBE_TEXTS, "many words " * int(max_length)]
-    try:
-        probes, lengths = counter.tokenize(texts)
-        padded = pad(probes)  # type: ignore[arg-type]
-        reusable = lengths == counter.count(texts) and _same_features(padded, own_step(texts))
-    except Exception as exc:  # a tokenizer this cannot reproduce: keep the engine's own step
-        log.debug("token reuse check failed: %s", exc)
-        reusable = False
-    if not reusable:
-        counter.model_input = None
+
+    def reproduces(texts: list[str], tokenized: list[TokenizedText]) -> bool:
+        return _same_features(pad(tokenized), own_step(texts))
+
+    if not counter.carry_token_ids(model_input, reproduces):
         return False
     bucketed = batch_invariant and not getattr(replica, "mode_colbert", False)
     replica.encode_pre = ReusedTokenIds(own_step, pad, bucketed)
