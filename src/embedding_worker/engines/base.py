@@ -198,6 +198,24 @@ class ModelEngine(ABC):
         for task in self._admitted:
             task.cancel()
 
+    def check_room(self, items: int, tokens: int) -> None:
+        """Raise the retryable error that work of `items` inputs and `tokens` tokens would get now:
+        the engine dead or stalled, or its queue without room (admission.py). Operations call it
+        before they count a request's tokens, with one token an input: a request the queue cannot
+        take even so is refused before the work of counting it."""
+        if self.health.dead:
+            raise errors.unavailable(f"the worker is unhealthy ({self.health.reason}); retry")
+        admission = self.admission
+        if admission.stalled():
+            raise errors.unavailable(
+                f"{self.stall_reason()}; retry, here later or on another worker",
+                code="engine_stalled",
+                retry_after=admission.retry_after(),
+            )
+        refused = admission.refusal(items, tokens)
+        if refused is not None:
+            raise refused
+
     async def _admit(self, items: int, tokens: int, call: Callable[[], Awaitable[T]]) -> T:
         """Bounded queue and bounded time for every engine call.
 
@@ -210,19 +228,9 @@ class ModelEngine(ABC):
         is on every request's path, and a task and `asyncio.wait` per call cost a quarter of the
         local server's event-loop time.
         """
-        if self.health.dead:
-            raise errors.unavailable(f"the worker is unhealthy ({self.health.reason}); retry")
-        admission = self.admission
-        if admission.stalled():
-            raise errors.unavailable(
-                f"{self.stall_reason()}; retry, here later or on another worker",
-                code="engine_stalled",
-                retry_after=admission.retry_after(),
-            )
         tokens = max(tokens, items)  # an input costs at least one token (an image counts none)
-        refused = admission.refusal(items, tokens)
-        if refused is not None:
-            raise refused
+        self.check_room(items, tokens)
+        admission = self.admission
         task = asyncio.current_task()
         assert task is not None
         self._loop = task.get_loop()
