@@ -20,10 +20,14 @@ from ..logs import get_logger
 
 log = get_logger(__name__)
 
-# Requests of up to this many texts are counted one text at a time. encode_batch hands even one
-# text to the tokenizer's thread pool, whose threads then compete with the model's for the CPU:
-# one-text requests through the local server reached 0.86x the engine with it, 0.95x without.
+# Requests of up to this many texts, and this many characters in all, are counted one text at a
+# time. encode_batch hands even one text to the tokenizer's thread pool, whose threads then compete
+# with the model's for the CPU: one-text requests through the local server reached 0.86x the engine
+# with it, 0.95x without. But `encode` holds the GIL for the whole text (21 s for 12 MB, every
+# other thread stopped, the event loop included), and encode_batch releases it: long texts take
+# encode_batch whatever their number.
 _ONE_BY_ONE_MAX = 8
+_ONE_BY_ONE_CHARS = 16_384
 
 # The check that reuse gives the engine exactly what its own tokenize step gives: surrounding
 # spaces, case, accents, CJK, an emoji, and lengths that need padding (and one that needs a cut).
@@ -110,7 +114,7 @@ class TokenCounter:
         assert self._fast is not None
         if self.model_input is not None:
             texts = [self.model_input.prepare(text) for text in texts]
-        if len(texts) <= _ONE_BY_ONE_MAX:
+        if len(texts) <= _ONE_BY_ONE_MAX and sum(map(len, texts)) <= _ONE_BY_ONE_CHARS:
             return [
                 self._fast.encode(text, add_special_tokens=add_special_tokens) for text in texts
             ]
@@ -118,7 +122,7 @@ class TokenCounter:
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e.ids) for e in self._encode(texts)]
+            return [len(e) for e in self._encode(texts)]  # len(e.ids) would copy every id
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -137,8 +141,8 @@ class TokenCounter:
         out: list[str] = []
         lengths = []
         for text, encoding in zip(texts, self._encode(texts, add_special_tokens=False)):
-            lengths.append(len(encoding.ids) + specials)
-            if len(encoding.ids) > keep:
+            lengths.append(len(encoding) + specials)
+            if len(encoding) > keep:
                 encoding.truncate(keep, direction=spec.truncation_side)
             encoding = self._fast.post_process(encoding)
             tokenized = TokenizedText(text)
@@ -158,20 +162,25 @@ class TokenCounter:
         if self._fast is None:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return text if len(ids) <= tokens else self.decode(ids[-tokens:])
-        encoding = self._fast.encode(text, add_special_tokens=False)
-        words, first = encoding.word_ids, len(encoding.ids) - tokens
+        # encode_batch with offsets: `encode` would hold the GIL for all of a long text.
+        encoding = self._fast.encode_batch([text], add_special_tokens=False)[0]
+        first = len(encoding) - tokens
         if first <= 0:
             return text
-        # Not inside a word: a word's second piece ("##ing") alone would tokenize otherwise.
+        # Not inside a word: a word's second piece ("##ing") alone would tokenize otherwise. One
+        # token at a time: `word_ids` and `offsets` would copy a list as long as the text.
+        word = encoding.token_to_word
         while (
-            first < len(words) - 1 and words[first] is not None and words[first] == words[first - 1]
+            first < len(encoding) - 1 and word(first) is not None and word(first) == word(first - 1)
         ):
             first += 1
-        return text[encoding.offsets[first][0] :]
+        span = encoding.token_to_chars(first)
+        assert span is not None
+        return text[span[0] :]
 
     def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e.ids) for e in self._encode_batch([(query, d) for d in docs])]
+            return [len(e) for e in self._encode_batch([(query, d) for d in docs])]
         encoded = self.tokenizer([query] * len(docs), list(docs), truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
 

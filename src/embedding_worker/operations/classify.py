@@ -16,6 +16,7 @@ from .base import (
     Operation,
     RequestModel,
     answer_id,
+    chars,
     check_count,
     check_lengths,
     created,
@@ -49,11 +50,11 @@ class ClassifyRequest(RequestModel):
 async def _classified(
     context: Context, body: dict[str, Any]
 ) -> tuple[ModelEngine, list[LabelScores], int]:
-    request = parse(ClassifyRequest, body)
+    request = await parse(ClassifyRequest, body)
     model = model_for(context.registry, request.model, Capability.CLASSIFY)
     assert isinstance(model, Classifier)
     check_count(len(request.input), context.limits, "input")
-    lengths = await tokenize(len(request.input), model.tokens.count, request.input)
+    lengths = await tokenize(chars(request.input), model.tokens.count, request.input)
     tokens = check_lengths(model, lengths, request.truncate, context.limits, "input")
     labels = await model.classify(counted(request.input, lengths), request.raw_scores)
     ranked = [sorted(each, key=lambda pair: -pair[1])[: request.top_k] for each in labels]

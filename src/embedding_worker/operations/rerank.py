@@ -12,18 +12,20 @@ from pydantic import AliasChoices, Field, field_validator
 from .. import errors
 from ..engines import Capability, Reranker
 from ..engines.tokenization import counted
-from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits
+from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, utf8_size
 from .base import (
     Context,
     ModelName,
     Operation,
     RequestModel,
     answer_id,
+    chars,
     check_count,
     check_finite,
     check_lengths,
     created,
     model_for,
+    off_loop,
     parse,
     tokenize,
     usage,
@@ -68,7 +70,7 @@ def check_answer_size(
     if return_documents:
         # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
         # escaped quotes, backslashes and control characters.
-        sizes = sorted((len(d.encode("utf-8")) for d in documents), reverse=True)[:returned]
+        sizes = sorted(map(utf8_size, documents), reverse=True)[:returned]
         text = sum(sizes)
         estimate += text + text // 8
     if estimate <= limits.max_response_bytes:
@@ -106,17 +108,16 @@ def rerank_response(
 
 
 async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
-    request = parse(RerankRequest, body)
+    request = await parse(RerankRequest, body)
     limits = context.limits
     model = model_for(context.registry, request.model, Capability.RERANK)
     assert isinstance(model, Reranker)
     docs = request.documents
     check_count(len(docs), limits, "documents")
     returned = len(docs) if request.top_n is None else min(request.top_n, len(docs))
-    check_answer_size(docs, returned, request.return_documents, limits)
-    lengths = await tokenize(
-        len(docs), model.rerank_lengths, request.query, docs, request.instruction
-    )
+    size = chars(docs) + len(request.query) * len(docs)  # each pair holds the query
+    await off_loop(size, check_answer_size, docs, returned, request.return_documents, limits)
+    lengths = await tokenize(size, model.rerank_lengths, request.query, docs, request.instruction)
     tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
 
     # Each document carries its pair's tokens, which bound the engine's batches (budget.py).
