@@ -38,6 +38,10 @@ class Context(Protocol):
 
 
 Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+# An upper estimate of the JSON bytes of a body's answer, from its fields alone (no work): what a
+# batch job's answer is bounded by before any line runs. Raises APIError for a body whose answer
+# would be an error.
+AnswerBytes = Callable[[Context, dict[str, Any]], int]
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Operation:
     job_fields: tuple[str, ...] = ()
     job_hint: str = ""
     batch_line: bool = False  # a batch line's `url` may name this route
+    answer_bytes: AnswerBytes | None = None  # a batch line's answer estimate; None: a small one
     scheduled: bool = True  # runs model work at a service tier, which its answer names
 
 

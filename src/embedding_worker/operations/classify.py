@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from ..engines import Capability, Classifier, ModelEngine
 from ..engines.base import LabelScores
 from ..engines.tokenization import counted
+from ..limits import ENVELOPE_BYTES
 from .base import (
     Context,
     ModelName,
@@ -94,5 +95,34 @@ async def infinity_classify(context: Context, body: dict[str, Any]) -> dict[str,
     }
 
 
-OPERATION = Operation(name="classify", run=classify, route="/v1/classify", batch_line=True)
+# '{"label": ..., "score": 0.12345678901234567}, ' less the label; and an item's own fields.
+LABEL_BYTES = 48
+ITEM_BYTES = 96
+
+
+def estimate_answer(context: Context, body: dict[str, Any]) -> int:
+    """An upper estimate of the answer to `body`: every label of the model for every input, the
+    best label named twice (a batch job's bound)."""
+    value = body.get("input")
+    items = len(value) if isinstance(value, list) else 1
+    check_count(items, context.limits, "input")
+    name = body.get("model")
+    model = model_for(
+        context.registry, name if isinstance(name, str) else None, Capability.CLASSIFY
+    )
+    labels: list[str] = list(getattr(model, "labels", None) or [""])
+    top_k = body.get("top_k")
+    if type(top_k) is int and top_k >= 1:
+        labels = sorted(labels, key=len, reverse=True)[:top_k]
+    per_item = ITEM_BYTES + max(map(len, labels)) + sum(LABEL_BYTES + len(x) for x in labels)
+    return ENVELOPE_BYTES + items * per_item
+
+
+OPERATION = Operation(
+    name="classify",
+    run=classify,
+    route="/v1/classify",
+    batch_line=True,
+    answer_bytes=estimate_answer,
+)
 INFINITY = Operation(name="infinity-classify", run=infinity_classify, route="/classify")

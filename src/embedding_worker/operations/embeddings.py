@@ -548,6 +548,33 @@ def _multi_output_data(
     return data
 
 
+def estimate_answer(context: Context, body: dict[str, Any]) -> int:
+    """An upper estimate of the answer to `body`, from its fields and its model's dimensions, as
+    `count` estimates it; without dimensions (a model that declares none), the envelope. Reads
+    no text: a batch job estimates every line's answer before any line runs."""
+    value = body.get("input")
+    if isinstance(value, list) and value and not _is_token_id(value[0]):
+        items = len(value)
+    else:
+        items = 1  # a string, or one list of token ids
+    check_count(items, context.limits, "input")
+    output = body.get("output")
+    if output is not None and "dense" not in (output if isinstance(output, list) else [output]):
+        return ENVELOPE_BYTES + items * ITEM_OVERHEAD_BYTES  # sparse and multi_vector aside
+    name = body.get("model")
+    model = model_for(context.registry, name if isinstance(name, str) else None, Capability.EMBED)
+    dimensions = body.get("dimensions")
+    if type(dimensions) is not int or dimensions < 1:
+        dimensions = model.dimensions
+    if dimensions is None:
+        return ENVELOPE_BYTES + items * ITEM_OVERHEAD_BYTES
+    types = body.get("embedding_types")
+    vectors = items * (len(set(types)) if isinstance(types, list) and types else 1)
+    fmt = "base64" if body.get("encoding_format") == "base64" else "float"
+    check_answer_size(vectors, dimensions, fmt, context.limits)
+    return answer_bytes(vectors, dimensions, fmt)
+
+
 OPERATION = Operation(
     name="embeddings",
     run=create_embeddings,
@@ -555,4 +582,5 @@ OPERATION = Operation(
     job_fields=("input",),
     job_hint="'input' (embeddings)",
     batch_line=True,
+    answer_bytes=estimate_answer,
 )

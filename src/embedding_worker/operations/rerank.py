@@ -66,13 +66,7 @@ def check_answer_size(
 ) -> None:
     """`returned` results, each with its document's text when asked: the largest ones, to be
     safe."""
-    estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
-    if return_documents:
-        # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
-        # escaped quotes, backslashes and control characters.
-        sizes = sorted(map(utf8_size, documents), reverse=True)[:returned]
-        text = sum(sizes)
-        estimate += text + text // 8
+    estimate = answer_estimate(documents, returned, return_documents)
     if estimate <= limits.max_response_bytes:
         return
     raise errors.too_large(
@@ -82,6 +76,36 @@ def check_answer_size(
         param="documents",
         code="response_too_large",
     )
+
+
+def answer_estimate(documents: Sequence[str], returned: int, return_documents: bool) -> int:
+    """An upper estimate of the answer's JSON bytes."""
+    estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
+    if return_documents:
+        # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
+        # escaped quotes, backslashes and control characters.
+        sizes = sorted(map(utf8_size, documents), reverse=True)[:returned]
+        text = sum(sizes)
+        estimate += text + text // 8
+    return estimate
+
+
+def estimate_answer(context: Context, body: dict[str, Any]) -> int:
+    """An upper estimate of the answer to `body`, from its fields alone (a batch job's bound)."""
+    documents = body.get("documents", body.get("docs"))
+    if not isinstance(documents, list):
+        return ENVELOPE_BYTES
+    check_count(len(documents), context.limits, "documents")
+    texts: list[str] = []
+    for document in documents:
+        text = document.get("text") if isinstance(document, dict) else document
+        if isinstance(text, str):
+            texts.append(text)
+    top_n = body.get("top_n")
+    returned = min(top_n, len(texts)) if type(top_n) is int and top_n >= 1 else len(texts)
+    wanted = body.get("return_documents", body.get("return_docs")) is True
+    check_answer_size(texts, returned, wanted, context.limits)
+    return answer_estimate(texts, returned, wanted)
 
 
 def search_units(documents: int) -> int:
@@ -143,4 +167,5 @@ OPERATION = Operation(
     job_fields=("query",),
     job_hint="'query' and 'documents' (rerank)",
     batch_line=True,
+    answer_bytes=estimate_answer,
 )
