@@ -123,3 +123,24 @@ def test_reuse_is_installed_only_where_it_reproduces_the_step_exactly(bert_embed
     assert counter.model_input is None
     tokenized, _ = counter.tokenize(["hello"])
     assert not isinstance(tokenized[0], TokenizedText)
+
+
+def test_long_texts_count_and_cut_as_the_tokenizer_does(minilm_path):
+    """A few long texts take `encode_batch`, which releases the GIL (`encode` holds it for all of a
+    text), and the cut at the start reads one token's word and offsets at a time: the counts and
+    the kept ends are the tokenizer's own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    counter = TokenCounter(tokenizer)
+    words = " ".join(f"word{i} ünïcödé" for i in range(3000))  # ~50 kB, past the one-by-one rule
+    texts = [words, "short", words[:20_000]]
+    want = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    assert counter.count(texts) == want
+    assert counter.tokenize(texts)[1] == want
+    encoded = tokenizer(words, add_special_tokens=False, return_offsets_mapping=True)
+    word_ids, first = encoded.word_ids(), len(encoded["input_ids"]) - 254
+    while word_ids[first] == word_ids[first - 1]:
+        first += 1
+    assert counter.keep_end(words, 254) == words[encoded["offset_mapping"][first][0] :]
+    assert counter.keep_end("short", 254) == "short"
