@@ -144,3 +144,21 @@ def test_long_texts_count_and_cut_as_the_tokenizer_does(minilm_path):
         first += 1
     assert counter.keep_end(words, 254) == words[encoded["offset_mapping"][first][0] :]
     assert counter.keep_end("short", 254) == "short"
+
+
+async def test_a_text_far_past_the_maximum_is_cut_to_the_same_ids(worker, ids):
+    """Past 8 times the model's maximum, a text is cut by a tokenizer that cuts while it encodes
+    (`truncate` of the whole encoding held the GIL for seconds): the ids are those of the cut."""
+    model = worker.registry.resolve(ids["minilm"], None)
+    counter = model.tokens
+    spec = counter.model_input
+    assert spec is not None  # MiniLM takes the counter's ids
+    text = " ".join(f"Word{i}, again" for i in range(2000))  # ~8,000 tokens: 30x the maximum
+    [tokenized], [length] = counter.tokenize([text])
+    whole = counter._fast.encode(spec.prepare(text), add_special_tokens=False)
+    specials = counter._fast.num_special_tokens_to_add(False)
+    assert length == len(whole) + specials > 8 * spec.max_length
+    whole.truncate(spec.max_length - specials, direction=spec.truncation_side)
+    want = counter._fast.post_process(whole)
+    assert tokenized.ids.tolist() == want.ids and len(want.ids) == spec.max_length
+    assert tokenized.type_ids.tolist() == want.type_ids

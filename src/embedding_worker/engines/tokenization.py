@@ -10,7 +10,7 @@ pads them.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,13 @@ log = get_logger(__name__)
 # encode_batch whatever their number.
 _ONE_BY_ONE_MAX = 8
 _ONE_BY_ONE_CHARS = 16_384
+
+# `Encoding.truncate` splits every token past the cut into overflowing encodings of the cut's
+# length, and `post_process` adds the special tokens to each, both holding the GIL: 2.2 s for a
+# text of 4.4 million tokens. A text of more than this many times the cut is encoded again by a copy
+# of the tokenizer that cuts while it encodes, with the GIL released; the same Rust steps, so the
+# same ids.
+_CUT_IN_ENCODER = 8
 
 # The check that reuse gives the engine exactly what its own tokenize step gives: surrounding
 # spaces, case, accents, CJK, an emoji, and lengths that need padding (and one that needs a cut).
@@ -48,6 +55,14 @@ class CountedText(str):
     plain string."""
 
     tokens: int
+
+
+def _one_by_one(encodings: list[Any]) -> Iterator[Any]:
+    """Each encoding of the list, which lets go of it once read: an encoding is freed holding the
+    GIL (0.25 s for 4 million tokens), so one at a time lets other threads in between."""
+    for i, encoding in enumerate(encodings):
+        encodings[i] = None
+        yield encoding
 
 
 def counted(texts: Sequence[str], lengths: Sequence[int]) -> list[str]:
@@ -98,6 +113,7 @@ class TokenCounter:
             self._fast.no_padding()
         # Set when the engine takes the counter's ids (reuse_token_ids): texts then carry them.
         self.model_input: ModelInput | None = None
+        self._cutter: Any = None  # a copy that cuts to `model_input`, made when first needed
 
     @property
     def vocab_size(self) -> int:
@@ -122,7 +138,7 @@ class TokenCounter:
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e) for e in self._encode(texts)]  # len(e.ids) would copy every id
+            return [len(e) for e in _one_by_one(self._encode(texts))]
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -140,11 +156,16 @@ class TokenCounter:
         keep = spec.max_length - specials
         out: list[str] = []
         lengths = []
-        for text, encoding in zip(texts, self._encode(texts, add_special_tokens=False)):
+        encodings = self._encode(texts, add_special_tokens=False)
+        for text, encoding in zip(texts, _one_by_one(encodings)):
             lengths.append(len(encoding) + specials)
-            if len(encoding) > keep:
-                encoding.truncate(keep, direction=spec.truncation_side)
-            encoding = self._fast.post_process(encoding)
+            if len(encoding) > _CUT_IN_ENCODER * keep:
+                del encoding  # its tokens, freed before the copy's
+                encoding = self._cut(spec, text)
+            else:
+                if len(encoding) > keep:
+                    encoding.truncate(keep, direction=spec.truncation_side)
+                encoding = self._fast.post_process(encoding)
             tokenized = TokenizedText(text)
             tokenized.tokens = lengths[-1]
             tokenized.ids = np.array(encoding.ids, dtype=np.int64)
@@ -153,6 +174,18 @@ class TokenCounter:
                 tokenized.type_ids = np.array(encoding.type_ids, dtype=np.int64)
             out.append(tokenized)
         return out, lengths
+
+    def _cut(self, spec: ModelInput, text: str) -> Any:
+        """The encoding of a long text, cut and with its special tokens, made with the GIL
+        released."""
+        assert self._fast is not None
+        cutter = self._cutter
+        if cutter is None:  # two threads may both make one: either will do
+            cutter = copy.deepcopy(self._fast)
+            cutter.enable_truncation(spec.max_length, direction=spec.truncation_side)
+            self._cutter = cutter
+        encode = getattr(cutter, "encode_batch_fast", None) or cutter.encode_batch
+        return encode([spec.prepare(text)], add_special_tokens=True)[0]
 
     def keep_end(self, text: str, tokens: int) -> str:
         """The end of `text` that holds at most `tokens` tokens (special tokens not counted), cut
