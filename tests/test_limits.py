@@ -296,12 +296,14 @@ async def _largest_loop_gap(work) -> tuple[object, float]:
 
 # Each of these stalled the event loop for seconds (issue 28, finding 2): 6 MB in one text (10 s
 # here); 64 texts of 100 kB, which were tokenized on the loop for being 64 items (7 s); 6.6 million
-# empty objects, walked and parsed on the loop before their 400 (13 s). A gap of a second is 10x
-# what the loop sees now: no machine is slow enough to reach it by chance.
+# empty objects, walked and parsed on the loop before their 400 (13 s); 2 million token ids, checked
+# and decoded on the loop (MiniLM's "a" then "##a": one long word, one token to count). A gap of a
+# second is 10x what the loop sees now: no machine is slow enough to reach it by chance.
 LOOP_STALLERS = {
     "one 6 MB text": ({"input": "hello " * 1_000_000}, 200),
     "64 texts of 100 kB": ({"input": ["hello " * 16_000] * 64}, 200),
     "6.6 million empty objects": ({"input": [{}] * 6_600_000}, 400),
+    "2 million token ids": ({"input": [[1037] + [2050] * 2_000_000]}, 200),
 }
 
 

@@ -131,6 +131,14 @@ def rerank_response(
     }
 
 
+def _counted_pairs(model: Reranker, request: RerankRequest) -> tuple[list[str], list[int]]:
+    """Each document carrying its pair's tokens, which bound the engine's batches (budget.py), and
+    those counts; one call, so that a large request does both in one thread (each `CountedText`
+    is a copy of its document)."""
+    lengths = model.rerank_lengths(request.query, request.documents, request.instruction)
+    return counted(request.documents, lengths), lengths
+
+
 async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     request = await parse(RerankRequest, body)
     limits = context.limits
@@ -141,11 +149,9 @@ async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     returned = len(docs) if request.top_n is None else min(request.top_n, len(docs))
     size = chars(docs) + len(request.query) * len(docs)  # each pair holds the query
     await off_loop(size, check_answer_size, docs, returned, request.return_documents, limits)
-    lengths = await tokenize(size, model.rerank_lengths, request.query, docs, request.instruction)
+    pairs, lengths = await tokenize(size, _counted_pairs, model, request)
     tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
-
-    # Each document carries its pair's tokens, which bound the engine's batches (budget.py).
-    scores = await model.rerank(request.query, counted(docs, lengths), request.instruction)
+    scores = await model.rerank(request.query, pairs, request.instruction)
     check_finite(scores, model)
     # Stable sort by score, highest first: equal scores keep the documents' order.
     order = np.argsort(-scores, kind="stable")
