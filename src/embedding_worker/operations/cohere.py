@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from .. import errors, prompts
@@ -24,12 +25,13 @@ from .base import (
     Operation,
     RequestModel,
     answer_id,
+    chars,
     check_count,
     model_for,
     parse,
     tokenize,
 )
-from .embeddings import EmbeddingRequest, embed
+from .embeddings import EmbeddingRequest, embed, encoded_off_loop
 
 InputType = Literal["search_document", "search_query", "classification", "clustering"]
 
@@ -74,12 +76,14 @@ async def _keep_ends(
     prefix = prompts.embedding_prefix(model, None, prompt_type)
     room = model.max_length - model.tokens.count([prefix])[0]  # the prompt with special tokens
     return await tokenize(
-        len(request.texts), lambda: [model.tokens.keep_end(t, room) for t in request.texts]
+        chars(request.texts), lambda: [model.tokens.keep_end(t, room) for t in request.texts]
     )
 
 
 async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[str, Any]:
-    request = parse(CohereEmbedRequest, body)
+    request = await parse(CohereEmbedRequest, body)
+    # Before anything walks the texts: at most MAX_BATCH_INPUTS of them.
+    check_count(len(request.texts), context.limits, "texts")
     if any(not text for text in request.texts):
         raise errors.invalid_input("'texts' must not hold an empty string", param="texts")
     types: list[EmbeddingType] = list(dict.fromkeys(request.embedding_types or ["float"]))
@@ -101,7 +105,7 @@ async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[s
     done = await embed(context, as_request)
     # v1 without embedding_types answers a plain list of float vectors; otherwise one per type.
     by_type = request.embedding_types is not None or version == "2"
-    embeddings = encode_types(done.vectors, types)
+    embeddings = await encoded_types(done.vectors, types)
     return {
         "id": answer_id("embed"),
         "embeddings": embeddings if by_type else embeddings["float"],
@@ -109,6 +113,20 @@ async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[s
         "meta": _meta(version, input_tokens=done.tokens),
         "response_type": "embeddings_by_type" if by_type else "embeddings_floats",
     }
+
+
+async def encoded_types(vectors: np.ndarray, types: list[EmbeddingType]) -> dict[str, Any]:
+    """Cohere's `embeddings` object; a large one encoded off the event loop, in chunks."""
+    if not types:
+        return {}
+    # One row per vector: each row's encoded form of every type.
+    rows = await encoded_off_loop(vectors, _types_by_row, types)
+    return {kind: [row[kind] for row in rows] for kind in types}
+
+
+def _types_by_row(vectors: np.ndarray, types: list[EmbeddingType]) -> list[dict[str, Any]]:
+    by_type = encode_types(vectors, types)
+    return [{kind: by_type[kind][i] for kind in types} for i in range(len(vectors))]
 
 
 async def embed_v1(context: Context, body: dict[str, Any]) -> dict[str, Any]:
