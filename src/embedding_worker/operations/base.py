@@ -38,6 +38,9 @@ class Context(Protocol):
 
 
 Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+# Whether a standard-flavour job that holds an operation's fields is that operation, by what the
+# served models can do; cheap and never raising: it runs before any check of the job.
+Applies = Callable[[ModelRegistry, dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,10 @@ class Operation:
     route: str | None = None
     method: str = "POST"  # the HTTP method of `route`
     # Standard flavour: a job input holding any of these fields is this operation (the registry's
-    # order decides between operations), and how to say so in an error message.
+    # order decides between operations), if `job_applies` says so where fields are shared; and how
+    # to say so in an error message.
     job_fields: tuple[str, ...] = ()
+    job_applies: Applies | None = None
     job_hint: str = ""
     batch_line: bool = False  # a batch line's `url` may name this route
     scheduled: bool = True  # runs model work at a service tier, which its answer names
