@@ -120,8 +120,7 @@ class Worker:
             retry_after=exc.retry_after,
         )
 
-    @staticmethod
-    def _route(job_input: Any) -> tuple[Operation, Any]:
+    def _route(self, job_input: Any) -> tuple[Operation, Any]:
         if not isinstance(job_input, dict):
             raise errors.invalid_input("the job 'input' must be a JSON object")
         if "openai_route" in job_input:
@@ -139,7 +138,7 @@ class Worker:
             if params and isinstance(body, dict):
                 body = {**body, **params}  # the path's parameters win over the body's
             return operation, body
-        recognised = operations.recognise(job_input)
+        recognised = operations.recognise(job_input, self.registry)
         if recognised is None:
             raise errors.invalid_input(
                 f"the job input must hold {operations.job_hints()} or 'openai_route'"

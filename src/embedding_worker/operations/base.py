@@ -43,6 +43,10 @@ Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
 # would be an error.
 AnswerBytes = Callable[[Context, dict[str, Any]], int]
 
+# Whether a standard-flavour job that holds an operation's fields is that operation, by what the
+# served models can do; cheap and never raising: it runs before any check of the job.
+Applies = Callable[[ModelRegistry, dict[str, Any]], bool]
+
 
 @dataclass(frozen=True)
 class Operation:
@@ -55,8 +59,10 @@ class Operation:
     route: str | None = None
     method: str = "POST"  # the HTTP method of `route`
     # Standard flavour: a job input holding any of these fields is this operation (the registry's
-    # order decides between operations), and how to say so in an error message.
+    # order decides between operations), if `job_applies` says so where fields are shared; and how
+    # to say so in an error message.
     job_fields: tuple[str, ...] = ()
+    job_applies: Applies | None = None
     job_hint: str = ""
     batch_line: bool = False  # a batch line's `url` may name this route
     answer_bytes: AnswerBytes | None = None  # a batch line's answer estimate; None: a small one

@@ -1,5 +1,5 @@
-"""Classification: POST /v1/classify (each input's labels with their scores), and Infinity's
-/classify at the root in Infinity's shape."""
+"""Classification: POST /v1/classify (each input's labels with their scores), a standard-flavour
+job whose `input` goes to a classifier, and Infinity's /classify at the root in Infinity's shape."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from ..engines import Capability, Classifier, ModelEngine
+from ..engines import Capability, Classifier, ModelEngine, ModelRegistry
 from ..engines.base import LabelScores
 from ..engines.tokenization import counted
+from ..errors import APIError
 from ..limits import ENVELOPE_BYTES
 from .base import (
     Context,
@@ -101,6 +102,24 @@ async def infinity_classify(context: Context, body: dict[str, Any]) -> dict[str,
     }
 
 
+def names_a_classifier(registry: ModelRegistry, job_input: dict[str, Any]) -> bool:
+    """A standard-flavour job's `input` is classified when its model is a classifier: the one it
+    names, or, unnamed, the only one served where no model embeds. Any other job with `input`,
+    one that names no served model included, is an embeddings job, whose errors say why."""
+    name = job_input.get("model")
+    if name is None:
+        models = registry.models
+        return not any(m.can(Capability.EMBED) for m in models) and any(
+            m.can(Capability.CLASSIFY) for m in models
+        )
+    if not isinstance(name, str):
+        return False
+    try:
+        return registry.resolve(name, Capability.CLASSIFY).can(Capability.CLASSIFY)
+    except APIError:
+        return False
+
+
 # '{"label": ..., "score": 0.12345678901234567}, ' less the label; and an item's own fields.
 LABEL_BYTES = 48
 ITEM_BYTES = 96
@@ -128,6 +147,8 @@ OPERATION = Operation(
     name="classify",
     run=classify,
     route="/v1/classify",
+    job_fields=("input",),
+    job_applies=names_a_classifier,
     batch_line=True,
     answer_bytes=estimate_answer,
 )

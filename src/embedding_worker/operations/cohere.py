@@ -1,6 +1,6 @@
 """Cohere's embed and rerank: POST /v1/embed, /v2/embed and /v2/rerank (/v1/rerank is rerank.py's,
 whose answer carries Cohere's v1 fields), for `cohere.Client`, `cohere.ClientV2` and litellm's
-`cohere/` provider.
+`cohere/` provider. A standard-flavour job holding `texts` is a v2 embed.
 
 Embed takes `texts`, `input_type` (mapped onto the model's own prompts: search_query -> its "query"
 prompt, search_document -> "document" or "passage", classification and clustering -> prompts of
@@ -140,16 +140,23 @@ async def embed_v2(context: Context, body: dict[str, Any]) -> dict[str, Any]:
 async def rerank_v2(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     """Cohere v2: plain string documents and no `return_documents`; results and meta only."""
     answer = await rerank.rerank(context, {**body, "return_documents": False})
-    documents = len(body.get("documents") or [])
     return {
         "id": answer["id"],
         "results": answer["results"],
-        "meta": _meta("2", search_units=rerank.search_units(documents)),
+        # The units counted from the documents as parsed, under whichever alias they came.
+        "meta": {**answer["meta"], "api_version": {"version": "2"}},
     }
 
 
 OPERATIONS = (
     Operation(name="cohere-embed-v1", run=embed_v1, route="/v1/embed"),
-    Operation(name="cohere-embed-v2", run=embed_v2, route="/v2/embed"),
+    # The standard flavour's Cohere body answers in v2's shape (one list of vectors a type).
+    Operation(
+        name="cohere-embed-v2",
+        run=embed_v2,
+        route="/v2/embed",
+        job_fields=("texts",),
+        job_hint="'texts' (Cohere embed)",
+    ),
     Operation(name="cohere-rerank-v2", run=rerank_v2, route="/v2/rerank"),
 )

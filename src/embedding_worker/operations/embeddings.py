@@ -104,6 +104,9 @@ class EmbeddingRequest(RequestModel):
     input: list[str | ImageRef] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
+    # An extension (TEI's field): unit vectors (true) or the model's own output (false); unset, what
+    # the model's own modules give (Embedder.normalized).
+    normalize: bool | None = None
     user: str | None = None
     # Instruction-aware models (see prompts.py).
     instruction: str | None = None
@@ -170,6 +173,10 @@ class EmbeddingRequest(RequestModel):
     @property
     def outputs(self) -> frozenset[str]:
         return frozenset(self.output) if self.output else frozenset({DENSE})
+
+    def normalized(self, model: Embedder) -> bool:
+        """Whether the answer's dense vectors are unit vectors."""
+        return model.normalized if self.normalize is None else self.normalize
 
 
 # ------------------------------------------------------------------------------------ the answer
@@ -248,15 +255,23 @@ def _check_dimensions(dimensions: int | None, size: int, model: ModelEngine) -> 
         )
 
 
-def _resize(vectors: np.ndarray, dimensions: int | None, model: ModelEngine) -> np.ndarray:
-    """Matryoshka: keep the first `dimensions` numbers, then L2-normalise again."""
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def _dense(vectors: np.ndarray, request: EmbeddingRequest, model: Embedder) -> np.ndarray:
+    """The model's dense vectors as the request asks them: cut to `dimensions` (Matryoshka), and
+    L2-normalised when the answer is normalised (`normalize`) and the model's are not, or are cut:
+    sentence-transformers' `truncate_dim` with `normalize_embeddings`."""
     size = vectors.shape[1]
-    if dimensions is None or dimensions == size:
-        return vectors
-    _check_dimensions(dimensions, size, model)
-    cut = vectors[:, :dimensions]
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return cut / np.maximum(norms, np.finfo(np.float32).tiny)
+    cut = request.dimensions is not None and request.dimensions != size
+    if cut:
+        _check_dimensions(request.dimensions, size, model)
+        vectors = vectors[:, : request.dimensions]
+    if request.normalized(model) and (cut or not model.normalized):
+        return _unit(vectors)
+    return vectors
 
 
 @dataclass(frozen=True)
@@ -395,7 +410,7 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
         vectors = await model.embed_inputs(inputs, tokens=counted.tokens)
     else:
         vectors = await model.embed(counted.texts, tokens=counted.tokens)
-    vectors = _resize(vectors, request.dimensions, model)
+    vectors = _dense(vectors, request, model)
     if request.dimensions is None and model.dimensions is None:
         check_answer_size(len(vectors), vectors.shape[1], request.encoding_format, context.limits)
     check_finite(vectors, model)
@@ -525,9 +540,7 @@ def _multi_output_data(
     outputs = request.outputs
     data: list[dict[str, Any]] = [{"object": "embedding"} for _ in embedded]
     if DENSE in outputs:
-        dense = _resize(
-            np.stack([e.dense for e in embedded if e.dense is not None]), request.dimensions, model
-        )
+        dense = _dense(np.stack([e.dense for e in embedded if e.dense is not None]), request, model)
         check_finite(dense, model)
         for item, vector in zip(data, _encode_chunked(dense, _encode_dense, request)):
             item["embedding"] = vector
@@ -577,7 +590,7 @@ OPERATION = Operation(
     run=create_embeddings,
     route="/v1/embeddings",
     job_fields=("input",),
-    job_hint="'input' (embeddings)",
+    job_hint="'input' (embeddings; with a classifier, classification)",
     batch_line=True,
     answer_bytes=estimate_answer,
 )
