@@ -8,6 +8,7 @@ adding its module and listing its OPERATION here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -38,7 +39,10 @@ _TEMPLATES = [
     if op.route is not None and "{" in op.route
 ]
 ROUTES: tuple[str, ...] = tuple(op.route for op in OPERATIONS if op.route is not None)
-LINE_ROUTES: tuple[str, ...] = tuple(op.route for op in OPERATIONS if op.batch_line and op.route)
+# The routes a batch line may name, with their operations.
+LINE_ROUTES: Mapping[str, Operation] = {
+    op.route: op for op in OPERATIONS if op.batch_line and op.route is not None
+}
 
 
 def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:
