@@ -69,7 +69,7 @@ class Worker:
             tier_token = current_tier.set(tier)
             await self.registry.start()
             result = await operation.run(self, body)
-            if operation.scheduled:
+            if operation.scheduled and isinstance(result, dict):
                 result["service_tier"] = tier  # the tier the work ran at
             return Reply(200, result, openai_route)
         except APIError as exc:

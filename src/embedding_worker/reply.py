@@ -63,12 +63,20 @@ class JobOutput(dict):
         return json.dumps(preview(dict(self)), ensure_ascii=False)
 
 
+class JobList(list):
+    """A successful job's output that is a list (TEI's shapes), with a preview for its repr, as
+    `JobOutput`."""
+
+    def __repr__(self) -> str:
+        return json.dumps(preview(list(self)), ensure_ascii=False)
+
+
 @dataclass(frozen=True)
 class Reply:
     """What an operation answered: an HTTP status and a body (the OpenAI body, or an error body)."""
 
     status: int
-    body: dict[str, Any]
+    body: dict[str, Any] | list[Any]  # a list only where the API answers one (TEI's /tokenize)
     openai_route: bool = False  # asked through RunPod's OpenAI proxy
     refresh_worker: bool = False  # the worker is broken: ask RunPod for a new one
     retry_after: int | None = None  # seconds to wait before retrying a retryable failure
@@ -86,8 +94,9 @@ class Reply:
         (runpod's local API answers HTTP 500 if that value is not a string).
         """
         if self.ok:
-            output = JobOutput(self.body)
+            output = JobOutput(self.body) if isinstance(self.body, dict) else JobList(self.body)
             return [output] if self.openai_route else output
+        assert isinstance(self.body, dict)  # an error body
         error = dict(self.body, status=self.status)
         if self.retry_after is not None:  # no headers on a job: the wait goes in the error text
             error["retry_after"] = self.retry_after

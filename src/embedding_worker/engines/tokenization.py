@@ -245,13 +245,56 @@ class TokenCounter:
         encoded = self.tokenizer([query] * len(docs), list(docs), truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
-    def decode(self, ids: list[int]) -> str:
-        # The engine tokenizes text again and adds the model's special tokens itself.
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        # Skipped by default: the engine tokenizes text again and adds the model's special tokens
+        # itself.
         if self._fast is not None:
             if len(ids) > _ONE_BY_ONE_CHARS:  # `decode` holds the GIL: 3.4 s for 2 million ids
-                return self._fast.decode_batch([ids], skip_special_tokens=True)[0]
-            return self._fast.decode(ids, skip_special_tokens=True)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+                return self._fast.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
+            return self._fast.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_offsets(self) -> bool:
+        """Whether `tokens_of` can answer: only a fast tokenizer knows its tokens' offsets."""
+        return self._fast is not None
+
+    def tokens_of(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[Tokens]:
+        """Each text's tokens as `count` counts them (the model's own preparation of the text
+        included, when the engine takes the counter's ids): ids, token strings, which are special,
+        and character offsets into the text.
+
+        The preparation strips the text (sentence-transformers' step): offsets are moved by what
+        it stripped from the start, so they index the text itself. Where it also lower-cases a
+        character into more characters, they index the prepared text."""
+        assert self._fast is not None
+        spec = self.model_input
+        prepared = [spec.prepare(text) for text in texts] if spec is not None else list(texts)
+        # encode_batch, not `encode`: it releases the GIL for long texts, and keeps the offsets.
+        encodings = self._fast.encode_batch(prepared, add_special_tokens=add_special_tokens)
+        out = []
+        for text, ready, encoding in zip(texts, prepared, _one_by_one(encodings)):
+            lead = len(text) - len(text.lstrip())
+            shift = lead if ready != text and len(ready) == len(text.strip()) else 0
+            out.append(
+                Tokens(
+                    ids=encoding.ids,
+                    strings=encoding.tokens,
+                    special=[bool(flag) for flag in encoding.special_tokens_mask],
+                    offsets=[(start + shift, stop + shift) for start, stop in encoding.offsets],
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One text's tokens, for callers who count or inspect them (`tokens_of`)."""
+
+    ids: list[int]
+    strings: list[str]  # each token's string in the vocabulary ("##ing", "Ġthe")
+    special: list[bool]  # added by the tokenizer ([CLS], </s>) or a special token in the text
+    offsets: list[tuple[int, int]]  # character offsets into the text; (0, 0) for an added one
 
 
 def pad_ids(

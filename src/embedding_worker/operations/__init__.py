@@ -13,11 +13,12 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..engines import ModelRegistry
-from . import batch, classify, cohere, embeddings, infinity_api, models, rerank
+from . import batch, classify, cohere, embeddings, infinity_api, models, rerank, tokenize
 from .base import Context, Operation
 
 # A standard-flavour job is the first operation here whose fields it holds (and that applies to the
-# model it names): classification before embeddings, which share `input`.
+# model it names): classification before embeddings, which share `input`; tokenize and detokenize
+# last, so that their fields (`prompt`, `tokens`, `ids`) never take another operation's job.
 OPERATIONS: tuple[Operation, ...] = (
     batch.OPERATION,
     rerank.OPERATION,
@@ -28,6 +29,8 @@ OPERATIONS: tuple[Operation, ...] = (
     classify.INFINITY,
     *cohere.OPERATIONS,
     *infinity_api.OPERATIONS,
+    tokenize.OPERATION,
+    tokenize.DETOKENIZE,
 )
 
 _BY_ROUTE = {op.route: op for op in OPERATIONS if op.route is not None and "{" not in op.route}

@@ -37,7 +37,8 @@ class Context(Protocol):
         ...
 
 
-Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+# An answer is an object, or, in the shapes of servers that answer one (TEI's /tokenize), a list.
+Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any] | list[Any]]]
 # An upper estimate of the JSON bytes of a body's answer, from its fields alone (no work): what a
 # batch job's answer is bounded by before any line runs. Raises APIError for a body whose answer
 # would be an error.

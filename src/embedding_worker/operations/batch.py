@@ -105,9 +105,10 @@ def parse_line(
 # Output lines (OpenAI Batch output: {"id", "custom_id", "response", "error"})
 
 
-def response_line(custom_id: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+def response_line(custom_id: str, status: int, body: dict[str, Any] | list[Any]) -> dict[str, Any]:
     """An answered request; HTTP errors are answers too (`response.status_code` >= 400)."""
-    request_id = body.get("id") if isinstance(body.get("id"), str) else f"req_{uuid.uuid4().hex}"
+    named = body.get("id") if isinstance(body, dict) else None
+    request_id = named if isinstance(named, str) else f"req_{uuid.uuid4().hex}"
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,
