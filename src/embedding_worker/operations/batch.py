@@ -19,6 +19,7 @@ import orjson
 
 from .. import errors
 from ..errors import APIError
+from ..limits import check_answer_bytes
 from .base import Context, Operation
 
 JOB_MAX_LINES = 1000  # most lines in one RunPod batch job (RunPod's /run takes at most 10 MB)
@@ -232,14 +233,13 @@ async def answer_job(context: Context, job_input: dict[str, Any]) -> dict[str, A
     # sender would wait for nothing. runpod writes JSON with spaces: about 1/8 more than orjson.
     size = len(orjson.dumps(outputs))
     size += size // 8
-    if size > context.limits.max_response_bytes:
-        raise errors.too_large(
-            f"the answers of {len(lines)} lines would be about {size} bytes, more than the limit "
-            f"of {context.limits.max_response_bytes} (MAX_RESPONSE_BYTES); send fewer lines per "
-            'job or ask for "encoding_format": "base64"',
-            param="batch",
-            code="response_too_large",
-        )
+    check_answer_bytes(
+        size,
+        context.limits,
+        answer=f"the answers of {len(lines)} lines",
+        advice='send fewer lines per job or ask for "encoding_format": "base64"',
+        param="batch",
+    )
     return {"object": "list", "data": outputs}
 
 

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 from pydantic import AliasChoices, Field, field_validator
 
-from .. import errors
 from ..engines import Capability, Reranker
 from ..engines.tokenization import counted
-from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits
+from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, check_answer_bytes
 from .base import (
     Context,
     ModelName,
@@ -71,14 +70,12 @@ def check_answer_size(
         sizes = sorted((len(d.encode("utf-8")) for d in documents), reverse=True)[:returned]
         text = sum(sizes)
         estimate += text + text // 8
-    if estimate <= limits.max_response_bytes:
-        return
-    raise errors.too_large(
-        f"the answer would be about {estimate} bytes, more than the limit of "
-        f"{limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over its 20 MB "
-        "payload limit); leave out 'return_documents', set 'top_n', or send fewer documents",
+    check_answer_bytes(
+        estimate,
+        limits,
+        answer="the answer",
+        advice="leave out 'return_documents', set 'top_n', or send fewer documents",
         param="documents",
-        code="response_too_large",
     )
 
 
