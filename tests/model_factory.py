@@ -563,6 +563,7 @@ def _write_st_files(
     max_seq_length: int,
     do_lower_case: bool = False,
     prompts: dict | None = None,
+    normalize: bool = True,
 ) -> None:
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -578,7 +579,7 @@ def _write_st_files(
             "path": "2_Normalize",
             "type": "sentence_transformers.models.Normalize",
         },
-    ]
+    ][: 3 if normalize else 2]
     _write_json(path / "modules.json", modules)
     _write_json(
         path / "1_Pooling" / "config.json",
@@ -593,7 +594,8 @@ def _write_st_files(
             "include_prompt": True,
         },
     )
-    (path / "2_Normalize").mkdir(exist_ok=True)
+    if normalize:
+        (path / "2_Normalize").mkdir(exist_ok=True)
     _write_json(
         path / "sentence_bert_config.json",
         {"max_seq_length": max_seq_length, "do_lower_case": do_lower_case},
@@ -698,8 +700,10 @@ def make_bert_embedder(
     max_seq_length: int = 128,
     vocab_size: int | None = None,
     seed: int = 0,
+    normalize: bool = True,
 ) -> Path:
-    """BertModel + WordPiece tokenizer, ST layout: Transformer, mean Pooling, Normalize."""
+    """BertModel + WordPiece tokenizer, ST layout: Transformer, mean Pooling, Normalize (without
+    it with ``normalize=False``, like dot-product models such as msmarco-distilbert-base-tas-b)."""
     from transformers import BertModel
 
     path = Path(path)
@@ -719,7 +723,12 @@ def make_bert_embedder(
     BertModel(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     _write_st_files(
-        path, dim=hidden_size, pooling="mean", max_seq_length=max_seq_length, do_lower_case=False
+        path,
+        dim=hidden_size,
+        pooling="mean",
+        max_seq_length=max_seq_length,
+        do_lower_case=False,
+        normalize=normalize,
     )
     return path
 

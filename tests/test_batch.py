@@ -562,6 +562,60 @@ async def test_a_batch_job_whose_answers_together_are_too_large_is_refused(worke
     assert one.status == 200
 
 
+async def test_a_batch_job_whose_answer_cannot_fit_is_refused_before_any_line_runs(
+    worker, ids, monkeypatch
+):
+    """50 lines of 2048 inputs ran 228 s before their 413 (issue 28, finding 4). Each line's
+    answer fits alone (2048 vectors of 384 floats: about 12.7 MB), all of them cannot: the job is
+    refused before any line reaches the dispatch, let alone the engine."""
+    lines = [
+        {
+            "custom_id": f"big-{i}",
+            "url": "/v1/embeddings",
+            "body": {"model": ids["minilm"], "input": ["a short text"] * 2048},
+        }
+        for i in range(50)
+    ]
+    calls = 0
+    call = worker.call
+
+    async def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return await call(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "call", counting)
+    reply = await worker.dispatch({"batch": lines})
+    assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
+    assert reply.body["error"]["param"] == "batch" and calls == 0
+    # Lines of 64 inputs fit, and run.
+    small = [{**line, "body": {**line["body"], "input": ["a short text"] * 64}} for line in lines]
+    assert (await worker.dispatch({"batch": small[:2]})).status == 200
+    assert calls == 2
+
+
+async def test_a_batch_jobs_answer_estimate_bounds_its_answer(worker, ids):
+    """The estimate the job is refused by is never below the answer it bounds, and not far above
+    it: a job that fits is not refused."""
+    lines = [json.loads(raw) for raw in make_lines(200, ids) if raw and raw != "{not json"]
+    lines.append(
+        {
+            "custom_id": "docs",
+            "url": "/v1/rerank",
+            "body": {
+                "model": ids["reranker"],
+                "query": "q",
+                "documents": ["a document " * 50] * 20,
+                "return_documents": True,
+            },
+        }
+    )
+    output = await runpod_handler(worker)({"id": "job-1", "input": {"batch": lines}})
+    written = len(json.dumps(output, ensure_ascii=False).encode())
+    estimate = batch.answers_estimate(worker, lines)
+    assert written <= estimate <= 2 * written, (written, estimate)
+
+
 async def test_endpoint_that_refuses_the_key_stops_the_run_with_a_clear_message(
     ids, endpoint_servers, tmp_path, monkeypatch
 ):

@@ -27,8 +27,8 @@ def classifiers(models_dir):
 
 
 @pytest.fixture(scope="module")
-async def classify_worker(classifiers, bert_reranker):
-    names = ";".join(str(p) for p in [*classifiers.values(), bert_reranker])
+async def classify_worker(classifiers, bert_reranker, bert_embedder):
+    names = ";".join(str(p) for p in [*classifiers.values(), bert_reranker, bert_embedder])
     worker = Worker.from_config(load_config({"MODEL_NAMES": names, "BATCH_SIZES": "3"}))
     await worker.start()
     yield worker
@@ -144,3 +144,37 @@ async def test_classification_as_batch_lines(classify_worker, classifiers):
             [e["score"] for e in alone["labels"]],
             atol=1e-6,
         )
+
+
+async def test_a_standard_job_with_input_does_what_its_model_does(
+    classify_worker, classifiers, bert_embedder
+):
+    """`{"input"}` names a classifier: classified as /v1/classify does; an embedder, or no model
+    (the embedder is the only one that embeds): embedded."""
+    sentiment = served_id(classify_worker, classifiers["sentiment"])
+    body = {"model": sentiment, "input": TEXTS, "top_k": 1}
+    job = await classify_worker.dispatch(body)
+    assert job.status == 200, job.body
+    route = await classify_worker.call("/v1/classify", body)
+    assert [item["labels"] for item in job.body["data"]] == [
+        item["labels"] for item in route.body["data"]
+    ]
+    assert job.body["service_tier"] == "default"
+    embedder = served_id(classify_worker, bert_embedder)
+    for named in ({"model": embedder}, {}):
+        embedded = await classify_worker.dispatch({**named, "input": TEXTS})
+        assert embedded.status == 200 and embedded.body["model"] == embedder
+        assert embedded.body["data"][0]["object"] == "embedding"
+    unknown = await classify_worker.dispatch({"model": "no-such-model", "input": TEXTS})
+    assert unknown.status == 404 and unknown.body["error"]["code"] == "model_not_found"
+
+
+async def test_a_standard_job_without_a_model_classifies_where_no_model_embeds(classifiers):
+    worker = Worker.from_config(load_config({"MODEL_NAMES": str(classifiers["sentiment"])}))
+    await worker.start()
+    try:
+        reply = await worker.dispatch({"input": TEXTS})
+        assert reply.status == 200, reply.body
+        assert [item["object"] for item in reply.body["data"]] == ["classification"] * len(TEXTS)
+    finally:
+        await worker.stop()

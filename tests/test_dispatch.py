@@ -183,6 +183,7 @@ async def test_job_output_is_plain_json_with_a_short_repr(worker, ids):
     first = reply.body["data"][0]["embedding"]
     assert shown["data"][0]["embedding"][:4] == [round(x, 6) for x in first[:4]]
     assert shown["data"][0]["embedding"][4] == "... 384 numbers"
+    assert shown["service_tier"] == "default"  # the worker's own word, shown as it is
     many = await worker.dispatch({"model": ids["minilm"], "input": ["a"] * 200})
     assert len(repr(many.runpod_output())) < 2 * len(repr(output))
     proxied = await worker.call("/v1/embeddings", {"model": ids["minilm"], "input": "a"})
@@ -198,3 +199,32 @@ async def test_one_model_through_the_openai_route(worker, ids):
     assert missing.status == 404 and missing.body["error"]["code"] == "model_not_found"
     bare = await worker.dispatch({"openai_route": "/v1/models/"})  # the list, as before
     assert bare.status == 200 and bare.body["object"] == "list"
+
+
+async def test_a_cohere_embed_body_is_a_standard_job_answered_as_v2(worker, ids):
+    body = {
+        "model": ids["minilm"],
+        "texts": ["hello", "world"],
+        "input_type": "search_query",
+        "embedding_types": ["float", "int8"],
+    }
+    job = await worker.dispatch(body)
+    assert job.status == 200, job.body
+    route = await worker.call("/v2/embed", body)
+    assert job.body["embeddings"] == route.body["embeddings"]
+    assert job.body["response_type"] == "embeddings_by_type"
+    assert job.body["meta"]["api_version"] == {"version": "2"}
+    assert json.loads(repr(job.runpod_output()))["response_type"] == "embeddings_by_type"
+
+
+async def test_cohere_v2_rerank_bills_the_documents_under_either_key(worker, ids):
+    documents = [f"document {i}" for i in range(150)]
+    for key in ("documents", "docs"):
+        reply = await worker.call(
+            "/v2/rerank", {"model": ids["reranker"], "query": "q", key: documents, "top_n": 1}
+        )
+        assert reply.status == 200, reply.body
+        assert reply.body["meta"] == {
+            "api_version": {"version": "2"},
+            "billed_units": {"search_units": 2},
+        }

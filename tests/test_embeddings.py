@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from embedding_worker.config import load_config
+from embedding_worker.dispatch import Worker
+from tests import model_factory
 from tests.helpers import answer as embed
 from tests.helpers import decode_vectors
 
@@ -179,3 +182,90 @@ async def test_quantized_types_in_base64_are_their_bytes(worker, ids):
             expected = np.asarray(as_numbers["embedding"][kind], dtype=decoded.dtype)
             np.testing.assert_array_equal(decoded, expected)
     assert len(base64.b64decode(packed["data"][0]["embedding"]["binary"])) == 384 // 8
+
+
+async def test_a_large_answer_is_encoded_in_chunks_to_the_same_text():
+    """2048 vectors of 1024 floats take 0.35 s of orjson holding the GIL: they are encoded in a
+    thread, a chunk at a time, and the chunks join into exactly the answer one call gives."""
+    from embedding_worker.encoding import encode_types, encode_vectors
+    from embedding_worker.operations import cohere, embeddings
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2048, 1024)).astype(np.float32)
+    assert vectors.size > embeddings.ENCODE_INLINE_NUMBERS  # the chunked path
+    for fmt in ("float", "base64"):
+        chunked = await embeddings.encoded_off_loop(vectors, encode_vectors, fmt)
+        assert chunked == encode_vectors(vectors, fmt)
+    types = ["float", "int8", "ubinary", "base64"]
+    assert await cohere.encoded_types(vectors[:100], types) == encode_types(vectors[:100], types)
+
+
+# ------------------------------------------------------------------------------------ normalize
+
+
+@pytest.fixture(scope="module")
+def dot_product_model(models_dir):
+    """A model whose sentence-transformers modules end at Pooling: no Normalize."""
+    return model_factory.make_bert_embedder(models_dir / "tiny-dot-product", normalize=False)
+
+
+@pytest.fixture(scope="module")
+async def normalize_worker(dot_product_model, bert_embedder):
+    names = f"{dot_product_model};{bert_embedder}"
+    worker = Worker.from_config(load_config({"MODEL_NAMES": names, "DTYPES": "float32"}))
+    await worker.start()
+    yield worker
+    await worker.stop()
+
+
+def st_vectors(path, texts, normalize: bool) -> np.ndarray:
+    model = SentenceTransformer(str(path), device="cpu")
+    return model.encode(texts, normalize_embeddings=normalize)
+
+
+async def test_a_model_without_normalize_answers_its_own_vectors(
+    normalize_worker, dot_product_model
+):
+    model = str(dot_product_model)
+    raw = st_vectors(dot_product_model, TEXTS, normalize=False)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-3)
+    got = decode_vectors(await embed(normalize_worker, model=model, input=TEXTS))
+    np.testing.assert_allclose(got, raw, atol=1e-5)
+    off = decode_vectors(await embed(normalize_worker, model=model, input=TEXTS, normalize=False))
+    np.testing.assert_allclose(off, raw, atol=1e-5)
+    unit = decode_vectors(await embed(normalize_worker, model=model, input=TEXTS, normalize=True))
+    np.testing.assert_allclose(unit, st_vectors(dot_product_model, TEXTS, True), atol=1e-5)
+
+
+async def test_a_model_with_normalize_answers_unit_vectors_whatever_normalize(
+    normalize_worker, bert_embedder
+):
+    """Its own modules normalise: sentence-transformers' `normalize_embeddings=False` gives unit
+    vectors too."""
+    expected = st_vectors(bert_embedder, TEXTS, normalize=False)
+    np.testing.assert_allclose(np.linalg.norm(expected, axis=1), 1.0, atol=1e-5)
+    for normalize in (None, True, False):
+        fields = {} if normalize is None else {"normalize": normalize}
+        body = await embed(normalize_worker, model=str(bert_embedder), input=TEXTS, **fields)
+        np.testing.assert_allclose(decode_vectors(body), expected, atol=1e-5)
+
+
+async def test_dimensions_renormalise_only_normalised_answers(normalize_worker, dot_product_model):
+    """sentence-transformers' `truncate_dim`: cut, then normalised only with
+    `normalize_embeddings`."""
+    model = str(dot_product_model)
+    raw = st_vectors(dot_product_model, TEXTS, normalize=False)
+    cut = decode_vectors(await embed(normalize_worker, model=model, input=TEXTS, dimensions=8))
+    np.testing.assert_allclose(cut, raw[:, :8], atol=1e-5)
+    unit = decode_vectors(
+        await embed(normalize_worker, model=model, input=TEXTS, dimensions=8, normalize=True)
+    )
+    expected = raw[:, :8] / np.linalg.norm(raw[:, :8], axis=1, keepdims=True)
+    np.testing.assert_allclose(unit, expected, atol=1e-5)
+
+
+async def test_normalize_must_be_a_bool(normalize_worker, dot_product_model):
+    reply = await normalize_worker.dispatch(
+        {"model": str(dot_product_model), "input": "x", "normalize": "yes"}
+    )
+    assert reply.status == 400 and reply.body["error"]["param"] == "normalize"

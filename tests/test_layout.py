@@ -16,7 +16,7 @@ from pathlib import Path
 
 from embedding_worker import operations
 from embedding_worker.config import WorkerConfig, load_config
-from embedding_worker.engines import EngineSettings
+from embedding_worker.engines import EngineSettings, Health, ModelRegistry
 from embedding_worker.limits import Limits
 from tests.conftest import ROOT
 
@@ -165,11 +165,12 @@ def test_one_list_of_operations_gives_every_route():
     assert len(routes) == len(set(routes))
     assert operations.ROUTES == tuple(routes)
     assert set(operations.LINE_ROUTES) <= set(routes)
+    no_models = ModelRegistry([], Health())
     for op in operations.OPERATIONS:
         matched = operations.match_route(op.route + "/") if op.route else None
         assert op.route is None or (matched is not None and matched[0] is op)
         for field in op.job_fields:
-            found = operations.recognise({field: "x"})
+            found = operations.recognise({field: "x"}, no_models)
             assert found is not None and field in found.job_fields
 
 

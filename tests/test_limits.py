@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 
 import pytest
 
@@ -277,3 +280,84 @@ async def test_each_embedding_type_asked_counts_in_the_answer_estimate(
         "embedding_types": ["base64", "int8", "binary"],
     }
     _error(await worker.call("/v2/embed", cohere), 413, "response_too_large")
+
+
+# ------------------------------------------------------------------------------------ event loop
+
+
+async def _largest_loop_gap(work) -> tuple[object, float]:
+    """`await work`, and the longest the event loop went without running a task meanwhile (in
+    seconds): the wait /health and every other request would see."""
+    largest = 0.0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal largest
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            largest = max(largest, now - last - 0.01)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0.05)
+    try:
+        result = await work
+    finally:
+        done.set()
+        await ticking
+    return result, largest
+
+
+# Each of these stalled the event loop for seconds (issue 28, finding 2): 6 MB in one text (10 s
+# here); 64 texts of 100 kB, which were tokenized on the loop for being 64 items (7 s); 6.6 million
+# empty objects, walked and parsed on the loop before their 400 (13 s); 2 million token ids, checked
+# and decoded on the loop (MiniLM's "a" then "##a": one long word, one token to count). A gap of a
+# second is 10x what the loop sees now: no machine is slow enough to reach it by chance.
+LOOP_STALLERS = {
+    "one 6 MB text": ({"input": "hello " * 1_000_000}, 200),
+    "64 texts of 100 kB": ({"input": ["hello " * 16_000] * 64}, 200),
+    "6.6 million empty objects": ({"input": [{}] * 6_600_000}, 400),
+    "2 million token ids": ({"input": [[1037] + [2050] * 2_000_000]}, 200),
+}
+
+
+@pytest.mark.parametrize("body, status", LOOP_STALLERS.values(), ids=LOOP_STALLERS.keys())
+async def test_a_large_request_leaves_the_event_loop_free(worker, ids, body, status):
+    job = {"openai_route": "/v1/embeddings", "openai_input": {**body, "model": ids["minilm"]}}
+    reply, gap = await _largest_loop_gap(worker.dispatch(job))
+    assert reply.status == status, reply.body
+    assert gap < 1.0, f"the event loop stalled {gap:.1f} s"
+
+
+def test_is_small_decides_in_bounded_steps():
+    assert limits.is_small({"model": "m", "input": ["a text"] * 100})
+    assert not limits.is_small({"input": ["a text"] * (limits.SMALL_VALUES + 1)})
+    assert not limits.is_small({"input": "x" * (limits.SMALL_CHARS + 1)})
+    assert not limits.is_small({"input": ["x" * 1000] * 20})  # 20,000 characters
+    assert not limits.is_small({"a": {"b": [[0] * 100] * 3}})  # nested lists count too
+    # A list too long is told by its length, without a step over its items.
+    assert not limits.is_small({"input": [0] * 10_000_000})
+
+
+async def test_small_requests_stay_on_the_event_loop_and_large_ones_leave_it(
+    worker, ids, monkeypatch
+):
+    """The fast path: a small request is checked, parsed and tokenized where it arrives, without a
+    thread hop; a large one is tokenized in another thread."""
+    model = worker.registry.resolve(ids["minilm"], None)
+    threads: list[threading.Thread] = []
+    tokenize = model.tokens.tokenize
+
+    def spy(texts):
+        threads.append(threading.current_thread())
+        return tokenize(texts)
+
+    monkeypatch.setattr(model.tokens, "tokenize", spy)
+    small = {"model": ids["minilm"], "input": ["a short text"] * 8}
+    assert (await worker.dispatch(small)).status == 200
+    assert threads == [threading.current_thread()]
+    body = {"model": ids["minilm"], "input": ["a longer text " * 100] * 32}  # 44,800 characters
+    assert (await worker.dispatch(body)).status == 200
+    assert threads[1] is not threading.current_thread()

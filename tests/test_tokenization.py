@@ -177,3 +177,42 @@ def test_pad_ids_pads_to_a_width_longer_than_the_longest_row():
     assert right["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
     left = pad_ids([[5, 6], [7]], 0, left=True, width=1)  # a width shorter: the longest row's
     assert left["input_ids"].tolist() == [[5, 6], [0, 7]]
+
+
+def test_long_texts_count_and_cut_as_the_tokenizer_does(minilm_path):
+    """A few long texts take `encode_batch`, which releases the GIL (`encode` holds it for all of a
+    text), and the cut at the start reads one token's word and offsets at a time: the counts and
+    the kept ends are the tokenizer's own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    counter = TokenCounter(tokenizer)
+    words = " ".join(f"word{i} ünïcödé" for i in range(3000))  # ~50 kB, past the one-by-one rule
+    texts = [words, "short", words[:20_000]]
+    want = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    assert counter.count(texts) == want
+    assert counter.tokenize(texts)[1] == want
+    encoded = tokenizer(words, add_special_tokens=False, return_offsets_mapping=True)
+    word_ids, first = encoded.word_ids(), len(encoded["input_ids"]) - 254
+    while word_ids[first] == word_ids[first - 1]:
+        first += 1
+    assert counter.keep_end(words, 254) == words[encoded["offset_mapping"][first][0] :]
+    assert counter.keep_end("short", 254) == "short"
+
+
+async def test_a_text_far_past_the_maximum_is_cut_to_the_same_ids(worker, ids):
+    """Past 8 times the model's maximum, a text is cut by a tokenizer that cuts while it encodes
+    (`truncate` of the whole encoding held the GIL for seconds): the ids are those of the cut."""
+    model = worker.registry.resolve(ids["minilm"], None)
+    counter = model.tokens
+    spec = counter.model_input
+    assert spec is not None  # MiniLM takes the counter's ids
+    text = " ".join(f"Word{i}, again" for i in range(2000))  # ~8,000 tokens: 30x the maximum
+    [tokenized], [length] = counter.tokenize([text])
+    whole = counter._fast.encode(spec.prepare(text), add_special_tokens=False)
+    specials = counter._fast.num_special_tokens_to_add(False)
+    assert length == len(whole) + specials > 8 * spec.max_length
+    whole.truncate(spec.max_length - specials, direction=spec.truncation_side)
+    want = counter._fast.post_process(whole)
+    assert tokenized.ids.tolist() == want.ids and len(want.ids) == spec.max_length
+    assert tokenized.type_ids.tolist() == want.type_ids

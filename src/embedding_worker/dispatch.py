@@ -3,17 +3,22 @@
 The RunPod handler, the local HTTP server and batch files all call `Worker.dispatch()` (or
 `Worker.call()` for an OpenAI route); each only turns the Reply into its own wire format. The
 operation is found in the registry (operations/__init__.py). No exception escapes `dispatch()`.
+
+A body larger than a small constant (`limits.is_small`) is checked in a thread, and its operation
+parses and tokenizes it in a thread too: the event loop, which answers /health and every other
+request, never does work that grows with the payload.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from . import errors, operations
 from .config import WorkerConfig
 from .engines import ModelRegistry
 from .errors import APIError
-from .limits import inspect_request
+from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
 from .operations import Operation
 from .reply import Reply
@@ -56,7 +61,10 @@ class Worker:
         tier_token = None
         try:
             operation, body = self._route(job_input)
-            inspect_request(body, self.limits)
+            if is_small(body):
+                inspect_request(body, self.limits)
+            else:
+                await asyncio.to_thread(inspect_request, body, self.limits)
             tier = self._tier(job_input, body)
             tier_token = current_tier.set(tier)
             await self.registry.start()
@@ -112,8 +120,7 @@ class Worker:
             retry_after=exc.retry_after,
         )
 
-    @staticmethod
-    def _route(job_input: Any) -> tuple[Operation, Any]:
+    def _route(self, job_input: Any) -> tuple[Operation, Any]:
         if not isinstance(job_input, dict):
             raise errors.invalid_input("the job 'input' must be a JSON object")
         if "openai_route" in job_input:
@@ -131,7 +138,7 @@ class Worker:
             if params and isinstance(body, dict):
                 body = {**body, **params}  # the path's parameters win over the body's
             return operation, body
-        recognised = operations.recognise(job_input)
+        recognised = operations.recognise(job_input, self.registry)
         if recognised is None:
             raise errors.invalid_input(
                 f"the job input must hold {operations.job_hints()} or 'openai_route'"

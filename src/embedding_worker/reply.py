@@ -13,7 +13,21 @@ PREVIEW_NUMBERS = 4
 
 # Strings a preview shows as they are: names and messages the worker wrote itself. Any other
 # string (a document asked back, a base64 vector) may be the payload, and logs never echo it.
-_SHOWN_STRINGS = frozenset({"object", "model", "id", "status", "error", "type", "code", "param"})
+_SHOWN_STRINGS = frozenset(
+    {
+        "object",
+        "model",
+        "id",
+        "status",
+        "error",
+        "type",
+        "code",
+        "param",
+        "service_tier",
+        "response_type",
+        "version",
+    }
+)
 
 
 def preview(body: Any, key: str | None = None) -> Any:

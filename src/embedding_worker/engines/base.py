@@ -279,6 +279,9 @@ class Embedder(ModelEngine):
 
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.EMBED})
     outputs: ClassVar[frozenset[str]] = frozenset({DENSE})
+    # Whether the model's own vectors are unit vectors (a sentence-transformers model whose modules
+    # end in Normalize; bge-m3 and CLIP dense outputs): what a request's `normalize` defaults to.
+    normalized: bool = True
 
     async def embed(self, texts: list[str], *, tokens: int) -> np.ndarray:
         """Vectors for `texts`, one row each, in order (float32); `tokens`: what the texts cost,

@@ -266,6 +266,13 @@ class InfinityEmbedder(InfinityModel, Embedder):
         self.dimensions = get_dim() if get_dim else None
 
     def _prepare_replica(self, replica: Any) -> None:
+        if not own_normalisation(replica):
+            # Infinity's post-processing step L2-normalises every sentence-transformers model's
+            # vectors; a model without a Normalize module (a dot-product model) then loses its
+            # own output, which ranking by dot product needs. The step keeps the model's output,
+            # and a request's `normalize` asks for unit vectors.
+            replica.normalize_embeddings = False
+            self.normalized = False
         if not self.settings.optimisations.reuse_token_ids:
             return
         if reuse_token_ids(replica, self.tokens, self.settings.batch_invariant):
@@ -274,6 +281,17 @@ class InfinityEmbedder(InfinityModel, Embedder):
     async def _embed(self, texts: list[str]) -> np.ndarray:
         vectors, _ = await self.engine.embed(sentences=texts)
         return np.asarray(vectors, dtype=np.float32)
+
+
+def own_normalisation(replica: Any) -> bool:
+    """Whether a replica's model gives unit vectors itself: a sentence-transformers model whose
+    modules include Normalize. Other embedders of Infinity (its ONNX path) normalise in their own
+    post-processing, which has no switch: their vectors are unit vectors whatever the model."""
+    if not hasattr(replica, "normalize_embeddings"):
+        return True
+    from sentence_transformers.models import Normalize
+
+    return any(isinstance(module, Normalize) for module in replica)
 
 
 class InfinityImageEmbedder(InfinityModel, ImageEmbedder):

@@ -10,7 +10,7 @@ pads them.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -23,10 +23,20 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# Requests of up to this many texts are counted one text at a time. encode_batch hands even one
-# text to the tokenizer's thread pool, whose threads then compete with the model's for the CPU
-# (docs/design.md, "Token counts of small requests").
+# Requests of up to this many texts, and this many characters in all, are counted one text at a
+# time. encode_batch hands even one text to the tokenizer's thread pool, whose threads then compete
+# with the model's for the CPU (docs/design.md, "Token counts of small requests"). But `encode`
+# holds the GIL for the whole text, every other thread stopped, the event loop included, and
+# encode_batch releases it: long texts take encode_batch whatever their number.
 _ONE_BY_ONE_MAX = 8
+_ONE_BY_ONE_CHARS = 16_384
+
+# `Encoding.truncate` splits every token past the cut into overflowing encodings of the cut's
+# length, and `post_process` adds the special tokens to each, both holding the GIL: 2.2 s for a
+# text of 4.4 million tokens. A text of more than this many times the cut is encoded again by a copy
+# of the tokenizer that cuts while it encodes, with the GIL released; the same Rust steps, so the
+# same ids.
+_CUT_IN_ENCODER = 8
 
 # The check that reuse gives the engine exactly what its own tokenize step gives: surrounding
 # spaces, case, accents, CJK, an emoji, and lengths that need padding (and one that needs a cut).
@@ -47,6 +57,14 @@ class CountedText(str):
     plain string."""
 
     tokens: int
+
+
+def _one_by_one(encodings: list[Any]) -> Iterator[Any]:
+    """Each encoding of the list, which lets go of it once read: an encoding is freed holding the
+    GIL (0.25 s for 4 million tokens), so one at a time lets other threads in between."""
+    for i, encoding in enumerate(encodings):
+        encodings[i] = None
+        yield encoding
 
 
 def counted(texts: Sequence[str], lengths: Sequence[int]) -> list[str]:
@@ -97,6 +115,7 @@ class TokenCounter:
             self._fast.no_padding()
         # Set by `carry_token_ids` when the engine takes the counter's ids: texts then carry them.
         self.model_input: ModelInput | None = None
+        self._cutter: Any = None  # a copy that cuts to `model_input`, made when first needed
 
     @property
     def vocab_size(self) -> int:
@@ -113,7 +132,7 @@ class TokenCounter:
         assert self._fast is not None
         if self.model_input is not None:
             texts = [self.model_input.prepare(text) for text in texts]
-        if len(texts) <= _ONE_BY_ONE_MAX:
+        if len(texts) <= _ONE_BY_ONE_MAX and sum(map(len, texts)) <= _ONE_BY_ONE_CHARS:
             return [
                 self._fast.encode(text, add_special_tokens=add_special_tokens) for text in texts
             ]
@@ -121,7 +140,7 @@ class TokenCounter:
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e.ids) for e in self._encode(texts)]
+            return [len(e) for e in _one_by_one(self._encode(texts))]
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
     def tokenize(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -139,11 +158,16 @@ class TokenCounter:
         keep = spec.max_length - specials
         out: list[str] = []
         lengths = []
-        for text, encoding in zip(texts, self._encode(texts, add_special_tokens=False)):
-            lengths.append(len(encoding.ids) + specials)
-            if len(encoding.ids) > keep:
-                encoding.truncate(keep, direction=spec.truncation_side)
-            encoding = self._fast.post_process(encoding)
+        encodings = self._encode(texts, add_special_tokens=False)
+        for text, encoding in zip(texts, _one_by_one(encodings)):
+            lengths.append(len(encoding) + specials)
+            if len(encoding) > _CUT_IN_ENCODER * keep:
+                del encoding  # its tokens, freed before the copy's
+                encoding = self._cut(spec, text)
+            else:
+                if len(encoding) > keep:
+                    encoding.truncate(keep, direction=spec.truncation_side)
+                encoding = self._fast.post_process(encoding)
             tokenized = TokenizedText(text)
             tokenized.tokens = lengths[-1]
             tokenized.ids = np.array(encoding.ids, dtype=np.int64)
@@ -179,6 +203,18 @@ class TokenCounter:
             self.model_input = None
         return carried
 
+    def _cut(self, spec: ModelInput, text: str) -> Any:
+        """The encoding of a long text, cut and with its special tokens, made with the GIL
+        released."""
+        assert self._fast is not None
+        cutter = self._cutter
+        if cutter is None:  # two threads may both make one: either will do
+            cutter = copy.deepcopy(self._fast)
+            cutter.enable_truncation(spec.max_length, direction=spec.truncation_side)
+            self._cutter = cutter
+        encode = getattr(cutter, "encode_batch_fast", None) or cutter.encode_batch
+        return encode([spec.prepare(text)], add_special_tokens=True)[0]
+
     def keep_end(self, text: str, tokens: int) -> str:
         """The end of `text` that holds at most `tokens` tokens (special tokens not counted), cut
         where a word starts, so that the kept words tokenize as they did in the whole text: what
@@ -187,26 +223,33 @@ class TokenCounter:
         if self._fast is None:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return text if len(ids) <= tokens else self.decode(ids[-tokens:])
-        encoding = self._fast.encode(text, add_special_tokens=False)
-        words, first = encoding.word_ids, len(encoding.ids) - tokens
+        # encode_batch with offsets: `encode` would hold the GIL for all of a long text.
+        encoding = self._fast.encode_batch([text], add_special_tokens=False)[0]
+        first = len(encoding) - tokens
         if first <= 0:
             return text
-        # Not inside a word: a word's second piece ("##ing") alone would tokenize otherwise.
+        # Not inside a word: a word's second piece ("##ing") alone would tokenize otherwise. One
+        # token at a time: `word_ids` and `offsets` would copy a list as long as the text.
+        word = encoding.token_to_word
         while (
-            first < len(words) - 1 and words[first] is not None and words[first] == words[first - 1]
+            first < len(encoding) - 1 and word(first) is not None and word(first) == word(first - 1)
         ):
             first += 1
-        return text[encoding.offsets[first][0] :]
+        span = encoding.token_to_chars(first)
+        assert span is not None
+        return text[span[0] :]
 
     def count_pairs(self, query: str, docs: Sequence[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e.ids) for e in self._encode_batch([(query, d) for d in docs])]
+            return [len(e) for e in self._encode_batch([(query, d) for d in docs])]
         encoded = self.tokenizer([query] * len(docs), list(docs), truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
 
     def decode(self, ids: list[int]) -> str:
         # The engine tokenizes text again and adds the model's special tokens itself.
         if self._fast is not None:
+            if len(ids) > _ONE_BY_ONE_CHARS:  # `decode` holds the GIL: 3.4 s for 2 million ids
+                return self._fast.decode_batch([ids], skip_special_tokens=True)[0]
             return self._fast.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

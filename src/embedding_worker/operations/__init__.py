@@ -8,19 +8,22 @@ adding its module and listing its OPERATION here.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote
 
+from ..engines import ModelRegistry
 from . import batch, classify, cohere, embeddings, infinity_api, models, rerank
 from .base import Context, Operation
 
-# A standard-flavour job is the first operation here whose fields it holds.
+# A standard-flavour job is the first operation here whose fields it holds (and that applies to the
+# model it names): classification before embeddings, which share `input`.
 OPERATIONS: tuple[Operation, ...] = (
     batch.OPERATION,
     rerank.OPERATION,
+    classify.OPERATION,
     embeddings.OPERATION,
     models.OPERATION,
     models.RETRIEVE,
-    classify.OPERATION,
     classify.INFINITY,
     *cohere.OPERATIONS,
     *infinity_api.OPERATIONS,
@@ -69,9 +72,18 @@ def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:
     return None
 
 
-def recognise(job_input: dict[str, object]) -> Operation | None:
-    """The operation of a standard-flavour job input, told by the fields it holds."""
-    return next((op for op in OPERATIONS if any(f in job_input for f in op.job_fields)), None)
+def recognise(job_input: dict[str, Any], registry: ModelRegistry) -> Operation | None:
+    """The operation of a standard-flavour job input, told by the fields it holds and, where
+    fields are shared, by what the model it names can do."""
+    return next(
+        (
+            op
+            for op in OPERATIONS
+            if any(f in job_input for f in op.job_fields)
+            and (op.job_applies is None or op.job_applies(registry, job_input))
+        ),
+        None,
+    )
 
 
 def job_hints() -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .. import errors
 from ..engines import Capability, ModelEngine, ModelRegistry
 from ..errors import APIError
-from ..limits import Limits
+from ..limits import SMALL_CHARS, Limits, is_small
 from ..reply import Reply
 
 T = TypeVar("T")
@@ -38,6 +38,14 @@ class Context(Protocol):
 
 
 Run = Callable[[Context, dict[str, Any]], Awaitable[dict[str, Any]]]
+# An upper estimate of the JSON bytes of a body's answer, from its fields alone (no work): what a
+# batch job's answer is bounded by before any line runs. Raises APIError for a body whose answer
+# would be an error.
+AnswerBytes = Callable[[Context, dict[str, Any]], int]
+
+# Whether a standard-flavour job that holds an operation's fields is that operation, by what the
+# served models can do; cheap and never raising: it runs before any check of the job.
+Applies = Callable[[ModelRegistry, dict[str, Any]], bool]
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,13 @@ class Operation:
     route: str | None = None
     method: str = "POST"  # the HTTP method of `route`
     # Standard flavour: a job input holding any of these fields is this operation (the registry's
-    # order decides between operations), and how to say so in an error message.
+    # order decides between operations), if `job_applies` says so where fields are shared; and how
+    # to say so in an error message.
     job_fields: tuple[str, ...] = ()
+    job_applies: Applies | None = None
     job_hint: str = ""
     batch_line: bool = False  # a batch line's `url` may name this route
+    answer_bytes: AnswerBytes | None = None  # a batch line's answer estimate; None: a small one
     scheduled: bool = True  # runs model work at a service tier, which its answer names
 
 
@@ -75,10 +86,18 @@ ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 RequestT = TypeVar("RequestT", bound=RequestModel)
 
 
-def parse(model: type[RequestT], body: Any) -> RequestT:
-    """Validate a request body; any failure becomes one invalid_input APIError naming the field."""
+async def parse(model: type[RequestT], body: Any) -> RequestT:
+    """Validate a request body; any failure becomes one invalid_input APIError naming the field.
+
+    A body past `is_small` is validated in a thread: its validators walk every item."""
     if not isinstance(body, dict):
         raise errors.invalid_input("the request body must be a JSON object")
+    if is_small(body):
+        return _validate(model, body)
+    return await asyncio.to_thread(_validate, model, body)
+
+
+def _validate(model: type[RequestT], body: dict[str, Any]) -> RequestT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -117,16 +136,28 @@ def usage(tokens: int) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------ checks
 
-# Tokenising on the event loop is cheaper than a thread hop for small requests; big ones go to a
-# thread so that other requests keep flowing meanwhile (the Rust tokenizer releases the GIL).
-TOKENIZE_INLINE_MAX = 64
+# Work on texts of at most this many characters in all runs on the event loop: tokenizing them
+# costs less than the hop to a thread (about 0.1 ms). Anything larger runs in a thread, where
+# the Rust tokenizer releases the GIL (engines/tokenization.py), so that /health and the other
+# requests keep flowing meanwhile: a text of 20 MB takes half a minute to tokenize.
+INLINE_CHARS = SMALL_CHARS
 
 
-async def tokenize(items: int, tokenizer_call: Callable[..., T], *args: Any) -> T:
-    """Run a tokenizer call inline for small requests, in a thread for big ones."""
-    if items <= TOKENIZE_INLINE_MAX:
-        return tokenizer_call(*args)
-    return await asyncio.to_thread(tokenizer_call, *args)
+def chars(texts: Iterable[str]) -> int:
+    """The characters of `texts` in all: O(1) a text."""
+    return sum(map(len, texts))
+
+
+async def off_loop(size: int, call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` inline when `size` (characters, or values) is at most INLINE_CHARS, else in a
+    thread."""
+    if size <= INLINE_CHARS:
+        return call(*args)
+    return await asyncio.to_thread(call, *args)
+
+
+# A tokenizer call is the main work of that kind.
+tokenize = off_loop
 
 
 _NOT_CAPABLE = {

@@ -19,7 +19,7 @@ import orjson
 
 from .. import errors
 from ..errors import APIError
-from ..limits import check_answer_bytes
+from ..limits import ENVELOPE_BYTES, Limits, check_answer_bytes, is_small
 from .base import Context, Operation
 
 JOB_MAX_LINES = 1000  # most lines in one RunPod batch job (RunPod's /run takes at most 10 MB)
@@ -221,6 +221,14 @@ async def answer_job(context: Context, job_input: dict[str, Any]) -> dict[str, A
         raise errors.too_large(
             f"'batch' holds {len(lines)} lines; at most {JOB_MAX_LINES} in one job", param="batch"
         )
+    # Each line's answer is within the limit, their sum may not be: RunPod would drop it and the
+    # sender would wait for nothing. Refused before any line runs, from each line's estimate (a
+    # large job's lines are read in a thread).
+    if is_small(lines):
+        estimate = answers_estimate(context, lines)
+    else:
+        estimate = await asyncio.to_thread(answers_estimate, context, lines)
+    _check_answers_size(estimate, len(lines), context.limits)
     outputs: list[dict[str, Any]] = [{}] * len(lines)
 
     async def run(indexed: tuple[int, Any]) -> None:
@@ -229,18 +237,56 @@ async def answer_job(context: Context, job_input: dict[str, Any]) -> dict[str, A
         outputs[index] = await answer(context, line)
 
     await bounded(enumerate(lines), run, DEFAULT_CONCURRENCY)
-    # Each line's answer is within the limit, their sum may not be: RunPod would drop it and the
-    # sender would wait for nothing. runpod writes JSON with spaces: about 1/8 more than orjson.
-    size = len(orjson.dumps(outputs))
-    size += size // 8
+    # The backstop, for answers past their estimate (the outputs whose size depends on the texts'
+    # tokens are not estimated). runpod writes JSON with spaces: about 1/8 more than orjson.
+    size = await asyncio.to_thread(_written_size, outputs)
+    _check_answers_size(size + size // 8, len(lines), context.limits)
+    return {"object": "list", "data": outputs}
+
+
+def _written_size(outputs: list[dict[str, Any]]) -> int:
+    """The bytes of `outputs` as one JSON array, one line a call: orjson holds the GIL for a call,
+    and the event loop gets its turn between lines."""
+    return 1 + sum(len(orjson.dumps(output)) + 1 for output in outputs)
+
+
+# An output line around its answer ({"id": "batch_req_...", "custom_id": ..., "response":
+# {"status_code": 200, "request_id": ..., "body": ...}, "error": null}), its custom_id aside; and an
+# error line or an error answer whole (its message is at most a few hundred bytes).
+LINE_BYTES = 192
+ERROR_LINE_BYTES = 640
+
+
+def answers_estimate(context: Context, lines: list[Any]) -> int:
+    """An upper estimate of the JSON bytes of a job's answer, from each line's fields: the sum of
+    each line's answer estimate (its operation's `answer_bytes`), a line that would fail counted as
+    its error. Runs no line and reads no text but reranked documents that are returned."""
+    from . import match_route  # the registry imports this module
+
+    total = ENVELOPE_BYTES
+    for index, value in enumerate(lines):
+        line = parse_line(value, index + 1, {}, context.line_routes)
+        total += LINE_BYTES + len(line.custom_id)
+        if isinstance(line, BadLine):
+            total += ERROR_LINE_BYTES
+            continue
+        matched = match_route(line.url)
+        estimate = matched[0].answer_bytes if matched else None
+        try:
+            total += ERROR_LINE_BYTES if estimate is None else estimate(context, line.body)
+        except APIError:
+            total += ERROR_LINE_BYTES
+    return total
+
+
+def _check_answers_size(size: int, lines: int, limits: Limits) -> None:
     check_answer_bytes(
         size,
-        context.limits,
-        answer=f"the answers of {len(lines)} lines",
+        limits,
+        answer=f"the answers of {lines} lines",
         advice='send fewer lines per job or ask for "encoding_format": "base64"',
         param="batch",
     )
-    return {"object": "list", "data": outputs}
 
 
 OPERATION = Operation(

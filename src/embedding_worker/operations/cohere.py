@@ -1,6 +1,6 @@
 """Cohere's embed and rerank: POST /v1/embed, /v2/embed and /v2/rerank (/v1/rerank is rerank.py's,
 whose answer carries Cohere's v1 fields), for `cohere.Client`, `cohere.ClientV2` and litellm's
-`cohere/` provider.
+`cohere/` provider. A standard-flavour job holding `texts` is a v2 embed.
 
 Embed takes `texts`, `input_type` (mapped onto the model's own prompts: search_query -> its "query"
 prompt, search_document -> "document" or "passage", classification and clustering -> prompts of
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from .. import errors, prompts
@@ -24,12 +25,13 @@ from .base import (
     Operation,
     RequestModel,
     answer_id,
+    chars,
     check_count,
     model_for,
     parse,
     tokenize,
 )
-from .embeddings import EmbeddingRequest, embed
+from .embeddings import EmbeddingRequest, embed, encoded_off_loop
 
 InputType = Literal["search_document", "search_query", "classification", "clustering"]
 
@@ -74,12 +76,14 @@ async def _keep_ends(
     prefix = prompts.embedding_prefix(model, None, prompt_type)
     room = model.max_length - model.tokens.count([prefix])[0]  # the prompt with special tokens
     return await tokenize(
-        len(request.texts), lambda: [model.tokens.keep_end(t, room) for t in request.texts]
+        chars(request.texts), lambda: [model.tokens.keep_end(t, room) for t in request.texts]
     )
 
 
 async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[str, Any]:
-    request = parse(CohereEmbedRequest, body)
+    request = await parse(CohereEmbedRequest, body)
+    # Before anything walks the texts: at most MAX_BATCH_INPUTS of them.
+    check_count(len(request.texts), context.limits, "texts")
     if any(not text for text in request.texts):
         raise errors.invalid_input("'texts' must not hold an empty string", param="texts")
     types: list[EmbeddingType] = list(dict.fromkeys(request.embedding_types or ["float"]))
@@ -101,7 +105,7 @@ async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[s
     done = await embed(context, as_request)
     # v1 without embedding_types answers a plain list of float vectors; otherwise one per type.
     by_type = request.embedding_types is not None or version == "2"
-    embeddings = encode_types(done.vectors, types)
+    embeddings = await encoded_types(done.vectors, types)
     return {
         "id": answer_id("embed"),
         "embeddings": embeddings if by_type else embeddings["float"],
@@ -109,6 +113,20 @@ async def _embed(context: Context, body: dict[str, Any], version: str) -> dict[s
         "meta": _meta(version, input_tokens=done.tokens),
         "response_type": "embeddings_by_type" if by_type else "embeddings_floats",
     }
+
+
+async def encoded_types(vectors: np.ndarray, types: list[EmbeddingType]) -> dict[str, Any]:
+    """Cohere's `embeddings` object; a large one encoded off the event loop, in chunks."""
+    if not types:
+        return {}
+    # One row per vector: each row's encoded form of every type.
+    rows = await encoded_off_loop(vectors, _types_by_row, types)
+    return {kind: [row[kind] for row in rows] for kind in types}
+
+
+def _types_by_row(vectors: np.ndarray, types: list[EmbeddingType]) -> list[dict[str, Any]]:
+    by_type = encode_types(vectors, types)
+    return [{kind: by_type[kind][i] for kind in types} for i in range(len(vectors))]
 
 
 async def embed_v1(context: Context, body: dict[str, Any]) -> dict[str, Any]:
@@ -122,16 +140,23 @@ async def embed_v2(context: Context, body: dict[str, Any]) -> dict[str, Any]:
 async def rerank_v2(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     """Cohere v2: plain string documents and no `return_documents`; results and meta only."""
     answer = await rerank.rerank(context, {**body, "return_documents": False})
-    documents = len(body.get("documents") or [])
     return {
         "id": answer["id"],
         "results": answer["results"],
-        "meta": _meta("2", search_units=rerank.search_units(documents)),
+        # The units counted from the documents as parsed, under whichever alias they came.
+        "meta": {**answer["meta"], "api_version": {"version": "2"}},
     }
 
 
 OPERATIONS = (
     Operation(name="cohere-embed-v1", run=embed_v1, route="/v1/embed"),
-    Operation(name="cohere-embed-v2", run=embed_v2, route="/v2/embed"),
+    # The standard flavour's Cohere body answers in v2's shape (one list of vectors a type).
+    Operation(
+        name="cohere-embed-v2",
+        run=embed_v2,
+        route="/v2/embed",
+        job_fields=("texts",),
+        job_hint="'texts' (Cohere embed)",
+    ),
     Operation(name="cohere-rerank-v2", run=rerank_v2, route="/v2/rerank"),
 )

@@ -7,9 +7,11 @@ with `return_tokens` their strings) and multi_vector (`multi_vector`: one vector
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -40,15 +42,19 @@ from .base import (
     Operation,
     RequestModel,
     answer_id,
+    chars,
     check_count,
     check_finite,
     check_lengths,
     created,
     model_for,
+    off_loop,
     parse,
     tokenize,
     usage,
 )
+
+T = TypeVar("T")
 
 EmbeddingOutput = Literal["dense", "sparse", "multi_vector"]
 assert get_args(EmbeddingOutput) == EMBEDDING_OUTPUTS
@@ -104,6 +110,9 @@ class EmbeddingRequest(RequestModel):
     input: list[str | ImageRef] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
+    # An extension (TEI's field): unit vectors (true) or the model's own output (false); unset, what
+    # the model's own modules give (Embedder.normalized).
+    normalize: bool | None = None
     user: str | None = None
     # Instruction-aware models (see prompts.py).
     instruction: str | None = None
@@ -170,6 +179,10 @@ class EmbeddingRequest(RequestModel):
     @property
     def outputs(self) -> frozenset[str]:
         return frozenset(self.output) if self.output else frozenset({DENSE})
+
+    def normalized(self, model: Embedder) -> bool:
+        """Whether the answer's dense vectors are unit vectors."""
+        return model.normalized if self.normalize is None else self.normalize
 
 
 # ------------------------------------------------------------------------------------ the answer
@@ -249,15 +262,23 @@ def _check_dimensions(dimensions: int | None, size: int, model: ModelEngine) -> 
         )
 
 
-def _resize(vectors: np.ndarray, dimensions: int | None, model: ModelEngine) -> np.ndarray:
-    """Matryoshka: keep the first `dimensions` numbers, then L2-normalise again."""
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def _dense(vectors: np.ndarray, request: EmbeddingRequest, model: Embedder) -> np.ndarray:
+    """The model's dense vectors as the request asks them: cut to `dimensions` (Matryoshka), and
+    L2-normalised when the answer is normalised (`normalize`) and the model's are not, or are cut:
+    sentence-transformers' `truncate_dim` with `normalize_embeddings`."""
     size = vectors.shape[1]
-    if dimensions is None or dimensions == size:
-        return vectors
-    _check_dimensions(dimensions, size, model)
-    cut = vectors[:, :dimensions]
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return cut / np.maximum(norms, np.finfo(np.float32).tiny)
+    cut = request.dimensions is not None and request.dimensions != size
+    if cut:
+        _check_dimensions(request.dimensions, size, model)
+        vectors = vectors[:, : request.dimensions]
+    if request.normalized(model) and (cut or not model.normalized):
+        return _unit(vectors)
+    return vectors
 
 
 @dataclass(frozen=True)
@@ -296,6 +317,15 @@ async def _prepared_images(
 ) -> list[Any]:
     """Every image item fetched or unpacked, decoded and made the model's input, in order."""
     return await images.prepare_all(image_items, model.prepare_image, limits)
+
+
+def _prompted_tokens(
+    model: Embedder, texts: list[str], instruction: str | None, prompt_type: str | None
+) -> tuple[list[str], list[int]]:
+    """The texts with the model's prompt, as the engine gets them, and their token counts: one
+    call, so that a large request does both in one thread."""
+    prompted = prompts.apply_embedding_prompt(model, texts, instruction, prompt_type)
+    return model.tokens.tokenize(prompted)
 
 
 @dataclass(frozen=True)
@@ -356,14 +386,14 @@ async def count(context: Context, request: EmbeddingRequest) -> Counted:
 
     if request.is_tokens:
         # The caller built these tokens: never prefixed.
-        texts = _texts_from_token_ids(model, request.input)  # type: ignore[arg-type]
-        lengths = [len(ids) for ids in request.input]  # type: ignore[arg-type]
+        token_lists: list[list[int]] = request.input  # type: ignore[assignment]
+        lengths = [len(ids) for ids in token_lists]
+        texts = await off_loop(sum(lengths), _texts_from_token_ids, model, token_lists)
     else:
         plain = [item for item in request.input if isinstance(item, str)]
-        texts = prompts.apply_embedding_prompt(
-            model, plain, request.instruction, request.prompt_type
+        texts, lengths = await tokenize(
+            chars(plain), _prompted_tokens, model, plain, request.instruction, request.prompt_type
         )
-        texts, lengths = await tokenize(len(texts), model.tokens.tokenize, texts)
     if image_items:
         # An image counts no tokens; the lengths keep each text at its item's index.
         text_lengths = iter(lengths)
@@ -387,7 +417,7 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
         vectors = await model.embed_inputs(inputs, tokens=counted.tokens)
     else:
         vectors = await model.embed(counted.texts, tokens=counted.tokens)
-    vectors = _resize(vectors, request.dimensions, model)
+    vectors = _dense(vectors, request, model)
     if request.dimensions is None and model.dimensions is None:
         check_answer_size(len(vectors), vectors.shape[1], request.encoding_format, context.limits)
     check_finite(vectors, model)
@@ -395,13 +425,38 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
 
 
 async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str, Any]:
-    request = parse(EmbeddingRequest, body)
+    request = await parse(EmbeddingRequest, body)
     if request.outputs != {DENSE}:
         return await _create_multi_output(context, request)
     done = await embed(context, request)
-    return embedding_response(
-        done.model.served_id, _encode_dense(done.vectors, request), done.tokens
-    )
+    encoded = await encoded_off_loop(done.vectors, _encode_dense, request)
+    return embedding_response(done.model.served_id, encoded, done.tokens)
+
+
+# Numbers an answer encodes on the event loop: about 1 ms of orjson in "float". A larger answer is
+# encoded in a thread, ENCODE_CHUNK numbers a call: orjson holds the GIL for a whole call, so
+# chunks let the loop in between (2048 vectors of 1024 floats: 0.35 s in one call).
+ENCODE_INLINE_NUMBERS = 8192
+ENCODE_CHUNK = 16_384
+
+
+async def encoded_off_loop(
+    vectors: np.ndarray, encode: Callable[..., list[T]], *args: Any
+) -> list[T]:
+    """`encode(vectors, *args)`, one item a row: inline for a small answer, else in a thread, a
+    chunk of rows at a time."""
+    if vectors.size <= ENCODE_INLINE_NUMBERS:
+        return encode(vectors, *args)
+    return await asyncio.to_thread(_encode_chunked, vectors, encode, *args)
+
+
+def _encode_chunked(vectors: np.ndarray, encode: Callable[..., list[T]], *args: Any) -> list[T]:
+    """`encode(vectors, *args)`, ENCODE_CHUNK numbers a call."""
+    rows = max(1, ENCODE_CHUNK // max(1, vectors.shape[1]))
+    encoded: list[T] = []
+    for start in range(0, len(vectors), rows):
+        encoded.extend(encode(vectors[start : start + rows], *args))
+    return encoded
 
 
 def _encode_dense(vectors: np.ndarray, request: EmbeddingRequest) -> list:
@@ -469,13 +524,29 @@ async def _create_multi_output(context: Context, request: EmbeddingRequest) -> d
     embedded: list[TextEmbeddings] = await model.embed_outputs(
         counted.texts, outputs, tokens=counted.tokens
     )
+    numbers = sum(
+        (e.dense.size if e.dense is not None else 0)
+        + (e.sparse.values.size if e.sparse is not None else 0)
+        + (e.multi_vector.size if e.multi_vector is not None else 0)
+        for e in embedded
+    )
+    if numbers <= ENCODE_INLINE_NUMBERS:
+        data = _multi_output_data(model, request, embedded)
+    else:
+        data = await asyncio.to_thread(_multi_output_data, model, request, embedded)
+    return response(model.served_id, data, counted.tokens)
+
+
+def _multi_output_data(
+    model: MultiOutputEmbedder, request: EmbeddingRequest, embedded: list[TextEmbeddings]
+) -> list[dict[str, Any]]:
+    """The answer's items; each matrix encoded ENCODE_CHUNK numbers a call."""
+    outputs = request.outputs
     data: list[dict[str, Any]] = [{"object": "embedding"} for _ in embedded]
     if DENSE in outputs:
-        dense = _resize(
-            np.stack([e.dense for e in embedded if e.dense is not None]), request.dimensions, model
-        )
+        dense = _dense(np.stack([e.dense for e in embedded if e.dense is not None]), request, model)
         check_finite(dense, model)
-        for item, vector in zip(data, _encode_dense(dense, request)):
+        for item, vector in zip(data, _encode_chunked(dense, _encode_dense, request)):
             item["embedding"] = vector
     for item, text in zip(data, embedded):
         if text.sparse is not None:
@@ -483,10 +554,39 @@ async def _create_multi_output(context: Context, request: EmbeddingRequest) -> d
             item["sparse_embedding"] = _encode_sparse(model, text.sparse, request.return_tokens)
         if text.multi_vector is not None:
             check_finite(text.multi_vector, model)
-            item["multi_vector"] = encode_vectors(text.multi_vector, request.encoding_format)
+            item["multi_vector"] = _encode_chunked(
+                text.multi_vector, encode_vectors, request.encoding_format
+            )
     for i, item in enumerate(data):
         item["index"] = i
-    return response(model.served_id, data, counted.tokens)
+    return data
+
+
+def estimate_answer(context: Context, body: dict[str, Any]) -> int:
+    """An upper estimate of the answer to `body`, from its fields and its model's dimensions, as
+    `count` estimates it; without dimensions (a model that declares none), the envelope. Reads
+    no text: a batch job estimates every line's answer before any line runs."""
+    value = body.get("input")
+    if isinstance(value, list) and value and not _is_token_id(value[0]):
+        items = len(value)
+    else:
+        items = 1  # a string, or one list of token ids
+    check_count(items, context.limits, "input")
+    output = body.get("output")
+    if output is not None and "dense" not in (output if isinstance(output, list) else [output]):
+        return ENVELOPE_BYTES + items * ITEM_OVERHEAD_BYTES  # sparse and multi_vector aside
+    name = body.get("model")
+    model = model_for(context.registry, name if isinstance(name, str) else None, Capability.EMBED)
+    dimensions = body.get("dimensions")
+    if type(dimensions) is not int or dimensions < 1:
+        dimensions = model.dimensions
+    if dimensions is None:
+        return ENVELOPE_BYTES + items * ITEM_OVERHEAD_BYTES
+    types = body.get("embedding_types")
+    vectors = items * (len(set(types)) if isinstance(types, list) and types else 1)
+    fmt = "base64" if body.get("encoding_format") == "base64" else "float"
+    check_answer_size(vectors, dimensions, fmt, context.limits)
+    return answer_bytes(vectors, dimensions, fmt)
 
 
 OPERATION = Operation(
@@ -494,6 +594,7 @@ OPERATION = Operation(
     run=create_embeddings,
     route="/v1/embeddings",
     job_fields=("input",),
-    job_hint="'input' (embeddings)",
+    job_hint="'input' (embeddings; with a classifier, classification)",
     batch_line=True,
+    answer_bytes=estimate_answer,
 )

@@ -11,18 +11,20 @@ from pydantic import AliasChoices, Field, field_validator
 
 from ..engines import Capability, Reranker
 from ..engines.tokenization import counted
-from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, check_answer_bytes
+from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, check_answer_bytes, utf8_size
 from .base import (
     Context,
     ModelName,
     Operation,
     RequestModel,
     answer_id,
+    chars,
     check_count,
     check_finite,
     check_lengths,
     created,
     model_for,
+    off_loop,
     parse,
     tokenize,
     usage,
@@ -63,20 +65,43 @@ def check_answer_size(
 ) -> None:
     """`returned` results, each with its document's text when asked: the largest ones, to be
     safe."""
-    estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
-    if return_documents:
-        # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
-        # escaped quotes, backslashes and control characters.
-        sizes = sorted((len(d.encode("utf-8")) for d in documents), reverse=True)[:returned]
-        text = sum(sizes)
-        estimate += text + text // 8
     check_answer_bytes(
-        estimate,
+        answer_estimate(documents, returned, return_documents),
         limits,
         answer="the answer",
         advice="leave out 'return_documents', set 'top_n', or send fewer documents",
         param="documents",
     )
+
+
+def answer_estimate(documents: Sequence[str], returned: int, return_documents: bool) -> int:
+    """An upper estimate of the answer's JSON bytes."""
+    estimate = ENVELOPE_BYTES + returned * RERANK_ITEM_BYTES
+    if return_documents:
+        # runpod writes JSON with ensure_ascii=False: UTF-8 bytes, plus an allowance of 1/8 for
+        # escaped quotes, backslashes and control characters.
+        sizes = sorted(map(utf8_size, documents), reverse=True)[:returned]
+        text = sum(sizes)
+        estimate += text + text // 8
+    return estimate
+
+
+def estimate_answer(context: Context, body: dict[str, Any]) -> int:
+    """An upper estimate of the answer to `body`, from its fields alone (a batch job's bound)."""
+    documents = body.get("documents", body.get("docs"))
+    if not isinstance(documents, list):
+        return ENVELOPE_BYTES
+    check_count(len(documents), context.limits, "documents")
+    texts: list[str] = []
+    for document in documents:
+        text = document.get("text") if isinstance(document, dict) else document
+        if isinstance(text, str):
+            texts.append(text)
+    top_n = body.get("top_n")
+    returned = min(top_n, len(texts)) if type(top_n) is int and top_n >= 1 else len(texts)
+    wanted = body.get("return_documents", body.get("return_docs")) is True
+    check_answer_size(texts, returned, wanted, context.limits)
+    return answer_estimate(texts, returned, wanted)
 
 
 def search_units(documents: int) -> int:
@@ -102,24 +127,27 @@ def rerank_response(
     }
 
 
+def _counted_pairs(model: Reranker, request: RerankRequest) -> tuple[list[str], list[int]]:
+    """Each document carrying its pair's tokens, which bound the engine's batches (budget.py), and
+    those counts; one call, so that a large request does both in one thread (each `CountedText`
+    is a copy of its document)."""
+    lengths = model.rerank_lengths(request.query, request.documents, request.instruction)
+    return counted(request.documents, lengths), lengths
+
+
 async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
-    request = parse(RerankRequest, body)
+    request = await parse(RerankRequest, body)
     limits = context.limits
     model = model_for(context.registry, request.model, Capability.RERANK)
     assert isinstance(model, Reranker)
     docs = request.documents
     check_count(len(docs), limits, "documents")
     returned = len(docs) if request.top_n is None else min(request.top_n, len(docs))
-    check_answer_size(docs, returned, request.return_documents, limits)
-    lengths = await tokenize(
-        len(docs), model.rerank_lengths, request.query, docs, request.instruction
-    )
+    size = chars(docs) + len(request.query) * len(docs)  # each pair holds the query
+    await off_loop(size, check_answer_size, docs, returned, request.return_documents, limits)
+    pairs, lengths = await tokenize(size, _counted_pairs, model, request)
     tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
-
-    # Each document carries its pair's tokens, which bound the engine's batches (budget.py).
-    scores = await model.rerank(
-        request.query, counted(docs, lengths), request.instruction, tokens=tokens
-    )
+    scores = await model.rerank(request.query, pairs, request.instruction, tokens=tokens)
     check_finite(scores, model)
     # Stable sort by score, highest first: equal scores keep the documents' order.
     order = np.argsort(-scores, kind="stable")
@@ -141,4 +169,5 @@ OPERATION = Operation(
     job_fields=("query",),
     job_hint="'query' and 'documents' (rerank)",
     batch_line=True,
+    answer_bytes=estimate_answer,
 )
