@@ -171,3 +171,25 @@ async def test_two_large_requests_at_once_one_is_refused_at_the_door(bert_embedd
         assert (await worker.dispatch(body)).status == 200
     finally:
         await worker.stop()
+
+
+async def test_a_queue_without_room_refuses_before_the_request_is_counted(worker, ids, monkeypatch):
+    """A refused request costs no tokenizing: with the queue full even at one token an input, the
+    429 comes before the texts are counted."""
+    model = worker.registry.resolve(ids["embedder"], None)
+    monkeypatch.setattr(model.admission, "items", 1)  # work waits...
+    monkeypatch.setattr(model.admission, "tokens", 10**9)  # ...more than the model answers in time
+    counted = []
+    tokenize = model.tokens.tokenize
+    monkeypatch.setattr(
+        model.tokens, "tokenize", lambda *a, **k: counted.append(1) or tokenize(*a, **k)
+    )
+    reply = await worker.dispatch({"model": ids["embedder"], "input": ["some words"] * 8})
+    assert reply.status == 429 and reply.body["error"]["code"] == "queue_full"
+    assert counted == []
+    monkeypatch.setattr(model.admission, "items", 0)
+    monkeypatch.setattr(model.admission, "tokens", 0)
+    assert (
+        await worker.dispatch({"model": ids["embedder"], "input": ["some words"]})
+    ).status == 200
+    assert counted  # the same request, admitted, is counted

@@ -8,6 +8,7 @@ adding its module and listing its OPERATION here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -55,7 +56,10 @@ _TEMPLATES = [
     for path in _paths(op.route.partition("{")[0])
 ]
 ROUTES: tuple[str, ...] = tuple(op.route for op in OPERATIONS if op.route is not None)
-LINE_ROUTES: tuple[str, ...] = tuple(op.route for op in OPERATIONS if op.batch_line and op.route)
+# The routes a batch line may name, with their operations.
+LINE_ROUTES: Mapping[str, Operation] = {
+    op.route: op for op in OPERATIONS if op.batch_line and op.route is not None
+}
 
 
 def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:

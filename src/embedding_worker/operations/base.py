@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -27,7 +27,7 @@ class Context(Protocol):
 
     registry: ModelRegistry
     limits: Limits
-    line_routes: tuple[str, ...]  # the routes a batch line may name
+    line_routes: Mapping[str, Operation]  # the routes a batch line may name, and their operations
 
     @property
     def healthy(self) -> bool: ...

@@ -261,8 +261,6 @@ def answers_estimate(context: Context, lines: list[Any]) -> int:
     """An upper estimate of the JSON bytes of a job's answer, from each line's fields: the sum of
     each line's answer estimate (its operation's `answer_bytes`), a line that would fail counted as
     its error. Runs no line and reads no text but reranked documents that are returned."""
-    from . import match_route  # the registry imports this module
-
     total = ENVELOPE_BYTES
     for index, value in enumerate(lines):
         line = parse_line(value, index + 1, {}, context.line_routes)
@@ -270,8 +268,7 @@ def answers_estimate(context: Context, lines: list[Any]) -> int:
         if isinstance(line, BadLine):
             total += ERROR_LINE_BYTES
             continue
-        matched = match_route(line.url)
-        estimate = matched[0].answer_bytes if matched else None
+        estimate = context.line_routes[line.url].answer_bytes
         try:
             total += ERROR_LINE_BYTES if estimate is None else estimate(context, line.body)
         except APIError:

@@ -62,6 +62,7 @@ async def _classified(
     model = model_for(context.registry, request.model, Capability.CLASSIFY)
     assert isinstance(model, Classifier)
     check_count(len(request.input), context.limits, "input")
+    model.check_room(len(request.input), len(request.input))  # before the texts are counted
     texts, lengths = await tokenize(chars(request.input), _counted_texts, model, request.input)
     tokens = check_lengths(model, lengths, request.truncate, context.limits, "input")
     labels = await model.classify(texts, request.raw_scores, tokens=tokens)

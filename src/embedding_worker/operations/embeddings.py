@@ -383,6 +383,8 @@ async def count(context: Context, request: EmbeddingRequest) -> Counted:
     count = len(request.input) * len(set(request.embedding_types or ["float"]))
     if dimensions is not None and DENSE in request.outputs:
         check_answer_size(count, dimensions, request.encoding_format, limits)
+    # A queue without room for the inputs at one token each refuses before they are counted.
+    model.check_room(len(request.input), len(request.input))
 
     if request.is_tokens:
         # The caller built these tokens: never prefixed.
