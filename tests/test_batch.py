@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,9 @@ import httpx
 import numpy as np
 import pytest
 
+from embedding_worker import errors
+from embedding_worker.config import load_config
+from embedding_worker.dispatch import Worker
 from embedding_worker.operations import batch
 from embedding_worker.transports import batch_run
 from embedding_worker.transports.batch_files import run_batch, run_local
@@ -329,6 +334,69 @@ async def test_a_batch_job_out_of_bounds_is_a_typed_error(worker, job_input, sta
 
 
 # --------------------------------------------------------------------------------------------- #
+# Retrying: one policy (errors.py), the server's Retry-After honoured
+
+
+def test_the_retry_policy_is_the_errors_own():
+    """Batch lines, batch files and endpoint jobs see only statuses: they retry exactly what the
+    worker's own errors call retryable."""
+    retryable = [
+        errors.overloaded("busy"),
+        errors.unavailable("engine down"),
+        errors.request_timeout("slow body"),
+    ]
+    final = [errors.invalid_input("bad"), errors.internal(), errors.too_large("big")]
+    assert all(e.retryable and errors.is_retryable(e.status) for e in retryable)
+    assert not any(e.retryable or errors.is_retryable(e.status) for e in final)
+    assert errors.is_retryable(502) and errors.is_retryable(504) and not errors.is_retryable(None)
+
+
+def test_a_retry_waits_for_the_servers_retry_after_capped():
+    assert errors.retry_wait(2, 0.5) == 2.0  # exponential backoff without a Retry-After
+    assert errors.retry_wait(0, 0.5, retry_after=5) == 5  # the server's word when longer
+    assert errors.retry_wait(3, 0.5, retry_after=1) == 4.0  # never shorter than the backoff
+    assert errors.retry_wait(0, 0.5, retry_after=3600) == errors.MAX_RETRY_WAIT_S
+
+
+async def test_a_line_refused_with_retry_after_is_retried_after_that_wait(bert_embedder):
+    """Two maximum-size lines at once on a real engine: the second is refused at the door with 429
+    and a Retry-After (engines/admission.py), and its retry waits that long, not the backoff."""
+    worker = Worker.from_config(
+        load_config(
+            {
+                "MODEL_NAMES": str(bert_embedder),
+                "DTYPES": "float32",
+                "MAX_REQUEST_TOKENS": "20000",
+                "MAX_QUEUED_TOKENS": "20000",  # one such line at a time, whatever the pace
+            }
+        )
+    )
+    await worker.start()
+    body = {"input": ["hello " * 20] * 300}  # 18,600 tokens: within every limit
+    lines = [batch.LineRequest(f"big-{n}", "/v1/embeddings", body) for n in range(2)]
+
+    async def timed(line: batch.LineRequest, retries: int) -> tuple[dict[str, Any], float]:
+        start = time.monotonic()
+        output = await batch.answer(worker, line, retries=retries, backoff_s=0.01)
+        return output, time.monotonic() - start
+
+    try:
+        # Without retries the refusal is the answer, and the line carries the wait.
+        answered = await asyncio.gather(*(timed(line, 0) for line in lines))
+        refused = next(o["response"] for o, _ in answered if batch.status_of(o) == 429)
+        assert refused["retry_after"] >= 1 and refused["body"]["error"]["code"] == "queue_full"
+        assert batch.retry_after_of({"response": refused}) == refused["retry_after"]
+        # With retries both are answered; the refused one waited at least a second (the backoff
+        # alone would have been 0.01 s, then 0.02 s, ...).
+        answered = await asyncio.gather(*(timed(line, 3) for line in lines))
+        assert [batch.status_of(o) for o, _ in answered] == [200, 200]
+        assert "retry_after" not in answered[0][0]["response"]
+        assert max(elapsed for _, elapsed in answered) >= 1.0
+    finally:
+        await worker.stop()
+
+
+# --------------------------------------------------------------------------------------------- #
 # A deployed endpoint: runpod's own local API serving this worker, in a subprocess
 
 
@@ -408,19 +476,25 @@ def wait_ready(server) -> str:
 
 
 class FaultyNetwork(httpx.AsyncBaseTransport):
-    """The real network to the real server, with faults injected: the first /run answers 503, and
-    the first completed job answers its first line with a full queue (429). Records job sizes."""
+    """The real network to the real server, with faults injected: the first /run answers 503 with
+    a Retry-After of 2 s (as an HTTP date), and the first completed job answers its first line with
+    a full queue (429) that asks for 1 s. Records job sizes and when each was sent."""
 
     def __init__(self) -> None:
         self.real = httpx.AsyncHTTPTransport()
         self.job_sizes: list[int] = []
+        self.job_sent: list[tuple[float, str]] = []  # when each job was sent, its first custom_id
         self.queue_full_sent: str | None = None
+        self.queue_full_at = 0.0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/run":
-            self.job_sizes.append(len(json.loads(request.content)["input"]["batch"]))
+            lines = json.loads(request.content)["input"]["batch"]
+            self.job_sizes.append(len(lines))
+            self.job_sent.append((time.monotonic(), lines[0]["custom_id"]))
             if len(self.job_sizes) == 1:
-                return httpx.Response(503, text="upstream busy")
+                later = format_datetime(datetime.now(UTC) + timedelta(seconds=2), usegmt=True)
+                return httpx.Response(503, text="upstream busy", headers={"Retry-After": later})
         response = await self.real.handle_async_request(request)
         if not request.url.path.startswith("/status/") or self.queue_full_sent:
             return response
@@ -430,8 +504,14 @@ class FaultyNetwork(httpx.AsyncBaseTransport):
             return response
         first = status["output"]["data"][0]
         self.queue_full_sent = first["custom_id"]
+        self.queue_full_at = time.monotonic()
         queue_full = {"error": {"code": "queue_full"}}
-        first["response"] = {"status_code": 429, "request_id": "r", "body": queue_full}
+        first["response"] = {
+            "status_code": 429,
+            "request_id": "r",
+            "body": queue_full,
+            "retry_after": 1,
+        }
         return httpx.Response(200, json=status)
 
     async def aclose(self) -> None:
@@ -452,10 +532,17 @@ async def test_endpoint_mode_sends_chunks_as_jobs_retries_and_writes_the_same_fi
     assert run.summary.unanswered == 0 and run.summary.aborted is None
     outputs = read_output(tmp_path / "results.jsonl")
     await check_against_single_requests(worker, source, outputs)
-    # The refused /run was sent again, and so was the line answered 429 (in a job of its own).
+    # The refused /run was sent again, and so was the line answered 429 (in a job of its own),
+    # each after the Retry-After it was given (the backoff alone is 0.01 s).
     assert network.job_sizes[0] == network.job_sizes[1] == 32 and 1 in network.job_sizes
+    refused_at, refused_id = network.job_sent[0]
+    resent_at = next(at for at, first in network.job_sent[1:] if first == refused_id)
+    assert resent_at - refused_at >= 1.0
     retried = next(o for o in outputs if o["custom_id"] == network.queue_full_sent)
     assert retried["response"]["status_code"] == 200
+    sent = zip(network.job_sent, network.job_sizes)
+    resent_at = next(at for (at, first), size in sent if (first, size) == (retried["custom_id"], 1))
+    assert resent_at - network.queue_full_at >= 1.0
     # 32 lines' answers were over the endpoint's MAX_RESPONSE_BYTES: those jobs were split.
     assert 16 in network.job_sizes
 
@@ -471,6 +558,7 @@ async def test_a_batch_job_whose_answers_together_are_too_large_is_refused(worke
         worker.limits = original
     assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
     assert reply.body["error"]["param"] == "batch"
+    assert f"{MAX_RESPONSE_BYTES} (MAX_RESPONSE_BYTES" in reply.body["error"]["message"]
     assert one.status == 200
 
 

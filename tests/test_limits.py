@@ -85,6 +85,22 @@ def test_request_size_estimate_is_close_to_the_json_text():
 # ------------------------------------------------------------------------------------ answer size
 
 
+def test_every_answer_bound_is_one_check_with_one_message():
+    """limits.check_answer_bytes: an estimate at the limit passes; over it, a 413 that says what
+    the answer holds, its size, the limit and its variable, and how to ask for less."""
+    small = Limits(max_response_bytes=1000)
+    limits.check_answer_bytes(1000, small, answer="the answer", advice="ask less", param="input")
+    with pytest.raises(Exception) as refused:
+        limits.check_answer_bytes(
+            1001, small, answer="the answers of 3 lines", advice="send fewer", param="batch"
+        )
+    error = refused.value
+    assert (error.status, error.code, error.param) == (413, "response_too_large", "batch")
+    assert error.message.startswith("the answers of 3 lines would be about 1001 bytes")
+    assert "1000 (MAX_RESPONSE_BYTES" in error.message and "20 MB" in error.message
+    assert error.message.endswith("; send fewer")
+
+
 def test_default_answer_limit_refuses_2048_float_vectors_of_1024_dims_but_not_base64():
     # FINDINGS: about 40 MB of float JSON (RunPod drops it), about 11 MB of base64.
     with pytest.raises(Exception) as refused:

@@ -26,6 +26,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from embedding_worker import operations
 from embedding_worker.config import DEFAULT_MODEL_ID, ConfigError, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines import Embedder, EngineSettings, Health, ModelRegistry
@@ -327,6 +328,35 @@ def test_a_405_names_head_beside_get(http):
     assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
     assert http.delete("/status/some-job").headers["allow"] == "GET, POST, HEAD"
     assert http.head("/v1/embeddings").status_code == 405  # no GET there, so no HEAD
+
+
+@pytest.mark.parametrize(
+    "path, operation",
+    [
+        ("/v1/embeddings", "embeddings"),
+        ("/openai/v1/rerank/", "rerank"),
+        ("/openai/v1/models/org/name", "model"),
+        ("/v1/models/", "models"),
+        ("/v2/embed", "cohere-embed-v2"),
+        ("/embeddings", "infinity-embeddings"),
+        ("/openai/v2/embed", None),  # only OpenAI's /v1 routes are under RunPod's proxy path
+        ("/openai/embeddings", None),
+        ("/v1/model", None),
+    ],
+)
+def test_the_server_routes_a_path_as_the_operations_match_it(http, path, operation):
+    """One matcher (operations.match_route) for jobs' openai_route and the server's paths: a
+    method the route does not take is a 405 naming the one it does, a path it does not match
+    a 404."""
+    matched = operations.match_route(path)
+    assert (matched[0].name if matched else None) == operation
+    refused = http.delete(path)
+    if operation is None:
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    else:
+        method = matched[0].method
+        assert refused.status_code == 405
+        assert refused.headers["allow"] == ("GET, HEAD" if method == "GET" else method)
 
 
 def test_health_reports_ok_and_job_counts(http):

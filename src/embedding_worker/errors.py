@@ -1,12 +1,37 @@
-"""The one way to make an error: `APIError`, rendered as the OpenAI error object.
+"""The one way to make an error: `APIError`, rendered as the OpenAI error object, and the one
+retry policy that every client of an answer reads.
 
 Every failure a client can see is an APIError with an HTTP status, an OpenAI `type`, a stable `code`
-and the `param` at fault. Messages name the field, never echo the payload.
+and the `param` at fault. Messages name the field, never echo the payload. Whether a failure is
+worth another try is told by its status alone (`is_retryable`), so that batch lines, batch files and
+jobs sent to a deployed endpoint, which see only statuses, decide as the worker does.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+# 408 and 429 ask for the same request again, later; 502, 503 and 504 say that a server or a
+# gateway could not serve it now. A 500 is a server failing on this request: sent again, it fails
+# again, so it is answered as it is.
+RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
+# The longest a client waits on one Retry-After: a server that asks for more is left for a later
+# try (the next attempt, or the next run of a batch file) rather than holding the client.
+MAX_RETRY_WAIT_S = 60.0
+
+
+def is_retryable(status: int | None) -> bool:
+    """Whether an answer with this HTTP status may be different when the request is sent again."""
+    return status in RETRYABLE_STATUSES
+
+
+def retry_wait(attempt: int, backoff_s: float, retry_after: float | None = None) -> float:
+    """Seconds to wait before retry number `attempt` (0: the first): exponential backoff from
+    `backoff_s`, or the server's Retry-After when that is longer, at most MAX_RETRY_WAIT_S."""
+    wait = backoff_s * 2**attempt
+    if retry_after is not None and retry_after > wait:
+        wait = retry_after
+    return min(wait, MAX_RETRY_WAIT_S)
 
 
 class APIError(Exception):
@@ -18,7 +43,6 @@ class APIError(Exception):
         type: str,
         code: str,
         param: str | None = None,
-        retryable: bool = False,
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -27,9 +51,13 @@ class APIError(Exception):
         self.type = type
         self.code = code
         self.param = param
-        self.retryable = retryable
         # Whole seconds a client should wait before retrying (HTTP's Retry-After); None: unknown.
         self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed when sent again (`is_retryable`)."""
+        return is_retryable(self.status)
 
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
@@ -80,9 +108,7 @@ def forbidden(message: str) -> APIError:
 
 def request_timeout(message: str) -> APIError:
     """408: the client did not send its whole request in time; it may send it again."""
-    return APIError(
-        408, message, type="invalid_request_error", code="request_timeout", retryable=True
-    )
+    return APIError(408, message, type="invalid_request_error", code="request_timeout")
 
 
 def headers_too_large(message: str) -> APIError:
@@ -103,7 +129,6 @@ def overloaded(
         message,
         type="rate_limit_error",
         code=code,
-        retryable=True,
         retry_after=max(1, retry_after),
     )
 
@@ -117,7 +142,6 @@ def unavailable(
         message,
         type="server_error",
         code=code,
-        retryable=True,
         retry_after=max(1, retry_after),
     )
 

@@ -5,8 +5,9 @@ over the parsed values, which stops as soon as the limit is passed: strings coun
 bytes, numbers their digits. The same pass refuses what the standard json module lets through but no
 model or JSON writer can handle: NaN/Infinity, lone UTF-16 surrogates ("\\ud800"), absurd nesting.
 
-Answers are estimated before any work is done, by each operation from the sizes below, so a request
-whose answer could not get back through RunPod is refused at once instead of vanishing on the way.
+Answers are estimated before any work is done, by each operation from the sizes below, and checked
+here (`check_answer_bytes`), so a request whose answer could not get back through RunPod is refused
+at once instead of vanishing on the way.
 
 The event loop answers /health, /ping and every other request, so it never does work that grows with
 a payload: `is_small` tells in a bounded number of steps whether a body is small enough to check and
@@ -122,6 +123,23 @@ def inspect_request(body: Any, limits: Limits) -> None:
                 "split it into smaller requests",
                 param=field,
             )
+
+
+def check_answer_bytes(
+    estimate: int, limits: Limits, *, answer: str, advice: str, param: str
+) -> None:
+    """Refuse an answer estimated at `estimate` bytes if it is over MAX_RESPONSE_BYTES. `answer`
+    says what the answer holds ("the answer (3 vectors of 384 numbers)"), `advice` how to ask for a
+    smaller one; the 413 `response_too_large` names `param`."""
+    if estimate <= limits.max_response_bytes:
+        return
+    raise errors.too_large(
+        f"{answer} would be about {estimate} bytes, more than the limit of "
+        f"{limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over its "
+        f"{RUNPOD_PAYLOAD_LIMIT // 1_000_000} MB payload limit); {advice}",
+        param=param,
+        code="response_too_large",
+    )
 
 
 def is_small(body: Any) -> bool:

@@ -33,13 +33,30 @@ OPERATIONS: tuple[Operation, ...] = (
     tokenize.DETOKENIZE,
 )
 
-_BY_ROUTE = {op.route: op for op in OPERATIONS if op.route is not None and "{" not in op.route}
-# Routes ending in a parameter ("/v1/models/{model}"): the prefix before it, and its name. The
+# An OpenAI route ("/v1/...") is also served under RunPod's OpenAI proxy path ("/openai/v1/...").
+OPENAI_PREFIXES = ("/v1", "/openai/v1")
+
+
+def _paths(route: str) -> list[str]:
+    """The paths of a route: itself, and under every OpenAI prefix if it is an OpenAI route."""
+    if not route.startswith("/v1/"):
+        return [route]
+    return [prefix + route.removeprefix("/v1") for prefix in OPENAI_PREFIXES]
+
+
+_BY_PATH = {
+    path: op
+    for op in OPERATIONS
+    if op.route is not None and "{" not in op.route
+    for path in _paths(op.route)
+}
+# Routes ending in a parameter ("/v1/models/{model}"): the path before it, and its name. The
 # parameter takes the rest of the path, slashes included: model ids hold them.
 _TEMPLATES = [
-    (op.route.partition("{")[0], op.route.partition("{")[2].rstrip("}"), op)
+    (path, op.route.partition("{")[2].rstrip("}"), op)
     for op in OPERATIONS
     if op.route is not None and "{" in op.route
+    for path in _paths(op.route.partition("{")[0])
 ]
 ROUTES: tuple[str, ...] = tuple(op.route for op in OPERATIONS if op.route is not None)
 # The routes a batch line may name, with their operations.
@@ -49,10 +66,11 @@ LINE_ROUTES: Mapping[str, Operation] = {
 
 
 def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:
-    """The operation of a route ("/v1/embeddings", "/v1/models/org/name") and the parameters its
-    path carries; trailing slashes aside."""
+    """The operation of a route or an HTTP path ("/v1/embeddings", "/openai/v1/models/org/name")
+    and the parameters it carries; trailing slashes aside. The one matcher of routes: RunPod's
+    `openai_route` and the HTTP server both ask it."""
     route = route.rstrip("/")
-    operation = _BY_ROUTE.get(route)
+    operation = _BY_PATH.get(route)
     if operation is not None:
         return operation, {}
     for prefix, name, templated in _TEMPLATES:
@@ -82,6 +100,7 @@ def job_hints() -> str:
 
 __all__ = [
     "LINE_ROUTES",
+    "OPENAI_PREFIXES",
     "OPERATIONS",
     "ROUTES",
     "Context",

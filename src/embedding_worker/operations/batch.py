@@ -19,14 +19,13 @@ import orjson
 
 from .. import errors
 from ..errors import APIError
-from ..limits import ENVELOPE_BYTES, is_small
+from ..limits import ENVELOPE_BYTES, Limits, check_answer_bytes, is_small
 from .base import Context, Operation
 
 JOB_MAX_LINES = 1000  # most lines in one RunPod batch job (RunPod's /run takes at most 10 MB)
 DEFAULT_CONCURRENCY = 64  # lines in flight: enough for the engine to fill its batches
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 0.5
-RETRY_STATUSES = frozenset({429, 503})  # queue full, engine timeout: worth another try
 
 T = TypeVar("T")
 _END: Any = object()
@@ -105,14 +104,23 @@ def parse_line(
 # Output lines (OpenAI Batch output: {"id", "custom_id", "response", "error"})
 
 
-def response_line(custom_id: str, status: int, body: dict[str, Any] | list[Any]) -> dict[str, Any]:
-    """An answered request; HTTP errors are answers too (`response.status_code` >= 400)."""
+def response_line(
+    custom_id: str,
+    status: int,
+    body: dict[str, Any] | list[Any],
+    retry_after: int | None = None,
+) -> dict[str, Any]:
+    """An answered request; HTTP errors are answers too (`response.status_code` >= 400). A line
+    has no headers: a retryable failure's Retry-After is `response.retry_after`."""
     named = body.get("id") if isinstance(body, dict) else None
     request_id = named if isinstance(named, str) else f"req_{uuid.uuid4().hex}"
+    response = {"status_code": status, "request_id": request_id, "body": body}
+    if retry_after is not None:
+        response["retry_after"] = retry_after
     return {
         "id": f"batch_req_{uuid.uuid4().hex}",
         "custom_id": custom_id,
-        "response": {"status_code": status, "request_id": request_id, "body": body},
+        "response": response,
         "error": None,
     }
 
@@ -132,8 +140,11 @@ def status_of(output: Mapping[str, Any]) -> int | None:
     return response.get("status_code") if isinstance(response, dict) else None
 
 
-def is_retryable(output: Mapping[str, Any]) -> bool:
-    return status_of(output) in RETRY_STATUSES
+def retry_after_of(output: Mapping[str, Any]) -> float | None:
+    """The seconds an output line's server asks to wait before sending its request again."""
+    response = output.get("response")
+    wait = response.get("retry_after") if isinstance(response, dict) else None
+    return wait if isinstance(wait, int | float) and not isinstance(wait, bool) else None
 
 
 async def answer(
@@ -142,16 +153,17 @@ async def answer(
     retries: int = DEFAULT_RETRIES,
     backoff_s: float = DEFAULT_BACKOFF_S,
 ) -> dict[str, Any]:
-    """The output line for one line. A full queue or a timeout is retried (bounded, with backoff)
-    while the worker is healthy; after that the retryable answer is returned as it is."""
+    """The output line for one line. A retryable answer (a full queue, a timeout) is retried,
+    at most `retries` times while the worker is healthy, after the wait it asks for or the backoff
+    (`errors.retry_wait`); after that the retryable answer is returned as it is."""
     if isinstance(line, BadLine):
         return error_line(line.custom_id, line.error)
     for attempt in range(retries + 1):
         reply = await context.call(line.url, line.body, line=line.custom_id)
-        if reply.status not in RETRY_STATUSES or attempt == retries or not context.healthy:
+        if not errors.is_retryable(reply.status) or attempt == retries or not context.healthy:
             break
-        await asyncio.sleep(backoff_s * 2**attempt)
-    return response_line(line.custom_id, reply.status, reply.body)
+        await asyncio.sleep(errors.retry_wait(attempt, backoff_s, reply.retry_after))
+    return response_line(line.custom_id, reply.status, reply.body, reply.retry_after)
 
 
 async def bounded(
@@ -220,7 +232,7 @@ async def answer_job(context: Context, job_input: dict[str, Any]) -> dict[str, A
         estimate = answers_estimate(context, lines)
     else:
         estimate = await asyncio.to_thread(answers_estimate, context, lines)
-    _check_answers_size(estimate, len(lines), context.limits.max_response_bytes)
+    _check_answers_size(estimate, len(lines), context.limits)
     outputs: list[dict[str, Any]] = [{}] * len(lines)
 
     async def run(indexed: tuple[int, Any]) -> None:
@@ -232,7 +244,7 @@ async def answer_job(context: Context, job_input: dict[str, Any]) -> dict[str, A
     # The backstop, for answers past their estimate (the outputs whose size depends on the texts'
     # tokens are not estimated). runpod writes JSON with spaces: about 1/8 more than orjson.
     size = await asyncio.to_thread(_written_size, outputs)
-    _check_answers_size(size + size // 8, len(lines), context.limits.max_response_bytes)
+    _check_answers_size(size + size // 8, len(lines), context.limits)
     return {"object": "list", "data": outputs}
 
 
@@ -268,15 +280,14 @@ def answers_estimate(context: Context, lines: list[Any]) -> int:
     return total
 
 
-def _check_answers_size(size: int, lines: int, limit: int) -> None:
-    if size > limit:
-        raise errors.too_large(
-            f"the answers of {lines} lines would be about {size} bytes, more than the limit "
-            f"of {limit} (MAX_RESPONSE_BYTES); send fewer lines per job or ask for "
-            '"encoding_format": "base64"',
-            param="batch",
-            code="response_too_large",
-        )
+def _check_answers_size(size: int, lines: int, limits: Limits) -> None:
+    check_answer_bytes(
+        size,
+        limits,
+        answer=f"the answers of {lines} lines",
+        advice='send fewer lines per job or ask for "encoding_format": "base64"',
+        param="batch",
+    )
 
 
 OPERATION = Operation(

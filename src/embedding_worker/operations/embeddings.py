@@ -29,7 +29,13 @@ from ..engines.base import (
     TextEmbeddings,
 )
 from ..images import ImageRef, is_image_data_uri
-from ..limits import ENVELOPE_BYTES, FLOAT_BYTES, ITEM_OVERHEAD_BYTES, Limits
+from ..limits import (
+    ENVELOPE_BYTES,
+    FLOAT_BYTES,
+    ITEM_OVERHEAD_BYTES,
+    Limits,
+    check_answer_bytes,
+)
 from .base import (
     Context,
     ModelName,
@@ -197,19 +203,20 @@ def answer_bytes(count: int, dimensions: int, encoding_format: str) -> int:
 
 def check_answer_size(count: int, dimensions: int, encoding_format: str, limits: Limits) -> None:
     """Refuse an answer RunPod could not carry, before any work is done."""
-    estimate = answer_bytes(count, dimensions, encoding_format)
-    if estimate <= limits.max_response_bytes:
-        return
-    advice = "send fewer inputs or ask for fewer 'dimensions'"
-    if encoding_format != "base64":
-        advice = 'ask for "encoding_format": "base64" (about 3x smaller), ' + advice
-    raise errors.too_large(
-        f"the answer ({count} vectors of {dimensions} numbers) would be about {estimate} bytes, "
-        f"more than the limit of {limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops "
-        f"answers over its 20 MB payload limit); {advice}",
+    check_answer_bytes(
+        answer_bytes(count, dimensions, encoding_format),
+        limits,
+        answer=f"the answer ({count} vectors of {dimensions} numbers)",
+        advice=_smaller(encoding_format, "send fewer inputs or ask for fewer 'dimensions'"),
         param="input",
-        code="response_too_large",
     )
+
+
+def _smaller(encoding_format: str, advice: str) -> str:
+    """How to ask for a smaller answer: base64 first, when the request asks for floats."""
+    if encoding_format == "base64":
+        return advice
+    return 'ask for "encoding_format": "base64" (about 3x smaller), ' + advice
 
 
 def embedding_response(model: str, vectors: list, tokens: int) -> dict[str, Any]:
@@ -486,18 +493,15 @@ def _check_multi_output_size(counted: Counted, request: EmbeddingRequest, limits
     if MULTI_VECTOR in request.outputs:
         per_vector = vector_bytes(model.multi_vector_dimensions, request.encoding_format)
         estimate += sum(n - 1 for n in tokens) * per_vector
-    if estimate <= limits.max_response_bytes:
-        return
-    advice = "send fewer or shorter inputs, or ask for fewer outputs"
-    if request.encoding_format != "base64":
-        advice = 'ask for "encoding_format": "base64" (about 3x smaller), ' + advice
-    raise errors.too_large(
-        f"the answer ({', '.join(o for o in EMBEDDING_OUTPUTS if o in request.outputs)} of "
-        f"{len(tokens)} inputs, {sum(tokens)} tokens) would be about {estimate} bytes, more than "
-        f"the limit of {limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over "
-        f"its 20 MB payload limit); {advice}",
+    outputs = ", ".join(o for o in EMBEDDING_OUTPUTS if o in request.outputs)
+    check_answer_bytes(
+        estimate,
+        limits,
+        answer=f"the answer ({outputs} of {len(tokens)} inputs, {sum(tokens)} tokens)",
+        advice=_smaller(
+            request.encoding_format, "send fewer or shorter inputs, or ask for fewer outputs"
+        ),
         param="input",
-        code="response_too_large",
     )
 
 

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 from pydantic import AliasChoices, Field, field_validator
 
-from .. import errors
 from ..engines import Capability, Reranker
 from ..engines.tokenization import counted
-from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, utf8_size
+from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, check_answer_bytes, utf8_size
 from .base import (
     Context,
     ModelName,
@@ -66,15 +65,12 @@ def check_answer_size(
 ) -> None:
     """`returned` results, each with its document's text when asked: the largest ones, to be
     safe."""
-    estimate = answer_estimate(documents, returned, return_documents)
-    if estimate <= limits.max_response_bytes:
-        return
-    raise errors.too_large(
-        f"the answer would be about {estimate} bytes, more than the limit of "
-        f"{limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over its 20 MB "
-        "payload limit); leave out 'return_documents', set 'top_n', or send fewer documents",
+    check_answer_bytes(
+        answer_estimate(documents, returned, return_documents),
+        limits,
+        answer="the answer",
+        advice="leave out 'return_documents', set 'top_n', or send fewer documents",
         param="documents",
-        code="response_too_large",
     )
 
 

@@ -28,7 +28,7 @@ from pydantic import AliasChoices, Field, field_validator
 from .. import errors, prompts
 from ..engines import Capability, ModelEngine, ModelRegistry
 from ..engines.tokenization import Tokens
-from ..limits import ENVELOPE_BYTES, Limits, utf8_size
+from ..limits import ENVELOPE_BYTES, Limits, check_answer_bytes, utf8_size
 from .base import (
     Context,
     ModelName,
@@ -176,14 +176,9 @@ def _check_tokens(tokens: list[Tokens], limits: Limits, param: str) -> int:
 
 
 def _check_answer(estimate: int, limits: Limits, param: str) -> None:
-    if estimate > limits.max_response_bytes:
-        raise errors.too_large(
-            f"the answer would be about {estimate} bytes, more than the limit of "
-            f"{limits.max_response_bytes} (MAX_RESPONSE_BYTES; RunPod drops answers over its "
-            "20 MB payload limit); send fewer or shorter texts",
-            param=param,
-            code="response_too_large",
-        )
+    check_answer_bytes(
+        estimate, limits, answer="the answer", advice="send fewer or shorter texts", param=param
+    )
 
 
 def _token_bytes(request: _Prompted) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from .. import errors
 from ..operations import LINE_ROUTES
 from ..operations.batch import (
     DEFAULT_BACKOFF_S,
@@ -23,7 +24,6 @@ from ..operations.batch import (
     Line,
     LineRequest,
     bad_line,
-    is_retryable,
     line_id,
     parse_line,
     status_of,
@@ -251,12 +251,12 @@ class BatchRun:
 
     def write(self, output: Mapping[str, Any]) -> None:
         """Record an output line; a retryable failure is left out, for the next run to retry."""
-        if is_retryable(output):
+        status = status_of(output)
+        if errors.is_retryable(status):
             self.summary.unanswered += 1
         else:
             self.output.write(output)
             self.summary.answered += 1
-            status = status_of(output)
             if status is None or status >= 400:
                 self.summary.failed += 1
         self.progress.update(1)

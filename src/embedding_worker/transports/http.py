@@ -54,7 +54,6 @@ SERVER_VARIABLES = (
     "SERVER_ALLOWED_HOSTS",
     "SERVER_ALLOWED_ORIGINS",
 )
-OPENAI_PREFIXES = ("/openai/v1", "/v1")  # RunPod's proxy path, and a plain OpenAI server's
 
 
 @dataclass(frozen=True)
@@ -180,10 +179,18 @@ _parse = orjson.loads  # one name for both paths, so a test can watch where pars
 
 
 class Request:
-    """One HTTP request as a route sees it: its path parameter, headers, and a bounded body that
-    must arrive within the body deadline."""
+    """One HTTP request as a route sees it: its path and path parameter, headers, and a bounded
+    body that must arrive within the body deadline."""
 
-    def __init__(self, scope: Mapping[str, Any], receive: Receive, param: str, server: LocalServer):
+    def __init__(
+        self,
+        scope: Mapping[str, Any],
+        receive: Receive,
+        path: str,
+        param: str,
+        server: LocalServer,
+    ):
+        self.path = path  # without trailing slashes
         self.param = param  # the {job_id} of /status/{job_id} and /cancel/{job_id}
         self._headers: list[tuple[bytes, bytes]] = scope["headers"]  # names lower-case (ASGI)
         self._receive = receive
@@ -292,22 +299,13 @@ class LocalServer:
             "/health": {"GET": self.health},
             "/ping": {"GET": self.ping},  # RunPod's load balancer: 204 loading, 200 ready
         }
-        # Every operation with a route (operations/__init__.py): OpenAI's /v1 routes also under
-        # RunPod's proxy path; a route ending in a parameter ("/v1/models/{model}") by its prefix.
-        self._prefixed: list[tuple[str, dict[str, Handler]]] = []
-        for operation in operations.OPERATIONS:
-            if operation.route is None:
-                continue
-            route, templated, _ = operation.route.partition("{")
-            handler = self._route_handler(route, operation.method)
-            paths = [route]
-            if route.startswith("/v1/"):
-                paths = [prefix + route.removeprefix("/v1") for prefix in OPENAI_PREFIXES]
-            for path in paths:
-                if templated:
-                    self._prefixed.append((path, {operation.method: handler}))
-                else:
-                    self._routes[path] = {operation.method: handler}
+        # Every operation with a route, by operation name: the path is matched by
+        # operations.match_route, which also serves OpenAI's routes under RunPod's proxy path.
+        self._operations: dict[str, dict[str, Handler]] = {
+            operation.name: {operation.method: self._operation_handler(operation.method)}
+            for operation in operations.OPERATIONS
+            if operation.route is not None
+        }
         # Answered without the API key or the Origin and Host checks, for load balancers and
         # probes, and while the server drains.
         self._open = {"/health", "/ping"}
@@ -380,14 +378,13 @@ class LocalServer:
         method = scope["method"]
         methods, param = self._routes.get(path), ""
         if methods is None:
+            matched = operations.match_route(path)
+            if matched is not None:
+                methods = self._operations[matched[0].name]
+        if methods is None:
             head, slash, param = path.partition("/")[2].partition("/")
             methods = self._routes.get(f"/{head}/") if slash and param else None
-        if methods is None:
-            for prefix, handlers in self._prefixed:
-                if path.startswith(prefix) and len(path) > len(prefix):
-                    methods, param = handlers, path[len(prefix) :]
-                    break
-        request = Request(scope, receive, param, self)
+        request = Request(scope, receive, path, param, self)
         try:
             response = await self._answer(request, path, method, methods)
         except APIError as exc:
@@ -600,13 +597,13 @@ class LocalServer:
 
     # --- the operations' routes: the answer body, with its HTTP status -------------------------
 
-    def _route_handler(self, route: str, method: str) -> Handler:
-        """`route` is the operation's route, or the part before its parameter, which the request's
-        path then holds (`Request.param`)."""
+    def _operation_handler(self, method: str) -> Handler:
+        """An operation's route: the request's path names the operation and its parameters, as
+        `openai_route` does in a job."""
 
         async def answer(request: Request) -> Response:
             body = None if method == "GET" else await request.json()
-            return reply_response(await self.worker.call(route + request.param, body))
+            return reply_response(await self.worker.call(request.path, body))
 
         return answer
 

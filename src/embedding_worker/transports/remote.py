@@ -3,8 +3,9 @@
 Lines go in chunks as batch jobs (`{"input": {"batch": [line, ...]}}`, answered by
 `operations.batch.answer_job` on the workers) through RunPod's `/run`, `jobs` of them at once, so
 RunPod's autoscaling spreads them over many workers; each job is polled on `/status/{id}`. A job
-that fails, times out or cannot be sent is sent again, and so are the lines it answered with a full
-queue or a timeout (429/503), at most `retries` times with exponential backoff; lines still
+that fails, times out or cannot be sent is sent again, and so are the lines it answered with a
+retryable status (`errors.is_retryable`: a full queue, a timeout), at most `retries` times, after
+the longest Retry-After they carry or the exponential backoff (`errors.retry_wait`); lines still
 unanswered then are left out of the output, for the next run. The output file, resuming and skipping
 are batch_run.py's.
 """
@@ -15,12 +16,16 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from ..operations.batch import LineRequest, bounded, error_line, is_retryable
+from .. import errors
+from ..operations.batch import LineRequest, bounded, error_line, retry_after_of, status_of
 from .batch_run import BatchRun
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,12 @@ class EndpointError(Exception):
 
 
 class _JobFailed(Exception):
-    """This attempt failed; another may succeed."""
+    """This attempt failed; another may succeed, after `retry_after` seconds if the endpoint said
+    so."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class _TooLarge(Exception):
@@ -89,9 +99,12 @@ class _Endpoint:
         """Send one chunk as a job and write its answers, retrying what failed."""
         pending = chunk
         retries = self.options.retries
+        retry_after: float | None = None  # the longest wait the last attempt's answers asked for
         for attempt in range(retries + 1):
             if attempt:
-                await asyncio.sleep(self.options.backoff_s * 2 ** (attempt - 1))
+                await asyncio.sleep(
+                    errors.retry_wait(attempt - 1, self.options.backoff_s, retry_after)
+                )
             try:
                 outputs = await self._run_job(pending)
             except _TooLarge as exc:
@@ -109,14 +122,18 @@ class _Endpoint:
                     retries + 1,
                     exc,
                 )
+                retry_after = exc.retry_after
                 continue
             retry = []
+            waits = []
             for request, output in zip(pending, outputs):
-                if is_retryable(output) and attempt < retries:
+                if errors.is_retryable(status_of(output)) and attempt < retries:
                     retry.append(request)
+                    waits.append(retry_after_of(output) or 0.0)
                 else:
                     self.run.write(output)  # a retryable answer on the last try: left out
             pending = retry
+            retry_after = max(waits, default=None)
             if not pending:
                 return
         self.run.leave_unanswered(len(pending))
@@ -147,8 +164,7 @@ class _Endpoint:
             if state == "COMPLETED":
                 return _outputs(status.get("output"), lines)
             if state in RETRY_STATES:
-                _raise_if_refused(status.get("error"))
-                raise _JobFailed(f"job {job_id} {state}: {_short(status.get('error'))}")
+                raise _job_failure(job_id, state, status.get("error"))
             if loop.time() > deadline:
                 await self._cancel(job_id)
                 waited = self.options.job_timeout_s
@@ -167,8 +183,10 @@ class _Endpoint:
             )
         if response.status_code == 404 and path.startswith("/status/"):
             raise _JobFailed(f"{method} {path}: the job is unknown (expired?)")
-        if response.status_code == 429 or response.status_code >= 500:
-            raise _JobFailed(f"{method} {path}: HTTP {response.status_code}")
+        if errors.is_retryable(response.status_code):
+            raise _JobFailed(
+                f"{method} {path}: HTTP {response.status_code}", _retry_after(response)
+            )
         if response.status_code >= 400:
             raise EndpointError(
                 f"{method} {path}: HTTP {response.status_code}: {_short(response.text)}"
@@ -205,23 +223,44 @@ def _outputs(output: Any, lines: list[LineRequest]) -> list[dict[str, Any]]:
     return data
 
 
-def _raise_if_refused(error: Any) -> None:
-    """A job the worker refused as a request (4xx other than 429) fails the same way every time."""
+def _retry_after(response: httpx.Response) -> float | None:
+    """HTTP's Retry-After: seconds, or the date to wait for; None when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000": a date in UTC
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _job_failure(job_id: str, state: str, error: Any) -> Exception:
+    """What a failed job's error means: a job the worker refused as a request (a 4xx that
+    `errors.is_retryable` does not retry) fails the same way every time; any other failure may not,
+    after the wait the worker asked for."""
+    failed = _JobFailed(f"job {job_id} {state}: {_short(error)}")
     try:
         parsed = json.loads(error) if isinstance(error, str) else None
     except ValueError:
-        return
+        return failed
     if not isinstance(parsed, dict):
-        return
+        return failed
     status = parsed.get("status")
-    if isinstance(status, int) and 400 <= status < 500 and status != 429:
+    wait = parsed.get("retry_after")
+    if isinstance(wait, int | float) and not isinstance(wait, bool):
+        failed.retry_after = wait
+    if isinstance(status, int) and 400 <= status < 500 and not errors.is_retryable(status):
         body = parsed.get("error")
         message = body.get("message") if isinstance(body, dict) else None
         if isinstance(body, dict) and body.get("code") == "response_too_large":
-            raise _TooLarge(message)
-        raise EndpointError(
+            return _TooLarge(message)
+        return EndpointError(
             f"the endpoint refused the batch job ({status}): {message or _short(error)}"
         )
+    return failed
 
 
 def _short(value: Any, limit: int = 300) -> str:
