@@ -37,8 +37,8 @@ from embedding_worker.transports.http import (
     SERVER_VARIABLES,
     ServerSettings,
     create_app,
-    uvicorn_server,
 )
+from embedding_worker.transports.serving import uvicorn_server
 from tests import model_factory
 from tests.conftest import ROOT
 from tests.helpers import decode_vectors

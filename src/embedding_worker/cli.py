@@ -236,7 +236,8 @@ def serve_http(
     """The HTTP server on the worker: built first, or (load_in_background) while it listens.
     `runpod_proxy`: behind RunPod's load balancer (LocalServer)."""
     from .startup import build_worker, configure_logging, load_config_or_exit
-    from .transports.http import LocalServer, ServerSettings, serve
+    from .transports.http import LocalServer, ServerSettings
+    from .transports.serving import serve
 
     try:
         settings = ServerSettings.from_env()
