@@ -59,6 +59,7 @@ from embedding_worker.allocator import keep_freed_memory
 from embedding_worker.config import bundled_model_path, load_config
 from embedding_worker.cpu import processor_name
 from embedding_worker.dispatch import Worker
+from embedding_worker.engines.dtype import cpu_has_native_bf16
 from embedding_worker.operations.embeddings import embedding_response
 from embedding_worker.transports.runpod import runpod_handler
 
@@ -133,7 +134,10 @@ def matmul_peak(device: str, repeats: int) -> dict[str, float]:
     """Best FLOP/s of a large square matmul per dtype: the physical limit the models are held
     against."""
     n = 8192 if device == "cuda" else 2048
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtypes = {"float32": torch.float32}
+    # Without native bfloat16 a CPU emulates it: minutes a matmul, and no dtype the worker picks.
+    if device == "cuda" or cpu_has_native_bf16():
+        dtypes["bfloat16"] = torch.bfloat16
     if device == "cuda":
         dtypes["float16"] = torch.float16
     peak = {}
