@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -63,3 +64,33 @@ def test_the_torch_dtype_notice_of_infinitys_loader_is_not_shown(caplog):
         logging.getLogger(name).warning("another warning")
     shown = [r.getMessage() for r in caplog.records]
     assert shown == ["another warning", "another warning"]
+
+
+FREEZE_PROBE = """
+import gc, json, sys
+from embedding_worker.config import load_config
+from embedding_worker.startup import build_worker
+before = gc.get_freeze_count()
+build_worker(load_config({"MODEL_NAMES": sys.argv[1], "DTYPES": "float32"}))
+print(json.dumps({"before": before, "frozen": gc.get_freeze_count(),
+                  "tracked": len(gc.get_objects())}))
+"""
+
+
+def test_what_the_worker_loads_is_kept_out_of_the_garbage_collectors_way(bert_embedder):
+    """A full collection walks every tracked object holding the GIL; what the libraries and the
+    models left behind is frozen once loaded, so requests (and /health) never wait out such a
+    walk."""
+    probe = subprocess.run(
+        [sys.executable, "-c", FREEZE_PROBE, str(bert_embedder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    counts = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert counts["before"] == 0
+    assert counts["frozen"] > 100_000  # the libraries and the model, not a handful
+    assert counts["tracked"] < counts["frozen"] / 10  # what a collection still walks

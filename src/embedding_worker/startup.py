@@ -6,6 +6,7 @@ parsed, so `--help` and usage errors never wait for a model to load.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -83,7 +84,12 @@ def build_worker(config: WorkerConfig | None = None) -> Worker:
         if keep_freed_memory(os.environ, config.keep_freed_memory):
             log.info("malloc keeps the memory a batch frees for the next (KEEP_FREED_MEMORY)")
         prepare_hub_environment(config, os.environ)
-        return Worker.from_config(config)
+        worker = Worker.from_config(config)
     except ModelLoadError as exc:
         print(f"embedding worker: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    # What is loaded now (the libraries, the models' modules) lives as long as the process: out of
+    # the collector's way, a full collection no longer walks its hundreds of thousands of objects
+    # while it holds the GIL, a pause that every request in flight, /health included, waits out.
+    gc.freeze()
+    return worker
