@@ -204,6 +204,12 @@ def check_lengths(
                     code="context_length_exceeded",
                 )
     total = sum(min(n, model.max_length) for n in lengths)
+    check_request_tokens(total, limits, param)
+    return total
+
+
+def check_request_tokens(total: int, limits: Limits, param: str) -> None:
+    """At most MAX_REQUEST_TOKENS tokens in one request."""
     if total > limits.max_request_tokens:
         raise errors.invalid_input(
             f"the request holds {total} tokens, more than the limit of {limits.max_request_tokens} "
@@ -211,7 +217,19 @@ def check_lengths(
             param=param,
             code="request_too_large",
         )
-    return total
+
+
+def nonempty_texts(value: Any) -> list[str]:
+    """A request field of one or more texts: a string, or a non-empty array of non-empty strings
+    (for a pydantic `mode="before"` validator)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a string or a non-empty array of strings")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"item {i} must be a non-empty string")
+    return value
 
 
 def check_finite(values: np.ndarray, model: ModelEngine) -> None:

@@ -23,6 +23,7 @@ from .base import (
     check_lengths,
     created,
     model_for,
+    nonempty_texts,
     parse,
     tokenize,
     usage,
@@ -39,14 +40,7 @@ class ClassifyRequest(RequestModel):
     @field_validator("input", mode="before")
     @classmethod
     def _texts(cls, value: Any) -> list[str]:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            raise ValueError("must be a string or a non-empty array of strings")
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                raise ValueError(f"item {i} must be a non-empty string")
-        return value
+        return nonempty_texts(value)
 
 
 def _counted_texts(model: Classifier, texts: list[str]) -> tuple[list[str], list[int]]:

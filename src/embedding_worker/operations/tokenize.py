@@ -36,6 +36,8 @@ from .base import (
     RequestModel,
     chars,
     check_count,
+    check_request_tokens,
+    nonempty_texts,
     off_loop,
     parse,
     tokenize,
@@ -50,17 +52,6 @@ TOKEN_STRING_BYTES = 32
 OFFSET_BYTES = 24
 # Special tokens a text may get, and the leading piece some tokenizers add (sentencepiece's "▁").
 SPECIAL_TOKENS = 8
-
-
-def _texts(value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ValueError("must be a string or a non-empty array of strings")
-    for i, item in enumerate(value):
-        if not isinstance(item, str) or not item:
-            raise ValueError(f"item {i} must be a non-empty string")
-    return value
 
 
 class _Prompted(RequestModel):
@@ -81,7 +72,7 @@ class TeiTokenizeRequest(_Prompted):
     @field_validator("inputs", mode="before")
     @classmethod
     def _inputs(cls, value: Any) -> list[str]:
-        return _texts(value)
+        return nonempty_texts(value)
 
 
 class VllmTokenizeRequest(_Prompted):
@@ -165,13 +156,7 @@ def _prompt_type(model: ModelEngine, request: _Prompted) -> str | None:
 def _check_tokens(tokens: list[Tokens], limits: Limits, param: str) -> int:
     """The tokens of a request in all, at most MAX_REQUEST_TOKENS: the answer lists each one."""
     total = sum(len(each.ids) for each in tokens)
-    if total > limits.max_request_tokens:
-        raise errors.invalid_input(
-            f"the request holds {total} tokens, more than the limit of {limits.max_request_tokens} "
-            "per request (MAX_REQUEST_TOKENS); split it",
-            param=param,
-            code="request_too_large",
-        )
+    check_request_tokens(total, limits, param)
     return total
 
 
