@@ -208,11 +208,11 @@ def check_lengths(
     return total
 
 
-def check_request_tokens(total: int, limits: Limits, param: str) -> None:
-    """At most MAX_REQUEST_TOKENS tokens in one request."""
+def check_request_tokens(total: int, limits: Limits, param: str, noun: str = "tokens") -> None:
+    """At most MAX_REQUEST_TOKENS tokens (`noun`: what the request holds of them) in one request."""
     if total > limits.max_request_tokens:
         raise errors.invalid_input(
-            f"the request holds {total} tokens, more than the limit of {limits.max_request_tokens} "
+            f"the request holds {total} {noun}, more than the limit of {limits.max_request_tokens} "
             "per request (MAX_REQUEST_TOKENS); split it",
             param=param,
             code="request_too_large",

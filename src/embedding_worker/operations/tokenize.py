@@ -270,13 +270,7 @@ async def detokenize_ids(context: Context, body: dict[str, Any]) -> dict[str, An
     limits = context.limits
     check_count(len(id_lists), limits, param)
     total = sum(map(len, id_lists))
-    if total > limits.max_request_tokens:
-        raise errors.invalid_input(
-            f"the request holds {total} token ids, more than the limit of "
-            f"{limits.max_request_tokens} per request (MAX_REQUEST_TOKENS); split it",
-            param=param,
-            code="request_too_large",
-        )
+    check_request_tokens(total, limits, param, "token ids")
     texts = await off_loop(total, _decoded, model, id_lists, request.skip_special_tokens, param)
     size = sum(map(utf8_size, texts))
     _check_answer(ENVELOPE_BYTES + size + size // 8, limits, param)
