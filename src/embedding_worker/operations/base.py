@@ -157,10 +157,6 @@ async def off_loop(size: int, call: Callable[..., T], *args: Any) -> T:
     return await asyncio.to_thread(call, *args)
 
 
-# A tokenizer call is the main work of that kind.
-tokenize = off_loop
-
-
 _NOT_CAPABLE = {
     Capability.EMBED: "model_not_embedding",
     Capability.EMBED_IMAGES: "model_not_image_embedding",

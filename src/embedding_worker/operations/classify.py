@@ -24,8 +24,8 @@ from .base import (
     created,
     model_for,
     nonempty_texts,
+    off_loop,
     parse,
-    tokenize,
     usage,
 )
 
@@ -57,7 +57,7 @@ async def _classified(
     assert isinstance(model, Classifier)
     check_count(len(request.input), context.limits, "input")
     model.check_room(len(request.input), len(request.input))  # before the texts are counted
-    texts, lengths = await tokenize(chars(request.input), _counted_texts, model, request.input)
+    texts, lengths = await off_loop(chars(request.input), _counted_texts, model, request.input)
     tokens = check_lengths(model, lengths, request.truncate, context.limits, "input")
     labels = await model.classify(texts, request.raw_scores, tokens=tokens)
     ranked = [sorted(each, key=lambda pair: -pair[1])[: request.top_k] for each in labels]

@@ -28,8 +28,8 @@ from .base import (
     chars,
     check_count,
     model_for,
+    off_loop,
     parse,
-    tokenize,
 )
 from .embeddings import EmbeddingRequest, embed, encoded_off_loop
 
@@ -75,7 +75,7 @@ async def _keep_ends(
     check_count(len(request.texts), context.limits, "texts")
     prefix = prompts.embedding_prefix(model, None, prompt_type)
     room = model.max_length - model.tokens.count([prefix])[0]  # the prompt with special tokens
-    return await tokenize(
+    return await off_loop(
         chars(request.texts), lambda: [model.tokens.keep_end(t, room) for t in request.texts]
     )
 

@@ -50,7 +50,6 @@ from .base import (
     model_for,
     off_loop,
     parse,
-    tokenize,
     usage,
 )
 
@@ -393,7 +392,7 @@ async def count(context: Context, request: EmbeddingRequest) -> Counted:
         texts = await off_loop(sum(lengths), _texts_from_token_ids, model, token_lists)
     else:
         plain = [item for item in request.input if isinstance(item, str)]
-        texts, lengths = await tokenize(
+        texts, lengths = await off_loop(
             chars(plain), _prompted_tokens, model, plain, request.instruction, request.prompt_type
         )
     if image_items:

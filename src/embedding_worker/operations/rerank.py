@@ -26,7 +26,6 @@ from .base import (
     model_for,
     off_loop,
     parse,
-    tokenize,
     usage,
 )
 
@@ -146,7 +145,7 @@ async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     size = chars(docs) + len(request.query) * len(docs)  # each pair holds the query
     await off_loop(size, check_answer_size, docs, returned, request.return_documents, limits)
     model.check_room(len(docs), len(docs))  # before the pairs are counted
-    pairs, lengths = await tokenize(size, _counted_pairs, model, request)
+    pairs, lengths = await off_loop(size, _counted_pairs, model, request)
     tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
     scores = await model.rerank(request.query, pairs, request.instruction, tokens=tokens)
     check_finite(scores, model)

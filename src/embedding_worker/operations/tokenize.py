@@ -40,7 +40,6 @@ from .base import (
     nonempty_texts,
     off_loop,
     parse,
-    tokenize,
 )
 from .cohere import PROMPTS_OF_INPUT_TYPE, InputType
 
@@ -187,7 +186,7 @@ async def _tokenized(
     prompt_type = _prompt_type(model, request)
     prefix = prompts.embedding_prefix(model, request.instruction, prompt_type)
     prompted = [prefix + text for text in texts] if prefix else texts
-    tokens = await tokenize(
+    tokens = await off_loop(
         chars(prompted), model.tokens.tokens_of, prompted, request.add_special_tokens
     )
     total = _check_tokens(tokens, context.limits, param)
