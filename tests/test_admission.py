@@ -31,6 +31,13 @@ def admission(clock: Clock, **settings) -> Admission:
     return Admission("m", AdmissionSettings(**{**defaults, **settings}), clock)
 
 
+def answered(queue: Admission, clock: Clock, tokens: int, seconds: float) -> None:
+    """One call of `tokens` tokens that the model answers in `seconds`, alone in the queue."""
+    queue.enter(1, tokens)
+    clock.now += seconds
+    queue.leave(1, tokens, answered=True)
+
+
 def test_an_empty_queue_admits_any_request_however_large():
     queue = admission(Clock())
     assert queue.refusal(items=2048, tokens=10**9) is None
@@ -49,9 +56,7 @@ def test_before_the_pace_is_known_the_queue_holds_one_maximum_request_of_tokens(
 def test_the_measured_pace_bounds_the_queue_to_what_answers_before_the_deadline():
     clock = Clock()
     queue = admission(clock)
-    queue.enter(1, 2000)
-    clock.now += 2.0
-    queue.leave(1, 2000, answered=True)  # 1000 tokens a second
+    answered(queue, clock, 2000, 2.0)  # 1000 tokens a second
     assert queue.pace() == pytest.approx(1000.0)
     assert queue.max_tokens() == 10_000  # 10 s of deadline at 1000 tokens a second
     queue.enter(1, 6000)
@@ -77,9 +82,7 @@ def test_the_inputs_bound_still_holds():
 def test_retry_after_is_capped():
     clock = Clock()
     queue = admission(clock)
-    queue.enter(1, 10)
-    clock.now += 10.0
-    queue.leave(1, 10, answered=True)  # 1 token a second
+    answered(queue, clock, 10, 10.0)  # 1 token a second
     queue.enter(1, 10**6)
     assert queue.retry_after() == MAX_RETRY_AFTER_S
 
@@ -116,13 +119,9 @@ def test_the_pace_follows_recent_work():
     clock = Clock()
     queue = admission(clock)
     for _ in range(20):  # slow: 100 tokens a second, for 200 s of busy time
-        queue.enter(1, 1000)
-        clock.now += 10.0
-        queue.leave(1, 1000, answered=True)
+        answered(queue, clock, 1000, 10.0)
     for _ in range(60):  # then fast: 10,000 tokens a second, for a window's length
-        queue.enter(1, 10_000)
-        clock.now += 1.0
-        queue.leave(1, 10_000, answered=True)
+        answered(queue, clock, 10_000, 1.0)
     assert queue.pace() > 5000  # the old pace weighs less and less (50x slower than now)
 
 
