@@ -54,6 +54,11 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 COPY builder/requirements.txt builder/requirements.txt
 RUN pip install -r builder/requirements.txt
 
+# BACKEND=optimum (ONNX Runtime) and BACKEND=ctranslate2, the pyproject extras `onnx` and
+# `ctranslate2`: where they pay is CPU endpoints, and one image serves both.
+COPY builder/requirements-onnx.txt builder/requirements-ctranslate2.txt builder/
+RUN pip install -r builder/requirements-onnx.txt -r builder/requirements-ctranslate2.txt
+
 # The package itself (its dependencies are the lock above).
 COPY pyproject.toml README.md ./
 COPY src src

@@ -7,6 +7,8 @@ import re
 import tomllib
 from importlib import metadata
 
+import pytest
+
 import embedding_worker
 from tests.conftest import ROOT
 
@@ -29,9 +31,21 @@ def test_the_dev_extra_is_the_dev_lock():
     assert declared == pins(ROOT / "builder" / "requirements-dev.txt")
 
 
+@pytest.mark.parametrize("extra", ["onnx", "ctranslate2"])
+def test_each_backend_extra_is_its_lock_and_ci_installs_it(extra):
+    declared = set(PYPROJECT["project"]["optional-dependencies"][extra])
+    lock = f"requirements-{extra}.txt"
+    assert declared == pins(ROOT / "builder" / lock)
+    assert f"-r {lock}" in (ROOT / "builder" / "requirements-dev.txt").read_text()
+    for requirement in declared:  # installed here, as CI installs it
+        name = requirement.split("==")[0]
+        assert metadata.version(name) == requirement.split("==")[1]
+
+
 def test_every_dependency_is_pinned():
     project = PYPROJECT["project"]
-    for requirement in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    for requirement in [*project["dependencies"], *extras]:
         assert re.fullmatch(r"[A-Za-z0-9_.\-]+(\[[a-z,]+\])?==[\w.]+", requirement), requirement
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .engines.devices import parse_devices
 from .engines.kinds import KIND_NAMES
 from .engines.spec import (
     DEFAULT_BACKEND,
@@ -70,6 +71,8 @@ class WorkerConfig:
     keep_freed_memory: bool | None = None  # None: auto, on where models compute on the CPU
     service_tier: str = DEFAULT_TIER  # the tier of requests that name none, or name "auto"
     batch_invariant: bool = _ENGINE_DEFAULTS.batch_invariant
+    onnx_cache_dir: str = _ENGINE_DEFAULTS.onnx_cache_dir
+    devices: tuple[str, ...] = _ENGINE_DEFAULTS.devices
 
     @property
     def all_local(self) -> bool:
@@ -86,6 +89,8 @@ class WorkerConfig:
             unmeasured_max_queued_tokens=self.limits.max_request_tokens,
             trust_remote_code=self.trust_remote_code,
             batch_invariant=self.batch_invariant,
+            onnx_cache_dir=self.onnx_cache_dir,
+            devices=self.devices,
         )
 
 
@@ -220,7 +225,16 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         keep_freed_memory=auto_bool_var(env, "KEEP_FREED_MEMORY"),
         service_tier=_service_tier(env),
         batch_invariant=bool_var(env, "BATCH_INVARIANT", _DEFAULTS.batch_invariant),
+        onnx_cache_dir=env.get("ONNX_CACHE_DIR", "").strip(),
+        devices=_devices(env),
     )
+
+
+def _devices(env: Mapping[str, str]) -> tuple[str, ...]:
+    try:
+        return parse_devices(env.get("DEVICES", ""))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _max_queued_tokens(env: Mapping[str, str]) -> int | None:

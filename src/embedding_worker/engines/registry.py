@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import errors
 from ..logs import get_logger
+from . import backends
 from .base import Capability, Health, ModelEngine, ModelLoadError
 from .infinity import InfinityModel
 from .kinds import kind_of
@@ -29,8 +30,14 @@ class ModelRegistry:
         """Load every model now (cold start is paid once, before the first job)."""
         health = Health()
         models: list[ModelEngine] = []
+        # A model its backend cannot serve is refused before any model loads.
+        backends.check(specs, settings.trust_remote_code)
         for spec in specs:
             try:
+                if spec.backend in backends.COMPILED_BACKENDS:
+                    log.info("loading %s from %s (%s)", spec.served_id, spec.source, spec.backend)
+                    models.append(backends.load(spec, settings, health))
+                    continue
                 kind = kind_of(spec, settings.trust_remote_code)
                 log.info("loading %s from %s (%s)", spec.served_id, spec.source, kind.name)
                 models.append(kind.load(spec, settings, health))

@@ -71,4 +71,8 @@ class EngineSettings:
     # Embedders pad each text to a length of its own, so its vector does not depend on its batch.
     # Off by default: it costs throughput (bench/RESULTS.md, bench.invariance and bench.run).
     batch_invariant: bool = False
+    # Where BACKEND=optimum keeps its exports (ONNX_CACHE_DIR); empty: onnx.default_cache_dir.
+    onnx_cache_dir: str = ""
+    # The devices each model gets a replica on (DEVICES, devices.py); empty: every visible GPU.
+    devices: tuple[str, ...] = ()
     optimisations: Optimisations = field(default_factory=Optimisations)

@@ -1,0 +1,286 @@
+"""BACKEND=optimum: the transformer of a model on ONNX Runtime (backends.py runs the rest).
+
+The model's own ONNX file is used when its folder has one (`onnx/model.onnx` or `model.onnx`, the
+layouts optimum and sentence-transformers write). Otherwise the transformer is exported once, from
+the local weights and without any network, into ONNX_CACHE_DIR (on the network volume when one is
+mounted, so the next cold start loads it): traced with torch's TorchScript exporter, or where that
+cannot trace the model (Gemma3's masks), with torch.export. Every export is checked against the
+torch model on a traced batch before it is kept. DTYPES=int8 quantises the float32 file with ONNX
+Runtime's dynamic int8 quantisation (weights int8 per channel, activations quantised at run time),
+also cached; at load the int8 vectors are compared with float32's (backends.int8_quality).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..logs import get_logger
+from ..model_paths import RUNPOD_VOLUME
+from .backends import (
+    INT8,
+    Loaded,
+    Runtime,
+    cross_encoder_max_length,
+    example_batch,
+    fed_inputs,
+    int8_quality,
+    run_head,
+)
+from .base import ModelLoadError
+from .devices import CPU, resolve_devices
+from .spec import EngineSettings, ModelSpec
+
+log = get_logger(__name__)
+
+# Where exports go when ONNX_CACHE_DIR is not set: the network volume when mounted, so the next
+# cold start skips the export; else a folder of the container's.
+VOLUME_CACHE = f"{RUNPOD_VOLUME}/onnx-cache"
+LOCAL_CACHE = "/tmp/embedding-worker-onnx"
+# The largest difference between the export's outputs and torch's on the traced batch, relative
+# to the largest torch output, for the export to be kept.
+EXPORT_TOLERANCE = 1e-4
+OWN_FILES = ("onnx/model.onnx", "model.onnx")
+OPSET = 17
+
+
+def default_cache_dir() -> Path:
+    return Path(VOLUME_CACHE if Path(RUNPOD_VOLUME).is_dir() else LOCAL_CACHE)
+
+
+class OnnxRuntime:
+    """One ONNX Runtime session on one device."""
+
+    def __init__(self, path: Path, device: str, output: str) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device != CPU:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device)}))
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output = output if output in outputs else outputs[0]
+        self.path = path
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: batch[name] for name in self.inputs if name in batch}
+        (out,) = self.session.run([self.output], feed)
+        return np.asarray(out, dtype=np.float32)
+
+
+def _traced(model: Any, with_types: bool) -> Any:
+    """The transformer as the exporters see it: named id tensors in, its first output out."""
+    import torch
+
+    class Traced(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if with_types:
+                kwargs["token_type_ids"] = token_type_ids
+            return self.model(**kwargs, return_dict=False)[0]
+
+    return Traced().eval()
+
+
+def _fingerprint(spec: ModelSpec, role: str, input_names: Sequence[str]) -> str:
+    """What an export depends on: the model's files (names, sizes, times), the role, the inputs
+    and the exporting versions."""
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    root = Path(spec.source)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    digest.update(
+        f"{role}|{','.join(input_names)}|{torch.__version__}|{transformers.__version__}"
+        f"|{OPSET}".encode()
+    )
+    return digest.hexdigest()[:16]
+
+
+def cache_folder(
+    spec: ModelSpec, settings: EngineSettings, role: str, names: Sequence[str]
+) -> Path:
+    base = Path(settings.onnx_cache_dir) if settings.onnx_cache_dir else default_cache_dir()
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.served_id).strip(".-")
+    return base / f"{slug or 'model'}-{_fingerprint(spec, role, names)}"
+
+
+def _export(model: Any, names: Sequence[str], example: dict[str, np.ndarray], out: Path) -> None:
+    """Export with the TorchScript exporter, else torch.export; keep only an export whose
+    outputs match torch's on `example`."""
+    import torch
+
+    traced = _traced(model, "token_type_ids" in names)
+    args = tuple(torch.from_numpy(example[name]) for name in names)
+    with torch.inference_mode():
+        expected = traced(*args).float().numpy()
+    axes = {name: {0: "batch", 1: "tokens"} for name in names}
+    failures = []
+    for dynamo in (False, True):
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                if dynamo:
+                    rows, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
+                    torch.onnx.export(
+                        traced,
+                        args,
+                        str(out),
+                        input_names=list(names),
+                        output_names=["output"],
+                        dynamic_shapes=tuple({0: rows, 1: tokens} for _ in names),
+                        dynamo=True,
+                        opset_version=18,
+                        verbose=False,
+                    )
+                else:
+                    torch.onnx.export(
+                        traced,
+                        args,
+                        str(out),
+                        input_names=list(names),
+                        output_names=["output"],
+                        dynamic_axes={**axes, "output": {0: "batch", 1: "tokens"}},
+                        dynamo=False,
+                        opset_version=OPSET,
+                    )
+            traced.eval()  # the exporters restore the wrapper's (training) mode on exit
+            got = OnnxRuntime(out, CPU, "output")(example)
+            error = float(np.abs(got - expected).max() / max(float(np.abs(expected).max()), 1e-6))
+            if got.shape == expected.shape and error <= EXPORT_TOLERANCE:
+                return
+            failures.append(
+                f"{'torch.export' if dynamo else 'TorchScript'}: differs by {error:.2g}"
+            )
+        except Exception as exc:  # the other exporter may trace it
+            failures.append(f"{'torch.export' if dynamo else 'TorchScript'}: {type(exc).__name__}")
+            log.debug("ONNX export failed: %r", exc)
+    raise ModelLoadError(f"the model could not be exported to ONNX ({'; '.join(failures)})")
+
+
+def _quantise(float32: Path, int8: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(float32, int8, weight_type=QuantType.QInt8, per_channel=True)
+
+
+def onnx_files(
+    spec: ModelSpec,
+    settings: EngineSettings,
+    model: Any,
+    role: str,
+    names: Sequence[str],
+    example: dict[str, np.ndarray],
+) -> tuple[Path, Path | None]:
+    """The float32 ONNX file (the model's own, else a cached export) and, for DTYPES=int8, its
+    quantised copy (cached)."""
+    own = next(
+        (Path(spec.source) / f for f in OWN_FILES if (Path(spec.source) / f).is_file()), None
+    )
+    folder = cache_folder(spec, settings, role, names)
+    float32 = own or folder / "model.onnx"
+    if own is not None:
+        log.info("%s: using the model's own ONNX file %s", spec.served_id, own)
+    elif not float32.is_file():
+        log.info("%s: exporting to ONNX into %s (once)", spec.served_id, folder)
+        _publish(folder, "model.onnx", lambda tmp: _export(model, names, example, tmp))
+    if spec.dtype != INT8:
+        return float32, None
+    int8 = folder / "model_int8.onnx"
+    if not int8.is_file():
+        _publish(folder, "model_int8.onnx", lambda tmp: _quantise(float32, tmp))
+    return float32, int8
+
+
+def _publish(folder: Path, name: str, write: Any) -> None:
+    """Write `name` into `folder` through a temporary file, renamed in place when complete, so a
+    worker killed mid-export leaves no half file for the next one to load."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".partial-") as tmp:
+        path = Path(tmp) / name
+        write(path)
+        for extra in Path(tmp).iterdir():  # external-data files an exporter writes beside it
+            if extra != path:
+                shutil.move(str(extra), folder / extra.name)
+        os.replace(path, folder / name)
+
+
+class OnnxBackend:
+    def load_embedder(self, spec: ModelSpec, settings: EngineSettings, st_model: Any) -> Loaded:
+        import inspect
+
+        transformer = st_model[0]
+        backbone = transformer.auto_model
+        tokenizer = st_model.tokenizer
+        accepted = inspect.signature(backbone.forward).parameters
+        names = fed_inputs(tokenizer, lambda name: name in accepted)
+        example = example_batch(tokenizer, names)
+        float32, int8 = onnx_files(spec, settings, backbone, "embed", names, example)
+        loaded = Loaded(
+            runtimes=[],
+            tokenizer=tokenizer,
+            max_length=int(st_model.max_seq_length or tokenizer.model_max_length),
+            input_names=names,
+            lowercase=bool(getattr(transformer, "do_lower_case", False)),
+        )
+        devices = resolve_devices(settings.devices)
+        if int8 is not None:
+            head = list(st_model)[1:]
+            loaded.quality = int8_quality(
+                OnnxRuntime(float32, CPU, "output"),
+                OnnxRuntime(int8, CPU, "output"),
+                loaded,
+                lambda tokens, batch: run_head(head, tokens, batch),
+            )
+        path = int8 or float32
+        loaded.runtimes = [OnnxRuntime(path, d, "last_hidden_state") for d in devices]
+        _drop_weights(st_model)
+        return loaded
+
+    def load_cross_encoder(
+        self, spec: ModelSpec, settings: EngineSettings, model: Any, tokenizer: Any
+    ) -> Loaded:
+        import inspect
+
+        accepted = inspect.signature(model.forward).parameters
+        names = fed_inputs(tokenizer, lambda name: name in accepted)
+        example = example_batch(tokenizer, names)
+        float32, int8 = onnx_files(spec, settings, model, "cross", names, example)
+        devices = resolve_devices(settings.devices)
+        runtimes: list[Runtime] = [OnnxRuntime(int8 or float32, d, "logits") for d in devices]
+        return Loaded(
+            runtimes=runtimes,
+            tokenizer=tokenizer,
+            max_length=cross_encoder_max_length(model.config, tokenizer),
+            input_names=names,
+        )
+
+
+def _drop_weights(st_model: Any) -> None:
+    """The torch transformer is not needed once the runtime computes it: free its weights (the
+    modules after it stay, they run on the runtime's output)."""
+    import torch
+
+    transformer = st_model[0]
+    transformer.auto_model = torch.nn.Identity()

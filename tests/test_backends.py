@@ -1,0 +1,276 @@
+"""BACKEND=optimum (ONNX Runtime) and BACKEND=ctranslate2 through the worker, against
+sentence-transformers in torch float32 (what the torch path serves): every family the torch path
+serves, its cross-encoders and classifiers; the export cache; int8 and its measured quality; and
+the models a backend refuses, before any model loads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedding_worker.config import load_config
+from embedding_worker.dispatch import Worker
+from embedding_worker.engines import ModelLoadError, ModelRegistry, backends, onnx
+from tests import model_factory
+from tests.family_models import CROSS_ENCODERS, EMBEDDERS, make_family
+from tests.helpers import answer, decode_vectors
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("ctranslate2")
+
+TEXTS = [
+    "The capital of China is Beijing.",
+    "  Gravity is a force that attracts two bodies towards each other; it gives weight to "
+    "physical objects.  ",
+    "no",
+    "naïve café, Ærøskøbing, 東京 and <unk>-looking text",
+    "Water boils at one hundred degrees Celsius at sea level. " * 30,  # past the maximum length
+]
+QUERY = "what is the boiling point of water?"
+
+# CTranslate2 converts BERT-like encoders only: the families it serves here.
+CT2_EMBEDDERS = ("bert-cls", "bert-mean", "xlm-roberta", "roberta")
+CT2_CROSS_ENCODERS = ("xlm-roberta-cross",)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("families")
+
+
+def family(families: Path, name: str) -> Path:
+    path = families / name
+    if not (path / "config.json").is_file():
+        make_family(name, path)
+    return path
+
+
+def worker_for(path: Path, backend: str, cache: Path, dtype: str = "float32", **env: str):
+    config = load_config(
+        {
+            "MODEL_NAMES": str(path),
+            "BACKEND": backend,
+            "DTYPES": dtype,
+            "ONNX_CACHE_DIR": str(cache),
+            **env,
+        }
+    )
+    return Worker.from_config(config)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def torch_vectors(path: Path, texts: list[str]) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu").encode(texts, convert_to_numpy=True)
+
+
+def torch_scores(path: Path, query: str, docs: list[str]) -> np.ndarray:
+    from sentence_transformers import CrossEncoder
+
+    # Infinity's reranker: the pair stripped, the logit's sigmoid.
+    pairs = [(query.strip(), d.strip()) for d in docs]
+    return np.asarray(CrossEncoder(str(path), device="cpu").predict(pairs), dtype=np.float64)
+
+
+async def embed_through(worker: Worker, texts: list[str]) -> np.ndarray:
+    await worker.start()
+    try:
+        body = await answer(worker, input=texts, model=worker.registry.ids[0])
+    finally:
+        await worker.stop()
+    return decode_vectors(body)
+
+
+async def rerank_through(worker: Worker, query: str, docs: list[str]) -> np.ndarray:
+    await worker.start()
+    try:
+        body = await answer(worker, query=query, documents=docs, model=worker.registry.ids[0])
+    finally:
+        await worker.stop()
+    scores = np.empty(len(docs))
+    for item in body["results"]:
+        scores[item["index"]] = item["relevance_score"]
+    return scores
+
+
+# --------------------------------------------------------------------------- optimum
+
+
+@pytest.mark.parametrize("name", list(EMBEDDERS))
+async def test_optimum_embeds_every_family_as_torch_float32(families, tmp_path, name):
+    path = family(families, name)
+    vectors = await embed_through(worker_for(path, "optimum", tmp_path), TEXTS)
+    expected = torch_vectors(path, TEXTS)
+    assert vectors.shape == expected.shape
+    assert cosines(vectors, expected).min() >= 0.99999
+    # The model's own modules end in Normalize: unit vectors, as torch gives them.
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CROSS_ENCODERS)
+async def test_optimum_reranks_every_cross_encoder_family_as_torch(families, tmp_path, name):
+    path = family(families, name)
+    scores = await rerank_through(worker_for(path, "optimum", tmp_path), QUERY, TEXTS)
+    np.testing.assert_allclose(scores, torch_scores(path, QUERY, TEXTS), atol=1e-5)
+
+
+async def test_optimum_classifies_as_torch(models_dir, tmp_path):
+    path = model_factory.make_bert_classifier(models_dir / "tiny-classifier-onnx")
+    worker = worker_for(path, "optimum", tmp_path)
+    await worker.start()
+    try:
+        model = worker.registry.models[0]
+        got = await model.classify(TEXTS, tokens=len(TEXTS))
+    finally:
+        await worker.stop()
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=str(path), device="cpu", top_k=None)
+    for text, labels in zip(TEXTS, got):
+        expected = {item["label"]: item["score"] for item in pipe([text.strip()], truncation=True)[0]}
+        assert [label for label, _ in labels] == ["negative", "neutral", "positive"]
+        for label, score in labels:
+            assert score == pytest.approx(expected[label], abs=1e-5)
+
+
+async def test_an_export_is_made_once_and_then_loaded_from_the_cache(
+    families, tmp_path, monkeypatch
+):
+    path = family(families, "bert-mean")
+    first = await embed_through(worker_for(path, "optimum", tmp_path), TEXTS[:2])
+    (exported,) = tmp_path.glob("*/model.onnx")
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx, "_export", no_export)
+    again = await embed_through(worker_for(path, "optimum", tmp_path), TEXTS[:2])
+    np.testing.assert_array_equal(first, again)
+    assert exported.is_file() and not list(tmp_path.glob("*/.partial-*"))
+
+
+async def test_the_models_own_onnx_file_is_used(families, tmp_path, monkeypatch):
+    source = family(families, "bert-cls")
+    await embed_through(worker_for(source, "optimum", tmp_path / "first"), TEXTS[:2])
+    (exported,) = (tmp_path / "first").glob("*/model.onnx")
+    own = tmp_path / "with-onnx" / "bert-cls"
+    shutil.copytree(source, own)
+    (own / "onnx").mkdir()
+    shutil.copy(exported, own / "onnx" / "model.onnx")
+
+    monkeypatch.setattr(onnx, "_export", lambda *a, **k: pytest.fail("exported"))
+    empty_cache = tmp_path / "cache"
+    vectors = await embed_through(worker_for(own, "optimum", empty_cache), TEXTS)
+    assert cosines(vectors, torch_vectors(source, TEXTS)).min() >= 0.99999
+    assert not empty_cache.exists() or not list(empty_cache.glob("*/model.onnx"))
+
+
+@pytest.mark.parametrize("backend", ["optimum", "ctranslate2"])
+async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, backend):
+    path = family(families, "bert-mean")
+    worker = worker_for(path, backend, tmp_path, dtype="int8")
+    float32 = torch_vectors(path, list(backends.QUALITY_TEXTS))
+    await worker.start()
+    try:
+        (entry,) = (await worker.dispatch({"openai_route": "/v1/models"})).body["data"]
+        body = await answer(worker, input=list(backends.QUALITY_TEXTS), model=entry["id"])
+    finally:
+        await worker.stop()
+    measured = cosines(decode_vectors(body), float32)
+    quality = entry["int8_cosine_to_float32"]
+    assert entry["backend"] == backend and entry["dtype"] == "int8"
+    # What /v1/models shows is what the int8 answers are, to float32's rounding.
+    assert quality["min"] == pytest.approx(float(measured.min()), abs=1e-4)
+    assert quality["mean"] == pytest.approx(float(measured.mean()), abs=1e-4)
+    assert 0.9 < quality["min"] <= quality["mean"] <= 1.0
+
+
+# --------------------------------------------------------------------------- ctranslate2
+
+
+@pytest.mark.parametrize("name", CT2_EMBEDDERS)
+async def test_ctranslate2_embeds_its_families_as_torch_float32(families, tmp_path, name):
+    path = family(families, name)
+    vectors = await embed_through(worker_for(path, "ctranslate2", tmp_path), TEXTS)
+    assert cosines(vectors, torch_vectors(path, TEXTS)).min() >= 0.99999
+
+
+@pytest.mark.parametrize("name", CT2_CROSS_ENCODERS)
+async def test_ctranslate2_reranks_as_torch(families, tmp_path, name):
+    path = family(families, name)
+    scores = await rerank_through(worker_for(path, "ctranslate2", tmp_path), QUERY, TEXTS)
+    np.testing.assert_allclose(scores, torch_scores(path, QUERY, TEXTS), atol=1e-5)
+
+
+async def test_ctranslate2_reranks_a_bert_cross_encoder_as_torch(bert_reranker, tmp_path):
+    scores = await rerank_through(worker_for(bert_reranker, "ctranslate2", tmp_path), QUERY, TEXTS)
+    np.testing.assert_allclose(scores, torch_scores(bert_reranker, QUERY, TEXTS), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def refused(env: dict[str, str], monkeypatch) -> str:
+    """The start error for `env`, checking that no model was loaded on the way."""
+    loaded: list[str] = []
+    real = backends.load
+
+    def recording(spec, *args, **kwargs):
+        loaded.append(spec.served_id)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "load", recording)
+    config = load_config(env)
+    with pytest.raises(ModelLoadError) as error:
+        ModelRegistry.load(config.models, config.engine_settings)
+    assert loaded == []
+    return str(error.value)
+
+
+@pytest.mark.parametrize("backend", ["optimum", "ctranslate2"])
+def test_a_bge_m3_model_is_refused_before_any_model_loads(
+    bert_embedder, bge_m3, backend, monkeypatch
+):
+    message = refused({"MODEL_NAMES": f"{bert_embedder};{bge_m3}", "BACKEND": backend}, monkeypatch)
+    assert "tiny-bge-m3" in message and f"BACKEND={backend}" in message
+    assert "three outputs" in message and "use BACKEND=torch" in message
+
+
+@pytest.mark.parametrize("backend", ["optimum", "ctranslate2"])
+def test_an_llm_reranker_is_refused(qwen3_reranker, backend, monkeypatch):
+    message = refused({"MODEL_NAMES": str(qwen3_reranker), "BACKEND": backend}, monkeypatch)
+    assert qwen3_reranker.name in message and "LLM reranker" in message
+    assert "use BACKEND=torch" in message
+
+
+def test_clip_is_refused(models_dir, monkeypatch):
+    path = model_factory.make_clip(models_dir / "tiny-clip-refused")
+    message = refused({"MODEL_NAMES": str(path), "BACKEND": "optimum"}, monkeypatch)
+    assert "tiny-clip-refused" in message and "clip image-and-text model" in message
+    assert "BACKEND=torch" in message
+
+
+def test_ctranslate2_refuses_a_last_token_pooled_decoder(qwen3_embedder, monkeypatch):
+    message = refused({"MODEL_NAMES": str(qwen3_embedder), "BACKEND": "ctranslate2"}, monkeypatch)
+    assert qwen3_embedder.name in message and "BACKEND=ctranslate2" in message
+    assert "last token" in message and "use BACKEND=optimum or BACKEND=torch" in message
+
+
+@pytest.mark.parametrize("name", ["mpnet", "modernbert", "deberta-cross"])
+def test_ctranslate2_refuses_families_it_cannot_convert(families, name, monkeypatch):
+    path = family(families, name)
+    message = refused({"MODEL_NAMES": str(path), "BACKEND": "ctranslate2"}, monkeypatch)
+    assert f"'{path.parent.name}/{name}'" in message and "CTranslate2 runs" in message
+
+
+def test_a_dtype_the_backend_lacks_is_refused(bert_embedder, monkeypatch):
+    env = {"MODEL_NAMES": str(bert_embedder), "BACKEND": "optimum", "DTYPES": "bfloat16"}
+    message = refused(env, monkeypatch)
+    assert "DTYPES=bfloat16" in message and "int8" in message
