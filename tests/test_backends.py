@@ -134,7 +134,9 @@ async def test_optimum_classifies_as_torch(models_dir, tmp_path):
 
     pipe = pipeline("text-classification", model=str(path), device="cpu", top_k=None)
     for text, labels in zip(TEXTS, got):
-        expected = {item["label"]: item["score"] for item in pipe([text.strip()], truncation=True)[0]}
+        expected = {
+            item["label"]: item["score"] for item in pipe([text.strip()], truncation=True)[0]
+        }
         assert [label for label, _ in labels] == ["negative", "neutral", "positive"]
         for label, score in labels:
             assert score == pytest.approx(expected[label], abs=1e-5)

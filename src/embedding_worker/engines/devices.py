@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
 
@@ -45,11 +45,17 @@ def resolve_devices(configured: Sequence[str]) -> tuple[str, ...]:
     return tuple(str(i) for i in range(count)) or (CPU,)
 
 
-def cuda_indices(devices: Sequence[str]) -> list[int]:
-    """Infinity's `device_id` for the devices: CUDA indices, or one index per CPU replica."""
+def engine_placement(devices: Sequence[str]) -> dict[str, Any]:
+    """Infinity's EngineArgs fields for the devices: `device` and `device_id` (CUDA indices, or
+    one index per CPU replica, which Infinity turns into that many CPU replicas); nothing when
+    none are configured."""
+    if not devices:
+        return {}
+    from infinity_emb.primitives import Device, DeviceID
+
     if all(d == CPU for d in devices):
-        return list(range(len(devices))) if len(devices) > 1 else []
-    return [int(d) for d in devices]
+        return {"device": Device.cpu, "device_id": DeviceID(list(range(len(devices))))}
+    return {"device": Device.cuda, "device_id": DeviceID([int(d) for d in devices])}
 
 
 class ReplicaSet(Generic[R]):

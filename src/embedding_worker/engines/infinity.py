@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import errors
 from ..logs import get_logger, redacted_traceback
-from . import pacing, vision
+from . import devices, pacing, vision
 from .base import (
     Classifier,
     Embedder,
@@ -88,6 +88,8 @@ def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
         compile=False,
         lengths_via_tokenize=False,
         vector_disk_cache_path="",
+        # One replica per device (devices.py); unset, Infinity places one on every visible GPU.
+        **devices.engine_placement(settings.devices),
     )
 
 
