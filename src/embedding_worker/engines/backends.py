@@ -354,7 +354,7 @@ def padded(
 # --------------------------------------------------------------------------- the engines
 
 
-class Encoded(list):  # type: ignore[type-arg]
+class Encoded(list[int]):
     """A text's token ids, with its token type ids when the model takes them."""
 
     type_ids: list[int] | None = None
