@@ -64,6 +64,9 @@ class OnnxRuntime:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Its threads wait without spinning: on a shared CPU (a serverless vCPU, a busy pod) a
+        # spinning pool takes the cores its own peers and the tokenizer need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             options.intra_op_num_threads = threads
