@@ -172,9 +172,10 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "cos_min": float(cos.min()),
                         "cos_mean": float(cos.mean()),
                         "runtime_share": clocks[variant].seconds / wall if wall else 0.0,
-                        "quality": workers[variant].registry.models[0].describe().get(
-                            "int8_cosine_to_float32"
-                        ),
+                        "quality": workers[variant]
+                        .registry.models[0]
+                        .describe()
+                        .get("int8_cosine_to_float32"),
                     }
                 )
         for worker in workers.values():
