@@ -135,7 +135,9 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             texts = _texts_of_length(model.tokens.tokenizer, tokens, count)
             requests = in_requests(texts)
 
-            def call(worker: Any) -> Any:
+            def call(
+                worker: Any, requests: list[list[str]] = requests, served: str = served
+            ) -> Any:
                 async def run() -> list[Any]:
                     return await asyncio.gather(
                         *(worker.dispatch({"input": r, "model": served}) for r in requests)

@@ -302,7 +302,7 @@ async def measure_model(
             texts = _texts_of_length(tokenizer, tokens, count)
             requests = in_requests(texts)
 
-            def throughput(subject: Any) -> Any:
+            def throughput(subject: Any, requests: list[list[str]] = requests) -> Any:
                 async def call() -> Any:
                     return await asyncio.gather(*(subject.embed(r) for r in requests))
 
@@ -313,7 +313,8 @@ async def measure_model(
             times = await interleaved({s.name: throughput(s) for s in subjects}, args.rounds)
             one = texts[:1]
             latency = await interleaved(
-                {s.name: (lambda s=s: s.embed(one)) for s in subjects}, args.latency_rounds
+                {s.name: (lambda s=s, one=one: s.embed(one)) for s in subjects},
+                args.latency_rounds,
             )
             for subject in subjects:
                 rows.append(
@@ -358,7 +359,8 @@ def table(rows: list[dict[str, Any]], skipped: list[str], args: argparse.Namespa
     lines = [
         "# GPU benchmark results",
         "",
-        f"`python -m bench.gpu{' --toy' if args.toy else ''}` on {where}; torch {torch.__version__}. "
+        f"`python -m bench.gpu{' --toy' if args.toy else ''}` on {where}; "
+        f"torch {torch.__version__}. "
         "Throughput: requests of 16 inputs, all sent at once, paired medians of "
         f"{args.rounds} interleaved rounds; x infinity is the ratio to the raw Infinity engine "
         "in the same run. Latency: one request of one text, median of "
