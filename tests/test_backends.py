@@ -13,7 +13,7 @@ import pytest
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.engines import ModelLoadError, ModelRegistry, backends, onnx
+from embedding_worker.engines import ModelLoadError, ModelRegistry, backends, compiled, onnx
 from tests import model_factory
 from tests.family_models import CROSS_ENCODERS, EMBEDDERS, make_family
 from tests.helpers import answer, decode_vectors
@@ -178,11 +178,11 @@ async def test_the_models_own_onnx_file_is_used(families, tmp_path, monkeypatch)
 async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, backend):
     path = family(families, "bert-mean")
     worker = worker_for(path, backend, tmp_path, dtype="int8")
-    float32 = torch_vectors(path, list(backends.QUALITY_TEXTS))
+    float32 = torch_vectors(path, list(compiled.QUALITY_TEXTS))
     await worker.start()
     try:
         (entry,) = (await worker.dispatch({"openai_route": "/v1/models"})).body["data"]
-        body = await answer(worker, input=list(backends.QUALITY_TEXTS), model=entry["id"])
+        body = await answer(worker, input=list(compiled.QUALITY_TEXTS), model=entry["id"])
     finally:
         await worker.stop()
     measured = cosines(decode_vectors(body), float32)

@@ -11,13 +11,12 @@ after it in torch, from the model's own weights.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from ..logs import get_logger
-from .backends import (
+from .compiled import (
     INT8,
     Loaded,
     Runtime,
@@ -27,7 +26,7 @@ from .backends import (
     run_head,
 )
 from .devices import CPU, resolve_devices
-from .onnx import cache_folder
+from .onnx import cache_folder, compute_threads
 from .spec import EngineSettings, ModelSpec
 
 log = get_logger(__name__)
@@ -51,10 +50,9 @@ class CTranslate2Runtime:
     def __init__(self, path: str, device: str, compute: str, head: Any = None) -> None:
         import ctranslate2
 
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if device == CPU:
             self.encoder = ctranslate2.Encoder(
-                path, device="cpu", compute_type=compute, intra_threads=threads
+                path, device="cpu", compute_type=compute, intra_threads=compute_threads()
             )
         else:
             self.encoder = ctranslate2.Encoder(

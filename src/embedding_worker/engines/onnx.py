@@ -25,7 +25,8 @@ import numpy as np
 
 from ..logs import get_logger
 from ..model_paths import RUNPOD_VOLUME
-from .backends import (
+from .base import ModelLoadError
+from .compiled import (
     INT8,
     Loaded,
     Runtime,
@@ -35,7 +36,6 @@ from .backends import (
     int8_quality,
     run_head,
 )
-from .base import ModelLoadError
 from .devices import CPU, resolve_devices
 from .spec import EngineSettings, ModelSpec
 
@@ -50,6 +50,14 @@ LOCAL_CACHE = "/tmp/embedding-worker-onnx"
 EXPORT_TOLERANCE = 1e-4
 OWN_FILES = ("onnx/model.onnx", "model.onnx")
 OPSET = 17
+
+
+def compute_threads() -> int:
+    """The threads a runtime computes with on a CPU: torch's (OMP_NUM_THREADS, else one per
+    core), as the torch path computes with."""
+    import torch
+
+    return max(1, torch.get_num_threads())
 
 
 def default_cache_dir() -> Path:
@@ -67,9 +75,7 @@ class OnnxRuntime:
         # Its threads wait without spinning: on a shared CPU (a serverless vCPU, a busy pod) a
         # spinning pool takes the cores its own peers and the tokenizer need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-        if threads > 0:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = compute_threads()
         providers: list[Any] = ["CPUExecutionProvider"]
         if device != CPU:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device)}))
