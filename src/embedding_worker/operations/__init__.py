@@ -13,12 +13,24 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..engines import ModelRegistry
-from . import batch, classify, cohere, embeddings, infinity_api, models, rerank, tokenize
+from . import (
+    batch,
+    classify,
+    cohere,
+    contextualized,
+    embeddings,
+    infinity_api,
+    models,
+    rerank,
+    tokenize,
+)
 from .base import Context, Operation
 
 # A standard-flavour job is the first operation here whose fields it holds (and that applies to the
-# model it names): classification before embeddings, which share `input`; tokenize and detokenize
-# last, so that their fields (`prompt`, `tokens`, `ids`) never take another operation's job.
+# model it names): classification before embeddings, which share `input`; contextualized
+# embeddings before tokenize, which share `inputs` (documents of chunks are arrays, TEI's texts
+# are not); tokenize and detokenize last, so that their fields (`prompt`, `tokens`, `ids`) never
+# take another operation's job.
 OPERATIONS: tuple[Operation, ...] = (
     batch.OPERATION,
     rerank.OPERATION,
@@ -29,6 +41,7 @@ OPERATIONS: tuple[Operation, ...] = (
     classify.INFINITY,
     *cohere.OPERATIONS,
     *infinity_api.OPERATIONS,
+    contextualized.OPERATION,
     tokenize.OPERATION,
     tokenize.DETOKENIZE,
 )
