@@ -336,12 +336,10 @@ async def test_contextualized_refuses_a_model_that_is_not_mean_pooled(tiny_worke
     assert "lasttoken" in error["message"]
 
 
-def test_standard_flavour_inputs_of_documents_is_contextualized_and_tei_s_is_not():
+def test_a_standard_flavour_job_holding_inputs_is_contextualized():
     registry = ModelRegistry([], Health())
     assert operations.recognise({"inputs": [["a", "b"]]}, registry).route == CONTEXT_ROUTE
-    for tei in ({"inputs": ["a"]}, {"inputs": [[1, 2]]}, {"inputs": "a"}):
-        found = operations.recognise(tei, registry)
-        assert found is None or found.route != CONTEXT_ROUTE
+    assert operations.recognise({"input": ["a", "b"]}, registry).route == "/v1/embeddings"
 
 
 # ------------------------------------------------------------------ transports

@@ -27,10 +27,8 @@ from . import (
 from .base import Context, Operation
 
 # A standard-flavour job is the first operation here whose fields it holds (and that applies to the
-# model it names): classification before embeddings, which share `input`; contextualized
-# embeddings before tokenize, which share `inputs` (documents of chunks are arrays, TEI's texts
-# are not); tokenize and detokenize last, so that their fields (`prompt`, `tokens`, `ids`) never
-# take another operation's job.
+# model it names): classification before embeddings, which share `input`; tokenize and detokenize
+# last, so that their fields (`prompt`, `tokens`, `ids`) never take another operation's job.
 OPERATIONS: tuple[Operation, ...] = (
     batch.OPERATION,
     rerank.OPERATION,

@@ -175,21 +175,12 @@ def estimate_answer(context: Context, body: dict[str, Any]) -> int:
     return _answer_bytes(chunks, dimensions, fmt if isinstance(fmt, str) else None)
 
 
-def _is_documents(_registry: Any, job_input: dict[str, Any]) -> bool:
-    """A standard-flavour `inputs` of documents (arrays of chunks), not TEI's texts."""
-    value = job_input.get("inputs")
-    if not isinstance(value, list) or not value or not isinstance(value[0], list):
-        return False
-    return bool(value[0]) and isinstance(value[0][0], str)
-
-
 OPERATION = Operation(
     name="contextualized-embeddings",
     run=create,
     route="/v1/contextualizedembeddings",
     job_fields=("inputs",),
-    job_applies=_is_documents,
-    job_hint="'inputs' as arrays of chunks (contextualized chunk embeddings)",
+    job_hint="'inputs' (documents as arrays of chunks: contextualized chunk embeddings)",
     batch_line=True,
     answer_bytes=estimate_answer,
 )
