@@ -476,7 +476,7 @@ async def _embed_late_chunked(context: Context, request: EmbeddingRequest) -> Em
 
 async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     request = await parse(EmbeddingRequest, body)
-    if request.outputs != {DENSE}:
+    if request.outputs != {DENSE} and not request.late_chunking:
         return await _create_multi_output(context, request)
     done = await embed(context, request)
     encoded = await encoded_off_loop(done.vectors, _encode_dense, request)
