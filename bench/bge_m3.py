@@ -31,6 +31,7 @@ import torch
 from bench.common import offline, random_model_parser
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 from tests import model_factory
 from tests.bge_m3_recipe import Recipe
 
@@ -57,7 +58,7 @@ async def through_worker(
         for i in range(0, len(texts), per_request)
     ]
     started = time.perf_counter()
-    replies = await asyncio.gather(*(worker.dispatch(job) for job in jobs))
+    replies = await asyncio.gather(*(answer_job(worker, job) for job in jobs))
     elapsed = time.perf_counter() - started
     items = []
     for reply in replies:
