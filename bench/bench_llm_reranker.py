@@ -6,7 +6,7 @@ run.
 
 Builds a random Qwen3-Reranker-shaped causal LM (tests/model_factory.py; default: hidden 256,
 4 layers, the tiny 2k-token vocabulary), then scores the same (query, document) pairs two ways:
-- worker: concurrent rerank requests of --docs-per-request documents through Worker.dispatch
+- worker: concurrent rerank requests of --docs-per-request documents as jobs (`answer_job`)
   (template, usage counting, batching across requests, sorting by length, the worker thread, answer
   building);
 - plain: the model card's recipe with transformers (process_inputs + compute_logits), batch after

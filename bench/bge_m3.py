@@ -7,7 +7,7 @@ texts, same batch size, same run.
 Builds a random model in bge-m3's layout (tests/model_factory.py; default: hidden 256, 4 layers,
 the tiny vocabulary; `--hidden-size 1024 --layers 24 --vocab-size 250002` is bge-m3's real shape),
 then embeds the same texts two ways, the two alternating round by round:
-- worker: concurrent requests of --texts-per-request texts through Worker.dispatch (token counts,
+- worker: concurrent requests of --texts-per-request texts as jobs (`answer_job`) (token counts,
   batching across requests, sorting by length, the worker thread, the answer in base64);
 - plain: the recipe (tests/bge_m3_recipe.py), all texts sorted by length, batch after batch of
   --batch-size, on the calling thread, the outputs asked computed as the recipe does.

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from runpod.serverless.modules.rp_job import run_job
 
-from embedding_worker.transports.runpod import answer_job, runpod_handler
+from embedding_worker import errors, operations
+from embedding_worker.errors import ErrorKind
+from embedding_worker.statuses import HTTP_STATUS, http_status
+from embedding_worker.transports import runpod
+from embedding_worker.transports.runpod import UNPARSED_JOB, answer_job, runpod_handler
 from tests.helpers import bound_queue, call
 
 
@@ -236,3 +241,60 @@ async def test_cohere_v2_rerank_bills_the_documents_under_either_key(worker, ids
             "api_version": {"version": "2"},
             "billed_units": {"search_units": 2},
         }
+
+
+def test_core_errors_carry_a_kind_and_no_http_status():
+    """The transports map an error's kind to their status (statuses.py): every kind has one."""
+    made = [
+        errors.invalid_input("x"),
+        errors.too_large("x"),
+        errors.not_found("x"),
+        errors.overloaded("x"),
+        errors.unavailable("x"),
+        errors.internal(),
+    ]
+    assert not any(hasattr(error, "status") for error in made)
+    assert set(HTTP_STATUS) == set(ErrorKind)
+    assert [http_status(e) for e in made] == [400, 413, 404, 429, 503, 500]
+    for error in made:
+        assert error.retryable == errors.is_retryable(http_status(error))
+
+
+async def test_finished_sees_every_request_with_route_model_outcome_and_time(
+    worker, ids, monkeypatch
+):
+    seen = []
+    monkeypatch.setattr(worker, "finished", seen.append)
+    body = {"model": ids["minilm"], "input": "hello"}
+    assert (await worker.request("/v1/embeddings", body)).ok
+    assert (await answer_job(worker, body)).ok
+    refused = await worker.request("/v1/embeddings", {"model": "no-such-model", "input": "a"})
+    assert refused.error is not None
+    unparsed = await answer_job(worker, {"nothing": "known"})
+    assert not unparsed.ok
+    routes = [(s.route, s.model, s.outcome) for s in seen]
+    assert routes == [
+        ("/v1/embeddings", ids["minilm"], "ok"),
+        ("embeddings", ids["minilm"], "ok"),
+        ("/v1/embeddings", "no-such-model", "model_not_found"),
+        (UNPARSED_JOB, None, "invalid_input"),
+    ]
+    assert all(0 < s.started <= time.perf_counter() for s in seen)
+
+
+async def test_routes_reach_operations_without_a_runpod_job(worker, ids, monkeypatch):
+    """The operations' routes and batch lines call dispatch directly: with RunPod's job parsing
+    broken, they still answer, and only jobs fail."""
+
+    def broken(*args, **kwargs):
+        raise AssertionError("a route went through a RunPod job")
+
+    monkeypatch.setattr(runpod, "parse_job", broken)
+    body = {"model": ids["minilm"], "input": "hello"}
+    assert (await call(worker, "/v1/embeddings", body)).status == 200
+    assert (await call(worker, "/v2/embed", {**body, "texts": ["a"]})).status == 200
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": body}
+    answered = await worker.serve(operations.batch.OPERATION, {"batch": [line]})
+    assert answered.ok, answered.error
+    with pytest.raises(AssertionError):
+        await answer_job(worker, body)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 from .. import errors, operations
 from ..cpu import processor_name
-from ..dispatch import Worker, route_body
+from ..dispatch import Served, Worker, route_body
 from ..engines import ModelRegistry
 from ..errors import APIError
 from ..logs import get_logger
@@ -29,6 +30,9 @@ from ..statuses import Reply, http_status
 from .jobs import JobStatus
 
 log = get_logger(__name__)
+
+# The route `Worker.finished` sees for a job that names no operation.
+UNPARSED_JOB = "runpod job"
 
 # ------------------------------------------------------------------------------------ job input
 
@@ -84,7 +88,9 @@ async def answer_job(worker: Worker, job_input: Any, job_id: str | None = None) 
         operation, body, params, route = parse_job(job_input, worker.registry)
     except APIError as exc:
         log.debug("job %s: %s (param %s)", job_id, exc.code, exc.param)
-        return JobReply.of_answer(Answer(error=exc), openai_route, worker.healthy)
+        refused = Answer(error=exc)
+        worker.finished(Served(UNPARSED_JOB, job_input, refused, time.perf_counter()))
+        return JobReply.of_answer(refused, openai_route, worker.healthy)
     if route is not None:
         body = route_body(body, params)
     tier = job_input.get("service_tier")  # the OpenAI flavour's tier sits beside its body
