@@ -266,8 +266,8 @@ async def test_finished_sees_every_request_with_route_model_outcome_and_time(
     seen = []
     monkeypatch.setattr(worker, "finished", seen.append)
     body = {"model": ids["minilm"], "input": "hello"}
-    assert (await worker.request("/v1/embeddings", body)).ok
-    assert (await answer_job(worker, body)).ok
+    assert (await worker.request("/openai/v1/embeddings", body)).ok
+    assert (await answer_job(worker, body)).ok  # the standard flavour: the same operation
     refused = await worker.request("/v1/embeddings", {"model": "no-such-model", "input": "a"})
     assert refused.error is not None
     unparsed = await answer_job(worker, {"nothing": "known"})
@@ -275,7 +275,7 @@ async def test_finished_sees_every_request_with_route_model_outcome_and_time(
     routes = [(s.route, s.model, s.outcome) for s in seen]
     assert routes == [
         ("/v1/embeddings", ids["minilm"], "ok"),
-        ("embeddings", ids["minilm"], "ok"),
+        ("/v1/embeddings", ids["minilm"], "ok"),
         ("/v1/embeddings", "no-such-model", "model_not_found"),
         (UNPARSED_JOB, None, "invalid_input"),
     ]

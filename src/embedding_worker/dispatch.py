@@ -60,13 +60,12 @@ class Worker:
         body: Any,
         named_tier: Any = None,
         job_id: str | None = None,
-        route: str | None = None,
     ) -> Answer:
         """Answer one request for `operation`. Never raises: a failure is the answer's error.
 
         `named_tier`: the service_tier the request's envelope names (a RunPod job input's), used
         when the body names none. `job_id` names the request in log lines; without one, the lines
-        keep the current job's name. `route`: how the request named the operation, for `finished`.
+        keep the current job's name.
         """
         started = time.perf_counter()
         job = current_job.set(str(job_id)) if job_id is not None else None
@@ -99,7 +98,7 @@ class Worker:
                 current_tier.reset(tier_token)
             if job is not None:
                 current_job.reset(job)
-        self.finished(Served(route or operation.name, body, answer, started))
+        self.finished(Served(operation.route or operation.name, body, answer, started))
         return answer
 
     def finished(self, served: Served) -> None:
@@ -122,7 +121,7 @@ class Worker:
 
     async def request(self, route: str, body: Any, line: str | None = None) -> Answer:
         """Answer a request to a route or HTTP path ("/v1/embeddings", "/openai/v1/models/x"):
-        the local server's routes, batch lines, RunPod's `openai_route`. `body` None: a request
+        the local server's operation routes and batch lines. `body` None: a request
         without one (GET). `line` names a batch line: its log lines read `job <job>/<line>`."""
         job_id = None
         if line is not None:
@@ -132,7 +131,7 @@ class Worker:
         if matched is None:
             return Answer(error=unknown_route())
         operation, params = matched
-        return await self.serve(operation, route_body(body, params), job_id=job_id, route=route)
+        return await self.serve(operation, route_body(body, params), job_id=job_id)
 
 
 # Failures of the worker rather than of the request: logged as warnings.
@@ -147,7 +146,9 @@ def unknown_route() -> APIError:
 class Served:
     """One answered request, as `Worker.finished` sees it."""
 
-    route: str  # the route or path it came by, else its operation's name
+    # Its operation's route (a template: "/v1/models/{model}"), else the operation's name: one
+    # label an operation, whichever transport or path it came by.
+    route: str
     body: Any  # the request body (read `model` from it; never log it)
     answer: Answer
     started: float  # time.perf_counter() when it arrived

@@ -94,7 +94,7 @@ async def answer_job(worker: Worker, job_input: Any, job_id: str | None = None) 
     if route is not None:
         body = route_body(body, params)
     tier = job_input.get("service_tier")  # the OpenAI flavour's tier sits beside its body
-    answer = await worker.serve(operation, body, tier, job_id, route)
+    answer = await worker.serve(operation, body, tier, job_id)
     return JobReply.of_answer(answer, openai_route, worker.healthy)
 
 
