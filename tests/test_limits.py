@@ -14,7 +14,6 @@ from embedding_worker.limits import Limits
 from embedding_worker.operations.embeddings import answer_bytes, check_answer_size
 from embedding_worker.statuses import http_status
 from embedding_worker.transports.runpod import answer_job
-from tests.helpers import call
 
 
 def _wire(reply) -> bytes:
@@ -288,7 +287,8 @@ async def test_each_embedding_type_asked_counts_in_the_answer_estimate(
         "texts": texts,
         "embedding_types": ["base64", "int8", "binary"],
     }
-    _error(await call(worker, "/v2/embed", cohere), 413, "response_too_large")
+    proxied = {"openai_route": "/v2/embed", "openai_input": cohere}
+    _error(await answer_job(worker, proxied), 413, "response_too_large")
 
 
 # ------------------------------------------------------------------------------------ event loop
