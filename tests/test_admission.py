@@ -16,6 +16,7 @@ from embedding_worker.engines.admission import (
     AdmissionSettings,
 )
 from embedding_worker.errors import DEFAULT_RETRY_AFTER_S
+from embedding_worker.statuses import http_status
 from embedding_worker.transports.runpod import answer_job
 
 
@@ -49,7 +50,7 @@ def test_before_the_pace_is_known_the_queue_holds_one_maximum_request_of_tokens(
     queue.enter(10, 4000)
     assert queue.refusal(10, 1000) is None
     refused = queue.refusal(10, 1001)
-    assert refused is not None and refused.status == 429 and refused.code == "queue_full"
+    assert refused is not None and http_status(refused) == 429 and refused.code == "queue_full"
     assert refused.retry_after == DEFAULT_RETRY_AFTER_S  # nothing measured to estimate from
     assert "REQUEST_TIMEOUT" in refused.message
 
