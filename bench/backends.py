@@ -27,6 +27,7 @@ import numpy as np
 
 from bench.common import RESULTS, in_requests, interleaved, log, offline, paired_ratio
 from bench.common import texts_of_length as _texts_of_length
+from embedding_worker.transports.runpod import answer_job
 
 # bge-base-en-v1.5's shape (BERT base, CLS pooling in the real one; speed does not depend on it).
 BGE_BASE = dict(
@@ -140,7 +141,7 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             ) -> Any:
                 async def run() -> list[Any]:
                     return await asyncio.gather(
-                        *(worker.dispatch({"input": r, "model": served}) for r in requests)
+                        *(answer_job(worker, {"input": r, "model": served}) for r in requests)
                     )
 
                 return run

@@ -31,6 +31,7 @@ from typing import Any
 
 from bench.common import ROOT, in_requests, interleaved, log, offline, paired_ratio
 from bench.common import texts_of_length as _texts_of_length
+from embedding_worker.transports.runpod import answer_job
 
 SHAPES: dict[str, dict[str, Any]] = {
     "minilm-shape": dict(
@@ -161,7 +162,7 @@ class WorkerSubject(Subject):
         await self.worker.start()
 
     async def embed(self, texts: list[str]) -> Any:
-        reply = await self.worker.dispatch({"input": texts, "model": self.model})
+        reply = await answer_job(self.worker, {"input": texts, "model": self.model})
         if reply.status != 200:
             raise RuntimeError(f"{self.name}: {reply.status} {reply.body}")
         return reply

@@ -181,7 +181,7 @@ async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, b
     float32 = torch_vectors(path, list(compiled.QUALITY_TEXTS))
     await worker.start()
     try:
-        (entry,) = (await worker.dispatch({"openai_route": "/v1/models"})).body["data"]
+        (entry,) = (await answer(worker, openai_route="/v1/models"))["data"]
         body = await answer(worker, input=list(compiled.QUALITY_TEXTS), model=entry["id"])
     finally:
         await worker.stop()

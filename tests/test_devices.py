@@ -90,7 +90,7 @@ async def test_a_compiled_backend_builds_a_replica_per_device_and_spreads(bert_e
     (model,) = worker.registry.models
     await worker.start()
     try:
-        (entry,) = (await worker.dispatch({"openai_route": "/v1/models"})).body["data"]
+        (entry,) = (await answer(worker, openai_route="/v1/models"))["data"]
         texts = [f"text number {i} of the batch" for i in range(4)]
         await asyncio.gather(*(answer(worker, input=texts) for _ in range(6)))
     finally:
