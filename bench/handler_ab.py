@@ -6,9 +6,9 @@
 --without reuse: one tokenization per text off (engines/tokenization.py): Infinity tokenizes the
 texts again.
 --without turn-wake: the paced queue wakes Infinity's publisher at each submission, not at the end
-of the event loop's turn (engines/pacing.py).
+of the event loop's turn (engines/scheduler.py).
 --without full-wake: a full batch submitted during a turn of the event loop waits for the turn's
-end (engines/pacing.py), instead of going to the model at once.
+end (engines/scheduler.py), instead of going to the model at once.
 
 Two workers on one model (float32; the bundled MiniLM or a random-initialised one of bench.common's
 shapes), one of them with the optimisation off, and a plain Infinity engine, called in interleaved

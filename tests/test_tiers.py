@@ -11,7 +11,8 @@ from infinity_emb.inference.queue import CustomFIFOQueue
 
 from embedding_worker.config import ConfigError, load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.engines.pacing import MAX_PASSES, PacedQueue
+from embedding_worker.engines.infinity_adapter import PacedQueue
+from embedding_worker.engines.scheduler import MAX_PASSES
 from embedding_worker.tiers import current_tier
 from tests.test_pacing import _items, _record_batch_sizes
 
@@ -144,13 +145,13 @@ async def test_flex_goes_only_to_an_idle_model_while_other_tiers_are_served(monk
     queue.batch_finished()  # both through: the model is idle
     assert len(_pop_items(queue)) == 4  # one flex batch, to the idle model
     assert _pop_items(queue) == []  # not a second behind it: priority came a moment ago
-    monkeypatch.setattr(queue, "_served_above_flex", time.monotonic() - 60)
+    monkeypatch.setattr(queue.scheduler, "_served_above_flex", time.monotonic() - 60)
     assert len(_pop_items(queue)) == 4  # no priority for a while: flex queues ahead again (the
     # last 4)
 
 
 async def test_flex_batches_shrink_to_the_models_turn_while_other_tiers_are_served():
-    from embedding_worker.engines.pacing import FLEX_TURN_S
+    from embedding_worker.engines.scheduler import FLEX_TURN_S
 
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
     queue.batch_finished(rows=4, seconds=4 * FLEX_TURN_S / 2)  # full batches: 2 texts a turn
