@@ -128,7 +128,7 @@ def rerank_response(
 
 def _counted_pairs(model: Reranker, request: RerankRequest) -> tuple[list[Text], list[int]]:
     """Each document carrying its pair's tokens, which bound the engine's batches (budget.py), and
-    those counts; one call, so that a large request does both in one thread (each `CountedText`
+    those counts; one call, so that a large request does both in one thread (each `Text`
     is a copy of its document)."""
     lengths = model.rerank_lengths(request.query, request.documents, request.instruction)
     return counted(request.documents, lengths), lengths
