@@ -12,6 +12,7 @@ request, never does work that grows with the payload.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from . import errors, operations
@@ -20,6 +21,7 @@ from .engines import ModelRegistry
 from .errors import APIError
 from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
+from .metrics import Metrics, RequestRecord, current_request
 from .operations import Operation
 from .reply import Reply
 from .tiers import REQUEST_VALUES, current_tier
@@ -36,6 +38,13 @@ class Worker:
         self.config = config
         self.registry = registry
         self.limits = config.limits
+        # The request and batch figures (GET /metrics, `stats` in /v1/models); None: METRICS off.
+        self.metrics: Metrics | None = None
+        if config.metrics:
+            self.metrics = Metrics(registry.ids, [route_label(op) for op in operations.OPERATIONS])
+            for model in registry.models:
+                model.metrics = self.metrics.models[model.served_id]
+                self.metrics.model_loaded(model.served_id, model.load_seconds)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> Worker:
@@ -55,18 +64,42 @@ class Worker:
         """Answer one job input, in either flavour. Never raises.
 
         `job_id` names the job in log lines; without one, the lines keep the current job's name.
+        The answer is counted in the metrics (metrics.py), with what the engines noted of it.
         """
+        metrics = self.metrics
+        if metrics is None:
+            return await self._dispatch(job_input, job_id, None)
+        record = RequestRecord(time.perf_counter())
+        token = current_request.set(record)
+        try:
+            reply = await self._dispatch(job_input, job_id, record)
+        finally:
+            current_request.reset(token)
+        code = None
+        if not reply.ok and isinstance(reply.body, dict):
+            error = reply.body.get("error")
+            code = error.get("code") if isinstance(error, dict) else None
+        metrics.finish(record, reply.status, code if isinstance(code, str) else None)
+        return reply
+
+    async def _dispatch(
+        self, job_input: Any, job_id: str | None, record: RequestRecord | None
+    ) -> Reply:
         openai_route = isinstance(job_input, dict) and "openai_route" in job_input
         job = current_job.set(str(job_id)) if job_id is not None else None
         tier_token = None
         try:
             operation, body = self._route(job_input)
+            if record is not None:
+                record.route = route_label(operation)
             if is_small(body):
                 inspect_request(body, self.limits)
             else:
                 await asyncio.to_thread(inspect_request, body, self.limits)
             tier = self._tier(job_input, body)
             tier_token = current_tier.set(tier)
+            if record is not None:
+                record.tier = tier
             await self.registry.start()
             result = await operation.run(self, body)
             if operation.scheduled and isinstance(result, dict):
@@ -144,6 +177,11 @@ class Worker:
                 f"the job input must hold {operations.job_hints()} or 'openai_route'"
             )
         return recognised, _merge_extra_body(job_input)
+
+
+def route_label(operation: Operation) -> str:
+    """How metrics name an operation's requests: its route, else its name (a job-only one)."""
+    return operation.route or operation.name
 
 
 def _merge_extra_body(body: Any) -> Any:
