@@ -228,7 +228,6 @@ class Metrics:
     def __init__(self, model_ids: Sequence[str], routes: Sequence[str]) -> None:
         self.started_at = time.time()
         self.routes = frozenset(routes)
-        self.models = {served_id: ModelMetrics(served_id, self) for served_id in model_ids}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         if os.environ.get(MULTIPROCESS_DIR_ENV) is None:  # else each scrape adds it (exposition)
@@ -319,6 +318,7 @@ class Metrics:
             for tier in TIERS:  # present from the start, at 0, so a dashboard sees every model
                 self.queue_depth.labels(served_id, tier)
             self.healthy.labels(served_id).set(1)
+        self.models = {served_id: ModelMetrics(served_id, self) for served_id in model_ids}
         self._labelled: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._summary_task: asyncio.Task[None] | None = None
 
