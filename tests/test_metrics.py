@@ -1,5 +1,5 @@
-"""Metrics: GET /metrics in Prometheus' text format on the local server (and in load-balancing mode),
-read back by a real Prometheus server; `stats` in /v1/models; the summary line a minute for RunPod
+"""Metrics: GET /metrics in Prometheus' text format on the local server and in load-balancing
+mode, read back by a real Prometheus server; `stats` in /v1/models; the summary line a minute for RunPod
 queue endpoints. Real HTTP, real engines."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_failures_are_counted_by_status_and_code(served, http):
     assert http.post("/v1/embeddings", json={"model": served.embedder}).status_code == 400
     assert http.post("/v1/rerank", json={"model": served.reranker, "query": "q"}).status_code == 400
     after = scrape(served)
-    for route, model in [("/v1/embeddings", served.embedder), ("/v1/rerank", served.reranker)]:
+    for route in ("/v1/embeddings", "/v1/rerank"):
         labels = {"route": route, "status": "400", "code": "invalid_input"}
         grown = value(after, "embedding_worker_requests_total", **labels) - value(
             before, "embedding_worker_requests_total", **labels
@@ -229,7 +229,8 @@ async def test_a_queue_endpoint_logs_a_summary_while_jobs_run(worker, ids, caplo
     finally:
         metrics._summary_task.cancel()
     line = next(r.getMessage() for r in caplog.records if "requests" in r.getMessage())
-    for part in ("1 requests (0 failed)", "p50 ", "p99 ", "tokens/s", "queue depth 0", "batch fill"):
+    parts = ("1 requests (0 failed)", "p50 ", "p99 ", "tokens/s", "queue depth 0", "batch fill")
+    for part in parts:
         assert part in line, line
 
 
@@ -341,9 +342,8 @@ def test_a_real_prometheus_scrapes_the_worker(served, http, prometheus):
     http.post("/v1/embeddings", json={"model": "no-such-model", "input": "x"})
     wait_for_value(prometheus, 'up{job="worker"}', 1)
     requests = 'sum(embedding_worker_requests_total{route="/v1/embeddings",status="200"})'
-    served_now = sum(
-        value(scrape(served), "embedding_worker_requests_total", route="/v1/embeddings", status=s)
-        for s in ("200",)
+    served_now = value(
+        scrape(served), "embedding_worker_requests_total", route="/v1/embeddings", status="200"
     )
     assert wait_for_value(prometheus, requests, served_now) == served_now
     not_found = 'embedding_worker_requests_total{code="model_not_found",model=""}'
