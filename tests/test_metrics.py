@@ -1,6 +1,6 @@
 """Metrics: GET /metrics in Prometheus' text format on the local server and in load-balancing
-mode, read back by a real Prometheus server; `stats` in /v1/models; the summary line a minute for RunPod
-queue endpoints. Real HTTP, real engines."""
+mode, read back by a real Prometheus server; `stats` in /v1/models; the summary line a minute for
+RunPod queue endpoints. Real HTTP, real engines."""
 
 from __future__ import annotations
 
