@@ -42,7 +42,6 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from . import __version__
 from .logs import get_logger
 from .tiers import TIERS
 
@@ -306,14 +305,6 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
-        self.info = Gauge(
-            f"{PREFIX}_build_info",
-            "The worker's version",
-            ["version"],
-            registry=r,
-            multiprocess_mode="max",
-        )
-        self.info.labels(__version__).set(1)
         for served_id in model_ids:
             for tier in TIERS:  # present from the start, at 0, so a dashboard sees every model
                 self.queue_depth.labels(served_id, tier)
