@@ -85,11 +85,12 @@ def test_a_request_is_counted_with_its_route_model_tier_and_batches(served, http
     assert grew("embedding_worker_requests_total", **request, status="200", code="") == 1
     assert grew("embedding_worker_inputs_total", **request) == len(TEXTS)
     assert grew("embedding_worker_tokens_total", **request) == tokens
-    assert grew("embedding_worker_request_duration_seconds_count", **request) == 1
+    routed = {"route": "/v1/embeddings", "model": served.embedder}
+    assert grew("embedding_worker_request_duration_seconds_count", **routed) == 1
     for split in ("queue", "model"):
         name = f"embedding_worker_request_{split}_duration_seconds_count"
         assert grew(name, model=served.embedder, tier="flex") == 1
-    total = grew("embedding_worker_request_duration_seconds_sum", **request)
+    total = grew("embedding_worker_request_duration_seconds_sum", **routed)
     queued = grew("embedding_worker_request_queue_duration_seconds_sum", model=served.embedder)
     model = grew("embedding_worker_request_model_duration_seconds_sum", model=served.embedder)
     assert 0 < queued + model <= total

@@ -38,6 +38,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -74,6 +75,10 @@ NO_MODEL = ""  # a request that never resolved a served model
 OTHER_CODE = "other"
 _CODE = re.compile(r"[a-z][a-z_]{0,39}")
 SUMMARY_INTERVAL_S = 60.0
+
+# No `_created` series beside each counter and histogram: they would double a scrape's series for a
+# timestamp that the process's own start time (process_start_time_seconds) already gives.
+disable_created_metrics()
 
 
 @dataclass(slots=True)
@@ -241,7 +246,7 @@ class Metrics:
         self.duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Time from taking a request to its answer",
-            request,
+            ["route", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -326,7 +331,7 @@ class Metrics:
         labelled = self._labelled.get(key)
         if labelled is None:
             labelled = self._labelled[key] = (
-                self.duration.labels(*key),
+                self.duration.labels(route, model),
                 self.inputs.labels(*key),
                 self.tokens.labels(*key),
             )
