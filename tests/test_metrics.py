@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.transports.http import LocalServer, ServerSettings, create_app
 from embedding_worker.transports.runpod import runpod_handler
+from tests.conftest import ROOT
 from tests.test_server import ServerThread, free_port
 
 API_KEY = "metrics-test-key"
@@ -360,3 +362,43 @@ def test_a_real_prometheus_scrapes_the_worker(served, http, prometheus):
     assert 0 < wait_for_value(prometheus, p99, 1e-6) <= 120
     health = f'embedding_worker_engine_healthy{{model="{served.reranker}"}}'
     assert wait_for_value(prometheus, health, 1) == 1
+
+
+# ------------------------------------------------------------------ several server processes
+
+RECORD_ONE_REQUEST = """
+import sys, time
+from embedding_worker.metrics import Metrics, RequestRecord
+metrics = Metrics(["org/model"], ["/v1/embeddings"])
+record = RequestRecord(time.perf_counter(), "/v1/embeddings", "default", "org/model", 3, 30)
+metrics.finish(record, 200, None)
+if sys.argv[1] == "scrape":
+    sys.stdout.write(metrics.exposition({"org/model": True}).decode())
+"""
+
+
+def test_several_processes_add_up_in_one_scrape(tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR, each process's counts go to that folder and a scrape of any
+    process reads them all."""
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+    }
+
+    def run(role: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", RECORD_ONE_REQUEST, role],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    run("record")
+    run("record")
+    found = samples(run("scrape"))
+    labels = {"route": "/v1/embeddings", "model": "org/model", "status": "200"}
+    assert value(found, "embedding_worker_requests_total", **labels) == 3
+    assert value(found, "embedding_worker_inputs_total", model="org/model") == 9
+    assert value(found, "embedding_worker_request_duration_seconds_count", model="org/model") == 3
+    assert value(found, "process_resident_memory_bytes") > 0
