@@ -315,7 +315,8 @@ class Metrics:
                 self.queue_depth.labels(served_id, tier)
             self.healthy.labels(served_id).set(1)
         self.models = {served_id: ModelMetrics(served_id, self) for served_id in model_ids}
-        self._labelled: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        # Each labelled child once made: `labels()` takes a lock and checks every value each call.
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._summary_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------- recording
@@ -327,25 +328,18 @@ class Metrics:
         model = record.model if record.model in self.models else NO_MODEL
         tier = record.tier if record.tier in TIERS else ""
         code_label = "" if code is None else (code if _CODE.fullmatch(code) else OTHER_CODE)
-        key = (route, model, tier)
-        labelled = self._labelled.get(key)
-        if labelled is None:
-            labelled = self._labelled[key] = (
-                self.duration.labels(route, model),
-                self.inputs.labels(*key),
-                self.tokens.labels(*key),
-            )
-        duration, inputs, tokens = labelled
-        self.requests.labels(route, model, tier, str(status), code_label).inc()
+        child = self._child
+        child(self.requests, route, model, tier, str(status), code_label).inc()
         total = now - record.started
-        duration.observe(total)
+        child(self.duration, route, model).observe(total)
         if record.inputs:
-            inputs.inc(record.inputs)
-            tokens.inc(record.tokens)
+            child(self.inputs, route, model, tier).inc(record.inputs)
+            child(self.tokens, route, model, tier).inc(record.tokens)
         if record.entered is not None and record.answered is not None:
             handed = record.handed if record.handed is not None else record.entered
-            self.queue_duration.labels(model, tier).observe(max(0.0, handed - record.entered))
-            self.model_duration.labels(model, tier).observe(max(0.0, record.answered - handed))
+            queued, computed = handed - record.entered, record.answered - handed
+            child(self.queue_duration, model, tier).observe(max(0.0, queued))
+            child(self.model_duration, model, tier).observe(max(0.0, computed))
         counted = self.models.get(model)
         if counted is not None:
             tally = counted.tally
@@ -354,6 +348,13 @@ class Metrics:
             tally.inputs += record.inputs
             tally.tokens += record.tokens
             tally.latency[bisect.bisect_left(LATENCY_BUCKETS, total)] += 1
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def model_loaded(self, served_id: str, seconds: float) -> None:
         if served_id in self.models:
