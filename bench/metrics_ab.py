@@ -1,11 +1,13 @@
 """What metrics cost: the handler with metrics on and off against the raw engine, and one scrape.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m bench.metrics_ab [--model minilm] [--length short]
-        [--inputs 1024] [--rounds 21] [--scrapes 200]
+        [--inputs 1024] [--rounds 21] [--scrapes 200] [--hook-calls 20000]
 
 Two workers on one model (float32), one with METRICS=false, and two identical raw Infinity engines
 (the A/A control), called in interleaved rounds of concurrent 16-input requests through the RunPod
-handler. Prints paired median ratios of wall and CPU time (> 1: the first named is faster).
+handler. Prints paired median ratios of wall and CPU time (> 1: the first named is faster). On a
+shared machine those ratios resolve no better than the A/A row, so the CPU that metrics add to a
+request is also measured alone, in a loop, against the handler's CPU a request.
 
 Then the cost of one scrape of a worker serving 5 models, each seen on several routes, at every
 tier, with successes and two kinds of failure (the series a busy worker exports): the median time
@@ -34,7 +36,8 @@ from bench.common import (
 from embedding_worker import operations
 from embedding_worker.allocator import keep_freed_memory
 from embedding_worker.dispatch import Worker, route_label
-from embedding_worker.metrics import Metrics, RequestRecord
+from embedding_worker.engines.tokenization import counted
+from embedding_worker.metrics import Metrics, RequestRecord, tag_inputs
 from embedding_worker.tiers import TIERS
 from embedding_worker.transports.runpod import runpod_handler
 
@@ -59,6 +62,29 @@ def busy_metrics() -> Metrics:
                     record.entered, record.handed, record.answered = now - 0.015, now - 0.01, now
                     metrics.finish(record, status, code)
     return metrics
+
+
+def hooks_cpu_per_request(texts_per_request: int, calls: int) -> float:
+    """CPU seconds of everything metrics add to one request, measured alone: dispatch's record and
+    its `finish`, the engine's marks on the texts and the queue depth's two changes, and half of a
+    32-row batch's report (two requests of 16 texts fill one batch)."""
+    metrics = Metrics(["org/model"], [route_label(op) for op in operations.OPERATIONS])
+    model = metrics.models["org/model"]
+    texts = counted([f"text {i}" for i in range(texts_per_request)], [12] * texts_per_request)
+    lengths = [12] * 2 * texts_per_request
+    started = time.process_time()
+    for i in range(calls):
+        now = time.perf_counter()
+        record = RequestRecord(now, "/v1/embeddings", "default")
+        record.model, record.entered = "org/model", now
+        tag_inputs(texts, record)
+        model.queue_changed(1, texts_per_request)
+        if i % 2:
+            model.batch_formed(lengths, texts + texts)
+        model.queue_changed(1, -texts_per_request)
+        record.answered, record.inputs, record.tokens = now, texts_per_request, 200
+        metrics.finish(record, 200, None)
+    return (time.process_time() - started) / calls
 
 
 async def compare(args: argparse.Namespace) -> None:
@@ -117,6 +143,14 @@ async def compare(args: argparse.Namespace) -> None:
             f"CPU {paired_ratio(cpu, a, b):.3f}"
         )
     per_request = statistics.median(times["metrics on"]) / len(requests)
+    cpu_per_request = statistics.median(cpu["metrics off"]) / len(requests)
+    hooks = hooks_cpu_per_request(texts_per_request=len(requests[0]), calls=args.hook_calls)
+    print(
+        f"the metrics' own CPU a request of {len(requests[0])} texts (dispatch's record, the "
+        f"engine's marks and queue depth, half a batch), {args.hook_calls} in a loop: "
+        f"{1e6 * hooks:.1f} us, {hooks / cpu_per_request:.4f} of the handler's CPU a request "
+        f"with metrics off ({1e3 * cpu_per_request:.2f} ms)"
+    )
 
     metrics = busy_metrics()
     healthy = dict.fromkeys(metrics.models, True)
@@ -153,6 +187,7 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--scrapes", type=int, default=200)
+    parser.add_argument("--hook-calls", type=int, default=20000)
     asyncio.run(compare(parser.parse_args()))
 
 
