@@ -157,9 +157,11 @@ async def test_standard_jobs_are_told_apart_without_taking_other_jobs(worker, id
     assert counted["count"] == 3 and "service_tier" not in counted
     decoded = await ok(worker, {"model": ids["minilm"], "ids": [7592]})
     assert decoded == ["hello"]
-    # TEI's `inputs` belongs to other servers' embed bodies too: not a standard-flavour job.
+    # A standard-flavour `inputs` is contextualized chunk embeddings' (documents of chunks), never
+    # tokenize's: TEI's string is refused naming the shape.
     reply = await worker.dispatch({"model": ids["minilm"], "inputs": "hello"})
-    assert reply.status == 400 and "'prompt' (tokenize)" in reply.body["error"]["message"]
+    assert reply.status == 400 and reply.body["error"]["param"] == "inputs"
+    assert "documents" in reply.body["error"]["message"]
     # The OpenAI proxy flavour answers in a one-element list.
     proxied = await runpod_handler(worker)(
         {

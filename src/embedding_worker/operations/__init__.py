@@ -13,7 +13,17 @@ from typing import Any
 from urllib.parse import unquote
 
 from ..engines import ModelRegistry
-from . import batch, classify, cohere, embeddings, infinity_api, models, rerank, tokenize
+from . import (
+    batch,
+    classify,
+    cohere,
+    contextualized,
+    embeddings,
+    infinity_api,
+    models,
+    rerank,
+    tokenize,
+)
 from .base import Context, Operation
 
 # A standard-flavour job is the first operation here whose fields it holds (and that applies to the
@@ -29,6 +39,7 @@ OPERATIONS: tuple[Operation, ...] = (
     classify.INFINITY,
     *cohere.OPERATIONS,
     *infinity_api.OPERATIONS,
+    contextualized.OPERATION,
     tokenize.OPERATION,
     tokenize.DETOKENIZE,
 )
