@@ -30,6 +30,7 @@ from bench.common import RESULTS, interleaved, log, model_dir, offline, paired_r
 from embedding_worker.allocator import keep_freed_memory
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 from tests.model_factory import CORPUS
 
 PER_REQUEST = 2
@@ -79,7 +80,7 @@ async def chunked_row(texts_count: int, tokens: int, rounds: int) -> dict[str, A
                 {"input": request, "long_inputs": "chunk", "encoding_format": "base64"}
                 for request in requests
             ]
-            replies = await asyncio.gather(*(worker.dispatch(job) for job in jobs))
+            replies = await asyncio.gather(*(answer_job(worker, job) for job in jobs))
             assert all(reply.status == 200 for reply in replies), replies[0].body
 
         def through_engine(engine: Any) -> Any:
@@ -126,7 +127,7 @@ async def late_row(documents: int, rounds: int) -> dict[str, Any]:
         def through_worker(late: bool) -> Any:
             async def run() -> None:
                 jobs = [{"input": chunks, "late_chunking": late} for chunks in docs]
-                replies = await asyncio.gather(*(worker.dispatch(job) for job in jobs))
+                replies = await asyncio.gather(*(answer_job(worker, job) for job in jobs))
                 assert all(reply.status == 200 for reply in replies), replies[0].body
 
             return run
@@ -135,7 +136,7 @@ async def late_row(documents: int, rounds: int) -> dict[str, Any]:
         for call in variants.values():
             await call()
         times = await interleaved(variants, rounds)
-        usage = await worker.dispatch({"input": docs[0], "late_chunking": True})
+        usage = await answer_job(worker, {"input": docs[0], "late_chunking": True})
         return {
             "pass_tokens": usage.body["usage"]["total_tokens"],
             "late_vs_alone": paired_ratio(times, "late", "alone"),

@@ -12,18 +12,18 @@ import numpy as np
 import openai
 import pytest
 
-from embedding_worker import operations
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.encoding import quantize
 from embedding_worker.engines import Health, ModelRegistry
 from embedding_worker.env import ConfigError
+from embedding_worker.transports import runpod
 from embedding_worker.transports.batch_files import run_batch
 from embedding_worker.transports.batch_run import BatchOptions
 from embedding_worker.transports.http import create_app
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 from tests import model_factory
-from tests.helpers import decode_vectors
+from tests.helpers import call, decode_vectors
 from tests.long_inputs_recipe import Recipe
 from tests.test_server import ServerThread
 
@@ -91,14 +91,14 @@ def minilm_recipe(minilm_path):
 
 async def embed(worker, **body):
     body.setdefault("model", DEFAULT_MODEL_ID)  # the shared worker serves several embedders
-    reply = await worker.dispatch(body)
+    reply = await answer_job(worker, body)
     assert reply.status == 200, reply.body
     return decode_vectors(reply.body), reply.body["usage"]["total_tokens"]
 
 
 async def refused(worker, body, route=None):
     body = {"model": DEFAULT_MODEL_ID, **body}
-    reply = await (worker.call(route, body) if route else worker.dispatch(body))
+    reply = await (call(worker, route, body) if route else answer_job(worker, body))
     assert reply.status == 400, reply.body
     return reply.body["error"]
 
@@ -278,7 +278,7 @@ DOCUMENTS = [[text_of(30), text_of(12, 3)], [text_of(50, 7)], [text_of(8, 1), "x
 
 
 async def test_contextualized_embeddings_late_chunk_each_document(worker, minilm_recipe):
-    reply = await worker.call(CONTEXT_ROUTE, {"model": DEFAULT_MODEL_ID, "inputs": DOCUMENTS})
+    reply = await call(worker, CONTEXT_ROUTE, {"model": DEFAULT_MODEL_ID, "inputs": DOCUMENTS})
     assert reply.status == 200, reply.body
     got = nested_vectors(reply.body)
     want = [minilm_recipe.late_chunked(document) for document in DOCUMENTS]
@@ -297,17 +297,17 @@ async def test_output_dimension_dtype_and_base64(worker, minilm_recipe):
         "output_dimension": 64,
         "encoding_format": "base64",
     }
-    reply = await worker.call(CONTEXT_ROUTE, body)
+    reply = await call(worker, CONTEXT_ROUTE, body)
     for vectors, expected in zip(nested_vectors(reply.body), want):
         np.testing.assert_allclose(vectors, expected, atol=1e-5)
-    int8 = await worker.call(
-        CONTEXT_ROUTE, {**body, "output_dtype": "int8", "encoding_format": None}
+    int8 = await call(
+        worker, CONTEXT_ROUTE, {**body, "output_dtype": "int8", "encoding_format": None}
     )
     floats = nested_vectors(reply.body)
     for document, vectors in zip(int8.body["data"], floats):
         got = np.array([item["embedding"] for item in document["data"]])
         assert np.abs(got - quantize(vectors, "int8")).max() <= 1
-    binary = await worker.call(CONTEXT_ROUTE, {**body, "output_dtype": "ubinary"})
+    binary = await call(worker, CONTEXT_ROUTE, {**body, "output_dtype": "ubinary"})
     packed = np.frombuffer(base64.b64decode(binary.body["data"][0]["data"][0]["embedding"]), "u1")
     np.testing.assert_array_equal(packed, quantize(floats[0][:1], "ubinary")[0])
 
@@ -338,8 +338,8 @@ async def test_contextualized_refuses_a_model_that_is_not_mean_pooled(tiny_worke
 
 def test_a_standard_flavour_job_holding_inputs_is_contextualized():
     registry = ModelRegistry([], Health())
-    assert operations.recognise({"inputs": [["a", "b"]]}, registry).route == CONTEXT_ROUTE
-    assert operations.recognise({"input": ["a", "b"]}, registry).route == "/v1/embeddings"
+    assert runpod.recognise({"inputs": [["a", "b"]]}, registry).route == CONTEXT_ROUTE
+    assert runpod.recognise({"input": ["a", "b"]}, registry).route == "/v1/embeddings"
 
 
 # ------------------------------------------------------------------ transports
@@ -439,6 +439,6 @@ async def test_batch_lines(worker, minilm_recipe, tmp_path):
         np.testing.assert_allclose(vectors, minilm_recipe.late_chunked(document)[0], atol=1e-5)
     got = decode_vectors(answers["long"]["body"])[0]
     np.testing.assert_allclose(got, minilm_recipe.chunked(text)[0], atol=1e-5)
-    job = await worker.dispatch({"batch": lines})
+    job = await answer_job(worker, {"batch": lines})
     assert job.status == 200
     assert [a["response"]["status_code"] for a in job.body["data"]] == [200, 200]

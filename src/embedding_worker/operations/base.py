@@ -18,7 +18,7 @@ from ..engines import Capability, ModelEngine, ModelRegistry
 from ..errors import APIError
 from ..limits import SMALL_CHARS, Limits, is_small
 from ..metrics import Metrics
-from ..reply import Reply
+from ..reply import Answer
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ class Context(Protocol):
     @property
     def healthy(self) -> bool: ...
 
-    async def call(self, route: str, body: Any, line: str | None = None) -> Reply:
+    async def request(self, route: str, body: Any, line: str | None = None) -> Answer:
         """Answer another route's request within this job; `line` names it in the job's logs."""
         ...
 
