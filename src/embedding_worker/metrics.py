@@ -11,8 +11,8 @@ and padded tokens, so batch fill is a ratio.
 
 Every label value comes from the worker's own configuration and registry: served model ids, the
 operations' routes, the service tiers, the HTTP statuses and error codes the worker itself writes.
-A request naming an unknown path or model is counted under `route="unmatched"` or `model=""`, so a
-flood of made-up names adds no series.
+A request naming an unknown model is counted under `model=""` (one naming no operation never
+reaches dispatch), so a flood of made-up names adds no series.
 
 The metrics are prometheus-client's own classes: with PROMETHEUS_MULTIPROC_DIR set (several server
 processes), their values live in that folder's files and a scrape reads every process's
