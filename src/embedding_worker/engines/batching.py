@@ -60,6 +60,8 @@ class SelfBatching(ABC):
 
     # ModelEngine.progressed of the engine: told after every forward pass (admission.py).
     progressed: Callable[[], None]
+    # ModelEngine.batch_formed of the engine: told of each batch handed to the model (metrics.py).
+    batch_formed: Callable[[Sequence[int], Sequence[Any]], None]
 
     def _init_batching(self, wide_short_batches: bool = True) -> None:
         self.scheduler = Scheduler(
@@ -75,6 +77,7 @@ class SelfBatching(ABC):
         self._batcher: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None
         self.scheduler.listen(self._changed)
+        self.scheduler.on_batch = self.batch_formed
 
     def _changed(self) -> None:
         # The scheduler calls this on the event loop: a submission, an answer, a turn's end.
@@ -121,7 +124,8 @@ class SelfBatching(ABC):
             raise errors.unavailable(f"model '{self.served_id}' is not started")
         loop = asyncio.get_running_loop()
         works = [
-            Work(text.tokens, loop.create_future(), Item(text, options, text.ids)) for text in texts
+            Work(text.tokens, loop.create_future(), Item(text, options, text.ids), source=text)
+            for text in texts
         ]
         self.scheduler.submit(works)
         try:

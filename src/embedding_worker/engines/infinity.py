@@ -123,6 +123,7 @@ class InfinityModel(ModelEngine):
             full_batch_wake=on.full_batch_wake,
             wide_short_batches=on.wide_short_batches,
         )
+        self.scheduler.on_batch = self.batch_formed
         self._queue: adapter.PacedQueue | None = None  # set by start(): Infinity makes its queue
         self.prompts = dict(getattr(replica, "prompts", None) or {})
         self.default_prompt_name = getattr(replica, "default_prompt_name", None)
@@ -259,9 +260,9 @@ class InfinityModel(ModelEngine):
         # Runs after Infinity's own start, which makes a new batch handler (and queue) every time.
         self._queue = adapter.install_queue(self.engine, self.scheduler)
 
-    async def _compute(self, items: list[Any]) -> list[Any]:
+    async def _compute(self, items: list[Any], sources: list[Any]) -> list[Any]:
         """The answers of Infinity queue items (infinity_adapter's `text_item`, ...)."""
-        return await adapter.compute(self.scheduler, items)
+        return await adapter.compute(self.scheduler, items, sources)
 
 
 class InfinityEmbedder(InfinityModel, Embedder):
@@ -303,7 +304,7 @@ class InfinityEmbedder(InfinityModel, Embedder):
 
     async def _embed(self, texts: list[Text]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        vectors = await self._compute([adapter.text_item(text, loop) for text in texts])
+        vectors = await self._compute([adapter.text_item(text, loop) for text in texts], texts)
         return np.asarray(vectors, dtype=np.float32)
 
 
@@ -353,7 +354,7 @@ class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
             else adapter.image_item(item, loop)
             for item in inputs
         ]
-        vectors = await self._compute(items)
+        vectors = await self._compute(items, inputs)
         return np.asarray(vectors, dtype=np.float32)
 
 
@@ -366,7 +367,7 @@ class InfinityReranker(InfinityModel, Reranker):
         # The cross-encoder's logits in document order, and the sigmoid Infinity's `rerank`
         # applies; the worker sorts itself (the same way for every engine kind).
         loop = asyncio.get_running_loop()
-        logits = await self._compute([adapter.pair_item(query, doc, loop) for doc in docs])
+        logits = await self._compute([adapter.pair_item(query, doc, loop) for doc in docs], docs)
         scores = 1 / (1 + np.exp(-np.array(logits)))
         return np.asarray(scores, dtype=np.float64)
 
@@ -399,7 +400,7 @@ class InfinityClassifier(InfinityModel, Classifier):
 
     async def _classify(self, texts: list[Text], raw_scores: bool) -> list[LabelScores]:
         loop = asyncio.get_running_loop()
-        ranked = await self._compute([adapter.predict_item(text, loop) for text in texts])
+        ranked = await self._compute([adapter.predict_item(text, loop) for text in texts], texts)
         answers = []
         for labels in ranked:
             by_label = {item["label"]: float(item["score"]) for item in labels}

@@ -154,10 +154,14 @@ def image_item(image: Any, loop: asyncio.AbstractEventLoop) -> Any:
     return kinds.ImageInner(content=kinds.ImageSingle(image=image), future=loop.create_future())
 
 
-async def compute(scheduler: Scheduler, items: Sequence[Any]) -> list[Any]:
-    """The answers of Infinity queue items (`text_item`, ...), once the scheduler has handed them
-    to Infinity's threads and Infinity has answered each."""
-    works = [Work(queued_tokens(item.content), item.future, item) for item in items]
+async def compute(scheduler: Scheduler, items: Sequence[Any], sources: Sequence[Any]) -> list[Any]:
+    """The answers of Infinity queue items (`text_item`, ...), made of the caller's `sources`
+    (one each), once the scheduler has handed them to Infinity's threads and Infinity has
+    answered each."""
+    works = [
+        Work(queued_tokens(item.content), item.future, item, source=source)
+        for item, source in zip(items, sources)
+    ]
     scheduler.submit(works)
     return list(await asyncio.gather(*(work.future for work in works)))
 

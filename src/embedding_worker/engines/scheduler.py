@@ -89,6 +89,7 @@ class Work:
     payload: Any  # the engine's own item (Infinity's queue item; SelfBatching's Item)
     tier: int = field(default_factory=lambda: tier_rank(current_tier.get()))
     arrival: int = field(default_factory=lambda: next(_arrivals))  # the order of submission
+    source: Any = None  # the caller's input it was made of (a tokenization.Text), for metrics
     batch: _Batch | None = None  # set when handed to the model
 
     @property
@@ -149,6 +150,9 @@ class Scheduler:
         self.passed = [0] * len(TIERS)  # hand-overs each tier's waiting work sat out
         self.in_model = 0  # batches handed over and not yet answered
         self.observers: list[BatchObserver] = []
+        # Told of each batch handed over, from the thread that takes it: its inputs' tokens and
+        # sources (ModelEngine.batch_formed, metrics.py).
+        self.on_batch: Callable[[list[int], list[Any]], None] | None = None
         self._listeners: list[Callable[[], None]] = []
         self._changed = threading.Condition()
         self._wake_pending = False
@@ -310,6 +314,10 @@ class Scheduler:
             self.in_model += len(batches)
         # An input whose future is done by now was dropped above, under the lock; one done later
         # calls back (`_answered`) after the lock is let go, and finds its batch.
+        if self.on_batch is not None:
+            for works in batches:
+                fed = [self.tokens_fed(work) for work in works]
+                self.on_batch(fed, [work.source for work in works])
         for observer in self.observers:
             for works in batches:
                 fed = [self.tokens_fed(work) for work in works]

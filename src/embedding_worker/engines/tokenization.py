@@ -66,6 +66,7 @@ class Text:
     tokens: int
     ids: np.ndarray | None = None
     type_ids: np.ndarray | None = None  # only where the model takes token_type_ids
+    request: Any = None  # the request's metrics record (metrics.tag_inputs), where metrics are on
 
     @property
     def fed_ids(self) -> np.ndarray:
