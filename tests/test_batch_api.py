@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,8 +26,9 @@ import pytest
 
 from embedding_worker import errors
 from embedding_worker.config import DEFAULT_MODEL_ID
+from embedding_worker.env import ConfigError
 from embedding_worker.errors import APIError
-from embedding_worker.transports.openai_batches import BatchAPI, BatchSettings
+from embedding_worker.transports.openai_batches import BATCH_VARIABLES, BatchAPI, BatchSettings
 from embedding_worker.transports.openai_batches.multipart import FormReader, boundary_of
 from embedding_worker.transports.openai_batches.runner import validate
 from embedding_worker.transports.openai_batches.store import Lease, Store
@@ -114,7 +116,7 @@ def server_env(bert_embedder) -> dict[str, str]:
         "BATCH_SIZES": "16",
         "DTYPES": "float32",
         "WORKER_API_KEY": API_KEY,
-        "BATCH_LEASE_S": "2",
+        "BATCH_LEASE_S": "4",
         "BATCH_CONCURRENCY": "16",
         "BATCH_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
         "BATCH_MAX_LINES": str(MAX_LINES),
@@ -435,35 +437,26 @@ def test_cancelling_keeps_what_was_answered_and_stops_the_rest(server, tmp_path)
     assert client.files.delete(uploaded.id).deleted
 
 
-def test_a_batch_killed_mid_run_resumes_after_restart_answering_each_line_once(
-    server_env, tmp_path
-):
-    folder = tmp_path / "batches"
-    first = Server(server_env, folder).start()
-    try:
-        client = first.client()
-        bodies = long_lines(160, prefix="k")
-        uploaded = upload(client, tmp_path, [line(cid, body) for cid, body in bodies.items()])
-        created = client.batches.create(
-            input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
-        )
-        running = wait_for(client, created.id, lambda b: b.request_counts.completed >= 10)
-        assert running.status == "in_progress"
-    finally:
-        first.kill()
-    second = Server(server_env, folder).start()
-    try:
-        client = second.client()
-        batch = finished(client, created.id)
-        assert batch.status == "completed", second.output()[-3000:]
-        assert batch.request_counts.model_dump() == {"total": 160, "completed": 160, "failed": 0}
-        assert batch.error_file_id is None
-        outputs = content_lines(client, batch.output_file_id)
-        ids = [o["custom_id"] for o in outputs]
-        assert sorted(ids) == sorted(bodies) and len(ids) == len(set(ids))
-        check_vectors(client, outputs[:5] + outputs[-5:], bodies)
-    finally:
-        second.stop()
+def test_a_batch_killed_mid_run_resumes_after_restart_answering_each_line_once(server, tmp_path):
+    """Last of the server's tests: it kills the module's server and starts it again."""
+    client = server.client()
+    bodies = long_lines(100, prefix="k")
+    uploaded = upload(client, tmp_path, [line(cid, body) for cid, body in bodies.items()])
+    created = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    running = wait_for(client, created.id, lambda b: b.request_counts.completed >= 10)
+    assert running.status == "in_progress"
+    server.kill()
+    client = server.start().client()
+    batch = finished(client, created.id)
+    assert batch.status == "completed", server.output()[-3000:]
+    assert batch.request_counts.model_dump() == {"total": 100, "completed": 100, "failed": 0}
+    assert batch.error_file_id is None
+    outputs = content_lines(client, batch.output_file_id)
+    ids = [o["custom_id"] for o in outputs]
+    assert sorted(ids) == sorted(bodies) and len(ids) == len(set(ids))
+    check_vectors(client, outputs[:5] + outputs[-5:], bodies)
 
 
 # --- in this process ----------------------------------------------------------------------------
@@ -609,3 +602,15 @@ def test_retention_removes_the_oldest_finished_batches_with_their_files(tmp_path
     with pytest.raises(APIError) as raised:
         store.get_batch("../" + "batches/x")
     assert raised.value.status == 404 and raised.value.code == errors.not_found("").code
+
+
+def test_every_batch_variable_is_documented_and_checked():
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    table = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", docs, re.M))
+    assert set(BATCH_VARIABLES) <= table
+    assert BatchSettings.from_env({}) == BatchSettings()
+    read = BatchSettings.from_env({"BATCH_DIR": "/data/b", "BATCH_LEASE_S": "5"})
+    assert read.dir == Path("/data/b") and read.lease_s == 5.0
+    for name in BATCH_VARIABLES[1:]:
+        with pytest.raises(ConfigError, match=name):
+            BatchSettings.from_env({name: "0"})

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-CHECKPOINT_S = 1.0  # how often the parts are made durable and the record rewritten
+CHECKPOINT_S = 1.0  # at most this long between making the parts durable and writing the record
 MAX_VALIDATION_ERRORS = 10  # errors a failed validation reports (the first ones)
 TIER = "flex"  # every line's tier: batch work never goes ahead of interactive work
 INLINE_LINE_BYTES = 64 * 1024  # longer lines are parsed on a thread
@@ -330,7 +330,8 @@ class Runner:
         failing engine, and make what is written durable."""
         renewed = time.monotonic()
         while True:
-            await asyncio.sleep(CHECKPOINT_S)
+            # Often enough that a few late turns of a busy event loop leave the lease held.
+            await asyncio.sleep(min(CHECKPOINT_S, self.lease.term_s / 8))
             try:
                 if time.monotonic() - renewed >= self.lease.term_s / 4:
                     if not await asyncio.to_thread(self.lease.renew):
