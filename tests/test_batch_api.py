@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,18 @@ import openai
 import pytest
 
 from embedding_worker import errors
-from embedding_worker.config import DEFAULT_MODEL_ID
+from embedding_worker.config import DEFAULT_MODEL_ID, load_config
+from embedding_worker.dispatch import Worker
 from embedding_worker.env import ConfigError
 from embedding_worker.errors import APIError
+from embedding_worker.transports.http import LocalServer, ServerSettings
 from embedding_worker.transports.openai_batches import BATCH_VARIABLES, BatchAPI, BatchSettings
 from embedding_worker.transports.openai_batches.multipart import FormReader, boundary_of
 from embedding_worker.transports.openai_batches.runner import validate
 from embedding_worker.transports.openai_batches.store import Lease, Store
 from tests.conftest import ROOT
 from tests.helpers import decode_vectors
+from tests.test_server import ServerThread
 
 API_KEY = "batch-api-test-key"
 FINISHED = ("completed", "failed", "cancelled", "expired")
@@ -457,6 +461,35 @@ def test_a_batch_killed_mid_run_resumes_after_restart_answering_each_line_once(s
     ids = [o["custom_id"] for o in outputs]
     assert sorted(ids) == sorted(bodies) and len(ids) == len(set(ids))
     check_vectors(client, outputs[:5] + outputs[-5:], bodies)
+
+
+def test_load_balancing_mode_takes_batches_while_the_models_load(bert_embedder, tmp_path):
+    """Behind RunPod's load balancer: files and batches are answered while the models load (from
+    the folder), and the batch runs once they are ready; under /openai/v1 as under /v1."""
+    release = threading.Event()
+
+    def load() -> Worker:
+        assert release.wait(120)
+        return Worker.from_config(load_config({"MODEL_NAMES": str(bert_embedder)}))
+
+    settings = ServerSettings(batches=BatchSettings(dir=tmp_path / "batches", lease_s=4))
+    app = LocalServer(None, settings, load=load, runpod_proxy=True)
+    with ServerThread(app) as served:
+        client = openai.OpenAI(base_url=served.url + "/openai/v1", api_key="x", max_retries=0)
+        (tmp_path / "in.jsonl").write_text(line("a", {"input": ["one", "two"]}) + "\n")
+        with open(tmp_path / "in.jsonl", "rb") as source:
+            uploaded = client.files.create(file=source, purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+        )
+        assert httpx.get(served.url + "/ping").status_code == 204  # still loading
+        time.sleep(1)
+        assert client.batches.retrieve(batch.id).status == "validating"
+        release.set()
+        batch = finished(client, batch.id, timeout_s=120)
+        assert batch.status == "completed"
+        (output,) = content_lines(client, batch.output_file_id)
+        assert decode_vectors(output["response"]["body"]).shape[0] == 2
 
 
 # --- in this process ----------------------------------------------------------------------------
