@@ -614,6 +614,36 @@ async def test_two_servers_sharing_a_folder_run_each_batch_once(worker, ids, tmp
     assert not list(tmp_path.glob("batches/*.lease")), "a lease was left behind"
 
 
+async def test_a_batch_past_its_window_expires_with_every_line_in_the_error_file(
+    worker, ids, tmp_path
+):
+    settings = BatchSettings(dir=tmp_path, lease_s=2.0)
+    api, store = BatchAPI(settings), Store(tmp_path)
+    content = store.temp_path()
+    content.write_text("\n".join(line(f"e{i}", {"input": "x"}) for i in range(5)) + "\n")
+    file_id = "file-" + "e" * 32
+    store.add_file(file_id, content, {"file": {"id": file_id, "purpose": "batch"}, "order": 0})
+    fields = {"input_file_id": file_id, "endpoint": "/v1/embeddings", "completion_window": "24h"}
+    created = (await api.create_batch(FakeRequest(fields))).body
+    record = store.get_batch(created["id"])
+    record["batch"]["expires_at"] = int(time.time()) - 1  # the window has ended
+    store.put_batch(record)
+    api.start(lambda: worker)
+    try:
+        async with asyncio.timeout(120):
+            while store.get_batch(created["id"])["batch"]["status"] not in FINISHED:
+                await asyncio.sleep(0.1)
+    finally:
+        await api.stop()
+    batch = store.get_batch(created["id"])["batch"]
+    assert batch["status"] == "expired" and batch["expired_at"] is not None
+    assert batch["request_counts"] == {"total": 5, "completed": 0, "failed": 5}
+    assert batch["output_file_id"] is None
+    lines = store.file_content(batch["error_file_id"]).read_text().splitlines()
+    assert sorted(json.loads(raw)["custom_id"] for raw in lines) == [f"e{i}" for i in range(5)]
+    assert {json.loads(raw)["error"]["code"] for raw in lines} == {"batch_expired"}
+
+
 def test_retention_removes_the_oldest_finished_batches_with_their_files(tmp_path):
     store = Store(tmp_path)
     store.ensure()

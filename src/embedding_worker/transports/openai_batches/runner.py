@@ -240,6 +240,8 @@ class Runner:
         """Answer the lines not answered yet; the final status to give the batch, or None when
         the run stops before the batch is done."""
         batch = self.record["batch"]
+        if time.time() > batch["expires_at"]:
+            self.reason = "expired"
         for kind, suffix in PARTS:
             self.parts[kind] = OutputFile(self._part(suffix))
         try:
@@ -357,7 +359,7 @@ class Runner:
         asked = await asyncio.to_thread(self.store.cancel_requested, self.batch_id)
         if asked is not None:
             self.cancel(asked)
-        elif batch.get("expires_at") and time.time() > batch["expires_at"]:
+        elif time.time() > batch["expires_at"]:
             self.reason = "expired"
         elif self.stopping() or not self.worker.healthy or not self.lease.valid:
             self.reason = "stop"
