@@ -213,42 +213,26 @@ class Request:
         """The raw body, refusing bodies over the limit before reading them whole, and bodies
         that do not arrive within SERVER_BODY_TIMEOUT_S (a client trickling bytes would otherwise
         hold its connection and buffer for ever)."""
-        limit = self._settings.max_body_bytes
-        declared = self.header(b"content-length")
-        if declared.isdigit() and int(declared) > limit:
-            raise _body_too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self._settings.body_timeout_s):
-                while True:
-                    message = await self._receive()
-                    if message["type"] == "http.disconnect":
-                        raise errors.invalid_input("the client went away before sending its body")
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise _body_too_large(limit)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            raise errors.request_timeout(
-                f"the request body did not arrive within {self._settings.body_timeout_s:g} s "
-                "(SERVER_BODY_TIMEOUT_S)"
-            ) from None
-        self.body_read = True
+        settings = self._settings
+        chunks = [c async for c in self.stream(settings.max_body_bytes, settings.body_timeout_s)]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def json(self) -> Any:
         return await parse_json(await self.body())
 
-    async def stream(self, limit: int, timeout_s: float) -> AsyncIterator[bytes]:
-        """The body as it arrives, for a route that stores it rather than holds it (an upload):
-        at most `limit` bytes, all within `timeout_s`."""
+    async def stream(
+        self,
+        limit: int,
+        timeout_s: float,
+        too_large: Callable[[int], APIError] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives (a route that stores it rather than holds it reads it so): at
+        most `limit` bytes, refused with `too_large(limit)` (by default SERVER_MAX_BODY_BYTES's
+        413), all within `timeout_s` (SERVER_BODY_TIMEOUT_S, or a deadline made from it)."""
+        refuse = too_large or _body_too_large
         declared = self.header(b"content-length")
         if declared.isdigit() and int(declared) > limit:
-            raise _body_too_large(limit)
+            raise refuse(limit)
         size = 0
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
@@ -257,14 +241,15 @@ class Request:
                     message = await self._receive()
             except TimeoutError:
                 raise errors.request_timeout(
-                    f"the request body did not arrive within {timeout_s:g} s"
+                    f"the request body did not arrive within {timeout_s:g} s "
+                    "(SERVER_BODY_TIMEOUT_S)"
                 ) from None
             if message["type"] == "http.disconnect":
                 raise errors.invalid_input("the client went away before sending its body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _body_too_large(limit)
+                raise refuse(limit)
             if chunk:
                 yield chunk
             if not message.get("more_body", False):

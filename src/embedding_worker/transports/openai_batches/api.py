@@ -49,7 +49,9 @@ class Incoming(Protocol):
 
     async def json(self) -> Any: ...
 
-    def stream(self, limit: int, timeout_s: float) -> AsyncIterator[bytes]: ...
+    def stream(
+        self, limit: int, timeout_s: float, too_large: Callable[[int], errors.APIError] | None
+    ) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,7 @@ class BatchAPI:
         # for SERVER_MAX_BODY_BYTES-sized bodies; the server's own bound stays for other routes.
         timeout_s = self._body_timeout_s * max(1.0, limit / (20 * 1024 * 1024))
         try:
-            async for chunk in request.stream(limit, timeout_s):
+            async for chunk in request.stream(limit, timeout_s, lambda _: _file_too_large(most)):
                 reader.feed(chunk)
                 if len(pending) >= WRITE_BYTES:
                     await asyncio.to_thread(out.write, bytes(pending))
