@@ -30,6 +30,7 @@ from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.env import ConfigError
 from embedding_worker.errors import APIError
+from embedding_worker.statuses import http_status
 from embedding_worker.transports.http import LocalServer, ServerSettings
 from embedding_worker.transports.openai_batches import BATCH_VARIABLES, BatchAPI, BatchSettings
 from embedding_worker.transports.openai_batches.multipart import FormReader, boundary_of
@@ -664,7 +665,7 @@ def test_retention_removes_the_oldest_finished_batches_with_their_files(tmp_path
     assert not store.prune_batches(1)  # only an unfinished batch is left to remove
     with pytest.raises(APIError) as raised:
         store.get_batch("../" + "batches/x")
-    assert raised.value.status == 404 and raised.value.code == errors.not_found("").code
+    assert http_status(raised.value) == 404 and raised.value.code == errors.not_found("").code
 
 
 def test_every_batch_variable_is_documented_and_checked():

@@ -1,6 +1,6 @@
 """Log lines that name their job, and tracebacks that never carry a payload.
 
-The job id lives in a context variable set by `Worker.dispatch`; asyncio copies it into every task
+The job id lives in a context variable set by `Worker.serve`; asyncio copies it into every task
 the job starts, so an engine call deep down still logs under its job. Lines logged outside a job
 (start-up, Infinity's batch threads) carry no prefix.
 """

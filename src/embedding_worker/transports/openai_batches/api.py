@@ -1,7 +1,7 @@
 """OpenAI's Files and Batches routes over the store, and the scheduler that runs the batches.
 
 The HTTP server (transports/http.py) asks `BatchAPI.routes(path)` for the handlers of a path and
-turns their `Answer` into its response; its API key, Host and Origin checks and its drain apply
+turns their `BatchAnswer` into its response; its API key, Host and Origin checks and its drain apply
 as to every route. The scheduler starts with the server: it takes up the batches a restart left
 unfinished, and any other server's whose lease has ended, one batch at a time, under a lease.
 """
@@ -63,13 +63,13 @@ class Download:
 
 
 @dataclass(frozen=True)
-class Answer:
+class BatchAnswer:
     body: Any = None  # a JSON body
     status: int = 200
     download: Download | None = None  # or a file's bytes
 
 
-Handler = Callable[[Incoming], Awaitable[Answer]]
+Handler = Callable[[Incoming], Awaitable[BatchAnswer]]
 
 
 async def _read(source: BinaryIO) -> AsyncGenerator[bytes, None]:
@@ -186,7 +186,7 @@ class BatchAPI:
 
     # --- files ----------------------------------------------------------------------------------
 
-    async def upload(self, request: Incoming) -> Answer:
+    async def upload(self, request: Incoming) -> BatchAnswer:
         """POST /v1/files: the file part streamed to a temporary file, bounded in bytes and lines
         as it arrives, then stored whole."""
         boundary = boundary_of(request.header(b"content-type").decode("latin-1"))
@@ -257,9 +257,9 @@ class BatchAPI:
         finally:
             out.close()
             await asyncio.to_thread(temp.unlink, missing_ok=True)
-        return Answer(record["file"])
+        return BatchAnswer(record["file"])
 
-    async def list_files(self, request: Incoming) -> Answer:
+    async def list_files(self, request: Incoming) -> BatchAnswer:
         query = _query(request)
         records = await asyncio.to_thread(self.store.all_files)
         purpose = query.get("purpose")
@@ -272,7 +272,7 @@ class BatchAPI:
         after = query.get("after")
         if after is not None:
             checked(FILE_ID, after, "file")
-        return Answer(_page(items, after, _limit(query, 10_000, 10_000)))
+        return BatchAnswer(_page(items, after, _limit(query, 10_000, 10_000)))
 
     async def _file(self, file_id: str) -> dict[str, Any]:
         record = await asyncio.to_thread(self.store.get_file, file_id)
@@ -280,19 +280,19 @@ class BatchAPI:
             raise errors.not_found("no such file")
         return record["file"]
 
-    async def get_file(self, file_id: str) -> Answer:
-        return Answer(await self._file(file_id))
+    async def get_file(self, file_id: str) -> BatchAnswer:
+        return BatchAnswer(await self._file(file_id))
 
-    async def file_content(self, file_id: str) -> Answer:
+    async def file_content(self, file_id: str) -> BatchAnswer:
         await self._file(file_id)
         try:
             source = await asyncio.to_thread(open, self.store.file_content(file_id), "rb")
         except FileNotFoundError:
             raise errors.not_found("no such file") from None
         size = os.fstat(source.fileno()).st_size
-        return Answer(download=Download(size, _read(source)))
+        return BatchAnswer(download=Download(size, _read(source)))
 
-    async def delete_file(self, file_id: str) -> Answer:
+    async def delete_file(self, file_id: str) -> BatchAnswer:
         checked(FILE_ID, file_id, "file")
         if file_id in await asyncio.to_thread(self.store.inputs_in_use):
             raise errors.invalid_input(
@@ -302,11 +302,11 @@ class BatchAPI:
             )
         if not await asyncio.to_thread(self.store.remove_file, file_id):
             raise errors.not_found("no such file")
-        return Answer({"id": file_id, "object": "file", "deleted": True})
+        return BatchAnswer({"id": file_id, "object": "file", "deleted": True})
 
     # --- batches --------------------------------------------------------------------------------
 
-    async def create_batch(self, request: Incoming) -> Answer:
+    async def create_batch(self, request: Incoming) -> BatchAnswer:
         body = await request.json()
         if not isinstance(body, dict):
             raise errors.invalid_input("the request body must be a JSON object")
@@ -366,7 +366,7 @@ class BatchAPI:
             self.store.put_batch, {"batch": batch, "order": time.time_ns(), "final": None}
         )
         self._wake.set()
-        return Answer(batch)
+        return BatchAnswer(batch)
 
     def _view(self, record: dict[str, Any]) -> dict[str, Any]:
         """The Batch object; a cancellation asked for and not yet taken up shows as cancelling."""
@@ -383,20 +383,20 @@ class BatchAPI:
             raise errors.not_found("no such batch")
         return record
 
-    async def get_batch(self, batch_id: str) -> Answer:
+    async def get_batch(self, batch_id: str) -> BatchAnswer:
         record = await self._batch(batch_id)
-        return Answer(await asyncio.to_thread(self._view, record))
+        return BatchAnswer(await asyncio.to_thread(self._view, record))
 
-    async def list_batches(self, request: Incoming) -> Answer:
+    async def list_batches(self, request: Incoming) -> BatchAnswer:
         query = _query(request)
         records = await asyncio.to_thread(self.store.all_batches)
         items = await asyncio.to_thread(lambda: [self._view(r) for r in reversed(records)])
         after = query.get("after")
         if after is not None:
             checked(BATCH_ID, after, "batch")
-        return Answer(_page(items, after, _limit(query, 20, 100)))
+        return BatchAnswer(_page(items, after, _limit(query, 20, 100)))
 
-    async def cancel_batch(self, batch_id: str) -> Answer:
+    async def cancel_batch(self, batch_id: str) -> BatchAnswer:
         """Asks the batch's runner, whichever server it is on, to stop: the lines answered so far
         are kept in its output and error files; a finished batch is answered as it is."""
         record = await self._batch(batch_id)
@@ -406,7 +406,7 @@ class BatchAPI:
             if runner is not None and runner.batch_id == batch_id:
                 runner.cancel(time.time())
             self._wake.set()
-        return Answer(await asyncio.to_thread(self._view, record))
+        return BatchAnswer(await asyncio.to_thread(self._view, record))
 
     # --- the scheduler --------------------------------------------------------------------------
 
