@@ -25,9 +25,11 @@ import orjson
 
 from .. import errors, operations
 from ..dispatch import Worker
-from ..env import ConfigError, float_var, int_var
+from ..env import ConfigError, bool_var, float_var, int_var
 from ..errors import APIError
 from ..logs import redacted_traceback
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..metrics import exposition_without_worker
 from ..reply import Answer
 from ..statuses import http_status
 from .jobs import Job, JobStatus, JobStore
@@ -54,6 +56,7 @@ SERVER_VARIABLES = (
     "SERVER_DRAIN_TIMEOUT_S",
     "SERVER_ALLOWED_HOSTS",
     "SERVER_ALLOWED_ORIGINS",
+    "METRICS_REQUIRE_KEY",
 )
 
 
@@ -75,6 +78,7 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*": any
     allowed_origins: tuple[str, ...] = ()  # cross-site Origins served without a key; "*": any
     batches: BatchSettings = field(default_factory=BatchSettings)  # the Batch API's (BATCH_*)
+    metrics_require_key: bool = False  # GET /metrics asks for WORKER_API_KEY too
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -100,6 +104,7 @@ class ServerSettings:
             allowed_hosts=_names(env, "SERVER_ALLOWED_HOSTS", _host_entry),
             allowed_origins=_names(env, "SERVER_ALLOWED_ORIGINS", _origin_entry),
             batches=BatchSettings.from_env(env),
+            metrics_require_key=bool_var(env, "METRICS_REQUIRE_KEY", default.metrics_require_key),
         )
 
 
@@ -319,6 +324,7 @@ class LocalServer:
             "/cancel/": {"POST": self.cancel},
             "/health": {"GET": self.health},
             "/ping": {"GET": self.ping},  # RunPod's load balancer: 204 loading, 200 ready
+            "/metrics": {"GET": self.metrics},  # Prometheus' text format
         }
         # Every operation with a route, by operation name: the path is matched by
         # operations.match_route, which also serves OpenAI's routes under RunPod's proxy path.
@@ -442,7 +448,9 @@ class LocalServer:
         if path not in self._open:
             if self._draining:
                 raise _shutting_down()
-            if self._api_key is not None:
+            if self._api_key is not None and (
+                path != "/metrics" or self.settings.metrics_require_key
+            ):
                 self._check_bearer(request.header(b"authorization"))
             else:
                 self._check_origin(request)
@@ -614,6 +622,23 @@ class LocalServer:
         if not self._worker.healthy:
             return json_response({"status": "unhealthy"}, 503)
         return json_response({"status": "healthy"}, 200)
+
+    async def metrics(self, request: Request) -> Response:
+        """The worker's metrics (metrics.py) in Prometheus' text format; without the API key
+        unless METRICS_REQUIRE_KEY. While the models load, the process's own figures alone."""
+        worker = self._worker
+        if worker is None:
+            text = exposition_without_worker()
+        elif worker.metrics is None:
+            raise errors.not_found("metrics are off (METRICS=false)")
+        else:
+            health = worker.registry.health
+            healthy = {
+                model.served_id: not health.dead and not model.admission.stalled()
+                for model in worker.registry.models
+            }
+            text = worker.metrics.exposition(healthy)
+        return Response(200, text, content_type=METRICS_CONTENT_TYPE.encode())
 
     async def health(self, request: Request) -> Response:
         healthy = self.worker.healthy
