@@ -74,6 +74,7 @@ class WorkerConfig:
     batch_invariant: bool = _ENGINE_DEFAULTS.batch_invariant
     onnx_cache_dir: str = _ENGINE_DEFAULTS.onnx_cache_dir
     devices: tuple[str, ...] = _ENGINE_DEFAULTS.devices
+    metrics: bool = True  # METRICS: count requests and batches (GET /metrics, `stats`)
 
     @property
     def all_local(self) -> bool:
@@ -234,6 +235,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         batch_invariant=bool_var(env, "BATCH_INVARIANT", _DEFAULTS.batch_invariant),
         onnx_cache_dir=env.get("ONNX_CACHE_DIR", "").strip(),
         devices=_devices(env),
+        metrics=bool_var(env, "METRICS", _DEFAULTS.metrics),
     )
 
 

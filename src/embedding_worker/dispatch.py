@@ -23,8 +23,10 @@ from .engines import ModelRegistry
 from .errors import APIError, ErrorKind
 from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
+from .metrics import Metrics, RequestRecord, current_request
 from .operations import Operation
 from .reply import Answer
+from .statuses import http_status
 from .tiers import REQUEST_VALUES, current_tier
 
 log = get_logger(__name__)
@@ -39,6 +41,13 @@ class Worker:
         self.config = config
         self.registry = registry
         self.limits = config.limits
+        # The request and batch figures (GET /metrics, `stats` in /v1/models); None: METRICS off.
+        self.metrics: Metrics | None = None
+        if config.metrics:
+            self.metrics = Metrics(registry.ids, [route_label(op) for op in operations.OPERATIONS])
+            for model in registry.models:
+                model.metrics = self.metrics.models[model.served_id]
+                self.metrics.model_loaded(model.served_id, model.load_seconds)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> Worker:
@@ -65,11 +74,16 @@ class Worker:
 
         `named_tier`: the service_tier the request's envelope names (a RunPod job input's), used
         when the body names none. `job_id` names the request in log lines; without one, the lines
-        keep the current job's name.
+        keep the current job's name. The answer is counted in the metrics (metrics.py), with
+        what the engines noted of it in the request's record.
         """
         started = time.perf_counter()
         job = current_job.set(str(job_id)) if job_id is not None else None
         tier_token = None
+        record = None
+        if self.metrics is not None:
+            record = RequestRecord(started, route_label(operation))
+        request_token = current_request.set(record)
         body = merge_extra_body(body)
         try:
             if is_small(body):
@@ -78,6 +92,8 @@ class Worker:
                 await asyncio.to_thread(inspect_request, body, self.limits)
             tier = self._tier(body, named_tier)
             tier_token = current_tier.set(tier)
+            if record is not None:
+                record.tier = tier
             await self.registry.start()
             result = await operation.run(self, body)
             if operation.scheduled and isinstance(result, dict):
@@ -94,11 +110,16 @@ class Worker:
             log.error("unexpected error: %s", redacted_traceback(exc))
             answer = Answer(error=errors.internal())
         finally:
+            current_request.reset(request_token)
             if tier_token is not None:
                 current_tier.reset(tier_token)
             if job is not None:
                 current_job.reset(job)
-        self.finished(Served(operation.route or operation.name, body, answer, started))
+        self.finished(Served(route_label(operation), body, answer, started))
+        if record is not None and self.metrics is not None:
+            error = answer.error
+            status, code = (200, None) if error is None else (http_status(error), error.code)
+            self.metrics.finish(record, status, code)
         return answer
 
     def finished(self, served: Served) -> None:
@@ -136,6 +157,12 @@ class Worker:
 
 # Failures of the worker rather than of the request: logged as warnings.
 _SERVER_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE})
+
+
+def route_label(operation: Operation) -> str:
+    """How a request is named in metrics and traces: its operation's route (a template:
+    "/v1/models/{model}"), else the operation's name."""
+    return operation.route or operation.name
 
 
 def unknown_route() -> APIError:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from .compiled import (
 )
 from .devices import ReplicaSet
 from .spec import AUTO_KIND, EngineSettings, ModelSpec
-from .tokenization import TokenCounter
+from .tokenization import Text, TokenCounter
 
 log = get_logger(__name__)
 
@@ -311,7 +311,7 @@ class CompiledModel(SelfBatching, ModelEngine):
         return rows
 
     def _compute(self, items: list[Item]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        rows = [item.ids for item in items]
+        rows = [cast(TokenIds, item.ids) for item in items]
         types = [getattr(ids, "type_ids", None) for ids in rows]
         batch = padded(rows, self.loaded, types)
         return self.replicas.run(batch), batch
@@ -333,7 +333,7 @@ class CompiledEmbedder(CompiledModel, Embedder):
         self.prompts = dict(getattr(st_model, "prompts", None) or {})
         self.default_prompt_name = getattr(st_model, "default_prompt_name", None)
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
+    async def _embed(self, texts: list[Text]) -> np.ndarray:
         return np.stack(await self._submit(texts))
 
     def _tokenize(self, texts: list[str]) -> list[TokenIds]:
@@ -358,14 +358,16 @@ class CompiledCrossEncoder(CompiledModel):
 
 
 class CompiledReranker(CompiledCrossEncoder, Reranker):
-    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
+    async def _rerank(self, query: str, docs: list[Text], instruction: str | None) -> np.ndarray:
         from .. import errors
 
         if instruction is not None:
             raise errors.invalid_input(
                 f"model '{self.served_id}' takes no instruction", param="instruction"
             )
-        logits = await self._submit([(query, doc) for doc in docs])  # type: ignore[misc]
+        # A pair travels as its text: `_encode` tokenizes it as a pair.
+        pairs = [Text(cast(str, (query, doc.text)), doc.tokens) for doc in docs]
+        logits = await self._submit(pairs)
         raw = np.array([float(row[0]) for row in logits], dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-raw))  # Infinity's relevance score: the logit's sigmoid
 
@@ -379,7 +381,7 @@ class CompiledClassifier(CompiledCrossEncoder, Classifier):
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.multi_label = config.problem_type == "multi_label_classification"
 
-    async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]:
+    async def _classify(self, texts: list[Text], raw_scores: bool) -> list[LabelScores]:
         logits = await self._submit(texts)
         answers = []
         for row in logits:

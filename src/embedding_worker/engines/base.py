@@ -23,10 +23,12 @@ import numpy as np
 
 from .. import errors
 from ..logs import get_logger
+from ..metrics import ModelMetrics, current_request, tag_inputs
+from ..tiers import current_tier, tier_rank
 from .admission import Admission, AdmissionSettings
 from .spec import EngineSettings, ModelSpec
 from .token_pass import PassResult, TokenPass
-from .tokenization import TokenCounter
+from .tokenization import Text, TokenCounter, as_texts
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -137,6 +139,9 @@ class ModelEngine(ABC):
         self._admitted: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead_reason: str | None = None
+        # Where the engine reports its batches and queue (metrics.py); None: metrics are off.
+        self.metrics: ModelMetrics | None = None
+        self.load_seconds = 0.0  # how long `load` took (registry.py)
 
     @property
     def served_id(self) -> str:
@@ -150,6 +155,12 @@ class ModelEngine(ABC):
     def progressed(self) -> None:
         """A batch finished its forward pass: the engine is alive. Safe from any thread."""
         self.admission.progressed()
+
+    def batch_formed(self, lengths: Sequence[int], inputs: Sequence[Any]) -> None:
+        """A batch of inputs with these token counts goes to the model now (metrics.py). Safe
+        from any thread."""
+        if self.metrics is not None:
+            self.metrics.batch_formed(lengths, inputs)
 
     def stall_reason(self) -> str:
         return (
@@ -217,7 +228,13 @@ class ModelEngine(ABC):
         if refused is not None:
             raise refused
 
-    async def _admit(self, items: int, tokens: int, call: Callable[[], Awaitable[T]]) -> T:
+    async def _admit(
+        self,
+        items: int,
+        tokens: int,
+        call: Callable[[], Awaitable[T]],
+        inputs: Sequence[Any] = (),
+    ) -> T:
         """Bounded queue and bounded time for every engine call.
 
         Infinity's queue is unbounded (INFINITY_QUEUE_SIZE is read only by its own HTTP server), so
@@ -227,8 +244,10 @@ class ModelEngine(ABC):
         healthy, and the call's inputs that have not reached the model are dropped), or the engine
         reported dead (which cancels every waiting call). The call runs in the caller's task: this
         is on every request's path, and a task and `asyncio.wait` per call cost a quarter of the
-        local server's event-loop time.
+        local server's event-loop time. The call's `inputs`, where given, are marked with the
+        request's metrics record (metrics.py), which the batch that takes them to the model reads.
         """
+        billed = tokens
         tokens = max(tokens, items)  # an input costs at least one token (an image counts none)
         self.check_room(items, tokens)
         admission = self.admission
@@ -237,6 +256,16 @@ class ModelEngine(ABC):
         self._loop = task.get_loop()
         self._admitted.add(task)
         admission.enter(items, tokens)
+        record = current_request.get()
+        if record is not None:
+            record.model = self.served_id
+            if record.entered is None:
+                record.entered = time.perf_counter()
+            tag_inputs(inputs, record)
+        sink = self.metrics
+        rank = tier_rank(current_tier.get())
+        if sink is not None:
+            sink.queue_changed(rank, items)
         answered = False
         started = time.monotonic()
         try:
@@ -265,6 +294,12 @@ class ModelEngine(ABC):
         finally:
             self._admitted.discard(task)
             admission.leave(items, tokens, answered)
+            if sink is not None:
+                sink.queue_changed(rank, -items)
+            if record is not None and answered:
+                record.answered = time.perf_counter()
+                record.inputs += items
+                record.tokens += billed
             elapsed_ms = 1e3 * (time.monotonic() - started)
             log.debug("%s: %d items in %.1f ms", self.served_id, items, elapsed_ms)
 
@@ -284,13 +319,14 @@ class Embedder(ModelEngine):
     # end in Normalize; bge-m3 and CLIP dense outputs): what a request's `normalize` defaults to.
     normalized: bool = True
 
-    async def embed(self, texts: list[str], *, tokens: int) -> np.ndarray:
+    async def embed(self, texts: Sequence[str | Text], *, tokens: int) -> np.ndarray:
         """Vectors for `texts`, one row each, in order (float32); `tokens`: what the texts cost,
-        as the request counted them."""
-        return await self._admit(len(texts), tokens, lambda: self._embed(texts))
+        as the request counted them (a plain string: `Text.uncounted`)."""
+        typed = as_texts(texts)
+        return await self._admit(len(typed), tokens, lambda: self._embed(typed), typed)
 
     @abstractmethod
-    async def _embed(self, texts: list[str]) -> np.ndarray: ...
+    async def _embed(self, texts: list[Text]) -> np.ndarray: ...
 
     # The model's modules run on token ids (token_pass.py), for long inputs and late chunking;
     # None for an engine that cannot run them.
@@ -329,11 +365,13 @@ class ImageEmbedder(Embedder):
     def prepare_image(self, image: Image) -> Any:
         """The model's input for one decoded RGB image; safe to call from any thread."""
 
-    async def embed_inputs(self, inputs: list[Any], *, tokens: int) -> np.ndarray:
-        """Vectors for texts (str) and prepared images, one row each, in order (float32)."""
-        return await self._admit(len(inputs), tokens, lambda: self._embed_inputs(inputs))
+    async def embed_inputs(self, inputs: Sequence[Any], *, tokens: int) -> np.ndarray:
+        """Vectors for texts (`Text` or str) and prepared images, one row each, in order
+        (float32)."""
+        typed = [Text.uncounted(item) if isinstance(item, str) else item for item in inputs]
+        return await self._admit(len(typed), tokens, lambda: self._embed_inputs(typed), typed)
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
+    async def _embed(self, texts: list[Text]) -> np.ndarray:
         return await self._embed_inputs(list(texts))
 
     @abstractmethod
@@ -365,18 +403,21 @@ class MultiOutputEmbedder(Embedder):
     multi_vector_dimensions: int = 0  # the numbers of each of a text's multi_vector vectors
 
     async def embed_outputs(
-        self, texts: list[str], outputs: frozenset[str], *, tokens: int
+        self, texts: Sequence[str | Text], outputs: frozenset[str], *, tokens: int
     ) -> list[TextEmbeddings]:
         """For each text, in order, the `outputs` asked (a subset of `self.outputs`)."""
-        return await self._admit(len(texts), tokens, lambda: self._embed_outputs(texts, outputs))
+        typed = as_texts(texts)
+        return await self._admit(
+            len(typed), tokens, lambda: self._embed_outputs(typed, outputs), typed
+        )
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
+    async def _embed(self, texts: list[Text]) -> np.ndarray:
         embedded = await self._embed_outputs(texts, frozenset({DENSE}))
         return np.stack([text.dense for text in embedded if text.dense is not None])
 
     @abstractmethod
     async def _embed_outputs(
-        self, texts: list[str], outputs: frozenset[str]
+        self, texts: list[Text], outputs: frozenset[str]
     ) -> list[TextEmbeddings]: ...
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
@@ -397,14 +438,24 @@ class Reranker(ModelEngine):
         return self.tokens.count_pairs(query, docs)
 
     async def rerank(
-        self, query: str, docs: list[str], instruction: str | None = None, *, tokens: int
+        self,
+        query: str,
+        docs: Sequence[str | Text],
+        instruction: str | None = None,
+        *,
+        tokens: int,
     ) -> np.ndarray:
         """Relevance scores in [0, 1] for `docs`, in the order given (not sorted); `tokens`: the
-        pairs' tokens, as the request counted them."""
-        return await self._admit(len(docs), tokens, lambda: self._rerank(query, docs, instruction))
+        pairs' tokens, as the request counted them (each `Text` document's: its pair's)."""
+        typed = as_texts(docs)
+        return await self._admit(
+            len(typed), tokens, lambda: self._rerank(query, typed, instruction), typed
+        )
 
     @abstractmethod
-    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray: ...
+    async def _rerank(
+        self, query: str, docs: list[Text], instruction: str | None
+    ) -> np.ndarray: ...
 
 
 # One label and its score, for each of a classifier's labels.
@@ -417,11 +468,14 @@ class Classifier(ModelEngine):
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.CLASSIFY})
 
     async def classify(
-        self, texts: list[str], raw_scores: bool = False, *, tokens: int
+        self, texts: Sequence[str | Text], raw_scores: bool = False, *, tokens: int
     ) -> list[LabelScores]:
         """For each text, every label with its score (softmax, or sigmoid for a multi-label
         model, as its config says; the logits with `raw_scores`), in the model's label order."""
-        return await self._admit(len(texts), tokens, lambda: self._classify(texts, raw_scores))
+        typed = as_texts(texts)
+        return await self._admit(
+            len(typed), tokens, lambda: self._classify(typed, raw_scores), typed
+        )
 
     @abstractmethod
-    async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]: ...
+    async def _classify(self, texts: list[Text], raw_scores: bool) -> list[LabelScores]: ...

@@ -16,20 +16,24 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
 
 from .. import errors, operations
 from ..dispatch import Worker
-from ..env import ConfigError, float_var, int_var
+from ..env import ConfigError, bool_var, float_var, int_var
 from ..errors import APIError
 from ..logs import redacted_traceback
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..metrics import exposition_without_worker
 from ..reply import Answer
 from ..statuses import http_status
 from .jobs import Job, JobStatus, JobStore
+from .openai_batches import BatchAnswer, BatchAPI, BatchSettings
 from .runpod import JobReply, answer_job, job_answer
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ SERVER_VARIABLES = (
     "SERVER_DRAIN_TIMEOUT_S",
     "SERVER_ALLOWED_HOSTS",
     "SERVER_ALLOWED_ORIGINS",
+    "METRICS_REQUIRE_KEY",
 )
 
 
@@ -72,6 +77,8 @@ class ServerSettings:
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may still finish
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*": any
     allowed_origins: tuple[str, ...] = ()  # cross-site Origins served without a key; "*": any
+    batches: BatchSettings = field(default_factory=BatchSettings)  # the Batch API's (BATCH_*)
+    metrics_require_key: bool = False  # GET /metrics asks for WORKER_API_KEY too
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -96,6 +103,8 @@ class ServerSettings:
             drain_timeout_s=float_var(env, "SERVER_DRAIN_TIMEOUT_S", default.drain_timeout_s),
             allowed_hosts=_names(env, "SERVER_ALLOWED_HOSTS", _host_entry),
             allowed_origins=_names(env, "SERVER_ALLOWED_ORIGINS", _origin_entry),
+            batches=BatchSettings.from_env(env),
+            metrics_require_key=bool_var(env, "METRICS_REQUIRE_KEY", default.metrics_require_key),
         )
 
 
@@ -146,6 +155,8 @@ class Response:
     status: int
     body: bytes
     headers: Headers = ()
+    content_type: bytes = b"application/json"
+    stream: AsyncGenerator[bytes, None] | None = None  # the body, sent as it comes (`body` unused)
 
 
 def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Response:
@@ -192,6 +203,7 @@ class Request:
     ):
         self.path = path  # without trailing slashes
         self.param = param  # the {job_id} of /status/{job_id} and /cancel/{job_id}
+        self.query: bytes = scope.get("query_string", b"")
         self._headers: list[tuple[bytes, bytes]] = scope["headers"]  # names lower-case (ASGI)
         self._receive = receive
         self._settings = server.settings
@@ -210,35 +222,48 @@ class Request:
         """The raw body, refusing bodies over the limit before reading them whole, and bodies
         that do not arrive within SERVER_BODY_TIMEOUT_S (a client trickling bytes would otherwise
         hold its connection and buffer for ever)."""
-        limit = self._settings.max_body_bytes
-        declared = self.header(b"content-length")
-        if declared.isdigit() and int(declared) > limit:
-            raise _body_too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self._settings.body_timeout_s):
-                while True:
-                    message = await self._receive()
-                    if message["type"] == "http.disconnect":
-                        raise errors.invalid_input("the client went away before sending its body")
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise _body_too_large(limit)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            raise errors.request_timeout(
-                f"the request body did not arrive within {self._settings.body_timeout_s:g} s "
-                "(SERVER_BODY_TIMEOUT_S)"
-            ) from None
-        self.body_read = True
+        settings = self._settings
+        chunks = [c async for c in self.stream(settings.max_body_bytes, settings.body_timeout_s)]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def json(self) -> Any:
         return await parse_json(await self.body())
+
+    async def stream(
+        self,
+        limit: int,
+        timeout_s: float,
+        too_large: Callable[[int], APIError] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives (a route that stores it rather than holds it reads it so): at
+        most `limit` bytes, refused with `too_large(limit)` (by default SERVER_MAX_BODY_BYTES's
+        413), all within `timeout_s` (SERVER_BODY_TIMEOUT_S, or a deadline made from it)."""
+        refuse = too_large or _body_too_large
+        declared = self.header(b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            raise refuse(limit)
+        size = 0
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await self._receive()
+            except TimeoutError:
+                raise errors.request_timeout(
+                    f"the request body did not arrive within {timeout_s:g} s "
+                    "(SERVER_BODY_TIMEOUT_S)"
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise errors.invalid_input("the client went away before sending its body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise refuse(limit)
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.body_read = True
+                return
 
 
 async def parse_json(body: bytes) -> Any:
@@ -278,6 +303,7 @@ class LocalServer:
         self._load_failed: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self.settings = settings or ServerSettings()
+        self.batches = BatchAPI(self.settings.batches, self.settings.body_timeout_s)
         self.jobs = JobStore(
             ttl_s=self.settings.job_ttl_s,
             max_finished=self.settings.max_finished_jobs,
@@ -298,6 +324,7 @@ class LocalServer:
             "/cancel/": {"POST": self.cancel},
             "/health": {"GET": self.health},
             "/ping": {"GET": self.ping},  # RunPod's load balancer: 204 loading, 200 ready
+            "/metrics": {"GET": self.metrics},  # Prometheus' text format
         }
         # Every operation with a route, by operation name: the path is matched by
         # operations.match_route, which also serves OpenAI's routes under RunPod's proxy path.
@@ -354,11 +381,9 @@ class LocalServer:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             response, close = await self._respond(scope, receive)
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(response.body)).encode()),
-                *response.headers,
-            ]
+            headers = [(b"content-type", response.content_type), *response.headers]
+            if response.stream is None:
+                headers.append((b"content-length", str(len(response.body)).encode()))
             if close:  # the rest of an unread body would be read as the next request
                 headers.append((b"connection", b"close"))
             body = b"" if scope["method"] == "HEAD" else response.body
@@ -366,9 +391,15 @@ class LocalServer:
                 await send(
                     {"type": "http.response.start", "status": response.status, "headers": headers}
                 )
+                if response.stream is not None and scope["method"] != "HEAD":
+                    async for chunk in response.stream:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": body})
             except asyncio.CancelledError:
                 pass  # the client left while its answer was written: nothing more to do
+            finally:
+                if response.stream is not None:
+                    await response.stream.aclose()
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
@@ -381,6 +412,8 @@ class LocalServer:
             matched = operations.match_route(path)
             if matched is not None:
                 methods = self._operations[matched[0].name]
+        if methods is None:
+            methods = self._batch_routes(path)
         if methods is None:
             head, slash, param = path.partition("/")[2].partition("/")
             methods = self._routes.get(f"/{head}/") if slash and param else None
@@ -415,7 +448,9 @@ class LocalServer:
         if path not in self._open:
             if self._draining:
                 raise _shutting_down()
-            if self._api_key is not None:
+            if self._api_key is not None and (
+                path != "/metrics" or self.settings.metrics_require_key
+            ):
                 self._check_bearer(request.header(b"authorization"))
             else:
                 self._check_origin(request)
@@ -461,6 +496,7 @@ class LocalServer:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.batches.start(lambda: self._worker)
                 if self._load is not None:
                     self._loading = asyncio.create_task(self._load_in_background(self._load))
                     await send({"type": "lifespan.startup.complete"})
@@ -477,6 +513,7 @@ class LocalServer:
                 for task in running:
                     task.cancel()
                 await asyncio.gather(*running, return_exceptions=True)
+                await self.batches.stop()
                 if self._loading is not None and not self._loading.done():
                     await asyncio.wait([self._loading])  # a load in a thread cannot be cut short
                 if self._worker is not None:
@@ -586,6 +623,23 @@ class LocalServer:
             return json_response({"status": "unhealthy"}, 503)
         return json_response({"status": "healthy"}, 200)
 
+    async def metrics(self, request: Request) -> Response:
+        """The worker's metrics (metrics.py) in Prometheus' text format; without the API key
+        unless METRICS_REQUIRE_KEY. While the models load, the process's own figures alone."""
+        worker = self._worker
+        if worker is None:
+            text = exposition_without_worker()
+        elif worker.metrics is None:
+            raise errors.not_found("metrics are off (METRICS=false)")
+        else:
+            health = worker.registry.health
+            healthy = {
+                model.served_id: not health.dead and not model.admission.stalled()
+                for model in worker.registry.models
+            }
+            text = worker.metrics.exposition(healthy)
+        return Response(200, text, content_type=METRICS_CONTENT_TYPE.encode())
+
     async def health(self, request: Request) -> Response:
         healthy = self.worker.healthy
         body: dict[str, Any] = {
@@ -597,6 +651,23 @@ class LocalServer:
         return json_response(body, 200 if healthy else 503)
 
     # --- the operations' routes: the answer body, with its HTTP status -------------------------
+
+    def _batch_routes(self, path: str) -> dict[str, Handler] | None:
+        """The Batch API's routes (/v1/files, /v1/batches): transports/openai_batches."""
+        handlers = self.batches.routes(path)
+        if handlers is None:
+            return None
+
+        async def respond(
+            handler: Callable[..., Awaitable[BatchAnswer]], request: Request
+        ) -> Response:
+            answer = await handler(request)
+            if answer.download is None:
+                return json_response(answer.body, answer.status)
+            length = ((b"content-length", str(answer.download.size).encode()),)
+            return Response(200, b"", length, b"application/octet-stream", answer.download.chunks)
+
+        return {method: partial(respond, handler) for method, handler in handlers.items()}
 
     def _operation_handler(self, method: str) -> Handler:
         """An operation's route: the request's path names the operation and its parameters;
