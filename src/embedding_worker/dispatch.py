@@ -12,6 +12,7 @@ request, never does work that grows with the payload.
 from __future__ import annotations
 
 import asyncio
+from contextvars import Token
 from typing import Any
 
 from . import errors, operations
@@ -22,6 +23,7 @@ from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
 from .operations import Operation
 from .reply import Reply
+from .request_context import RequestContext, current_request, new_request_id
 from .tiers import REQUEST_VALUES, current_tier
 
 log = get_logger(__name__)
@@ -58,21 +60,29 @@ class Worker:
         """
         openai_route = isinstance(job_input, dict) and "openai_route" in job_input
         job = current_job.set(str(job_id)) if job_id is not None else None
+        context, request_token = _request_context(job_id)
         tier_token = None
         try:
             operation, body = self._route(job_input)
+            context.route = context.route or operation.name
+            if isinstance(body, dict):
+                model = body.get("model")
+                context.model = model if isinstance(model, str) else None
             if is_small(body):
                 inspect_request(body, self.limits)
             else:
                 await asyncio.to_thread(inspect_request, body, self.limits)
             tier = self._tier(job_input, body)
             tier_token = current_tier.set(tier)
+            context.tier = tier
             await self.registry.start()
             result = await operation.run(self, body)
             if operation.scheduled and isinstance(result, dict):
                 result["service_tier"] = tier  # the tier the work ran at
+            context.status = 200
             return Reply(200, result, openai_route)
         except APIError as exc:
+            context.status, context.code = exc.status, exc.code
             # Messages never hold the payload (errors.py), so they are safe to log.
             if exc.status >= 500:
                 log.warning("%s %s: %s", exc.status, exc.code, exc.message)
@@ -80,11 +90,14 @@ class Worker:
                 log.debug("%s %s (param %s)", exc.status, exc.code, exc.param)
             return self._error_reply(exc, openai_route)
         except Exception as exc:
+            context.status, context.code = 500, "internal_error"
             log.error("unexpected error: %s", redacted_traceback(exc))
             return self._error_reply(errors.internal(), openai_route)
         finally:
             if tier_token is not None:
                 current_tier.reset(tier_token)
+            if request_token is not None:
+                current_request.reset(request_token)
             if job is not None:
                 current_job.reset(job)
 
@@ -144,6 +157,19 @@ class Worker:
                 f"the job input must hold {operations.job_hints()} or 'openai_route'"
             )
         return recognised, _merge_extra_body(job_input)
+
+
+def _request_context(job_id: str | None) -> tuple[RequestContext, Token | None]:
+    """The context this dispatch answers under: the transport's (the local server's request),
+    else a new one named by the job (a RunPod job, a batch line: each line its own), and the
+    token that restores the outer one."""
+    outer = current_request.get()
+    if outer is not None and not outer.dispatched:
+        outer.dispatched = True
+        return outer, None
+    context = RequestContext(str(job_id) if job_id is not None else new_request_id())
+    context.dispatched = True
+    return context, current_request.set(context)
 
 
 def _merge_extra_body(body: Any) -> Any:

@@ -17,6 +17,7 @@ from .allocator import keep_freed_memory
 from .config import ConfigError, WorkerConfig, load_config
 from .dispatch import Worker
 from .engines import ModelLoadError
+from .logs import LOG_FORMATS, RequestFields, formatter
 from .model_paths import RUNPOD_VOLUME, volume_download_home
 
 log = logging.getLogger("embedding_worker")
@@ -38,13 +39,17 @@ def configure_logging() -> None:
     import infinity_emb.log_handler  # noqa: F401
 
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    log_format = os.environ.get("LOG_FORMAT", "text").strip().lower() or "text"
     logging.basicConfig(
         level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_LoggerNames())
+        handler.addFilter(RequestFields())
+        handler.setFormatter(formatter(log_format))
+    if log_format not in LOG_FORMATS:
+        log.warning("LOG_FORMAT must be one of %s; writing text", ", ".join(LOG_FORMATS))
 
 
 def prepare_hub_environment(

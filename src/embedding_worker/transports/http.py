@@ -26,6 +26,7 @@ from ..env import ConfigError, float_var, int_var
 from ..errors import APIError
 from ..logs import redacted_traceback
 from ..reply import Reply
+from ..request_context import RequestContext, current_request, request_id, request_id_of
 from .jobs import Job, JobStatus, JobStore
 from .runpod import job_answer
 
@@ -349,10 +350,20 @@ class LocalServer:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            response, close = await self._respond(scope, receive)
+            context = RequestContext(request_id_of(scope["headers"]))
+            token = current_request.set(context)
+            try:
+                response, close = await self._respond(scope, receive)
+                context.status = response.status
+                if log.isEnabledFor(logging.DEBUG):  # one line a request, with LOG_LEVEL=DEBUG
+                    route = context.route or "(no such route)"
+                    log.debug("%s %s answered %d", scope["method"], route, response.status)
+            finally:
+                current_request.reset(token)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(response.body)).encode()),
+                (b"x-request-id", context.id.encode()),
                 *response.headers,
             ]
             if close:  # the rest of an unread body would be read as the next request
@@ -380,6 +391,9 @@ class LocalServer:
         if methods is None:
             head, slash, param = path.partition("/")[2].partition("/")
             methods = self._routes.get(f"/{head}/") if slash and param else None
+        context = current_request.get()
+        if context is not None and methods is not None:  # a path the server knows, never any text
+            context.route = f"/{head}/" if param else path
         request = Request(scope, receive, path, param, self)
         try:
             response = await self._answer(request, path, method, methods)
@@ -498,7 +512,7 @@ class LocalServer:
 
     async def runsync(self, request: Request) -> Response:
         job_input = _job_input(await request.json())
-        job_id = f"sync-{uuid.uuid4()}"
+        job_id = request_id() or f"sync-{uuid.uuid4()}"
         worker = self.worker  # 503 while the models load
         self.jobs.sync_started()
         status = JobStatus.CANCELLED  # the client went away while the job ran

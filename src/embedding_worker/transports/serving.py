@@ -20,6 +20,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .. import errors
 from ..errors import APIError
+from ..request_context import request_id_of
 from .http import LocalServer, Receive, Send, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ async def _server_busy(scope: dict[str, Any], receive: Receive, send: Send) -> N
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id_of(scope["headers"]).encode()),
         (b"retry-after", b"1"),
         (b"connection", b"close"),
     ]
