@@ -47,7 +47,8 @@ SERVER_VARIABLES = (
     "SERVER_MAX_CONNECTIONS",
     "SERVER_MAX_QUEUED_JOBS",
     "SERVER_MAX_QUEUED_BYTES",
-    "SERVER_DRAIN_TIMEOUT_S",
+    "DRAIN_SECONDS",
+    "SERVER_DRAIN_TIMEOUT_S",  # DRAIN_SECONDS' former name, still read
     "SERVER_ALLOWED_HOSTS",
     "SERVER_ALLOWED_ORIGINS",
 )
@@ -67,7 +68,7 @@ class ServerSettings:
     max_connections: int = 1024  # open connections; a request on one beyond is 503 server_busy
     max_queued_jobs: int = 256  # unfinished /run jobs; beyond, /run answers 429 queue_full
     max_queued_bytes: int = 64 * 1024 * 1024  # request bytes of unfinished /run jobs; beyond, 429
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may still finish
+    drain_seconds: float = 30.0  # on SIGTERM, how long the work in flight may still take
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*": any
     allowed_origins: tuple[str, ...] = ()  # cross-site Origins served without a key; "*": any
 
@@ -91,7 +92,11 @@ class ServerSettings:
             max_connections=int_var(env, "SERVER_MAX_CONNECTIONS", default.max_connections),
             max_queued_jobs=int_var(env, "SERVER_MAX_QUEUED_JOBS", default.max_queued_jobs),
             max_queued_bytes=int_var(env, "SERVER_MAX_QUEUED_BYTES", default.max_queued_bytes),
-            drain_timeout_s=float_var(env, "SERVER_DRAIN_TIMEOUT_S", default.drain_timeout_s),
+            drain_seconds=float_var(
+                env,
+                "DRAIN_SECONDS",
+                float_var(env, "SERVER_DRAIN_TIMEOUT_S", default.drain_seconds),
+            ),
             allowed_hosts=_names(env, "SERVER_ALLOWED_HOSTS", _host_entry),
             allowed_origins=_names(env, "SERVER_ALLOWED_ORIGINS", _origin_entry),
         )
@@ -285,6 +290,8 @@ class LocalServer:
         self._hosts: frozenset[str] | None = None  # Host names served; None: any (listening_on)
         self._origins = frozenset(self.settings.allowed_origins)
         self._draining = False  # set when the server starts shutting down
+        self._in_flight = 0  # HTTP requests being answered
+        self._owed: set[str] = set()  # /run jobs unfinished when the drain began, until fetched
         self._run_reserved = 0  # bytes of /run bodies admitted and still being parsed
         # path -> {method: handler}; /status/ and /cancel/ take the job id as the rest of the path.
         self._routes: dict[str, dict[str, Handler]] = {
@@ -331,10 +338,24 @@ class LocalServer:
         self._hosts = frozenset({"localhost", "127.0.0.1", "::1", host.strip("[]"), *allowed})
 
     def start_draining(self) -> None:
-        """The server is shutting down: new requests are refused with 503 shutting_down, and
-        requests still running when the drain time is up are answered so (not uvicorn's
-        plain-text 500)."""
+        """The server is shutting down (SIGTERM): /ping and /health answer 503, so a load
+        balancer sends nothing more; new requests are refused with 503 shutting_down and
+        Retry-After; /status and /cancel still answer, so a /run job's result can be fetched.
+        Requests still running when the drain time (DRAIN_SECONDS) is up are answered 503 too
+        (not uvicorn's plain-text 500), and /run jobs still unfinished then end FAILED."""
+        if not self._draining:
+            self._owed = {job.id for job in self.jobs.unfinished()}
+            log.info(
+                "draining: no new work; up to %g s for the work in flight (DRAIN_SECONDS)",
+                self.settings.drain_seconds,
+            )
         self._draining = True
+
+    @property
+    def drained(self) -> bool:
+        """Whether nothing is left to do: no request being answered, and every /run job that was
+        unfinished when the drain began has finished and had its answer fetched (or cancelled)."""
+        return self._in_flight == 0 and not self._owed
 
     @property
     def worker(self) -> Worker:
@@ -352,6 +373,7 @@ class LocalServer:
         if scope["type"] == "http":
             context = RequestContext(request_id_of(scope["headers"]))
             token = current_request.set(context)
+            self._in_flight += 1
             try:
                 response, close = await self._respond(scope, receive)
                 context.status = response.status
@@ -359,6 +381,7 @@ class LocalServer:
                     route = context.route or "(no such route)"
                     log.debug("%s %s answered %d", scope["method"], route, response.status)
             finally:
+                self._in_flight -= 1
                 current_request.reset(token)
             headers = [
                 (b"content-type", b"application/json"),
@@ -366,7 +389,9 @@ class LocalServer:
                 (b"x-request-id", context.id.encode()),
                 *response.headers,
             ]
-            if close:  # the rest of an unread body would be read as the next request
+            # An unread body's rest would be read as the next request; while draining, a client
+            # that keeps its connection would keep sending to a server that is going away.
+            if close or self._draining:
                 headers.append((b"connection", b"close"))
             body = b"" if scope["method"] == "HEAD" else response.body
             try:
@@ -423,7 +448,7 @@ class LocalServer:
                 error.to_dict(), error.status, ((b"allow", ", ".join(allowed).encode()),)
             )
         if path not in self._open:
-            if self._draining:
+            if self._draining and not request.param:  # /status/{id}, /cancel/{id} still answer
                 raise _shutting_down()
             if self._api_key is not None:
                 self._check_bearer(request.header(b"authorization"))
@@ -484,6 +509,7 @@ class LocalServer:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 running = [job.task for job in self.jobs.unfinished() if job.task is not None]
+                self._fail_unfinished_jobs()
                 for task in running:
                     task.cancel()
                 await asyncio.gather(*running, return_exceptions=True)
@@ -493,6 +519,14 @@ class LocalServer:
                     await self._worker.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _fail_unfinished_jobs(self) -> None:
+        """/run jobs still unfinished when the server stops end FAILED with 503 shutting_down,
+        a status a client polling /status can act on (resubmit), rather than IN_PROGRESS."""
+        for job in self.jobs.unfinished():
+            failed = orjson.dumps(job_answer(job.id, _shutting_down_reply()))
+            self.jobs.finish(job, JobStatus.FAILED, failed)
+            log.warning("job %s: not finished within the drain time; failed", job.id)
 
     async def _load_in_background(self, load: Callable[[], Worker]) -> None:
         """Load the models on a thread (the event loop keeps answering /ping), then start them."""
@@ -561,7 +595,10 @@ class LocalServer:
         self.jobs.finish(job, JobStatus(body["status"]), answer)
 
     async def status(self, request: Request) -> Response:
-        return self._status_response(self._known_job(request.param))
+        job = self._known_job(request.param)
+        if job.finished:
+            self._owed.discard(job.id)
+        return self._status_response(job)
 
     async def cancel(self, request: Request) -> Response:
         job = self._known_job(request.param)
@@ -570,6 +607,7 @@ class LocalServer:
                 job.task.cancel()
             answer = {"id": job.id, "status": JobStatus.CANCELLED.value}
             self.jobs.finish(job, JobStatus.CANCELLED, orjson.dumps(answer))
+        self._owed.discard(job.id)
         return self._status_response(job)
 
     def _known_job(self, job_id: str) -> Job:
@@ -586,7 +624,9 @@ class LocalServer:
 
     async def ping(self, request: Request) -> Response:
         """RunPod's load-balancer health check: 204 while the models load, 200 when ready, 503
-        once the load failed or an engine stopped answering."""
+        once the load failed or an engine stopped answering, and while the server drains."""
+        if self._draining:
+            return self._draining_response()
         if self._worker is None:
             if self._load_failed is not None:
                 return json_response({"status": "unhealthy", "reason": self._load_failed}, 503)
@@ -596,6 +636,8 @@ class LocalServer:
         return json_response({"status": "healthy"}, 200)
 
     async def health(self, request: Request) -> Response:
+        if self._draining:
+            return self._draining_response()
         healthy = self.worker.healthy
         body: dict[str, Any] = {
             "status": "ok" if healthy else "unhealthy",
@@ -604,6 +646,10 @@ class LocalServer:
         if not healthy:
             body["reason"] = self.worker.registry.health.reason
         return json_response(body, 200 if healthy else 503)
+
+    def _draining_response(self) -> Response:
+        body = {"status": "draining", "jobs": self.jobs.counts()}
+        return json_response(body, 503, ((b"retry-after", str(DRAIN_RETRY_S).encode()),))
 
     # --- the operations' routes: the answer body, with its HTTP status -------------------------
 
@@ -633,6 +679,11 @@ def _shutting_down() -> APIError:
     return errors.unavailable(
         "the server is shutting down; retry", code="shutting_down", retry_after=DRAIN_RETRY_S
     )
+
+
+def _shutting_down_reply() -> Reply:
+    error = _shutting_down()
+    return Reply(error.status, error.to_dict(), retry_after=error.retry_after)
 
 
 DRAIN_RETRY_S = 1  # another worker, or this one restarted, may answer at once
