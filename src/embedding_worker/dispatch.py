@@ -15,7 +15,7 @@ import asyncio
 from contextvars import Token
 from typing import Any
 
-from . import errors, operations
+from . import errors, operations, tracing
 from .config import WorkerConfig
 from .engines import ModelRegistry
 from .errors import APIError
@@ -61,6 +61,9 @@ class Worker:
         openai_route = isinstance(job_input, dict) and "openai_route" in job_input
         job = current_job.set(str(job_id)) if job_id is not None else None
         context, request_token = _request_context(job_id)
+        traced_here = request_token is not None and tracing.enabled() and context.trace is None
+        if traced_here:  # a job that came without an HTTP request: a RunPod job, a batch line
+            tracing.start(context, "job")
         tier_token = None
         try:
             operation, body = self._route(job_input)
@@ -80,6 +83,8 @@ class Worker:
             if operation.scheduled and isinstance(result, dict):
                 result["service_tier"] = tier  # the tier the work ran at
             context.status = 200
+            if context.trace is not None:
+                context.inputs, context.tokens = _inputs_and_tokens(body, result)
             return Reply(200, result, openai_route)
         except APIError as exc:
             context.status, context.code = exc.status, exc.code
@@ -96,6 +101,8 @@ class Worker:
         finally:
             if tier_token is not None:
                 current_tier.reset(tier_token)
+            if traced_here:
+                tracing.finish(context)
             if request_token is not None:
                 current_request.reset(request_token)
             if job is not None:
@@ -170,6 +177,18 @@ def _request_context(job_id: str | None) -> tuple[RequestContext, Token | None]:
     context = RequestContext(str(job_id) if job_id is not None else new_request_id())
     context.dispatched = True
     return context, current_request.set(context)
+
+
+def _inputs_and_tokens(body: Any, result: Any) -> tuple[int | None, int | None]:
+    """What a trace says of a request's size: its inputs (or documents) and the tokens it was
+    billed."""
+    inputs = None
+    if isinstance(body, dict):
+        items = body.get("input", body.get("documents", body.get("texts")))
+        inputs = len(items) if isinstance(items, list) else (1 if items is not None else None)
+    usage = result.get("usage") if isinstance(result, dict) else None
+    tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return inputs, tokens if isinstance(tokens, int) else None
 
 
 def _merge_extra_body(body: Any) -> Any:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from . import tracing
 from .allocator import keep_freed_memory
 from .config import ConfigError, WorkerConfig, load_config
 from .dispatch import Worker
@@ -84,6 +85,7 @@ def build_worker(config: WorkerConfig | None = None) -> Worker:
     configure_logging()
     if config is None:
         config = load_config_or_exit()
+    tracing.configure()
     try:
         # before any engine thread allocates: a thread keeps the heap it first got
         if keep_freed_memory(os.environ, config.keep_freed_memory):

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .. import tracing
 from ..tiers import current_tier, tier_rank
 from .budget import (
     default_max_batch_tokens,
@@ -180,6 +181,8 @@ class PacedQueue:
             loop.call_soon(self._wake)  # after the tasks already due in this turn of the loop
         before = len(self)
         rank = tier_rank(current_tier.get())
+        if tracing.enabled():  # the request's trace learns when its texts were queued
+            tracing.enqueued(entry.item.future for entry in items)
         if rank < FLEX:
             self._served_above_flex = time.monotonic()
         self.queues[rank].extend(items)

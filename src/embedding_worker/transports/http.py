@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from .. import errors, operations
+from .. import errors, operations, tracing
 from ..dispatch import Worker
 from ..env import ConfigError, float_var, int_var
 from ..errors import APIError
@@ -153,7 +153,8 @@ class Response:
 
 def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Response:
     try:
-        content = orjson.dumps(body)
+        with tracing.phase("serialise"):
+            content = orjson.dumps(body)
     except orjson.JSONEncodeError as exc:  # a bug upstream; the client still gets an error object
         log.error("an answer could not be written as JSON: %s", redacted_traceback(exc))
         error = errors.internal()
@@ -373,6 +374,8 @@ class LocalServer:
         if scope["type"] == "http":
             context = RequestContext(request_id_of(scope["headers"]))
             token = current_request.set(context)
+            if tracing.enabled():
+                tracing.start(context, scope["method"], _header(scope, b"traceparent"))
             self._in_flight += 1
             try:
                 response, close = await self._respond(scope, receive)
@@ -383,6 +386,7 @@ class LocalServer:
             finally:
                 self._in_flight -= 1
                 current_request.reset(token)
+                tracing.finish(context)
             headers = [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(response.body)).encode()),
@@ -580,10 +584,15 @@ class LocalServer:
         finally:
             self._run_reserved -= cost
         job = self.jobs.add(cost)
-        job.task = asyncio.create_task(self._run_job(job, job_input))
+        job.task = asyncio.create_task(self._run_job(job, job_input, current_request.get()))
         return json_response({"id": job.id, "status": job.status.value})
 
-    async def _run_job(self, job: Job, job_input: Any) -> None:
+    async def _run_job(self, job: Job, job_input: Any, submitted: RequestContext | None) -> None:
+        """Run a /run job in its own request context (its task's), under the id of the request
+        that submitted it, and traced as a child of that request's span."""
+        context = RequestContext(submitted.id if submitted is not None else job.id, route="/run")
+        current_request.set(context)
+        tracing.start(context, "job", parent=submitted.trace if submitted is not None else None)
         job.status = JobStatus.IN_PROGRESS
         try:
             body = job_answer(job.id, await self.worker.dispatch(job_input, job.id))
@@ -592,6 +601,8 @@ class LocalServer:
             log.error("job %s: could not record its answer: %s", job.id, redacted_traceback(exc))
             body = job_answer(job.id, Reply(500, errors.internal().to_dict()))
             answer = orjson.dumps(body)
+        finally:
+            tracing.finish(context)
         self.jobs.finish(job, JobStatus(body["status"]), answer)
 
     async def status(self, request: Request) -> Response:
@@ -687,6 +698,10 @@ def _shutting_down_reply() -> Reply:
 
 
 DRAIN_RETRY_S = 1  # another worker, or this one restarted, may answer at once
+
+
+def _header(scope: Mapping[str, Any], name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)
 
 
 def _host_name(host: bytes) -> str:
