@@ -82,7 +82,7 @@ def traces_wanted(env: Mapping[str, str]) -> list[str]:
 
 def configure(env: Mapping[str, str] | None = None) -> bool:
     """Export traces if the environment asks for them (see the module's docstring); whether it
-    does. Unknown exporter names and protocols other than http/protobuf are logged and skipped."""
+    does. Unknown exporter names are logged and skipped."""
     global _tracer, _provider
     shutdown()
     env = os.environ if env is None else env
@@ -99,12 +99,7 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
     provider = TracerProvider(resource=resource)
     added = 0
     for name in exporters:
-        if name == "otlp":
-            protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf").strip()
-            if protocol != "http/protobuf":
-                log.warning(
-                    "OTEL_EXPORTER_OTLP_PROTOCOL %r: traces go over http/protobuf", protocol
-                )
+        if name == "otlp":  # over HTTP/protobuf, whatever OTEL_EXPORTER_OTLP_PROTOCOL says
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
