@@ -80,15 +80,15 @@ def traces_wanted(env: Mapping[str, str]) -> list[str]:
     return ["otlp"] if endpoint else []
 
 
-def configure(env: Mapping[str, str] | None = None) -> bool:
-    """Export traces if the environment asks for them (see the module's docstring); whether it
-    does. Unknown exporter names are logged and skipped."""
+def configure(env: Mapping[str, str] | None = None, exporter: Any = None) -> bool:
+    """Export traces if the environment asks for them (see the module's docstring), or to
+    `exporter` (an SDK SpanExporter: benchmarks); whether it does. Unknown exporter names are
+    logged and skipped."""
     global _tracer, _provider
     shutdown()
     env = os.environ if env is None else env
-    exporters = traces_wanted(env)
+    exporters = traces_wanted(env) if exporter is None else ["given"]
     if not exporters:
-        _tracer = None
         return False
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -98,6 +98,9 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
     resource = Resource.create({} if named_service else {"service.name": SERVICE_NAME})
     provider = TracerProvider(resource=resource)
     added = 0
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        exporters, added = [], 1
     for name in exporters:
         if name == "otlp":  # over HTTP/protobuf, whatever OTEL_EXPORTER_OTLP_PROTOCOL says
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -110,10 +113,9 @@ def configure(env: Mapping[str, str] | None = None) -> bool:
             continue
         added += 1
     if not added:
-        _tracer = None
         return False
     _tracer, _provider = provider.get_tracer("embedding_worker"), provider
-    log.info("exporting traces (%s)", ", ".join(exporters))
+    log.info("exporting traces (%s)", ", ".join(exporters) or type(exporter).__name__)
     return True
 
 
@@ -123,6 +125,23 @@ def shutdown() -> None:
     if _provider is not None:
         _provider.shutdown()
     _tracer = _provider = None
+
+
+def flush() -> None:
+    """Hand every span ended so far to the exporter, now."""
+    if _provider is not None:
+        _provider.force_flush()
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No traces within the block, the exporter kept (benchmarks: traced and untraced rounds)."""
+    global _tracer
+    kept, _tracer = _tracer, None
+    try:
+        yield
+    finally:
+        _tracer = kept
 
 
 def enabled() -> bool:
