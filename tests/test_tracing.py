@@ -155,15 +155,27 @@ async def test_a_job_without_http_is_a_span_of_its_own(receiver, bert_reranker):
         reply = await worker.dispatch(
             {"model": reranker, "query": "q", "documents": [SECRET, "b", "c"]}, job_id="job-9"
         )
+        line = {"url": "/v1/rerank", "body": {"model": reranker, "query": "q", "documents": ["d"]}}
+        lines = [dict(line, custom_id=name) for name in ("first", "second")]
+        batch = await worker.dispatch({"batch": lines}, job_id="batch-1")
     finally:
         await worker.stop()
-    assert reply.status == 200
+    assert reply.status == 200 and batch.status == 200
     tracing.shutdown()
-    (root,) = [s for s in receiver.spans() if attributes(s).get("request.id") == "job-9"]
-    assert root.name.startswith("job ") and not root.parent_span_id
+    spans = receiver.spans()
+    (root,) = [s for s in spans if attributes(s).get("request.id") == "job-9"]
+    assert root.name == "job rerank" and not root.parent_span_id
     assert attributes(root)["embedding_worker.inputs"] == 3
-    children = {s.name for s in receiver.spans() if s.parent_span_id == root.span_id}
+    children = {s.name for s in spans if s.parent_span_id == root.span_id}
     assert "tokenize" in children
+    # A batch job's lines are spans of their own, children of the job's.
+    (job,) = [s for s in spans if attributes(s).get("request.id") == "batch-1"]
+    line_spans = [s for s in spans if attributes(s).get("request.id", "").startswith("batch-1/")]
+    assert sorted(attributes(s)["request.id"] for s in line_spans) == [
+        "batch-1/first",
+        "batch-1/second",
+    ]
+    assert all(s.parent_span_id == job.span_id and s.trace_id == job.trace_id for s in line_spans)
     assert all(SECRET.encode() not in body for body in receiver.bodies)
 
 

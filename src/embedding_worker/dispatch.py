@@ -60,10 +60,11 @@ class Worker:
         """
         openai_route = isinstance(job_input, dict) and "openai_route" in job_input
         job = current_job.set(str(job_id)) if job_id is not None else None
+        outer = current_request.get()
         context, request_token = _request_context(job_id)
-        traced_here = request_token is not None and tracing.enabled() and context.trace is None
-        if traced_here:  # a job that came without an HTTP request: a RunPod job, a batch line
-            tracing.start(context, "job")
+        traced_here = request_token is not None and tracing.enabled()
+        if traced_here:  # a RunPod job, or a batch line (a child of its job's span)
+            tracing.start(context, "job", parent=outer.trace if outer is not None else None)
         tier_token = None
         try:
             operation, body = self._route(job_input)
