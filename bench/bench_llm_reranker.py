@@ -6,7 +6,7 @@ run.
 
 Builds a random Qwen3-Reranker-shaped causal LM (tests/model_factory.py; default: hidden 256,
 4 layers, the tiny 2k-token vocabulary), then scores the same (query, document) pairs two ways:
-- worker: concurrent rerank requests of --docs-per-request documents through Worker.dispatch
+- worker: concurrent rerank requests of --docs-per-request documents as jobs (`answer_job`)
   (template, usage counting, batching across requests, sorting by length, the worker thread, answer
   building);
 - plain: the model card's recipe with transformers (process_inputs + compute_logits), batch after
@@ -31,6 +31,7 @@ from bench.common import offline, random_model_parser
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.llm_reranker import PREFIX, SUFFIX, format_pair
+from embedding_worker.transports.runpod import answer_job
 from tests import model_factory
 
 Pairs = list[tuple[str, str]]
@@ -96,7 +97,7 @@ async def through_worker(
         for i in range(0, len(pairs), per_request)
     ]
     started = time.perf_counter()
-    replies = await asyncio.gather(*(worker.dispatch(job) for job in jobs))
+    replies = await asyncio.gather(*(answer_job(worker, job) for job in jobs))
     elapsed = time.perf_counter() - started
     scores: list[float] = []
     for reply in replies:

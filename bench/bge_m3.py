@@ -7,7 +7,7 @@ texts, same batch size, same run.
 Builds a random model in bge-m3's layout (tests/model_factory.py; default: hidden 256, 4 layers,
 the tiny vocabulary; `--hidden-size 1024 --layers 24 --vocab-size 250002` is bge-m3's real shape),
 then embeds the same texts two ways, the two alternating round by round:
-- worker: concurrent requests of --texts-per-request texts through Worker.dispatch (token counts,
+- worker: concurrent requests of --texts-per-request texts as jobs (`answer_job`) (token counts,
   batching across requests, sorting by length, the worker thread, the answer in base64);
 - plain: the recipe (tests/bge_m3_recipe.py), all texts sorted by length, batch after batch of
   --batch-size, on the calling thread, the outputs asked computed as the recipe does.
@@ -31,6 +31,7 @@ import torch
 from bench.common import offline, random_model_parser
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 from tests import model_factory
 from tests.bge_m3_recipe import Recipe
 
@@ -57,7 +58,7 @@ async def through_worker(
         for i in range(0, len(texts), per_request)
     ]
     started = time.perf_counter()
-    replies = await asyncio.gather(*(worker.dispatch(job) for job in jobs))
+    replies = await asyncio.gather(*(answer_job(worker, job) for job in jobs))
     elapsed = time.perf_counter() - started
     items = []
     for reply in replies:

@@ -57,7 +57,7 @@ async def compare(path: Path, texts: list[str], rounds: int) -> None:
 
     async def through_worker() -> list[dict]:
         replies = await asyncio.gather(
-            *(worker.call("/v1/classify", {"input": chunk}) for chunk in requests)
+            *(worker.request("/v1/classify", {"input": chunk}) for chunk in requests)
         )
         return [item for reply in replies for item in reply.body["data"]]
 

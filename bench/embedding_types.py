@@ -22,6 +22,7 @@ import time
 
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 
 WORDS = "the quick brown fox jumps over a lazy dog near old stone bridges under quiet stars".split()
 TYPES = ("int8", "uint8", "binary", "ubinary")
@@ -50,7 +51,7 @@ async def measure(worker: Worker, variants: dict[str, dict], rounds: int) -> dic
     times: dict[str, list[float]] = {name: [] for name in variants}
     sizes: dict[str, int] = {}
     for name, job in variants.items():  # warm-up, and each answer's size
-        reply = await worker.dispatch(job)
+        reply = await answer_job(worker, job)
         assert reply.ok, reply.body
         sizes[name] = len(json.dumps(reply.runpod_output()))
     for round_no in range(rounds):
@@ -58,7 +59,7 @@ async def measure(worker: Worker, variants: dict[str, dict], rounds: int) -> dic
         random.Random(round_no).shuffle(order)
         for name in order:
             started = time.perf_counter()
-            reply = await worker.dispatch(variants[name])
+            reply = await answer_job(worker, variants[name])
             json.dumps(reply.runpod_output())
             times[name].append(time.perf_counter() - started)
     base64_time = statistics.median(times["base64"])

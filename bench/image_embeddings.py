@@ -90,7 +90,7 @@ async def compare(path: Path, images: list[bytes], rounds: int) -> None:
     async def through(worker: Worker) -> np.ndarray:
         replies = await asyncio.gather(
             *(
-                worker.call("/v1/embeddings", {"input": chunk, "encoding_format": "base64"})
+                worker.request("/v1/embeddings", {"input": chunk, "encoding_format": "base64"})
                 for chunk in requests
             )
         )

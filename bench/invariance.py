@@ -17,6 +17,7 @@ import time
 
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 
 WORDS = "the quick brown fox jumps over a lazy dog near old stone bridges under quiet stars".split()
 
@@ -43,7 +44,7 @@ def main() -> None:
                     step.bucketed = bucketed
                     started = time.perf_counter()
                     replies = await asyncio.gather(
-                        *(worker.dispatch({"input": chunk}) for chunk in requests)
+                        *(answer_job(worker, {"input": chunk}) for chunk in requests)
                     )
                     assert all(r.ok for r in replies)
                     if round_no:  # the first round warms up

@@ -108,7 +108,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "### Latency of one short request (one text)",
         "",
-        "| model | engine p50 / p99 ms | Worker.dispatch p50 / p99 ms "
+        "| model | engine p50 / p99 ms | job dispatch p50 / p99 ms "
         "| runpod handler p50 / p99 ms | added p50 ms | second engine, added p50 ms (A/A) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]

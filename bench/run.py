@@ -61,7 +61,7 @@ from embedding_worker.cpu import processor_name
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.dtype import cpu_has_native_bf16
 from embedding_worker.operations.embeddings import embedding_response
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 
 QUICK_MODELS = ["minilm"]
 # Per model: inputs per throughput measurement (short, medium, long), interleaved rounds, and rounds
@@ -247,7 +247,7 @@ class Subjects:
 
     async def cosine_auto_vs_float32(self, texts: list[str]) -> float:
         body = {"model": self.served_id, "input": texts, "encoding_format": "base64"}
-        got = [await self.workers[d].dispatch(dict(body)) for d in ("float32", "auto")]
+        got = [await answer_job(self.workers[d], dict(body)) for d in ("float32", "auto")]
         a, b = (
             np.stack(
                 [np.frombuffer(base64.b64decode(x["embedding"]), "<f4") for x in r.body["data"]]
@@ -340,7 +340,7 @@ async def measure_model(
         "engine": one(lambda t: subjects.engine.embed(sentences=[t])),
         "engine_again": one(lambda t: subjects.engine_again.embed(sentences=[t])),
         "dispatch": one(
-            lambda t: subjects.workers["float32"].dispatch({"model": served, "input": [t]})
+            lambda t: answer_job(subjects.workers["float32"], {"model": served, "input": [t]})
         ),
         "handler": one(
             lambda t: subjects.handler({"id": "l", "input": {"model": served, "input": [t]}})

@@ -19,6 +19,7 @@ import time
 
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 
 WORDS = "the quick brown fox jumps over a lazy dog near old stone bridges under quiet stars".split()
 
@@ -32,7 +33,7 @@ async def latencies(worker: Worker, tier: str, count: int, every_s: float) -> li
     seconds = []
     for i in range(count):
         started = time.perf_counter()
-        reply = await worker.dispatch({"input": f"question {i}", "service_tier": tier})
+        reply = await answer_job(worker, {"input": f"question {i}", "service_tier": tier})
         assert reply.ok, reply.body
         seconds.append(time.perf_counter() - started)
         await asyncio.sleep(max(0.0, every_s - seconds[-1]))
@@ -43,7 +44,7 @@ async def during_job(
     worker: Worker, texts: list[str], job_tier: str, tier: str, every_s: float
 ) -> tuple[list[float], float]:
     started = time.perf_counter()
-    job = asyncio.ensure_future(worker.dispatch({"input": texts, "service_tier": job_tier}))
+    job = asyncio.ensure_future(answer_job(worker, {"input": texts, "service_tier": job_tier}))
     seconds: list[float] = []
     while not job.done():
         seconds += await latencies(worker, tier, 1, every_s)
@@ -64,7 +65,7 @@ def main() -> None:
         worker = Worker.from_config(load_config({"MODEL_NAMES": DEFAULT_MODEL_ID}))
         await worker.start()
         try:
-            await worker.dispatch({"input": texts[:64]})  # warm-up
+            await answer_job(worker, {"input": texts[:64]})  # warm-up
             idle = await latencies(worker, "priority", 40, every_s)
             tiered, tiered_s = await during_job(worker, texts, "flex", "priority", every_s)
             fifo, fifo_s = await during_job(worker, texts, "default", "default", every_s)

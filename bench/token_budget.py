@@ -36,6 +36,7 @@ from embedding_worker.dispatch import Worker
 from embedding_worker.engines import ModelRegistry
 from embedding_worker.engines.budget import default_max_batch_tokens
 from embedding_worker.engines.spec import Optimisations
+from embedding_worker.transports.runpod import answer_job
 from tests import model_factory
 
 from .common import texts_of_length
@@ -60,14 +61,14 @@ async def _burst(path: str, budget: int, count: int) -> dict[str, float]:
     await worker.start()
     model = worker.registry.models[0]
     texts = texts_of_length(model.tokens.tokenizer, LONG_TOKENS, count)
-    await worker.dispatch({"input": texts[:1]})  # warm up
+    await answer_job(worker, {"input": texts[:1]})  # warm up
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         cuda_before = torch.cuda.memory_allocated()
     before = _resident_bytes()
     started = time.perf_counter()
     replies = await asyncio.gather(
-        *(worker.dispatch({"input": texts[i : i + 16]}) for i in range(0, count, 16))
+        *(answer_job(worker, {"input": texts[i : i + 16]}) for i in range(0, count, 16))
     )
     elapsed = time.perf_counter() - started
     assert all(r.ok for r in replies), [r.body for r in replies if not r.ok][:1]
@@ -149,7 +150,9 @@ async def short_batches(count: int, rounds: int, tokens: int = 12) -> None:
             for cap in caps if round_no % 2 else caps[::-1]:
                 worker = workers[cap]
                 started, started_cpu = time.perf_counter(), time.process_time()
-                replies = await asyncio.gather(*(worker.dispatch({"input": r}) for r in requests))
+                replies = await asyncio.gather(
+                    *(answer_job(worker, {"input": r}) for r in requests)
+                )
                 assert all(r.ok for r in replies)
                 if round_no:  # the first round warms up
                     rates[cap].append(count / (time.perf_counter() - started))

@@ -27,7 +27,9 @@ def decode_vectors(body: dict[str, Any]) -> np.ndarray:
 
 async def answer(worker: Any, **body: Any) -> dict[str, Any]:
     """The body of a standard-flavour job that must succeed."""
-    reply = await worker.dispatch(body)
+    from embedding_worker.transports.runpod import answer_job
+
+    reply = await answer_job(worker, body)
     assert reply.status == 200, reply.body
     return reply.body
 
@@ -56,3 +58,11 @@ def bound_queue(monkeypatch: Any, model: Any, **settings: Any) -> None:
     """Change a model's admission bounds (engines/admission.py) for one test."""
     admission = model.admission
     monkeypatch.setattr(admission, "settings", dataclasses.replace(admission.settings, **settings))
+
+
+async def call(worker: Any, route: str, body: Any, line: str | None = None) -> Any:
+    """A route's answer as HTTP sends it (`statuses.Reply`: status, body, retry_after), reached
+    as the local server's routes and batch lines reach an operation: no RunPod job on the way."""
+    from embedding_worker.statuses import Reply
+
+    return Reply.of(await worker.request(route, body, line))

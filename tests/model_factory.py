@@ -701,9 +701,11 @@ def make_bert_embedder(
     vocab_size: int | None = None,
     seed: int = 0,
     normalize: bool = True,
+    pooling: str = "mean",
 ) -> Path:
-    """BertModel + WordPiece tokenizer, ST layout: Transformer, mean Pooling, Normalize (without
-    it with ``normalize=False``, like dot-product models such as msmarco-distilbert-base-tas-b)."""
+    """BertModel + WordPiece tokenizer, ST layout: Transformer, mean Pooling (or ``pooling``:
+    "cls", "lasttoken"), Normalize (without it with ``normalize=False``, like dot-product models
+    such as msmarco-distilbert-base-tas-b)."""
     from transformers import BertModel
 
     path = Path(path)
@@ -725,7 +727,7 @@ def make_bert_embedder(
     _write_st_files(
         path,
         dim=hidden_size,
-        pooling="mean",
+        pooling=pooling,
         max_seq_length=max_seq_length,
         do_lower_case=False,
         normalize=normalize,

@@ -16,6 +16,8 @@ from embedding_worker.engines.admission import (
     AdmissionSettings,
 )
 from embedding_worker.errors import DEFAULT_RETRY_AFTER_S
+from embedding_worker.statuses import http_status
+from embedding_worker.transports.runpod import answer_job
 
 
 class Clock:
@@ -48,7 +50,7 @@ def test_before_the_pace_is_known_the_queue_holds_one_maximum_request_of_tokens(
     queue.enter(10, 4000)
     assert queue.refusal(10, 1000) is None
     refused = queue.refusal(10, 1001)
-    assert refused is not None and refused.status == 429 and refused.code == "queue_full"
+    assert refused is not None and http_status(refused) == 429 and refused.code == "queue_full"
     assert refused.retry_after == DEFAULT_RETRY_AFTER_S  # nothing measured to estimate from
     assert "REQUEST_TIMEOUT" in refused.message
 
@@ -159,7 +161,7 @@ async def test_two_large_requests_at_once_one_is_refused_at_the_door(bert_embedd
     await worker.start()
     try:
         body = {"input": ["hello " * 20] * 300}  # 18,600 tokens: within every limit
-        replies = await asyncio.gather(worker.dispatch(body), worker.dispatch(body))
+        replies = await asyncio.gather(answer_job(worker, body), answer_job(worker, body))
         statuses = sorted(reply.status for reply in replies)
         assert statuses == [200, 429], [r.body for r in replies]
         refused = next(reply for reply in replies if reply.status == 429)
@@ -167,7 +169,7 @@ async def test_two_large_requests_at_once_one_is_refused_at_the_door(bert_embedd
         assert json.loads(refused.runpod_output()["error"])["retry_after"] == refused.retry_after
         assert worker.healthy
         # Once the first is answered, the same request is admitted again.
-        assert (await worker.dispatch(body)).status == 200
+        assert (await answer_job(worker, body)).status == 200
     finally:
         await worker.stop()
 
@@ -183,12 +185,12 @@ async def test_a_queue_without_room_refuses_before_the_request_is_counted(worker
     monkeypatch.setattr(
         model.tokens, "tokenize", lambda *a, **k: counted.append(1) or tokenize(*a, **k)
     )
-    reply = await worker.dispatch({"model": ids["embedder"], "input": ["some words"] * 8})
+    reply = await answer_job(worker, {"model": ids["embedder"], "input": ["some words"] * 8})
     assert reply.status == 429 and reply.body["error"]["code"] == "queue_full"
     assert counted == []
     monkeypatch.setattr(model.admission, "items", 0)
     monkeypatch.setattr(model.admission, "tokens", 0)
     assert (
-        await worker.dispatch({"model": ids["embedder"], "input": ["some words"]})
+        await answer_job(worker, {"model": ids["embedder"], "input": ["some words"]})
     ).status == 200
     assert counted  # the same request, admitted, is counted

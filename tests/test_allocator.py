@@ -20,6 +20,7 @@ FAULTS = """
 import asyncio, json, resource, sys
 from embedding_worker import startup
 from tests.model_factory import CORPUS
+from embedding_worker.transports.runpod import answer_job
 
 worker = startup.build_worker()
 texts = [" ".join(CORPUS[i:] + CORPUS[:i]) for i in range(16)]  # each over the 256-token maximum
@@ -28,7 +29,7 @@ async def main():
     faults = []
     for _ in range(8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        reply = await worker.dispatch({"input": texts})
+        reply = await answer_job(worker, {"input": texts})
         assert reply.status == 200, reply.body
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     await worker.registry.stop()

@@ -26,13 +26,14 @@ from embedding_worker import errors
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.operations import batch
+from embedding_worker.statuses import http_status
 from embedding_worker.transports import batch_run
 from embedding_worker.transports.batch_files import run_batch, run_local
 from embedding_worker.transports.batch_run import BatchOptions, BatchRun
 from embedding_worker.transports.remote import run_endpoint
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 from tests.conftest import ROOT
-from tests.helpers import decode_vectors
+from tests.helpers import call, decode_vectors
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while rain falls on quiet hills near old stone "
@@ -195,7 +196,7 @@ async def check_against_single_requests(worker, source: Path, outputs: list[dict
     assert set(by_id) == expected_ids
     for start in range(0, len(requests), 200):
         group = requests[start : start + 200]
-        singles = await asyncio.gather(*(worker.call(url, body) for _, url, body in group))
+        singles = await asyncio.gather(*(call(worker, url, body) for _, url, body in group))
         for (output, _, _), single in zip(group, singles):
             assert_same_answer(output["response"], single.status, single.body)
     return requests
@@ -297,7 +298,7 @@ async def test_plain_text_lines_use_the_command_line_options(worker, ids, tmp_pa
     await run_batch(worker, options(tmp_path, source, defaults=defaults))
     outputs = {o["custom_id"]: o for o in read_output(tmp_path / "results.jsonl")}
     assert set(outputs) == {"line-1", "mine", "line-3"}
-    single = await worker.call("/v1/embeddings", {**defaults, "input": "first document"})
+    single = await call(worker, "/v1/embeddings", {**defaults, "input": "first document"})
     assert_same_answer(outputs["line-1"]["response"], single.status, single.body)
     assert len(decode_vectors(outputs["mine"]["response"]["body"])[0]) == 8
     # An empty text is a valid line whose request is refused.
@@ -314,7 +315,7 @@ async def test_the_runpod_batch_job_answers_its_lines_in_order(worker, ids):
         if isinstance(value, dict) and isinstance(value.get("custom_id"), str):
             assert answer["custom_id"] == value["custom_id"]
     request = lines[1]
-    single = await worker.call(request["url"], request["body"])
+    single = await call(worker, request["url"], request["body"])
     assert_same_answer(data[1]["response"], single.status, single.body)
     json.dumps(output)  # what runpod serialises
 
@@ -328,7 +329,7 @@ async def test_the_runpod_batch_job_answers_its_lines_in_order(worker, ids):
     ],
 )
 async def test_a_batch_job_out_of_bounds_is_a_typed_error(worker, job_input, status):
-    reply = await worker.dispatch(job_input)
+    reply = await answer_job(worker, job_input)
     assert reply.status == status and reply.body["error"]["param"] == "batch"
     assert "error" in reply.runpod_output()
 
@@ -346,8 +347,8 @@ def test_the_retry_policy_is_the_errors_own():
         errors.request_timeout("slow body"),
     ]
     final = [errors.invalid_input("bad"), errors.internal(), errors.too_large("big")]
-    assert all(e.retryable and errors.is_retryable(e.status) for e in retryable)
-    assert not any(e.retryable or errors.is_retryable(e.status) for e in final)
+    assert all(e.retryable and errors.is_retryable(http_status(e)) for e in retryable)
+    assert not any(e.retryable or errors.is_retryable(http_status(e)) for e in final)
     assert errors.is_retryable(502) and errors.is_retryable(504) and not errors.is_retryable(None)
 
 
@@ -552,8 +553,8 @@ async def test_a_batch_job_whose_answers_together_are_too_large_is_refused(worke
     small = dataclasses.replace(worker.limits, max_response_bytes=MAX_RESPONSE_BYTES)
     original, worker.limits = worker.limits, small
     try:
-        reply = await worker.dispatch({"batch": lines})
-        one = await worker.dispatch({"batch": lines[:1]})
+        reply = await answer_job(worker, {"batch": lines})
+        one = await answer_job(worker, {"batch": lines[:1]})
     finally:
         worker.limits = original
     assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
@@ -577,20 +578,20 @@ async def test_a_batch_job_whose_answer_cannot_fit_is_refused_before_any_line_ru
         for i in range(50)
     ]
     calls = 0
-    call = worker.call
+    request = worker.request
 
     async def counting(*args, **kwargs):
         nonlocal calls
         calls += 1
-        return await call(*args, **kwargs)
+        return await request(*args, **kwargs)
 
-    monkeypatch.setattr(worker, "call", counting)
-    reply = await worker.dispatch({"batch": lines})
+    monkeypatch.setattr(worker, "request", counting)
+    reply = await answer_job(worker, {"batch": lines})
     assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
     assert reply.body["error"]["param"] == "batch" and calls == 0
     # Lines of 64 inputs fit, and run.
     small = [{**line, "body": {**line["body"], "input": ["a short text"] * 64}} for line in lines]
-    assert (await worker.dispatch({"batch": small[:2]})).status == 200
+    assert (await answer_job(worker, {"batch": small[:2]})).status == 200
     assert calls == 2
 
 

@@ -13,6 +13,7 @@ import pytest
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.tokenization import bucket_width
+from tests.helpers import call
 from tests.model_factory import CORPUS
 
 
@@ -42,7 +43,7 @@ def vectors(reply) -> list[bytes]:
 
 async def embed(worker, model, texts) -> list[bytes]:
     body = {"model": model, "input": texts, "encoding_format": "base64"}
-    return vectors(await worker.call("/v1/embeddings", body))
+    return vectors(await call(worker, "/v1/embeddings", body))
 
 
 @pytest.mark.parametrize("which", [0, 1])

@@ -23,10 +23,10 @@ from embedding_worker.engines.kinds import kind_of
 from embedding_worker.transports.batch_files import run_batch
 from embedding_worker.transports.batch_run import BatchOptions
 from embedding_worker.transports.http import create_app
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 from tests import model_factory
 from tests.bge_m3_recipe import Recipe
-from tests.helpers import bound_queue, worker_without
+from tests.helpers import bound_queue, call, worker_without
 from tests.test_server import ServerThread
 
 TEXTS = [
@@ -122,7 +122,7 @@ async def test_outputs_match_the_recipe_across_batches(
     bge_m3_worker, m3_id, recipe, outputs, encoding_format
 ):
     body = {"model": m3_id, "input": TEXTS, "output": outputs, "encoding_format": encoding_format}
-    reply = await bge_m3_worker.dispatch(body)
+    reply = await answer_job(bge_m3_worker, body)
     assert reply.status == 200, reply.body
     assert_matches_recipe(reply.body, recipe, TEXTS, outputs)
     if encoding_format == "base64" and "multi_vector" in outputs:
@@ -131,14 +131,14 @@ async def test_outputs_match_the_recipe_across_batches(
 
 
 async def test_without_output_the_answer_is_openais_dense_shape(bge_m3_worker, m3_id, recipe):
-    reply = await bge_m3_worker.dispatch({"model": m3_id, "input": TEXTS[:2]})
+    reply = await answer_job(bge_m3_worker, {"model": m3_id, "input": TEXTS[:2]})
     assert reply.status == 200
     assert [set(item) for item in reply.body["data"]] == [{"object", "embedding", "index"}] * 2
     np.testing.assert_allclose(read_answer(reply.body)[0], recipe.encode(TEXTS[:2])[0], atol=1e-5)
 
 
 async def test_one_output_may_be_named_alone(bge_m3_worker, m3_id, recipe):
-    reply = await bge_m3_worker.dispatch({"model": m3_id, "input": "Rinse", "output": "sparse"})
+    reply = await answer_job(bge_m3_worker, {"model": m3_id, "input": "Rinse", "output": "sparse"})
     assert reply.status == 200
     assert set(reply.body["data"][0]) == {"object", "sparse_embedding", "index"}
 
@@ -152,8 +152,8 @@ async def test_sparse_drops_special_and_unknown_tokens_and_keeps_one_entry_an_id
     assert recipe.tokenizer.unk_token_id in recipe.tokenizer(unknown)["input_ids"]
     paris = recipe.tokenizer("Paris", add_special_tokens=False)["input_ids"][-1]
     assert recipe.tokenizer(repeated)["input_ids"].count(paris) >= 3
-    reply = await bge_m3_worker.dispatch(
-        {"model": m3_id, "input": [unknown, repeated], "output": ALL}
+    reply = await answer_job(
+        bge_m3_worker, {"model": m3_id, "input": [unknown, repeated], "output": ALL}
     )
     [first, second] = [item["sparse_embedding"]["indices"] for item in reply.body["data"]]
     assert not set(first) & {0, 1, 2, 3}
@@ -164,8 +164,9 @@ async def test_sparse_drops_special_and_unknown_tokens_and_keeps_one_entry_an_id
 async def test_return_tokens_gives_each_ids_string_as_the_tokenizer_decodes_it(
     bge_m3_worker, m3_id, recipe
 ):
-    reply = await bge_m3_worker.dispatch(
-        {"model": m3_id, "input": TEXTS[:3], "output": ["sparse"], "return_tokens": True}
+    reply = await answer_job(
+        bge_m3_worker,
+        {"model": m3_id, "input": TEXTS[:3], "output": ["sparse"], "return_tokens": True},
     )
     for item in reply.body["data"]:
         entry = item["sparse_embedding"]
@@ -177,7 +178,7 @@ async def test_dimensions_and_embedding_types_shape_the_dense_output_alone(
     bge_m3_worker, m3_id, recipe
 ):
     body = {"model": m3_id, "input": TEXTS[:2], "output": ALL, "dimensions": 8}
-    reply = await bge_m3_worker.dispatch({**body, "embedding_types": ["int8", "float"]})
+    reply = await answer_job(bge_m3_worker, {**body, "embedding_types": ["int8", "float"]})
     assert reply.status == 200, reply.body
     item = reply.body["data"][0]
     assert set(item["embedding"]) == {"int8", "float"} and len(item["embedding"]["float"]) == 8
@@ -191,12 +192,12 @@ async def test_truncation_follows_the_recipe(tmp_path):
     worker = Worker.from_config(load_config({"MODEL_NAMES": str(path), "DTYPES": "float32"}))
     try:
         texts = [TEXTS[1], TEXTS[0]]
-        reply = await worker.dispatch({"input": texts, "output": ALL})
+        reply = await answer_job(worker, {"input": texts, "output": ALL})
         assert reply.status == 200, reply.body
         recipe = Recipe(path, max_length=16)
         assert recipe.tokens(texts)[0] == 16
         assert_matches_recipe(reply.body, recipe, texts)
-        refused = await worker.dispatch({"input": texts, "output": ALL, "truncate": False})
+        refused = await answer_job(worker, {"input": texts, "output": ALL, "truncate": False})
         assert refused.status == 400 and refused.body["error"]["code"] == "context_length_exceeded"
     finally:
         await worker.stop()
@@ -219,7 +220,7 @@ async def test_with_reuse_off_the_worker_thread_tokenizes_and_answers_the_same(b
         model = worker.registry.models[0]
         assert isinstance(model, BGEM3Embedder) and not model.reuses_token_ids
         assert model.tokens.model_input is None
-        reply = await worker.dispatch({"model": model.served_id, "input": TEXTS, "output": ALL})
+        reply = await answer_job(worker, {"model": model.served_id, "input": TEXTS, "output": ALL})
         assert reply.status == 200, reply.body
         assert_matches_recipe(reply.body, recipe, TEXTS)
     finally:
@@ -306,14 +307,14 @@ async def test_batch_file_lines_match_single_requests(bge_m3_worker, m3_id, reci
         assert response["status_code"] == 200
         assert_matches_recipe(response["body"], recipe, body["input"])
     # The RunPod batch job answers the same lines.
-    job = await bge_m3_worker.dispatch({"batch": lines})
+    job = await answer_job(bge_m3_worker, {"batch": lines})
     assert job.status == 200
     for line, answer in zip(lines, job.body["data"]):
         assert_matches_recipe(answer["response"]["body"], recipe, line["body"]["input"])
 
 
 async def test_cohere_embed_serves_the_dense_output(bge_m3_worker, m3_id, recipe):
-    reply = await bge_m3_worker.call("/v2/embed", {"model": m3_id, "texts": TEXTS[:3]})
+    reply = await call(bge_m3_worker, "/v2/embed", {"model": m3_id, "texts": TEXTS[:3]})
     assert reply.status == 200, reply.body
     got = np.array(reply.body["embeddings"]["float"], dtype=np.float32)
     np.testing.assert_allclose(got, recipe.encode(TEXTS[:3])[0], atol=1e-5)
@@ -334,7 +335,7 @@ async def test_cohere_embed_serves_the_dense_output(bge_m3_worker, m3_id, recipe
     ],
 )
 async def test_bad_fields_are_typed_errors(bge_m3_worker, m3_id, extra, param):
-    reply = await bge_m3_worker.dispatch({"model": m3_id, "input": "x", **extra})
+    reply = await answer_job(bge_m3_worker, {"model": m3_id, "input": "x", **extra})
     assert reply.status == 400
     assert reply.body["error"]["code"] == "invalid_input" and reply.body["error"]["param"] == param
     assert "'x'" not in reply.body["error"]["message"]
@@ -344,12 +345,12 @@ async def test_bad_fields_are_typed_errors(bge_m3_worker, m3_id, extra, param):
 async def test_sparse_or_multi_vector_of_a_dense_only_model_is_a_typed_error(
     bge_m3_worker, bert_id, output
 ):
-    reply = await bge_m3_worker.dispatch({"model": bert_id, "input": "x", "output": output})
+    reply = await answer_job(bge_m3_worker, {"model": bert_id, "input": "x", "output": output})
     assert reply.status == 400
     error = reply.body["error"]
     assert error["code"] == "invalid_input" and error["param"] == "output"
     assert "has no" in error["message"] and "bge-m3" in error["message"]
-    dense = await bge_m3_worker.dispatch({"model": bert_id, "input": "x", "output": ["dense"]})
+    dense = await answer_job(bge_m3_worker, {"model": bert_id, "input": "x", "output": ["dense"]})
     assert dense.status == 200
 
 
@@ -361,7 +362,7 @@ async def test_an_answer_too_large_is_refused_before_the_model_runs(bge_m3, monk
     monkeypatch.setattr(model, "_forward_items", lambda items: called.append(items))
     try:
         texts = [TEXTS[1]] * 4  # 4 x 31 tokens: 120 vectors of 32 numbers
-        reply = await worker.dispatch({"input": texts, "output": ["multi_vector"]})
+        reply = await answer_job(worker, {"input": texts, "output": ["multi_vector"]})
         assert reply.status == 413 and reply.body["error"]["code"] == "response_too_large"
         assert "base64" in reply.body["error"]["message"] and not called
     finally:
@@ -389,7 +390,7 @@ async def test_concurrent_requests_share_batches_off_the_event_loop(
         {"model": m3_id, "input": TEXTS[i : i + 2], "output": outputs}
         for i, outputs in zip(range(6), [ALL, ["sparse"], ["dense"], ["multi_vector"]] * 2)
     ]
-    replies = await asyncio.gather(*(bge_m3_worker.dispatch(r) for r in requests))
+    replies = await asyncio.gather(*(answer_job(bge_m3_worker, r) for r in requests))
     for request, reply in zip(requests, replies):
         assert reply.status == 200, reply.body
         assert_matches_recipe(reply.body, recipe, request["input"], request["output"])
@@ -402,7 +403,9 @@ async def test_the_queue_bound_refuses_with_429(bge_m3_worker, m3_id, monkeypatc
     model = model_of(bge_m3_worker, m3_id)
     bound_queue(monkeypatch, model, max_items=3)
     body = {"model": m3_id, "input": TEXTS[:2], "output": ALL}
-    first, second = await asyncio.gather(bge_m3_worker.dispatch(body), bge_m3_worker.dispatch(body))
+    first, second = await asyncio.gather(
+        answer_job(bge_m3_worker, body), answer_job(bge_m3_worker, body)
+    )
     assert first.status == 200
     assert second.status == 429 and second.body["error"]["code"] == "queue_full"
     assert model.pending == 0
@@ -422,9 +425,9 @@ async def test_a_failing_batch_fails_its_requests_and_the_model_keeps_serving(
         return forward(items)
 
     monkeypatch.setattr(model, "_forward_items", fail_once)
-    reply = await bge_m3_worker.dispatch({"model": m3_id, "input": TEXTS[:2], "output": ALL})
+    reply = await answer_job(bge_m3_worker, {"model": m3_id, "input": TEXTS[:2], "output": ALL})
     assert reply.status == 500 and reply.body["error"]["code"] == "internal_error"
-    reply = await bge_m3_worker.dispatch({"model": m3_id, "input": TEXTS, "output": ALL})
+    reply = await answer_job(bge_m3_worker, {"model": m3_id, "input": TEXTS, "output": ALL})
     assert_matches_recipe(reply.body, recipe, TEXTS)
     assert bge_m3_worker.healthy
 
@@ -448,7 +451,7 @@ async def test_a_stalled_model_answers_503_within_the_timeout(bge_m3, monkeypatc
     monkeypatch.setattr(model, "_forward_items", stalled)
     try:
         started = time.monotonic()
-        reply = await worker.dispatch({"input": TEXTS[:2], "output": ["sparse"]})
+        reply = await answer_job(worker, {"input": TEXTS[:2], "output": ["sparse"]})
         assert 1 <= time.monotonic() - started < 10
         assert reply.status == 503 and reply.body["error"]["code"] == "timeout"
         assert reply.refresh_worker and not worker.healthy and model.pending == 0
@@ -480,10 +483,10 @@ async def test_model_kinds_infinity_serves_the_same_dense_vectors(bge_m3, recipe
     )
     worker = Worker(config, ModelRegistry.load(config.models, config.engine_settings))
     try:
-        reply = await worker.dispatch({"input": TEXTS})
+        reply = await answer_job(worker, {"input": TEXTS})
         assert reply.status == 200
         np.testing.assert_allclose(read_answer(reply.body)[0], recipe.encode(TEXTS)[0], atol=1e-5)
-        refused = await worker.dispatch({"input": TEXTS, "output": ["sparse"]})
+        refused = await answer_job(worker, {"input": TEXTS, "output": ["sparse"]})
         assert refused.status == 400 and refused.body["error"]["param"] == "output"
     finally:
         await worker.stop()

@@ -31,6 +31,7 @@ from embedding_worker.engines.budget import (
 )
 from embedding_worker.engines.pacing import PacedQueue
 from embedding_worker.engines.tokenization import counted
+from embedding_worker.transports.runpod import answer_job
 from tests.helpers import answer, decode_vectors, model_and_replica
 
 BUDGET = 200  # tokens; the tiny BERTs cut texts at 128, so two long ones never share a batch
@@ -285,7 +286,7 @@ async def test_a_text_alone_out_of_memory_fails_the_engine_as_before(bert_embedd
     try:
         model, replica = model_and_replica(worker, "tiny-bert-embedder")
         _out_of_memory_above(replica, "forward", 0, OUT_OF_MEMORY[0], monkeypatch)
-        reply = await asyncio.wait_for(worker.dispatch({"input": ["one", "two"]}), 30)
+        reply = await asyncio.wait_for(answer_job(worker, {"input": ["one", "two"]}), 30)
         assert reply.status == 503 and reply.body["error"]["code"] == "engine_failed"
         assert not worker.healthy
     finally:

@@ -11,7 +11,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 from tests import model_factory
+from tests.helpers import call
 
 TEXTS = ["what a wonderful day", "this is terrible", "the train leaves at noon", "ok"]
 
@@ -55,8 +57,8 @@ def reference(path, texts, multi_label: bool, raw: bool = False) -> tuple[np.nda
 @pytest.mark.parametrize("which, multi_label", [("sentiment", False), ("topics", True)])
 async def test_scores_are_the_models_own(classify_worker, classifiers, which, multi_label):
     path = classifiers[which]
-    reply = await classify_worker.call(
-        "/v1/classify", {"model": served_id(classify_worker, path), "input": TEXTS}
+    reply = await call(
+        classify_worker, "/v1/classify", {"model": served_id(classify_worker, path), "input": TEXTS}
     )
     assert reply.status == 200, reply.body
     expected, labels = reference(path, TEXTS, multi_label)
@@ -79,7 +81,7 @@ async def test_scores_are_the_models_own(classify_worker, classifiers, which, mu
 async def test_raw_scores_are_the_logits(classify_worker, classifiers, which, multi_label):
     path = classifiers[which]
     body = {"model": served_id(classify_worker, path), "input": TEXTS, "raw_scores": True}
-    reply = await classify_worker.call("/v1/classify", body)
+    reply = await call(classify_worker, "/v1/classify", body)
     assert reply.status == 200, reply.body
     expected, labels = reference(path, TEXTS, multi_label, raw=True)
     for item, row in zip(reply.body["data"], expected):
@@ -89,24 +91,24 @@ async def test_raw_scores_are_the_logits(classify_worker, classifiers, which, mu
 
 async def test_top_k_and_infinitys_shape(classify_worker, classifiers):
     model = served_id(classify_worker, classifiers["topics"])
-    full = await classify_worker.call("/v1/classify", {"model": model, "input": TEXTS})
-    top = await classify_worker.call("/v1/classify", {"model": model, "input": TEXTS, "top_k": 2})
+    full = await call(classify_worker, "/v1/classify", {"model": model, "input": TEXTS})
+    top = await call(classify_worker, "/v1/classify", {"model": model, "input": TEXTS, "top_k": 2})
     for whole, cut in zip(full.body["data"], top.body["data"]):
         assert cut["labels"] == whole["labels"][:2]
-    infinity = await classify_worker.call("/classify", {"model": model, "input": TEXTS})
+    infinity = await call(classify_worker, "/classify", {"model": model, "input": TEXTS})
     assert infinity.body["object"] == "classify"
     assert infinity.body["data"] == [item["labels"] for item in full.body["data"]]
 
 
 async def test_each_model_does_what_it_is(classify_worker, classifiers, bert_reranker):
-    described = {m["id"]: m for m in (await classify_worker.call("/v1/models", None)).body["data"]}
+    described = {m["id"]: m for m in (await call(classify_worker, "/v1/models", None)).body["data"]}
     assert described[served_id(classify_worker, classifiers["sentiment"])]["role"] == "classify"
     reranker = served_id(classify_worker, bert_reranker)
     assert described[reranker]["role"] == "rerank"  # one label: a reranker, not a classifier
-    refused = await classify_worker.call("/v1/classify", {"model": reranker, "input": "x"})
+    refused = await call(classify_worker, "/v1/classify", {"model": reranker, "input": "x"})
     assert refused.status == 400 and refused.body["error"]["code"] == "model_not_classifier"
     sentiment = served_id(classify_worker, classifiers["sentiment"])
-    embed = await classify_worker.call("/v1/embeddings", {"model": sentiment, "input": "x"})
+    embed = await call(classify_worker, "/v1/embeddings", {"model": sentiment, "input": "x"})
     assert embed.status == 400 and embed.body["error"]["code"] == "model_not_embedding"
 
 
@@ -122,7 +124,7 @@ async def test_each_model_does_what_it_is(classify_worker, classifiers, bert_rer
 )
 async def test_bad_requests_are_typed_errors(classify_worker, classifiers, body, param):
     model = served_id(classify_worker, classifiers["sentiment"])
-    reply = await classify_worker.call("/v1/classify", {"model": model, **body})
+    reply = await call(classify_worker, "/v1/classify", {"model": model, **body})
     assert reply.status == 400 and reply.body["error"]["param"] == param
 
 
@@ -132,9 +134,9 @@ async def test_classification_as_batch_lines(classify_worker, classifiers):
         {"custom_id": f"c{i}", "url": "/v1/classify", "body": {"model": model, "input": text}}
         for i, text in enumerate(TEXTS)
     ]
-    reply = await classify_worker.dispatch({"batch": lines})
+    reply = await answer_job(classify_worker, {"batch": lines})
     assert reply.status == 200
-    singles = [await classify_worker.call("/v1/classify", line["body"]) for line in lines]
+    singles = [await call(classify_worker, "/v1/classify", line["body"]) for line in lines]
     for output, single in zip(reply.body["data"], singles):
         assert output["response"]["status_code"] == 200
         (batched,), (alone,) = output["response"]["body"]["data"], single.body["data"]
@@ -153,19 +155,19 @@ async def test_a_standard_job_with_input_does_what_its_model_does(
     (the embedder is the only one that embeds): embedded."""
     sentiment = served_id(classify_worker, classifiers["sentiment"])
     body = {"model": sentiment, "input": TEXTS, "top_k": 1}
-    job = await classify_worker.dispatch(body)
+    job = await answer_job(classify_worker, body)
     assert job.status == 200, job.body
-    route = await classify_worker.call("/v1/classify", body)
+    route = await call(classify_worker, "/v1/classify", body)
     assert [item["labels"] for item in job.body["data"]] == [
         item["labels"] for item in route.body["data"]
     ]
     assert job.body["service_tier"] == "default"
     embedder = served_id(classify_worker, bert_embedder)
     for named in ({"model": embedder}, {}):
-        embedded = await classify_worker.dispatch({**named, "input": TEXTS})
+        embedded = await answer_job(classify_worker, {**named, "input": TEXTS})
         assert embedded.status == 200 and embedded.body["model"] == embedder
         assert embedded.body["data"][0]["object"] == "embedding"
-    unknown = await classify_worker.dispatch({"model": "no-such-model", "input": TEXTS})
+    unknown = await answer_job(classify_worker, {"model": "no-such-model", "input": TEXTS})
     assert unknown.status == 404 and unknown.body["error"]["code"] == "model_not_found"
 
 
@@ -173,7 +175,7 @@ async def test_a_standard_job_without_a_model_classifies_where_no_model_embeds(c
     worker = Worker.from_config(load_config({"MODEL_NAMES": str(classifiers["sentiment"])}))
     await worker.start()
     try:
-        reply = await worker.dispatch({"input": TEXTS})
+        reply = await answer_job(worker, {"input": TEXTS})
         assert reply.status == 200, reply.body
         assert [item["object"] for item in reply.body["data"]] == ["classification"] * len(TEXTS)
     finally:

@@ -21,6 +21,7 @@ from embedding_worker.config import BACKENDS, DEFAULT_MODEL_ID, DTYPE_ALIASES, l
 from embedding_worker.model_paths import BAKED_MODELS_DIR, RUNPOD_MODEL_CACHE
 from embedding_worker.transports.runpod import runpod_handler
 from tests.conftest import ROOT
+from tests.helpers import call
 
 HUB = json.loads((ROOT / ".runpod" / "hub.json").read_text())
 TESTS = json.loads((ROOT / ".runpod" / "tests.json").read_text())
@@ -437,7 +438,7 @@ async def test_hub_test_job_gets_a_real_answer(name, job_input, worker, stand_in
     # What the SDK sends back to RunPod: JSON text.
     result = json.loads(json.dumps(result))
     assert "error" not in result, result
-    models = (await worker.call("/v1/models", {})).body["data"]
+    models = (await call(worker, "/v1/models", {})).body["data"]
     dims = {m["id"]: m.get("dimensions") for m in models}
     check_hub_answer(job, result["output"], dims, {m.served_id for m in worker.registry.models})
 

@@ -14,6 +14,7 @@ from embedding_worker.cpu import cpu_flags
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines import dtype as dtype_policy
 from embedding_worker.engines.dtype import resolve_dtype
+from embedding_worker.transports.runpod import answer_job
 from tests.helpers import decode_vectors
 
 TEXTS = [
@@ -81,8 +82,8 @@ async def test_auto_vectors_stay_within_cosine_0999_of_float32(worker, ids):
             assert loaded == (
                 torch.bfloat16 if dtype_policy.cpu_has_native_bf16() else torch.float32
             )
-        got = await auto.dispatch({"input": TEXTS, "encoding_format": "base64"})
-        ref = await worker.dispatch({"model": ids["minilm"], "input": TEXTS})
+        got = await answer_job(auto, {"input": TEXTS, "encoding_format": "base64"})
+        ref = await answer_job(worker, {"model": ids["minilm"], "input": TEXTS})
     finally:
         await auto.stop()
     assert got.status == 200 and ref.status == 200

@@ -11,6 +11,7 @@ from sentence_transformers import SentenceTransformer
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 from tests import model_factory
 from tests.helpers import answer as embed
 from tests.helpers import decode_vectors
@@ -23,7 +24,7 @@ TEXTS = [
 
 
 async def embed_error(worker, **body):
-    reply = await worker.dispatch(body)
+    reply = await answer_job(worker, body)
     assert reply.status >= 400, reply.body
     return reply.status, reply.body["error"]
 
@@ -144,8 +145,8 @@ async def test_bad_input_is_a_typed_400_naming_the_field(worker, ids, body, para
 
 
 async def test_missing_input_is_required(worker, ids):
-    reply = await worker.dispatch(
-        {"openai_route": "/v1/embeddings", "openai_input": {"model": "x"}}
+    reply = await answer_job(
+        worker, {"openai_route": "/v1/embeddings", "openai_input": {"model": "x"}}
     )
     assert reply.status == 400
     assert reply.body["error"]["param"] == "input"
@@ -265,7 +266,7 @@ async def test_dimensions_renormalise_only_normalised_answers(normalize_worker, 
 
 
 async def test_normalize_must_be_a_bool(normalize_worker, dot_product_model):
-    reply = await normalize_worker.dispatch(
-        {"model": str(dot_product_model), "input": "x", "normalize": "yes"}
+    reply = await answer_job(
+        normalize_worker, {"model": str(dot_product_model), "input": "x", "normalize": "yes"}
     )
     assert reply.status == 400 and reply.body["error"]["param"] == "normalize"

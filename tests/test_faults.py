@@ -23,7 +23,7 @@ from runpod.serverless.modules.rp_job import run_job
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 from tests.helpers import model_and_replica
 
 TIMEOUT_S = 4.0
@@ -168,10 +168,10 @@ async def test_an_engine_that_stalls_answers_503_within_the_timeout(fragile):
         assert not fragile.healthy and model.pending == 0
         assert "ENGINE_STALL_TIMEOUT" in fragile.registry.health.reason
         # Meanwhile the stalled model refuses new work at once; the other model still serves.
-        refused = await fragile.dispatch(_jobs(model.served_id, 1)[0]["input"])
+        refused = await answer_job(fragile, _jobs(model.served_id, 1)[0]["input"])
         assert refused.status == 503 and refused.body["error"]["code"] == "engine_stalled"
         other = next(m for m in fragile.registry.models if m is not model)
-        assert (await fragile.dispatch(_jobs(other.served_id, 1)[0]["input"])).status == 200
+        assert (await answer_job(fragile, _jobs(other.served_id, 1)[0]["input"])).status == 200
     finally:
         release.set()
     # The kernel returns: the model moves again, and so the worker is healthy again.
@@ -179,7 +179,7 @@ async def test_an_engine_that_stalls_answers_503_within_the_timeout(fragile):
     while not fragile.healthy:
         assert time.monotonic() < deadline, fragile.registry.health.reason
         await asyncio.sleep(0.05)
-    reply = await fragile.dispatch(_jobs(model.served_id, 1)[0]["input"])
+    reply = await answer_job(fragile, _jobs(model.served_id, 1)[0]["input"])
     assert reply.status == 200
 
 
@@ -207,11 +207,11 @@ async def test_a_request_past_its_deadline_leaves_a_moving_engine_healthy(bert_e
         # 40 batches of 32 texts (too long for wider batches of short texts): 12 s of work, of
         # which Infinity takes 8 batches at once while the model is idle.
         texts = [f"text number {i} " + "with a few more words " * 8 for i in range(40 * 32)]
-        reply = await asyncio.wait_for(worker.dispatch({"input": texts}), NO_HANG_S)
+        reply = await asyncio.wait_for(answer_job(worker, {"input": texts}), NO_HANG_S)
         assert reply.status == 503 and reply.body["error"]["code"] == "timeout"
         assert reply.retry_after is not None and reply.retry_after >= 1
         assert not reply.refresh_worker and worker.healthy
-        after = await asyncio.wait_for(worker.dispatch({"input": ["right after"]}), NO_HANG_S)
+        after = await asyncio.wait_for(answer_job(worker, {"input": ["right after"]}), NO_HANG_S)
         assert after.status == 200
         # The 8 batches taken at once were not all computed: those left when the request gave up
         # were skipped (about 1 s of 0.3 s batches ran, and the one right after).

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 
 FUZZ = settings(
     max_examples=120,
@@ -132,7 +133,7 @@ def _check_reply(job, reply) -> None:
 
 
 async def _valid_job_still_answers(worker: Worker) -> None:
-    reply = await worker.dispatch({"model": "tiny-bert-embedder", "input": ["still alive"]})
+    reply = await answer_job(worker, {"model": "tiny-bert-embedder", "input": ["still alive"]})
     assert reply.status == 200 and len(reply.body["data"]) == 1
     assert worker.healthy and all(m.pending == 0 for m in worker.registry.models)
 
@@ -140,7 +141,7 @@ async def _valid_job_still_answers(worker: Worker) -> None:
 @FUZZ
 @given(job=jobs)
 async def test_fuzzed_jobs_get_an_answer_or_a_typed_error(worker, job):
-    _check_reply(job, await worker.dispatch(job, job_id="fuzz"))
+    _check_reply(job, await answer_job(worker, job, job_id="fuzz"))
 
 
 # Mostly well-formed jobs, so that most reach the engines: served models, non-empty inputs.
@@ -183,7 +184,7 @@ plausible_reranks = st.fixed_dictionaries(
 async def test_fuzzed_plausible_jobs_reach_the_engines(worker, body, proxied):
     route = "/v1/rerank" if "query" in body else "/v1/embeddings"
     job = {"openai_route": route, "openai_input": body} if proxied else body
-    reply = await worker.dispatch(job, job_id="fuzz")
+    reply = await answer_job(worker, job, job_id="fuzz")
     _check_reply(job, reply)
     if reply.ok and route == "/v1/embeddings":
         given_input = body["input"]

@@ -26,6 +26,7 @@ import pytest
 from embedding_worker import image_urls
 from embedding_worker.config import ConfigError, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 from tests.helpers import answer, decode_vectors
 from tests.test_images import IMAGES, uri_of
 
@@ -51,7 +52,7 @@ async def url_worker(models_dir):
 
 
 async def refusal(worker, *items) -> str:
-    reply = await worker.dispatch({"input": ["a cat", *items]})
+    reply = await answer_job(worker, {"input": ["a cat", *items]})
     assert reply.status == 400, reply.body
     error = reply.body["error"]
     assert error["param"] == "input" and error["code"] == "invalid_input"
@@ -543,7 +544,7 @@ async def test_image_urls_are_charged_to_the_request_pixels_as_they_arrive(
     url = {"type": "image", "image": "https://images.example.com/a.png"}
     _limit(url_worker, monkeypatch, max_request_image_pixels=3 * pixels)
     await answer(url_worker, input=[url, url, uri_of("png")])
-    reply = await url_worker.dispatch({"input": [url, url, url, url]})
+    reply = await answer_job(url_worker, {"input": [url, url, url, url]})
     assert reply.status == 413 and reply.body["error"]["code"] == "request_too_large"
     assert "IMAGE_MAX_REQUEST_PIXELS" in reply.body["error"]["message"]
     assert len(decoded) == 3 + 3  # never the fourth
@@ -551,5 +552,7 @@ async def test_image_urls_are_charged_to_the_request_pixels_as_they_arrive(
     _limit(url_worker, monkeypatch, max_request_image_pixels=2 * pixels)
     decoded.clear()
     fetched = len(image_urls.NETWORK.seen)
-    reply = await url_worker.dispatch({"input": [url, uri_of("png"), uri_of("png"), uri_of("png")]})
+    reply = await answer_job(
+        url_worker, {"input": [url, uri_of("png"), uri_of("png"), uri_of("png")]}
+    )
     assert reply.status == 413 and decoded == [] and len(image_urls.NETWORK.seen) == fetched

@@ -21,7 +21,7 @@ from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.transports.batch_files import run_batch
 from embedding_worker.transports.http import create_app
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 from tests import model_factory
 from tests.helpers import answer, bound_queue, decode_vectors
 from tests.test_batch import options, read_output
@@ -147,11 +147,12 @@ async def test_vectors_are_the_models_own_in_both_flavours(
     want = expected(clip if model == "clip" else siglip, meaning)
     standard = await answer(image_worker, model=names[model], input=request)
     np.testing.assert_allclose(decode_vectors(standard), want, atol=1e-5)
-    reply = await image_worker.dispatch(
+    reply = await answer_job(
+        image_worker,
         {
             "openai_route": "/v1/embeddings",
             "openai_input": {"model": names[model], "input": request, "encoding_format": "base64"},
-        }
+        },
     )
     assert reply.status == 200
     np.testing.assert_allclose(decode_vectors(reply.body), want, atol=1e-5)
@@ -186,11 +187,12 @@ async def test_an_unnamed_request_with_images_goes_to_the_image_model(clip, bert
 
 
 async def test_infinitys_route_takes_modality_image(image_worker, names, clip):
-    reply = await image_worker.dispatch(
+    reply = await answer_job(
+        image_worker,
         {
             "openai_route": "/embeddings",
             "openai_input": {"model": names["clip"], "input": [uri_of("png")], "modality": "image"},
-        }
+        },
     )
     assert reply.status == 200
     np.testing.assert_allclose(
@@ -201,17 +203,18 @@ async def test_infinitys_route_takes_modality_image(image_worker, names, clip):
 async def test_an_image_to_a_worker_of_text_models_names_the_item(worker):
     # The shared worker serves two text embedders and no image model: unnamed, the request must
     # name one, as any embeddings request there; the one named refuses the image by its index.
-    reply = await worker.dispatch({"input": ["a cat", uri_of("png")]})
+    reply = await answer_job(worker, {"input": ["a cat", uri_of("png")]})
     assert reply.status == 400 and reply.body["error"]["param"] == "model"
-    reply = await worker.dispatch(
-        {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": ["a cat", uri_of("png")]}
+    reply = await answer_job(
+        worker,
+        {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": ["a cat", uri_of("png")]},
     )
     assert reply.body["error"]["code"] == "model_not_image_embedding"
     assert "item 1" in reply.body["error"]["message"]
 
 
 async def test_models_list_says_which_take_images(image_worker, names):
-    reply = await image_worker.dispatch({"openai_route": "/v1/models"})
+    reply = await answer_job(image_worker, {"openai_route": "/v1/models"})
     by_id = {entry["id"]: entry for entry in reply.body["data"]}
     assert by_id[names["clip"]]["capabilities"] == ["embed", "embed_images"]
     assert (
@@ -221,7 +224,7 @@ async def test_models_list_says_which_take_images(image_worker, names):
 
 
 async def error_of(worker, **body) -> dict:
-    reply = await worker.dispatch(body)
+    reply = await answer_job(worker, body)
     assert reply.status == 400, reply.body
     error = reply.body["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == "input"
@@ -326,8 +329,8 @@ async def test_images_share_the_queue_bound(image_worker, names, monkeypatch):
     model = image_worker.registry.resolve(names["clip"], None)
     bound_queue(monkeypatch, model, max_items=2)
     monkeypatch.setattr(model.admission, "items", 1)  # one input already waiting
-    reply = await image_worker.dispatch(
-        {"model": names["clip"], "input": [uri_of("png"), uri_of("png")]}
+    reply = await answer_job(
+        image_worker, {"model": names["clip"], "input": [uri_of("png"), uri_of("png")]}
     )
     assert reply.status == 429 and reply.body["error"]["code"] == "queue_full"
 
@@ -467,7 +470,7 @@ async def test_a_request_over_its_pixels_is_refused_before_any_decoding(
     limits = image_worker.limits
     assert limits.max_request_image_pixels == 10 * limits.max_image_pixels  # the default
     request = [data_uri(bomb)] * (limits.max_request_image_pixels // 25_000_000 + 1)
-    reply = await image_worker.dispatch({"model": names["clip"], "input": ["a cat", *request]})
+    reply = await answer_job(image_worker, {"model": names["clip"], "input": ["a cat", *request]})
     assert reply.status == 413 and reply.body["error"]["code"] == "request_too_large"
     assert reply.body["error"]["param"] == "input"
     assert reply.body["error"]["message"] == (
@@ -483,7 +486,7 @@ async def test_a_request_over_its_pixels_is_refused_before_any_decoding(
     )
     await answer(image_worker, model=names["clip"], input=[uri_of("png")] * 3)
     assert decoded == [0, 1, 2]
-    reply = await image_worker.dispatch({"model": names["clip"], "input": [uri_of("png")] * 4})
+    reply = await answer_job(image_worker, {"model": names["clip"], "input": [uri_of("png")] * 4})
     assert reply.status == 413 and decoded == [0, 1, 2]
 
 
@@ -507,5 +510,5 @@ async def test_an_animation_costs_the_one_frame_decoded(image_worker, names, mon
     first = encoded(Image.open(io.BytesIO(animation)).convert("RGB"))
     still = decode_vectors(await answer(image_worker, model=names["clip"], input=[data_uri(first)]))
     np.testing.assert_allclose(alone[0], still[0], atol=1e-6)  # its first frame, only
-    reply = await image_worker.dispatch({"model": names["clip"], "input": [uri, uri, uri]})
+    reply = await answer_job(image_worker, {"model": names["clip"], "input": [uri, uri, uri]})
     assert reply.status == 413

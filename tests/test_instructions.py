@@ -21,6 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.transports.runpod import answer_job
 from tests.helpers import answer as embed
 from tests.helpers import decode_vectors
 
@@ -88,7 +89,7 @@ def reference(qwen3_embedder) -> Reference:
 
 
 async def error(worker, **body):
-    reply = await worker.dispatch(body)
+    reply = await answer_job(worker, body)
     assert reply.status == 400, reply.body
     return reply.body["error"]
 
@@ -181,8 +182,8 @@ async def test_openai_route_top_level_and_nested_extra_body(qwen3_worker, qwen3_
         {**base, "extra_body": {"instruction": "Find it"}},  # hand-written JSON
         {**base, "extra_body": {"prompt_type": "query"}, "instruction": "Find it"},
     ):
-        reply = await qwen3_worker.dispatch(
-            {"openai_route": "/v1/embeddings", "openai_input": body}
+        reply = await answer_job(
+            qwen3_worker, {"openai_route": "/v1/embeddings", "openai_input": body}
         )
         assert reply.status == 200, reply.body
         np.testing.assert_allclose(decode_vectors(reply.runpod_output()[0]), golden, atol=1e-5)
@@ -198,7 +199,7 @@ async def test_the_openai_sdk_extra_body_reaches_the_model(qwen3_worker, qwen3_i
         body = json.loads(request.content)
         sent.append(body)
         route = request.url.path.removeprefix("/openai")
-        reply = await qwen3_worker.dispatch({"openai_route": route, "openai_input": body})
+        reply = await answer_job(qwen3_worker, {"openai_route": route, "openai_input": body})
         return httpx.Response(
             reply.status, json=reply.runpod_output()[0] if reply.ok else reply.body
         )

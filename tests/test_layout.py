@@ -18,6 +18,7 @@ from embedding_worker import operations
 from embedding_worker.config import WorkerConfig, load_config
 from embedding_worker.engines import EngineSettings, Health, ModelRegistry
 from embedding_worker.limits import Limits
+from embedding_worker.transports import runpod
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "src" / "embedding_worker"
@@ -170,7 +171,7 @@ def test_one_list_of_operations_gives_every_route():
         matched = operations.match_route(op.route + "/") if op.route else None
         assert op.route is None or (matched is not None and matched[0] is op)
         for field in op.job_fields:
-            found = operations.recognise({field: "x"}, no_models)
+            found = runpod.recognise({field: "x"}, no_models)
             assert found is not None and field in found.job_fields
 
 

@@ -12,6 +12,8 @@ import pytest
 from embedding_worker import limits
 from embedding_worker.limits import Limits
 from embedding_worker.operations.embeddings import answer_bytes, check_answer_size
+from embedding_worker.statuses import http_status
+from embedding_worker.transports.runpod import answer_job
 
 
 def _wire(reply) -> bytes:
@@ -47,22 +49,24 @@ async def test_a_request_over_max_request_bytes_is_413_naming_the_limit(worker, 
     small_limits(max_request_bytes=10_000)
     big = {"model": ids["embedder"], "input": ["word " * 100] * 30}  # about 15,000 bytes
     for job in _both_flavours(big):
-        error = _error(await worker.dispatch(job), 413, "request_too_large")
+        error = _error(await answer_job(worker, job), 413, "request_too_large")
         assert "MAX_REQUEST_BYTES" in error["message"] and "10000" in error["message"]
         assert error["param"] == "input"
     fits = {"model": ids["embedder"], "input": ["word " * 100] * 10}  # about 5,000 bytes
     for job in _both_flavours(fits):
-        assert (await worker.dispatch(job)).status == 200
+        assert (await answer_job(worker, job)).status == 200
 
 
 async def test_request_size_counts_utf8_bytes_and_token_ids(worker, ids, small_limits):
     small_limits(max_request_bytes=10_000)
     # 2,000 characters of 3 UTF-8 bytes each: 6,000 bytes, under; 4,000 of them: 12,000, over.
-    assert (await worker.dispatch({"model": ids["embedder"], "input": "語" * 2000})).status == 200
-    reply = await worker.dispatch({"model": ids["embedder"], "input": "語" * 4000})
+    assert (
+        await answer_job(worker, {"model": ids["embedder"], "input": "語" * 2000})
+    ).status == 200
+    reply = await answer_job(worker, {"model": ids["embedder"], "input": "語" * 4000})
     _error(reply, 413, "request_too_large")
     # 3,000 five-digit token ids are about 18,000 bytes of JSON.
-    reply = await worker.dispatch({"model": ids["embedder"], "input": [10000] * 3000})
+    reply = await answer_job(worker, {"model": ids["embedder"], "input": [10000] * 3000})
     _error(reply, 413, "request_too_large")
 
 
@@ -79,7 +83,7 @@ def test_request_size_estimate_is_close_to_the_json_text():
     limits.inspect_request(body, Limits(max_request_bytes=int(size * 1.1)))
     with pytest.raises(Exception) as refused:
         limits.inspect_request(body, Limits(max_request_bytes=int(size * 0.9)))
-    assert refused.value.status == 413
+    assert http_status(refused.value) == 413
 
 
 # ------------------------------------------------------------------------------------ answer size
@@ -95,7 +99,7 @@ def test_every_answer_bound_is_one_check_with_one_message():
             1001, small, answer="the answers of 3 lines", advice="send fewer", param="batch"
         )
     error = refused.value
-    assert (error.status, error.code, error.param) == (413, "response_too_large", "batch")
+    assert (http_status(error), error.code, error.param) == (413, "response_too_large", "batch")
     assert error.message.startswith("the answers of 3 lines would be about 1001 bytes")
     assert "1000 (MAX_RESPONSE_BYTES" in error.message and "20 MB" in error.message
     assert error.message.endswith("; send fewer")
@@ -105,7 +109,7 @@ def test_default_answer_limit_refuses_2048_float_vectors_of_1024_dims_but_not_ba
     # FINDINGS: about 40 MB of float JSON (RunPod drops it), about 11 MB of base64.
     with pytest.raises(Exception) as refused:
         check_answer_size(2048, 1024, "float", Limits())
-    assert refused.value.status == 413 and refused.value.code == "response_too_large"
+    assert http_status(refused.value) == 413 and refused.value.code == "response_too_large"
     assert "base64" in refused.value.message and "MAX_RESPONSE_BYTES" in refused.value.message
     check_answer_size(2048, 1024, "base64", Limits())
     check_answer_size(2048, 384, "float", Limits())  # MiniLM at full batch: ~13 MB
@@ -119,7 +123,7 @@ async def test_answer_estimate_bounds_the_real_answer_closely(worker, ids):
             if dimensions:
                 body["dimensions"] = dimensions
             for job in _both_flavours(body):
-                reply = await worker.dispatch(job)
+                reply = await answer_job(worker, job)
                 real = len(_wire(reply))
                 estimate = answer_bytes(len(texts), dimensions or 384, encoding)
                 assert real <= estimate <= 1.6 * real + 1024, (encoding, dimensions, real, estimate)
@@ -139,20 +143,20 @@ async def test_an_answer_over_max_response_bytes_is_refused_before_any_work(
     with monkeypatch.context() as patch:
         patch.setattr(model, "embed", must_not_run)
         for job in _both_flavours({"model": ids["minilm"], "input": texts}):
-            error = _error(await worker.dispatch(job), 413, "response_too_large")
+            error = _error(await answer_job(worker, job), 413, "response_too_large")
             assert "MAX_RESPONSE_BYTES" in error["message"] and "400000" in error["message"]
             assert "base64" in error["message"] and "20 MB" in error["message"]
         small_limits(max_response_bytes=100_000)
-        reply = await worker.dispatch(
-            {"model": ids["minilm"], "input": texts, "encoding_format": "base64"}
+        reply = await answer_job(
+            worker, {"model": ids["minilm"], "input": texts, "encoding_format": "base64"}
         )
         error = _error(reply, 413, "response_too_large")
         assert "encoding_format" not in error["message"]  # already base64: fewer inputs or dims
     small_limits(max_response_bytes=400_000)
     base64 = {"model": ids["minilm"], "input": texts, "encoding_format": "base64"}
-    assert (await worker.dispatch(base64)).status == 200
+    assert (await answer_job(worker, base64)).status == 200
     fewer_dims = {"model": ids["minilm"], "input": texts, "dimensions": 128}
-    assert (await worker.dispatch(fewer_dims)).status == 200
+    assert (await answer_job(worker, fewer_dims)).status == 200
 
 
 async def test_a_rerank_answer_with_documents_over_the_limit_is_refused(worker, ids, small_limits):
@@ -160,10 +164,10 @@ async def test_a_rerank_answer_with_documents_over_the_limit_is_refused(worker, 
     docs = ["x" * 5_000] * 20  # 100 kB of documents
     body = {"model": ids["reranker"], "query": "q", "documents": docs, "return_documents": True}
     for job in _both_flavours(body, "/v1/rerank"):
-        error = _error(await worker.dispatch(job), 413, "response_too_large")
+        error = _error(await answer_job(worker, job), 413, "response_too_large")
         assert "return_documents" in error["message"] and "top_n" in error["message"]
-    assert (await worker.dispatch(dict(body, return_documents=False))).status == 200
-    assert (await worker.dispatch(dict(body, top_n=5))).status == 200
+    assert (await answer_job(worker, dict(body, return_documents=False))).status == 200
+    assert (await answer_job(worker, dict(body, top_n=5))).status == 200
 
 
 # ------------------------------------------------------------------------------------ odd JSON
@@ -188,7 +192,7 @@ NAN, INF = float("nan"), float("inf")
 async def test_nan_infinity_and_lone_surrogates_are_typed_400s(worker, ids, body, param):
     body = {"model": ids["embedder"], **body}
     for job in _both_flavours(body):
-        error = _error(await worker.dispatch(job), 400, "invalid_input")
+        error = _error(await answer_job(worker, job), 400, "invalid_input")
         assert error["param"] == param
 
 
@@ -202,7 +206,7 @@ async def test_nan_infinity_and_lone_surrogates_are_typed_400s(worker, ids, body
 )
 async def test_rerank_odd_json_is_a_typed_400(worker, ids, body, param):
     for job in _both_flavours({"model": ids["reranker"], **body}, "/v1/rerank"):
-        error = _error(await worker.dispatch(job), 400, "invalid_input")
+        error = _error(await answer_job(worker, job), 400, "invalid_input")
         assert error["param"] == param
 
 
@@ -211,21 +215,23 @@ async def test_deep_nesting_is_a_typed_400_without_recursion(worker, ids):
     for _ in range(100_000):
         deep = [deep]
     for job in _both_flavours({"model": ids["embedder"], "input": deep}):
-        error = _error(await worker.dispatch(job), 400, "invalid_input")
+        error = _error(await answer_job(worker, job), 400, "invalid_input")
         assert "nested deeper than" in error["message"] and error["param"] == "input"
     # Nesting at the limit's edge inside ignored fields is fine; one level more is not.
     ok: list = []
     for _ in range(limits.MAX_JSON_DEPTH - 2):
         ok = [ok]
     assert (
-        await worker.dispatch({"model": ids["embedder"], "input": "x", "meta": ok})
+        await answer_job(worker, {"model": ids["embedder"], "input": "x", "meta": ok})
     ).status == 200
 
 
 async def test_a_wide_request_is_walked_with_bounded_cost(worker, ids, small_limits):
     # A million tiny values: refused at the byte limit, long before pydantic would see them all.
     small_limits(max_request_bytes=100_000)
-    reply = await worker.dispatch({"model": ids["embedder"], "input": "x", "meta": [0] * 1_000_000})
+    reply = await answer_job(
+        worker, {"model": ids["embedder"], "input": "x", "meta": [0] * 1_000_000}
+    )
     _error(reply, 413, "request_too_large")
 
 
@@ -234,25 +240,27 @@ async def test_a_wide_request_is_walked_with_bounded_cost(worker, ids, small_lim
 
 @pytest.mark.parametrize("dimensions", [0, -1, -(2**70), 385, 2**70])
 async def test_dimensions_out_of_range(worker, ids, dimensions):
-    reply = await worker.dispatch({"model": ids["minilm"], "input": "x", "dimensions": dimensions})
+    reply = await answer_job(
+        worker, {"model": ids["minilm"], "input": "x", "dimensions": dimensions}
+    )
     assert _error(reply, 400, "invalid_input")["param"] == "dimensions"
 
 
 @pytest.mark.parametrize("top_n", [0, -1, -(2**70), "2", True, 1.0])
 async def test_top_n_out_of_range(worker, ids, top_n):
     body = {"model": ids["reranker"], "query": "q", "documents": ["a", "b"], "top_n": top_n}
-    assert _error(await worker.dispatch(body), 400, "invalid_input")["param"] == "top_n"
+    assert _error(await answer_job(worker, body), 400, "invalid_input")["param"] == "top_n"
 
 
 async def test_top_n_above_the_documents_returns_them_all(worker, ids):
     body = {"model": ids["reranker"], "query": "q", "documents": ["a", "b"], "top_n": 2**70}
-    reply = await worker.dispatch(body)
+    reply = await answer_job(worker, body)
     assert reply.status == 200 and len(reply.body["results"]) == 2
 
 
 @pytest.mark.parametrize("token", [-1, -(2**70), 2**31, 2**70])
 async def test_token_ids_outside_the_vocabulary(worker, ids, token):
-    reply = await worker.dispatch({"model": ids["minilm"], "input": [[101, token]]})
+    reply = await answer_job(worker, {"model": ids["minilm"], "input": [[101, token]]})
     error = _error(reply, 400, "invalid_input")
     assert error["param"] == "input" and "vocabulary" in error["message"]
 
@@ -266,20 +274,21 @@ async def test_each_embedding_type_asked_counts_in_the_answer_estimate(
     texts = ["a short text"] * 100
     body = {"model": ids["minilm"], "input": texts, "encoding_format": "base64"}
     small_limits(max_response_bytes=400_000)  # 100 x 384 in base64: ~210 kB
-    assert (await worker.dispatch({**body, "embedding_types": ["int8"]})).status == 200
+    assert (await answer_job(worker, {**body, "embedding_types": ["int8"]})).status == 200
 
     async def must_not_run(*args, **kwargs):
         raise AssertionError("the engine ran for a request that had to be refused")
 
     monkeypatch.setattr(model, "embed", must_not_run)
     several = {**body, "embedding_types": ["float", "int8", "binary"]}
-    _error(await worker.dispatch(several), 413, "response_too_large")
+    _error(await answer_job(worker, several), 413, "response_too_large")
     cohere = {
         "model": ids["minilm"],
         "texts": texts,
         "embedding_types": ["base64", "int8", "binary"],
     }
-    _error(await worker.call("/v2/embed", cohere), 413, "response_too_large")
+    proxied = {"openai_route": "/v2/embed", "openai_input": cohere}
+    _error(await answer_job(worker, proxied), 413, "response_too_large")
 
 
 # ------------------------------------------------------------------------------------ event loop
@@ -326,7 +335,7 @@ LOOP_STALLERS = {
 @pytest.mark.parametrize("body, status", LOOP_STALLERS.values(), ids=LOOP_STALLERS.keys())
 async def test_a_large_request_leaves_the_event_loop_free(worker, ids, body, status):
     job = {"openai_route": "/v1/embeddings", "openai_input": {**body, "model": ids["minilm"]}}
-    reply, gap = await _largest_loop_gap(worker.dispatch(job))
+    reply, gap = await _largest_loop_gap(answer_job(worker, job))
     assert reply.status == status, reply.body
     assert gap < 1.0, f"the event loop stalled {gap:.1f} s"
 
@@ -356,8 +365,8 @@ async def test_small_requests_stay_on_the_event_loop_and_large_ones_leave_it(
 
     monkeypatch.setattr(model.tokens, "tokenize", spy)
     small = {"model": ids["minilm"], "input": ["a short text"] * 8}
-    assert (await worker.dispatch(small)).status == 200
+    assert (await answer_job(worker, small)).status == 200
     assert threads == [threading.current_thread()]
     body = {"model": ids["minilm"], "input": ["a longer text " * 100] * 32}  # 44,800 characters
-    assert (await worker.dispatch(body)).status == 200
+    assert (await answer_job(worker, body)).status == 200
     assert threads[1] is not threading.current_thread()

@@ -21,6 +21,7 @@ from embedding_worker.dispatch import Worker
 from embedding_worker.engines import ModelLoadError, ModelRegistry
 from embedding_worker.engines.kinds import kind_of
 from embedding_worker.engines.llm_reranker import LLMReranker
+from embedding_worker.transports.runpod import answer_job
 from tests.helpers import bound_queue
 
 # The recipe passes max_length to tokenizer.pad, which ignores it (and says so).
@@ -110,7 +111,7 @@ def reference(qwen3_reranker) -> Reference:
 
 
 async def rerank(worker, **body) -> dict:
-    reply = await worker.dispatch(body)
+    reply = await answer_job(worker, body)
     assert reply.status == 200, reply.body
     return reply.body
 
@@ -198,13 +199,13 @@ async def test_rerank_through_the_openai_route_with_extra_body(qwen3_worker, qwe
         {**base, "instruction": "Find it"},
         {**base, "extra_body": {"instruction": "Find it"}},
     ):
-        reply = await qwen3_worker.call("/v1/rerank", body)
+        reply = await answer_job(qwen3_worker, {"openai_route": "/v1/rerank", "openai_input": body})
         assert reply.status == 200, reply.body
         np.testing.assert_allclose(in_doc_order(reply.runpod_output()[0]), expected, atol=1e-5)
 
 
 async def test_listed_as_a_reranker(qwen3_worker, qwen3_ids):
-    reply = await qwen3_worker.call("/v1/models", None)
+    reply = await answer_job(qwen3_worker, {"openai_route": "/v1/models"})
     by_id = {m["id"]: m for m in reply.body["data"]}
     for which in ("reranker", "single_logit"):
         entry = by_id[qwen3_ids[which]]
@@ -236,7 +237,7 @@ async def test_only_the_middle_is_truncated_to_the_max_length(short_reranker):
         np.testing.assert_allclose(in_doc_order(answer), reference.scores(QUERY, docs), atol=1e-5)
         fed = reference.tokens(QUERY, docs)
         assert max(fed) == 96 and answer["usage"]["prompt_tokens"] == sum(fed)
-        reply = await worker.dispatch({"query": QUERY, "documents": docs, "truncate": False})
+        reply = await answer_job(worker, {"query": QUERY, "documents": docs, "truncate": False})
         assert reply.status == 400
         assert reply.body["error"]["code"] == "context_length_exceeded"
         assert "'documents' item 0" in reply.body["error"]["message"]
@@ -290,8 +291,8 @@ async def test_a_failing_batch_fails_its_requests_and_the_model_keeps_serving(
         return forward(batch_ids)
 
     monkeypatch.setattr(model, "_forward", fail_once)
-    reply = await qwen3_worker.dispatch(
-        {"model": qwen3_ids["reranker"], "query": QUERY, "documents": DOCS[:2]}
+    reply = await answer_job(
+        qwen3_worker, {"model": qwen3_ids["reranker"], "query": QUERY, "documents": DOCS[:2]}
     )
     assert reply.status == 500 and reply.body["error"]["code"] == "internal_error"
     answer = await rerank(qwen3_worker, model=qwen3_ids["reranker"], query=QUERY, documents=DOCS)
@@ -303,11 +304,11 @@ async def test_the_queue_bound_refuses_with_429(qwen3_worker, qwen3_ids, monkeyp
     model = model_of(qwen3_worker, qwen3_ids["reranker"])
     bound_queue(monkeypatch, model, max_items=3)
     first, second = await asyncio.gather(
-        qwen3_worker.dispatch(
-            {"model": qwen3_ids["reranker"], "query": "a", "documents": DOCS[:2]}
+        answer_job(
+            qwen3_worker, {"model": qwen3_ids["reranker"], "query": "a", "documents": DOCS[:2]}
         ),
-        qwen3_worker.dispatch(
-            {"model": qwen3_ids["reranker"], "query": "b", "documents": DOCS[:2]}
+        answer_job(
+            qwen3_worker, {"model": qwen3_ids["reranker"], "query": "b", "documents": DOCS[:2]}
         ),
     )
     assert first.status == 200
@@ -319,20 +320,21 @@ async def test_the_queue_bound_refuses_with_429(qwen3_worker, qwen3_ids, monkeyp
 
 
 async def test_embedding_with_a_reranker_is_a_typed_error(qwen3_worker, qwen3_ids):
-    reply = await qwen3_worker.dispatch({"model": qwen3_ids["reranker"], "input": "x"})
+    reply = await answer_job(qwen3_worker, {"model": qwen3_ids["reranker"], "input": "x"})
     assert reply.status == 400 and reply.body["error"]["code"] == "model_not_embedding"
 
 
 async def test_instruction_to_a_cross_encoder_is_an_error(worker, ids):
-    reply = await worker.dispatch(
-        {"model": ids["reranker"], "query": "q", "documents": ["a"], "instruction": "Judge"}
+    reply = await answer_job(
+        worker, {"model": ids["reranker"], "query": "q", "documents": ["a"], "instruction": "Judge"}
     )
     assert reply.status == 400 and reply.body["error"]["param"] == "instruction"
 
 
 async def test_bad_instruction_type(qwen3_worker, qwen3_ids):
-    reply = await qwen3_worker.dispatch(
-        {"model": qwen3_ids["reranker"], "query": "q", "documents": ["a"], "instruction": ["x"]}
+    reply = await answer_job(
+        qwen3_worker,
+        {"model": qwen3_ids["reranker"], "query": "q", "documents": ["a"], "instruction": ["x"]},
     )
     assert reply.status == 400 and reply.body["error"]["param"] == "instruction"
 

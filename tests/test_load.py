@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from runpod.serverless.modules.rp_job import run_job
 
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 from tests.helpers import decode_vectors
 
 WORDS = "alpha beta gamma delta river stone cloud paper light green quick slow open".split()
@@ -36,7 +36,7 @@ def _rss_bytes() -> int:
 
 
 async def _reference(worker, model: str, texts: list[str]) -> dict[str, np.ndarray]:
-    reply = await worker.dispatch({"model": model, "input": texts, "encoding_format": "base64"})
+    reply = await answer_job(worker, {"model": model, "input": texts, "encoding_format": "base64"})
     assert reply.status == 200
     return dict(zip(texts, decode_vectors(reply.body)))
 
@@ -119,10 +119,10 @@ async def test_the_same_request_twice_gives_identical_answers(worker, ids):
     for model in (ids["minilm"], ids["embedder"]):
         for encoding in ("float", "base64"):
             body = {"model": model, "input": texts, "encoding_format": encoding}
-            first, second = await worker.dispatch(body), await worker.dispatch(body)
+            first, second = await answer_job(worker, body), await answer_job(worker, body)
             assert first.body["data"] == second.body["data"]
     body = {"model": ids["reranker"], "query": "stone river", "documents": texts}
-    first, second = await worker.dispatch(body), await worker.dispatch(body)
+    first, second = await answer_job(worker, body), await answer_job(worker, body)
     assert first.body["results"] == second.body["results"]
 
 
@@ -132,16 +132,17 @@ async def test_a_texts_vector_does_not_depend_on_its_batch_mates(worker, ids):
     for model in (ids["minilm"], ids["embedder"]):
         alone = {}
         for text in texts[::5] + texts[-2:]:
-            reply = await worker.dispatch(
-                {"model": model, "input": text, "encoding_format": "base64"}
+            reply = await answer_job(
+                worker, {"model": model, "input": text, "encoding_format": "base64"}
             )
             alone[text] = decode_vectors(reply.body)[0]
         # The whole batch, sent while other jobs share the engine's batches.
         noise = [
-            worker.dispatch({"model": model, "input": _texts(8, seed=100 + i)}) for i in range(6)
+            answer_job(worker, {"model": model, "input": _texts(8, seed=100 + i)}) for i in range(6)
         ]
         together, *_ = await asyncio.gather(
-            worker.dispatch({"model": model, "input": texts, "encoding_format": "base64"}), *noise
+            answer_job(worker, {"model": model, "input": texts, "encoding_format": "base64"}),
+            *noise,
         )
         in_batch = dict(zip(texts, decode_vectors(together.body)))
         for text, vector in alone.items():

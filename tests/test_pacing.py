@@ -19,6 +19,7 @@ from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.pacing import PacedQueue
 from embedding_worker.engines.tokenization import counted
+from embedding_worker.transports.runpod import answer_job
 from tests.helpers import worker_without
 
 
@@ -258,7 +259,7 @@ async def test_jobs_submitted_in_one_turn_of_the_loop_share_batches(tiny_worker)
             for j in range(8)
         ]
         replies = await asyncio.wait_for(
-            asyncio.gather(*(tiny_worker.dispatch(j) for j in jobs)), 60
+            asyncio.gather(*(answer_job(tiny_worker, j) for j in jobs)), 60
         )
         assert all(r.status == 200 for r in replies)
         # Not the first job's 16 alone: the first batch goes once 32 (BATCH_SIZES) are in, the

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sentence_transformers import CrossEncoder
 
+from embedding_worker.transports.runpod import answer_job
 from tests.helpers import answer as rerank
 
 QUERY = "which product has warranty coverage"
@@ -83,13 +84,13 @@ async def test_usage_counts_query_document_pairs(worker, ids):
     ],
 )
 async def test_bad_rerank_input_is_a_typed_400(worker, ids, body, param, fragment):
-    reply = await worker.dispatch({"model": ids["reranker"], **body})
+    reply = await answer_job(worker, {"model": ids["reranker"], **body})
     assert reply.status == 400, reply.body
     assert reply.body["error"]["param"] == param
     assert fragment in reply.body["error"]["message"]
 
 
 async def test_missing_documents(worker, ids):
-    reply = await worker.dispatch({"model": ids["reranker"], "query": "q"})
+    reply = await answer_job(worker, {"model": ids["reranker"], "query": "q"})
     assert reply.status == 400
     assert "'documents' is required" in reply.body["error"]["message"]

@@ -17,7 +17,7 @@ from runpod.serverless.modules.rp_job import run_job
 from embedding_worker.config import load_config
 from embedding_worker.engines.infinity import engine_args
 from embedding_worker.transports.http import ServerSettings, create_app
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
 from tests.conftest import ROOT
 from tests.test_server import ServerThread, stuck_worker
 
@@ -79,7 +79,7 @@ async def test_a_request_model_name_never_loads_or_downloads_a_model(
         {"model": name, "query": "q", "documents": ["a"]},
         {"openai_route": "/v1/embeddings", "openai_input": {"model": name, "input": "x"}},
     ):
-        reply = await worker.dispatch(job)
+        reply = await answer_job(worker, job)
         assert reply.status == 404 and reply.body["error"]["code"] == "model_not_found"
     assert worker.registry.models == served
 
@@ -135,9 +135,9 @@ async def test_logs_never_echo_payloads_or_tokens(worker, ids, caplog, capsys, m
 
 async def test_each_log_line_of_the_worker_names_its_job(worker, ids, caplog):
     caplog.set_level(logging.DEBUG, logger="embedding_worker")
-    await worker.dispatch({"model": ids["minilm"], "input": "fine"}, job_id="job-a1")
-    await worker.dispatch({"model": ids["minilm"], "input": ""}, job_id="job-b2")
-    await worker.dispatch({"openai_route": "/nope"}, job_id="job-c3")
+    await answer_job(worker, {"model": ids["minilm"], "input": "fine"}, job_id="job-a1")
+    await answer_job(worker, {"model": ids["minilm"], "input": ""}, job_id="job-b2")
+    await answer_job(worker, {"openai_route": "/nope"}, job_id="job-c3")
     ours = [r for r in caplog.records if r.name.startswith("embedding_worker")]
     assert {"job-a1", "job-b2", "job-c3"} <= {r.getMessage().split(":")[0][4:] for r in ours}
     for record in ours:

@@ -31,7 +31,7 @@ from embedding_worker.config import DEFAULT_MODEL_ID, ConfigError, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines import Embedder, EngineSettings, Health, ModelRegistry
 from embedding_worker.engines.tokenization import TokenCounter
-from embedding_worker.reply import Reply
+from embedding_worker.reply import Answer
 from embedding_worker.transports.http import (
     API_KEY_ENV,
     SERVER_VARIABLES,
@@ -655,10 +655,10 @@ def test_runpod_local_api_answers_the_same_jobs(served, http, bert_embedder):
 def test_an_answer_that_cannot_be_written_is_a_500_error_object_not_a_lost_job(bert_embedder):
     worker, _ = stuck_worker(bert_embedder, "300")
 
-    async def broken_dispatch(job_input, job_id=None):  # the fault: a body JSON cannot hold
-        return Reply(200, {"value": object()})
+    async def broken_serve(*args, **kwargs):  # the fault: a body JSON cannot hold
+        return Answer({"value": object()})
 
-    worker.dispatch = broken_dispatch
+    worker.serve = broken_serve
     with ServerThread(create_app(worker)) as server, httpx.Client(base_url=server.url) as http:
         direct = http.get("/v1/models")
         assert direct.status_code == 500

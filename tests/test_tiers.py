@@ -13,6 +13,8 @@ from embedding_worker.config import ConfigError, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines.pacing import MAX_PASSES, PacedQueue
 from embedding_worker.tiers import current_tier
+from embedding_worker.transports.runpod import answer_job
+from tests.helpers import call
 from tests.test_pacing import _items, _record_batch_sizes
 
 
@@ -75,7 +77,7 @@ async def test_a_priority_request_overtakes_a_flex_job_in_a_real_engine(tiny_wor
     finished: dict[str, float] = {}
 
     async def timed(name: str, body: dict) -> None:
-        reply = await tiny_worker.dispatch(body)
+        reply = await answer_job(tiny_worker, body)
         assert reply.status == 200, reply.body
         assert reply.body["service_tier"] == body["service_tier"]
         finished[name] = time.monotonic()
@@ -91,23 +93,23 @@ async def test_a_priority_request_overtakes_a_flex_job_in_a_real_engine(tiny_wor
 
 async def test_the_answer_names_the_tier_and_auto_is_the_workers(worker, ids):
     body = {"model": ids["minilm"], "input": "x"}
-    assert (await worker.dispatch(body)).body["service_tier"] == "default"
+    assert (await answer_job(worker, body)).body["service_tier"] == "default"
     for tier in ("priority", "default", "flex"):
-        reply = await worker.call("/v1/embeddings", {**body, "service_tier": tier})
+        reply = await call(worker, "/v1/embeddings", {**body, "service_tier": tier})
         assert reply.body["service_tier"] == tier
-    auto = await worker.call("/v1/embeddings", {**body, "service_tier": "auto"})
+    auto = await call(worker, "/v1/embeddings", {**body, "service_tier": "auto"})
     assert auto.body["service_tier"] == "default"
     rerank = {"model": ids["reranker"], "query": "q", "documents": ["a", "b"]}
-    assert (await worker.dispatch({**rerank, "service_tier": "flex"})).body[
+    assert (await answer_job(worker, {**rerank, "service_tier": "flex"})).body[
         "service_tier"
     ] == "flex"
     outer = {"openai_route": "/v1/embeddings", "openai_input": body, "service_tier": "priority"}
-    assert (await worker.dispatch(outer)).body["service_tier"] == "priority"
+    assert (await answer_job(worker, outer)).body["service_tier"] == "priority"
 
 
 @pytest.mark.parametrize("tier", ["urgent", "", 3, None])
 async def test_an_unknown_tier_is_invalid_input(worker, ids, tier):
-    reply = await worker.dispatch({"model": ids["minilm"], "input": "x", "service_tier": tier})
+    reply = await answer_job(worker, {"model": ids["minilm"], "input": "x", "service_tier": tier})
     if tier is None:
         assert reply.status == 200  # null: no tier named
     else:
@@ -118,7 +120,7 @@ async def test_batch_lines_run_at_the_jobs_tier_unless_they_name_theirs(worker, 
     line = {"url": "/v1/embeddings", "body": {"model": ids["minilm"], "input": "x"}}
     own = {"url": "/v1/embeddings", "body": {**line["body"], "service_tier": "priority"}}
     lines = [{"custom_id": "a", **line}, {"custom_id": "b", **own}]
-    reply = await worker.dispatch({"batch": lines, "service_tier": "flex"})
+    reply = await answer_job(worker, {"batch": lines, "service_tier": "flex"})
     tiers = [output["response"]["body"]["service_tier"] for output in reply.body["data"]]
     assert tiers == ["flex", "priority"]
 

@@ -12,7 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from embedding_worker.transports.http import create_app
-from embedding_worker.transports.runpod import runpod_handler
+from embedding_worker.transports.runpod import answer_job, runpod_handler
+from tests.helpers import call
 from tests.test_server import ServerThread
 
 TEXTS = [
@@ -35,7 +36,7 @@ def qwen3_tokenizer(qwen3_embedder):
 
 
 async def ok(worker, job_input):
-    reply = await worker.dispatch(job_input)
+    reply = await answer_job(worker, job_input)
     assert reply.status == 200, reply.body
     return reply.body
 
@@ -45,7 +46,7 @@ async def tei_tokenize(worker, **body):
 
 
 async def bad(worker, route, body):
-    reply = await worker.dispatch({"openai_route": route, "openai_input": body})
+    reply = await answer_job(worker, {"openai_route": route, "openai_input": body})
     assert reply.status in (400, 413), reply.body
     return reply.status, reply.body["error"]
 
@@ -157,9 +158,11 @@ async def test_standard_jobs_are_told_apart_without_taking_other_jobs(worker, id
     assert counted["count"] == 3 and "service_tier" not in counted
     decoded = await ok(worker, {"model": ids["minilm"], "ids": [7592]})
     assert decoded == ["hello"]
-    # TEI's `inputs` belongs to other servers' embed bodies too: not a standard-flavour job.
-    reply = await worker.dispatch({"model": ids["minilm"], "inputs": "hello"})
-    assert reply.status == 400 and "'prompt' (tokenize)" in reply.body["error"]["message"]
+    # A standard-flavour `inputs` is contextualized chunk embeddings' (documents of chunks), never
+    # tokenize's: TEI's string is refused naming the shape.
+    reply = await answer_job(worker, {"model": ids["minilm"], "inputs": "hello"})
+    assert reply.status == 400 and reply.body["error"]["param"] == "inputs"
+    assert "documents" in reply.body["error"]["message"]
     # The OpenAI proxy flavour answers in a one-element list.
     proxied = await runpod_handler(worker)(
         {
@@ -209,7 +212,7 @@ async def test_batch_lines_answer_as_single_requests(worker, ids):
     output = await runpod_handler(worker)({"id": "job-1", "input": {"batch": lines}})
     by_id = {line["custom_id"]: line["response"] for line in output["data"]}
     for line in lines:
-        single = await worker.call(line["url"], line["body"])
+        single = await call(worker, line["url"], line["body"])
         assert by_id[line["custom_id"]]["status_code"] == 200
         assert by_id[line["custom_id"]]["body"] == single.body
     json.dumps(output)
@@ -238,7 +241,7 @@ async def test_bad_input_gets_the_typed_errors_of_embeddings(worker, ids):
     assert error["param"] == "tokens"
     status, error = await bad(worker, "/detokenize", {"model": model, "tokens": [True]})
     assert error["param"] == "tokens"
-    reply = await worker.dispatch({"prompt": "x"})  # three models served: name one
+    reply = await answer_job(worker, {"prompt": "x"})  # three models served: name one
     assert reply.status == 400 and reply.body["error"]["param"] == "model"
 
 
@@ -250,4 +253,4 @@ async def test_the_token_limit_of_a_request_holds(worker, ids, monkeypatch):
         worker, "/detokenize", {"model": ids["minilm"], "tokens": [1037] * 11}
     )
     assert (status, error["code"]) == (400, "request_too_large")
-    assert (await worker.call("/tokenize", {"model": ids["minilm"], "prompt": "a " * 8})).ok
+    assert (await call(worker, "/tokenize", {"model": ids["minilm"], "prompt": "a " * 8})).ok

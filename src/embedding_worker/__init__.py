@@ -1,6 +1,6 @@
 """A RunPod serverless worker for text embeddings and reranking on the Infinity engine.
 
-The public surface: `Worker` (one dispatch for every transport), `Reply` (what it answers) and
+The public surface: `Worker` (one dispatch for every transport), `Answer` (what it answers) and
 `load_config` (the configuration from the environment); the `embedding-worker` command is
 `embedding_worker.cli:main`. They are imported on first use, so the command's `--help` is quick.
 """
@@ -11,14 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"  # the one copy: pyproject.toml reads it ([tool.setuptools.dynamic])
 
-__all__ = ["Reply", "Worker", "WorkerConfig", "__version__", "load_config"]
+__all__ = ["Answer", "Worker", "WorkerConfig", "__version__", "load_config"]
 
 if TYPE_CHECKING:
     from .config import WorkerConfig, load_config
     from .dispatch import Worker
-    from .reply import Reply
+    from .reply import Answer
 
-_HOMES = {"Worker": "dispatch", "Reply": "reply", "WorkerConfig": "config", "load_config": "config"}
+_HOMES = {
+    "Worker": "dispatch",
+    "Answer": "reply",
+    "WorkerConfig": "config",
+    "load_config": "config",
+}
 
 
 def __getattr__(name: str) -> Any:

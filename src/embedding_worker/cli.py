@@ -178,13 +178,13 @@ def read_job(source: str) -> dict[str, Any]:
 def run_job(worker: Any, job: dict[str, Any], full: bool) -> int:
     """Answer one job as RunPod would and print RunPod's answer; 0 if it COMPLETED."""
     from .reply import preview
-    from .transports.runpod import job_answer
+    from .transports.runpod import answer_job, job_answer
 
     job_id = str(job.get("id", "local_test"))
 
     async def once() -> Any:
         try:
-            return await worker.dispatch(job["input"], job_id)
+            return await answer_job(worker, job["input"], job_id)
         finally:
             await worker.stop()
 

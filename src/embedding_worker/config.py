@@ -16,6 +16,7 @@ from .engines.spec import (
     DEFAULT_BACKEND,
     DEFAULT_BATCH_SIZE,
     DEFAULT_DTYPE,
+    LONG_INPUTS,
     EngineSettings,
     ModelSpec,
 )
@@ -143,6 +144,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
     dtypes = per_model(env, "DTYPES", count, DEFAULT_DTYPE)
     kinds = per_model(env, "MODEL_KINDS", count, KIND_NAMES[0])
     token_budgets = per_model(env, "MAX_BATCH_TOKENS", count, "")
+    long_inputs = per_model(env, "LONG_INPUTS", count, LONG_INPUTS[0])
 
     backend = env.get("BACKEND", "").strip().lower() or DEFAULT_BACKEND
     if backend not in BACKENDS:
@@ -150,8 +152,8 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
 
     models = []
     served_ids: set[str] = set()
-    for name, batch_raw, dtype_raw, kind, budget_raw in zip(
-        names, batch_sizes, dtypes, kinds, token_budgets
+    for name, batch_raw, dtype_raw, kind, budget_raw, long_raw in zip(
+        names, batch_sizes, dtypes, kinds, token_budgets, long_inputs
     ):
         batch_size = whole_number("BATCH_SIZES", batch_raw)
         # Unset: 0, the batch size times a typical text's tokens (engines/budget.py).
@@ -161,6 +163,9 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
             raise ConfigError(
                 f"DTYPES has unknown dtype {dtype_raw!r}; choose from {', '.join(DTYPE_ALIASES)}"
             )
+        long_mode = long_raw.strip().lower()
+        if long_mode not in LONG_INPUTS:
+            raise ConfigError(f"LONG_INPUTS must hold {', '.join(LONG_INPUTS)}, got {long_raw!r}")
         kind = kind.lower()
         if kind not in KIND_NAMES:
             raise ConfigError(f"MODEL_KINDS must hold {', '.join(KIND_NAMES)}, got {kind!r}")
@@ -179,12 +184,14 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
                 backend=backend,
                 kind=kind,
                 max_batch_tokens=max_batch_tokens,
+                long_inputs=long_mode,
             )
         )
 
     limits = Limits(
         max_inputs=int_var(env, "MAX_BATCH_INPUTS", _LIMIT_DEFAULTS.max_inputs),
         max_request_tokens=int_var(env, "MAX_REQUEST_TOKENS", _LIMIT_DEFAULTS.max_request_tokens),
+        max_input_tokens=int_var(env, "MAX_INPUT_TOKENS", _LIMIT_DEFAULTS.max_input_tokens),
         max_request_bytes=int_var(env, "MAX_REQUEST_BYTES", _LIMIT_DEFAULTS.max_request_bytes),
         max_response_bytes=int_var(env, "MAX_RESPONSE_BYTES", _LIMIT_DEFAULTS.max_response_bytes),
         max_image_bytes=int_var(env, "IMAGE_MAX_BYTES", _LIMIT_DEFAULTS.max_image_bytes),

@@ -1,8 +1,9 @@
-"""One dispatch for every transport: a job's input in, a `Reply` out.
+"""One dispatch for every transport: an operation and its request in, an `Answer` out.
 
-The RunPod handler, the local HTTP server and batch files all call `Worker.dispatch()` (or
-`Worker.call()` for an OpenAI route); each only turns the Reply into its own wire format. The
-operation is found in the registry (operations/__init__.py). No exception escapes `dispatch()`.
+The local HTTP server and batch lines call `Worker.request()` with a route; RunPod's transport
+parses a job into its operation (transports/runpod.py) and calls `Worker.serve()`. Each transport
+only writes the Answer in its own wire format. Operations are found in the registry
+(operations/__init__.py). No exception escapes `serve()`, and `finished()` sees every request.
 
 A body larger than a small constant (`limits.is_small`) is checked in a thread, and its operation
 parses and tokenizes it in a thread too: the event loop, which answers /health and every other
@@ -12,18 +13,21 @@ request, never does work that grows with the payload.
 from __future__ import annotations
 
 import asyncio
+import time
 from contextvars import Token
+from dataclasses import dataclass
 from typing import Any
 
 from . import errors, operations, tracing
 from .config import WorkerConfig
 from .engines import ModelRegistry
-from .errors import APIError
+from .errors import APIError, ErrorKind
 from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
 from .operations import Operation
-from .reply import Reply
+from .reply import Answer
 from .request_context import RequestContext, current_request, new_request_id
+from .statuses import http_status
 from .tiers import REQUEST_VALUES, current_tier
 
 log = get_logger(__name__)
@@ -53,52 +57,60 @@ class Worker:
     async def stop(self) -> None:
         await self.registry.stop()
 
-    async def dispatch(self, job_input: Any, job_id: str | None = None) -> Reply:
-        """Answer one job input, in either flavour. Never raises.
+    async def serve(
+        self,
+        operation: Operation,
+        body: Any,
+        named_tier: Any = None,
+        job_id: str | None = None,
+    ) -> Answer:
+        """Answer one request for `operation`. Never raises: a failure is the answer's error.
 
-        `job_id` names the job in log lines; without one, the lines keep the current job's name.
+        `named_tier`: the service_tier the request's envelope names (a RunPod job input's), used
+        when the body names none. `job_id` names the request in log lines; without one, the lines
+        keep the current job's name.
         """
-        openai_route = isinstance(job_input, dict) and "openai_route" in job_input
+        started = time.perf_counter()
         job = current_job.set(str(job_id)) if job_id is not None else None
         outer = current_request.get()
         context, request_token = _request_context(job_id)
         traced_here = request_token is not None and tracing.enabled()
         if traced_here:  # a RunPod job, or a batch line (a child of its job's span)
             tracing.start(context, "job", parent=outer.trace if outer is not None else None)
+        context.route = context.route or operation.route or operation.name
         tier_token = None
+        body = merge_extra_body(body)
+        if isinstance(body, dict):
+            model = body.get("model")
+            context.model = model if isinstance(model, str) else None
         try:
-            operation, body = self._route(job_input)
-            context.route = context.route or operation.name
-            if isinstance(body, dict):
-                model = body.get("model")
-                context.model = model if isinstance(model, str) else None
             if is_small(body):
                 inspect_request(body, self.limits)
             else:
                 await asyncio.to_thread(inspect_request, body, self.limits)
-            tier = self._tier(job_input, body)
+            tier = self._tier(body, named_tier)
             tier_token = current_tier.set(tier)
             context.tier = tier
             await self.registry.start()
             result = await operation.run(self, body)
             if operation.scheduled and isinstance(result, dict):
                 result["service_tier"] = tier  # the tier the work ran at
+            answer = Answer(result)
             context.status = 200
             if context.trace is not None:
                 context.inputs, context.tokens = _inputs_and_tokens(body, result)
-            return Reply(200, result, openai_route)
         except APIError as exc:
-            context.status, context.code = exc.status, exc.code
+            context.status, context.code = http_status(exc), exc.code
             # Messages never hold the payload (errors.py), so they are safe to log.
-            if exc.status >= 500:
-                log.warning("%s %s: %s", exc.status, exc.code, exc.message)
+            if exc.kind in _SERVER_KINDS:
+                log.warning("%s %s: %s", exc.kind.value, exc.code, exc.message)
             else:
-                log.debug("%s %s (param %s)", exc.status, exc.code, exc.param)
-            return self._error_reply(exc, openai_route)
+                log.debug("%s %s (param %s)", exc.kind.value, exc.code, exc.param)
+            answer = Answer(error=exc)
         except Exception as exc:
             context.status, context.code = 500, "internal_error"
             log.error("unexpected error: %s", redacted_traceback(exc))
-            return self._error_reply(errors.internal(), openai_route)
+            answer = Answer(error=errors.internal())
         finally:
             if tier_token is not None:
                 current_tier.reset(tier_token)
@@ -108,13 +120,19 @@ class Worker:
                 current_request.reset(request_token)
             if job is not None:
                 current_job.reset(job)
+        self.finished(Served(operation.route or operation.name, body, answer, started))
+        return answer
 
-    def _tier(self, job_input: Any, body: Any) -> str:
-        """The request's service_tier (the body's, else the job input's), else the tier of the
-        job it runs in, else the worker's (SERVICE_TIER); `auto` is the worker's."""
+    def finished(self, served: Served) -> None:
+        """Called once for every request `serve` answered, with its route, model, outcome and
+        timing: the one place a request is known whole, for metrics and tracing to hook."""
+
+    def _tier(self, body: Any, named_tier: Any) -> str:
+        """The request's service_tier (the body's, else its envelope's), else the tier of the job
+        it runs in, else the worker's (SERVICE_TIER); `auto` is the worker's."""
         named = body.get("service_tier") if isinstance(body, dict) else None
-        if named is None and isinstance(job_input, dict):
-            named = job_input.get("service_tier")
+        if named is None:
+            named = named_tier
         if named is None:
             return current_tier.get() or self.config.service_tier
         if named not in REQUEST_VALUES:
@@ -123,54 +141,56 @@ class Worker:
             )
         return self.config.service_tier if named == "auto" else named
 
-    async def call(self, route: str, body: Any, line: str | None = None) -> Reply:
-        """Answer an OpenAI-route request (local server, batch lines). `line` names a batch line:
-        its log lines read `job <job>/<line>`."""
+    async def request(self, route: str, body: Any, line: str | None = None) -> Answer:
+        """Answer a request to a route or HTTP path ("/v1/embeddings", "/openai/v1/models/x"):
+        the local server's operation routes and batch lines. `body` None: a request
+        without one (GET). `line` names a batch line: its log lines read `job <job>/<line>`."""
         job_id = None
         if line is not None:
             parent = current_job.get()
             job_id = f"{parent}/{line}" if parent else line
-        return await self.dispatch({"openai_route": route, "openai_input": body}, job_id)
+        matched = operations.match_route(route)
+        if matched is None:
+            return Answer(error=unknown_route())
+        operation, params = matched
+        return await self.serve(operation, route_body(body, params), job_id=job_id)
 
-    def _error_reply(self, exc: APIError, openai_route: bool) -> Reply:
-        return Reply(
-            exc.status,
-            exc.to_dict(),
-            openai_route,
-            refresh_worker=not self.healthy,
-            retry_after=exc.retry_after,
-        )
 
-    def _route(self, job_input: Any) -> tuple[Operation, Any]:
-        if not isinstance(job_input, dict):
-            raise errors.invalid_input("the job 'input' must be a JSON object")
-        if "openai_route" in job_input:
-            route = job_input["openai_route"]
-            matched = operations.match_route(route) if isinstance(route, str) else None
-            if matched is None:
-                raise errors.not_found(
-                    f"unknown openai_route; this worker serves {', '.join(operations.ROUTES)}"
-                )
-            operation, params = matched
-            body = job_input.get("openai_input")
-            if body is None:
-                body = {}  # GET /v1/models arrives with no body
-            body = _merge_extra_body(body)
-            if params and isinstance(body, dict):
-                body = {**body, **params}  # the path's parameters win over the body's
-            return operation, body
-        recognised = operations.recognise(job_input, self.registry)
-        if recognised is None:
-            raise errors.invalid_input(
-                f"the job input must hold {operations.job_hints()} or 'openai_route'"
-            )
-        return recognised, _merge_extra_body(job_input)
+# Failures of the worker rather than of the request: logged as warnings.
+_SERVER_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE})
+
+
+def unknown_route() -> APIError:
+    return errors.not_found(f"unknown route; this worker serves {', '.join(operations.ROUTES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One answered request, as `Worker.finished` sees it."""
+
+    # Its operation's route (a template: "/v1/models/{model}"), else the operation's name: one
+    # label an operation, whichever transport or path it came by.
+    route: str
+    body: Any  # the request body (read `model` from it; never log it)
+    answer: Answer
+    started: float  # time.perf_counter() when it arrived
+
+    @property
+    def model(self) -> str | None:
+        """The model the request named, if it named one."""
+        model = self.body.get("model") if isinstance(self.body, dict) else None
+        return model if isinstance(model, str) else None
+
+    @property
+    def outcome(self) -> str:
+        """ "ok", or the error's code."""
+        return "ok" if self.answer.error is None else self.answer.error.code
 
 
 def _request_context(job_id: str | None) -> tuple[RequestContext, Token | None]:
-    """The context this dispatch answers under: the transport's (the local server's request),
-    else a new one named by the job (a RunPod job, a batch line: each line its own), and the
-    token that restores the outer one."""
+    """The context this request is answered under: the transport's (the local server's HTTP
+    request), else a new one named by the job (a RunPod job, a batch line: each line its own),
+    and the token that restores the outer one."""
     outer = current_request.get()
     if outer is not None and not outer.dispatched:
         outer.dispatched = True
@@ -192,7 +212,17 @@ def _inputs_and_tokens(body: Any, result: Any) -> tuple[int | None, int | None]:
     return inputs, tokens if isinstance(tokens, int) else None
 
 
-def _merge_extra_body(body: Any) -> Any:
+def route_body(body: Any, params: dict[str, str]) -> Any:
+    """The request body of a route: `body` (None: a request without one, as GET /v1/models) with
+    the path's parameters, which win over the body's."""
+    if body is None:
+        body = {}
+    if params and isinstance(body, dict):
+        body = {**merge_extra_body(body), **params}
+    return body
+
+
+def merge_extra_body(body: Any) -> Any:
     """Accept a literal nested "extra_body" object (hand-written JSON copied from SDK examples).
 
     The openai SDK itself merges extra_body into the top level; keys at the top level win.

@@ -1,15 +1,35 @@
 """The one way to make an error: `APIError`, rendered as the OpenAI error object, and the one
 retry policy that every client of an answer reads.
 
-Every failure a client can see is an APIError with an HTTP status, an OpenAI `type`, a stable `code`
-and the `param` at fault. Messages name the field, never echo the payload. Whether a failure is
-worth another try is told by its status alone (`is_retryable`), so that batch lines, batch files and
-jobs sent to a deployed endpoint, which see only statuses, decide as the worker does.
+Every failure a client can see is an APIError with a `kind` (what went wrong, in the worker's own
+words), an OpenAI `type`, a stable `code` and the `param` at fault. An error carries no HTTP
+status: each wire format maps the kind to its own (statuses.py), as TEI's routers map its core
+errors. Messages name the field, never echo the payload. Whether a failure is worth another try
+is told by its HTTP status alone (`is_retryable`), so that batch lines, batch files and jobs sent
+to a deployed endpoint, which see only statuses, decide as the worker does.
 """
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
+
+
+class ErrorKind(Enum):
+    """What went wrong, whatever carries the answer back."""
+
+    INVALID = "invalid"  # the request is malformed or asks what cannot be done
+    TOO_LARGE = "too_large"  # the request, or the answer it asks for, is over a size limit
+    NOT_FOUND = "not_found"  # no such route, model or job
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    REQUEST_TIMEOUT = "request_timeout"  # the client did not send its request in time
+    HEADERS_TOO_LARGE = "headers_too_large"
+    OVERLOADED = "overloaded"  # busy now: the same request is welcome later
+    UNAVAILABLE = "unavailable"  # cannot serve now: a retry here or elsewhere may succeed
+    INTERNAL = "internal"  # the worker failed on this request
+
 
 # 408 and 429 ask for the same request again, later; 502, 503 and 504 say that a server or a
 # gateway could not serve it now. A 500 is a server failing on this request: sent again, it fails
@@ -18,6 +38,13 @@ RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
 # The longest a client waits on one Retry-After: a server that asks for more is left for a later
 # try (the next attempt, or the next run of a batch file) rather than holding the client.
 MAX_RETRY_WAIT_S = 60.0
+
+
+# The kinds whose request may succeed when sent again: the HTTP statuses they map to are
+# RETRYABLE_STATUSES (statuses.py).
+RETRYABLE_KINDS = frozenset(
+    {ErrorKind.REQUEST_TIMEOUT, ErrorKind.OVERLOADED, ErrorKind.UNAVAILABLE}
+)
 
 
 def is_retryable(status: int | None) -> bool:
@@ -37,7 +64,7 @@ def retry_wait(attempt: int, backoff_s: float, retry_after: float | None = None)
 class APIError(Exception):
     def __init__(
         self,
-        status: int,
+        kind: ErrorKind,
         message: str,
         *,
         type: str,
@@ -46,7 +73,7 @@ class APIError(Exception):
         retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind
         self.message = message
         self.type = type
         self.code = code
@@ -56,8 +83,8 @@ class APIError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """Whether the same request may succeed when sent again (`is_retryable`)."""
-        return is_retryable(self.status)
+        """Whether the same request may succeed when sent again."""
+        return self.kind in RETRYABLE_KINDS
 
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
@@ -71,49 +98,68 @@ class APIError(Exception):
         }
 
     def __repr__(self) -> str:
-        return f"APIError({self.status}, {self.code!r}, {self.message!r})"
+        return f"APIError({self.kind.value}, {self.code!r}, {self.message!r})"
 
 
 def invalid_input(message: str, param: str | None = None, code: str = "invalid_input") -> APIError:
-    return APIError(400, message, type="invalid_request_error", code=code, param=param)
+    return APIError(
+        ErrorKind.INVALID, message, type="invalid_request_error", code=code, param=param
+    )
 
 
 def too_large(message: str, param: str | None = None, code: str = "request_too_large") -> APIError:
     """413: the request, or the answer it asks for, is over a size limit (named in the message)."""
-    return APIError(413, message, type="invalid_request_error", code=code, param=param)
+    return APIError(
+        ErrorKind.TOO_LARGE, message, type="invalid_request_error", code=code, param=param
+    )
 
 
 def model_not_found(message: str) -> APIError:
     return APIError(
-        404, message, type="invalid_request_error", code="model_not_found", param="model"
+        ErrorKind.NOT_FOUND,
+        message,
+        type="invalid_request_error",
+        code="model_not_found",
+        param="model",
     )
 
 
 def not_found(message: str) -> APIError:
-    return APIError(404, message, type="invalid_request_error", code="not_found")
+    return APIError(ErrorKind.NOT_FOUND, message, type="invalid_request_error", code="not_found")
 
 
 def unauthorized(message: str) -> APIError:
-    return APIError(401, message, type="invalid_request_error", code="invalid_api_key")
+    return APIError(
+        ErrorKind.UNAUTHORIZED, message, type="invalid_request_error", code="invalid_api_key"
+    )
 
 
 def method_not_allowed(message: str) -> APIError:
-    return APIError(405, message, type="invalid_request_error", code="method_not_allowed")
+    return APIError(
+        ErrorKind.METHOD_NOT_ALLOWED,
+        message,
+        type="invalid_request_error",
+        code="method_not_allowed",
+    )
 
 
 def forbidden(message: str) -> APIError:
     """403: a request the server refuses to serve from where it came (a foreign Origin or Host)."""
-    return APIError(403, message, type="invalid_request_error", code="forbidden")
+    return APIError(ErrorKind.FORBIDDEN, message, type="invalid_request_error", code="forbidden")
 
 
 def request_timeout(message: str) -> APIError:
     """408: the client did not send its whole request in time; it may send it again."""
-    return APIError(408, message, type="invalid_request_error", code="request_timeout")
+    return APIError(
+        ErrorKind.REQUEST_TIMEOUT, message, type="invalid_request_error", code="request_timeout"
+    )
 
 
 def headers_too_large(message: str) -> APIError:
     """431: the request line and headers are over the server's limit."""
-    return APIError(431, message, type="invalid_request_error", code="headers_too_large")
+    return APIError(
+        ErrorKind.HEADERS_TOO_LARGE, message, type="invalid_request_error", code="headers_too_large"
+    )
 
 
 # The Retry-After of a retryable refusal whose wait the worker cannot estimate.
@@ -125,7 +171,7 @@ def overloaded(
 ) -> APIError:
     """429: the worker is busy; the same request is welcome again after `retry_after` seconds."""
     return APIError(
-        429,
+        ErrorKind.OVERLOADED,
         message,
         type="rate_limit_error",
         code=code,
@@ -138,7 +184,7 @@ def unavailable(
 ) -> APIError:
     """503: this request could not be served now; a retry (here or on another worker) may be."""
     return APIError(
-        503,
+        ErrorKind.UNAVAILABLE,
         message,
         type="server_error",
         code=code,
@@ -147,4 +193,4 @@ def unavailable(
 
 
 def internal(message: str = "internal error while serving the request") -> APIError:
-    return APIError(500, message, type="server_error", code="internal_error")
+    return APIError(ErrorKind.INTERNAL, message, type="server_error", code="internal_error")

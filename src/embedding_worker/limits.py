@@ -50,6 +50,8 @@ SMALL_CHARS = 16_384
 class Limits:
     max_inputs: int = 2048
     max_request_tokens: int = 300_000
+    # The most tokens of one text embedded window by window, or of one late-chunked document.
+    max_input_tokens: int = 32_768
     max_request_bytes: int = RUNPOD_PAYLOAD_LIMIT
     max_response_bytes: int = RUNPOD_PAYLOAD_LIMIT
     # Images (images.py, image_urls.py): encoded bytes and pixels of one image, the hosts image

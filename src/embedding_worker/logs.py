@@ -1,6 +1,6 @@
 """Log lines that name their job and request, and tracebacks that never carry a payload.
 
-The job id lives in a context variable set by `Worker.dispatch`, the request in
+The job id lives in a context variable set by `Worker.serve`, the request in
 `request_context.current_request`; asyncio copies both into every task the job starts, so an engine
 call deep down still logs under its job and request. Lines logged outside a job (start-up,
 Infinity's batch threads) carry neither.

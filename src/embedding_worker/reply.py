@@ -1,10 +1,12 @@
-"""What dispatch answers: `Reply`, an HTTP status and a body, and its RunPod job output."""
+"""What dispatch answers: `Answer`, a body or an error, and `preview`, an answer cut short for a
+person or a log to read."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import APIError
 
 # A preview shows this many items of an answer, and this many numbers of each vector.
 PREVIEW_ITEMS = 3
@@ -50,57 +52,14 @@ def preview(body: Any, key: str | None = None) -> Any:
     return body
 
 
-class JobOutput(dict):
-    """A successful job's output, as runpod receives it: a plain dict whose repr is a preview.
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What an operation answered: its body, or the error it raised. No transport's shape: each
+    transport writes it in its own (statuses.Reply for HTTP, transports/runpod.py for jobs)."""
 
-    runpod formats every job's output into two DEBUG f-strings even when DEBUG is off
-    (rp_job.run_job), and prints it once in a local test run: a preview costs a few items whatever
-    the answer's size, where the full repr of 256 x 1024 floats costs as much as writing the answer.
-    JSON encoders see an ordinary dict.
-    """
-
-    def __repr__(self) -> str:
-        return json.dumps(preview(dict(self)), ensure_ascii=False)
-
-
-class JobList(list):
-    """A successful job's output that is a list (TEI's shapes), with a preview for its repr, as
-    `JobOutput`."""
-
-    def __repr__(self) -> str:
-        return json.dumps(preview(list(self)), ensure_ascii=False)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What an operation answered: an HTTP status and a body (the OpenAI body, or an error body)."""
-
-    status: int
-    body: dict[str, Any] | list[Any]  # a list only where the API answers one (TEI's /tokenize)
-    openai_route: bool = False  # asked through RunPod's OpenAI proxy
-    refresh_worker: bool = False  # the worker is broken: ask RunPod for a new one
-    retry_after: int | None = None  # seconds to wait before retrying a retryable failure
+    body: dict[str, Any] | list[Any] | None = None  # a list only where the API answers one
+    error: APIError | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status < 400
-
-    def runpod_output(self) -> Any:
-        """The job output RunPod expects.
-
-        Success: the OpenAI body (standard flavour), or a one-element list holding it (OpenAI proxy,
-        as RunPod's own OpenAI-compatible workers answer). Failure: a top-level "error" whose value
-        is the JSON text of the OpenAI error object plus its status, which makes the job FAILED
-        (runpod's local API answers HTTP 500 if that value is not a string).
-        """
-        if self.ok:
-            output = JobOutput(self.body) if isinstance(self.body, dict) else JobList(self.body)
-            return [output] if self.openai_route else output
-        assert isinstance(self.body, dict)  # an error body
-        error = dict(self.body, status=self.status)
-        if self.retry_after is not None:  # no headers on a job: the wait goes in the error text
-            error["retry_after"] = self.retry_after
-        failed: dict[str, Any] = {"error": json.dumps(error, ensure_ascii=False)}
-        if self.refresh_worker:
-            failed["refresh_worker"] = True
-        return failed
+        return self.error is None

@@ -25,6 +25,7 @@ from .. import errors
 from ..logs import get_logger
 from .admission import Admission, AdmissionSettings
 from .spec import EngineSettings, ModelSpec
+from .token_pass import PassResult, TokenPass
 from .tokenization import TokenCounter
 
 if TYPE_CHECKING:
@@ -290,6 +291,29 @@ class Embedder(ModelEngine):
 
     @abstractmethod
     async def _embed(self, texts: list[str]) -> np.ndarray: ...
+
+    # The model's modules run on token ids (token_pass.py), for long inputs and late chunking;
+    # None for an engine that cannot run them.
+    token_pass: TokenPass | None = None
+
+    async def embed_chunked(self, contents: list[np.ndarray], *, tokens: int) -> PassResult:
+        """One vector per text from its windows (`TokenPass.chunked`); `contents`: each text's
+        token ids without special tokens; `tokens`: what the windows cost."""
+        run = self._token_pass()
+        return await self._admit(len(contents), tokens, lambda: run.run(run.chunked, contents))
+
+    async def embed_late_chunked(
+        self, lead: np.ndarray, chunks: list[np.ndarray], *, tokens: int
+    ) -> PassResult:
+        """One vector per chunk of one document (`TokenPass.late_chunked`)."""
+        run = self._token_pass()
+        return await self._admit(
+            len(chunks), tokens, lambda: run.run(run.late_chunked, lead, chunks)
+        )
+
+    def _token_pass(self) -> TokenPass:
+        assert self.token_pass is not None, "callers check token_pass first"
+        return self.token_pass
 
 
 class ImageEmbedder(Embedder):

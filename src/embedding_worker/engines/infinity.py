@@ -38,6 +38,7 @@ from .base import (
 from .budget import SplitOnOutOfMemory, rows_of
 from .dtype import resolve_dtype
 from .spec import EngineSettings, ModelSpec
+from .token_pass import TokenPass
 from .tokenization import BucketedForward, TokenCounter, reuse_token_ids
 
 if TYPE_CHECKING:
@@ -268,6 +269,22 @@ class InfinityEmbedder(InfinityModel, Embedder):
         replica = engine._model_replicas[0]
         get_dim = getattr(replica, "get_sentence_embedding_dimension", None)
         self.dimensions = get_dim() if get_dim else None
+        if not getattr(replica, "mode_colbert", False):
+            self.token_pass = TokenPass.of(
+                replica,
+                self.tokens.tokenizer,
+                self.max_length,
+                device=getattr(replica, "device", "cpu"),
+                batch_size=spec.batch_size,
+                max_batch_tokens=spec.max_batch_tokens,
+                progressed=self.progressed,
+                name=spec.served_id,
+            )
+
+    async def stop(self) -> None:
+        if self.token_pass is not None:
+            self.token_pass.stop()
+        await super().stop()
 
     def _prepare_replica(self, replica: Any) -> None:
         if not own_normalisation(replica):

@@ -10,6 +10,7 @@ from .budget import default_max_batch_tokens
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_DTYPE = "auto"
 DEFAULT_BACKEND = "torch"
+LONG_INPUTS = ("truncate", "chunk", "error")
 AUTO_KIND = "auto"  # the model's files decide its kind (kinds.py)
 
 
@@ -26,6 +27,9 @@ class ModelSpec:
     # Most padded tokens (rows x longest) in one batch (MAX_BATCH_TOKENS); 0 derives it from the
     # batch size (budget.default_max_batch_tokens).
     max_batch_tokens: int = 0
+    # What a text longer than the model's maximum gets when a request does not say
+    # (LONG_INPUTS): cut ("truncate"), embedded window by window ("chunk"), or refused ("error").
+    long_inputs: str = "truncate"
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens <= 0:

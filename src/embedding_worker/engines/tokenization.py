@@ -143,6 +143,17 @@ class TokenCounter:
             return [len(e) for e in _one_by_one(self._encode(texts))]
         return [len(ids) for ids in self.tokenizer(list(texts), truncation=False)["input_ids"]]
 
+    def content_ids(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's token ids, uncut and without special tokens, as the model's own step makes
+        them (the text prepared as `model_input` says, where the engine takes the ids)."""
+        if self._fast is None:
+            ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            return [np.array(row, dtype=np.int64) for row in ids]
+        spec = self.model_input
+        prepared = [spec.prepare(text) for text in texts] if spec is not None else list(texts)
+        encodings = self._encode_batch(prepared, add_special_tokens=False)
+        return [np.array(e.ids, dtype=np.int64) for e in _one_by_one(encodings)]
+
     def tokenize(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
         """The texts to hand to the engine, and their token counts (untruncated).
 

@@ -1,19 +1,27 @@
 """The worker's operations, one module each, and the registry that dispatch, the HTTP routes and
 batch lines all read.
 
-An operation module owns its request model, how it is recognised in a standard-flavour job
-(`job_fields`), how it runs, and its answer; it ends with its `OPERATION`. Adding an operation is
-adding its module and listing its OPERATION here.
+An operation module owns its request model, how it is recognised in a standard-flavour RunPod job
+(`job_fields`, read by transports/runpod.py), how it runs, and its answer; it ends with its
+`OPERATION`. Adding an operation is adding its module and listing its OPERATION here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import unquote
 
-from ..engines import ModelRegistry
-from . import batch, classify, cohere, embeddings, infinity_api, models, rerank, tokenize
+from . import (
+    batch,
+    classify,
+    cohere,
+    contextualized,
+    embeddings,
+    infinity_api,
+    models,
+    rerank,
+    tokenize,
+)
 from .base import Context, Operation
 
 # A standard-flavour job is the first operation here whose fields it holds (and that applies to the
@@ -29,6 +37,7 @@ OPERATIONS: tuple[Operation, ...] = (
     classify.INFINITY,
     *cohere.OPERATIONS,
     *infinity_api.OPERATIONS,
+    contextualized.OPERATION,
     tokenize.OPERATION,
     tokenize.DETOKENIZE,
 )
@@ -67,8 +76,8 @@ LINE_ROUTES: Mapping[str, Operation] = {
 
 def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:
     """The operation of a route or an HTTP path ("/v1/embeddings", "/openai/v1/models/org/name")
-    and the parameters it carries; trailing slashes aside. The one matcher of routes: RunPod's
-    `openai_route` and the HTTP server both ask it."""
+    and the parameters it carries; trailing slashes aside. The one matcher of routes: dispatch
+    (the HTTP server, batch lines) and RunPod's `openai_route` ask it."""
     route = route.rstrip("/")
     operation = _BY_PATH.get(route)
     if operation is not None:
@@ -79,25 +88,6 @@ def match_route(route: str) -> tuple[Operation, dict[str, str]] | None:
     return None
 
 
-def recognise(job_input: dict[str, Any], registry: ModelRegistry) -> Operation | None:
-    """The operation of a standard-flavour job input, told by the fields it holds and, where
-    fields are shared, by what the model it names can do."""
-    return next(
-        (
-            op
-            for op in OPERATIONS
-            if any(f in job_input for f in op.job_fields)
-            and (op.job_applies is None or op.job_applies(registry, job_input))
-        ),
-        None,
-    )
-
-
-def job_hints() -> str:
-    """What a standard-flavour job may hold, for the error message of one that holds none."""
-    return ", ".join(op.job_hint for op in OPERATIONS if op.job_hint)
-
-
 __all__ = [
     "LINE_ROUTES",
     "OPENAI_PREFIXES",
@@ -105,7 +95,5 @@ __all__ = [
     "ROUTES",
     "Context",
     "Operation",
-    "job_hints",
     "match_route",
-    "recognise",
 ]

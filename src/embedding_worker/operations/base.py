@@ -17,7 +17,7 @@ from .. import errors
 from ..engines import Capability, ModelEngine, ModelRegistry
 from ..errors import APIError
 from ..limits import SMALL_CHARS, Limits, is_small
-from ..reply import Reply
+from ..reply import Answer
 from ..request_context import request_id
 
 T = TypeVar("T")
@@ -33,7 +33,7 @@ class Context(Protocol):
     @property
     def healthy(self) -> bool: ...
 
-    async def call(self, route: str, body: Any, line: str | None = None) -> Reply:
+    async def request(self, route: str, body: Any, line: str | None = None) -> Answer:
         """Answer another route's request within this job; `line` names it in the job's logs."""
         ...
 

@@ -20,6 +20,7 @@ import orjson
 from .. import errors
 from ..errors import APIError
 from ..limits import ENVELOPE_BYTES, Limits, check_answer_bytes, is_small
+from ..statuses import Reply
 from .base import Context, Operation
 
 JOB_MAX_LINES = 1000  # most lines in one RunPod batch job (RunPod's /run takes at most 10 MB)
@@ -159,7 +160,7 @@ async def answer(
     if isinstance(line, BadLine):
         return error_line(line.custom_id, line.error)
     for attempt in range(retries + 1):
-        reply = await context.call(line.url, line.body, line=line.custom_id)
+        reply = Reply.of(await context.request(line.url, line.body, line=line.custom_id))
         if not errors.is_retryable(reply.status) or attempt == retries or not context.healthy:
             break
         await asyncio.sleep(errors.retry_wait(attempt, backoff_s, reply.retry_after))

@@ -36,6 +36,7 @@ from ..limits import (
     Limits,
     check_answer_bytes,
 )
+from . import long_inputs
 from .base import (
     Context,
     ModelName,
@@ -46,12 +47,14 @@ from .base import (
     check_count,
     check_finite,
     check_lengths,
+    check_request_tokens,
     created,
     model_for,
     off_loop,
     parse,
     usage,
 )
+from .long_inputs import LongInputs
 
 T = TypeVar("T")
 
@@ -118,6 +121,12 @@ class EmbeddingRequest(RequestModel):
     prompt_type: str | None = None
     # Over-long inputs: cut to the model's maximum length (True) or refuse the request (False).
     truncate: bool = True
+    # An extension (long_inputs.py): what texts over the model's maximum get, "truncate",
+    # "chunk" (window by window) or "error"; unset, `truncate` false refuses, else LONG_INPUTS.
+    long_inputs: LongInputs | None = None
+    # An extension (long_inputs.py): `input` is the chunks of one document, in order, each
+    # embedded in the document's context.
+    late_chunking: bool = False
     # An extension (Cohere's types): each item's "embedding" is then an object, one entry a type.
     embedding_types: list[EmbeddingType] | None = Field(default=None, min_length=1)
     # An extension (bge-m3): the outputs each item carries, one name or a list; dense by default.
@@ -338,6 +347,7 @@ class Counted:
     lengths: list[int]
     tokens: int
     images: list[tuple[int, ImageRef]]
+    windowed: bool = False  # texts over the model's maximum go window by window
 
 
 def _check_outputs(model: Embedder, request: EmbeddingRequest) -> None:
@@ -407,16 +417,26 @@ async def count(context: Context, request: EmbeddingRequest) -> Counted:
         lengths = [
             0 if isinstance(item, ImageRef) else next(text_lengths) for item in request.input
         ]
-    tokens = check_lengths(model, lengths, request.truncate, limits, "input")
+    mode = long_inputs.long_mode(request.long_inputs, request.truncate, model)
+    if mode == long_inputs.CHUNK and any(n > model.max_length for n in lengths):
+        tokens = long_inputs.check_chunked(model, lengths, limits, "input")
+        return Counted(model, texts, lengths, tokens, image_items, windowed=True)
+    tokens = check_lengths(model, lengths, mode != "error", limits, "input")
     return Counted(model, texts, lengths, tokens, image_items)
 
 
 async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     """The checks and the engine call of a request for dense vectors; every route that embeds uses
     it."""
+    if request.late_chunking:
+        return await _embed_late_chunked(context, request)
     counted = await count(context, request)
     model = counted.model
-    if counted.images:
+    if counted.windowed:
+        vectors = await long_inputs.embed_windowed(
+            model, counted.texts, counted.lengths, tokens=counted.tokens
+        )
+    elif counted.images:
         assert isinstance(model, ImageEmbedder)
         prepared = iter(await _prepared_images(model, counted.images, context.limits))
         texts = iter(counted.texts)
@@ -431,9 +451,38 @@ async def embed(context: Context, request: EmbeddingRequest) -> Embedded:
     return Embedded(model, vectors, counted.tokens)
 
 
+async def _embed_late_chunked(context: Context, request: EmbeddingRequest) -> Embedded:
+    """`input` as the chunks of one document, each embedded in the document's context."""
+    limits = context.limits
+    model = model_for(context.registry, request.model, Capability.EMBED)
+    assert isinstance(model, Embedder)
+    if request.outputs != {DENSE}:
+        raise errors.invalid_input("late chunking gives the dense output only", param="output")
+    if request.is_tokens or any(isinstance(item, ImageRef) for item in request.input):
+        raise errors.invalid_input(
+            "late chunking takes 'input' as an array of texts, the chunks of one document",
+            param="input",
+        )
+    check_count(len(request.input), limits, "input")
+    if model.dimensions is not None:
+        _check_dimensions(request.dimensions, model.dimensions, model)
+        vectors_out = len(request.input) * len(set(request.embedding_types or ["float"]))
+        size = request.dimensions or model.dimensions
+        check_answer_size(vectors_out, size, request.encoding_format, limits)
+    model.check_room(len(request.input), len(request.input))
+    prefix = prompts.embedding_prefix(model, request.instruction, request.prompt_type)
+    chunks: list[str] = request.input  # type: ignore[assignment]
+    counted = await long_inputs.count_late_chunks(model, chunks, prefix, limits, "input")
+    check_request_tokens(counted.tokens, limits, "input")
+    done = await long_inputs.late_chunk(model, counted)
+    vectors = _dense(done.vectors, request, model)
+    check_finite(vectors, model)
+    return Embedded(model, vectors, done.tokens)
+
+
 async def create_embeddings(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     request = await parse(EmbeddingRequest, body)
-    if request.outputs != {DENSE}:
+    if request.outputs != {DENSE} and not request.late_chunking:
         return await _create_multi_output(context, request)
     done = await embed(context, request)
     encoded = await encoded_off_loop(done.vectors, _encode_dense, request)

@@ -1,9 +1,11 @@
 """The local HTTP server: RunPod's endpoint routes and OpenAI routes over the one `Worker` dispatch.
 
 `embedding-worker serve` (or `python handler.py --serve`) runs it with uvicorn. Every route only
-reads the request and writes the `Reply` in its wire format: RunPod's job wrapper for /run, /runsync
-and /status, the OpenAI body with its HTTP status for /v1/... and /openai/v1/... . Nothing here
-knows what an embedding is.
+reads the request and writes the answer in its wire format: /run, /runsync and /status are RunPod's
+transport (a job parsed and answered by transports/runpod.py, in RunPod's job wrapper); the
+operations' routes (/v1/..., /openai/v1/..., Cohere's, Infinity's, TEI's) go straight to
+`Worker.request` and answer the body with its HTTP status (statuses.py). Nothing here knows what an
+embedding is.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from ..dispatch import Worker
 from ..env import ConfigError, float_var, int_var
 from ..errors import APIError
 from ..logs import redacted_traceback
-from ..reply import Reply
+from ..reply import Answer
 from ..request_context import RequestContext, current_request, request_id, request_id_of
+from ..statuses import http_status
 from .jobs import Job, JobStatus, JobStore
-from .runpod import job_answer
+from .runpod import JobReply, answer_job, job_answer
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +161,7 @@ def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Respon
     except orjson.JSONEncodeError as exc:  # a bug upstream; the client still gets an error object
         log.error("an answer could not be written as JSON: %s", redacted_traceback(exc))
         error = errors.internal()
-        content, status, headers = orjson.dumps(error.to_dict()), error.status, ()
+        content, status, headers = orjson.dumps(error.to_dict()), http_status(error), ()
     return Response(status, content, headers)
 
 
@@ -167,11 +170,12 @@ PROVISIONING_RETRY_S = 5  # the Retry-After of a request that arrives while the 
 
 def error_response(error: APIError) -> Response:
     headers: Headers = ()
-    if error.status == 401:
+    status = http_status(error)
+    if status == 401:
         headers = ((b"www-authenticate", b"Bearer"),)
     elif error.retry_after is not None:
         headers = ((b"retry-after", str(error.retry_after).encode()),)
-    return json_response(error.to_dict(), error.status, headers)
+    return json_response(error.to_dict(), status, headers)
 
 
 # Bodies up to this size are parsed on the event loop: a thread hop costs more than parsing them
@@ -449,7 +453,7 @@ class LocalServer:
             error = errors.method_not_allowed(f"{method} is not allowed on {path}")
             allowed = [*methods, "HEAD"] if "GET" in methods else list(methods)
             return json_response(
-                error.to_dict(), error.status, ((b"allow", ", ".join(allowed).encode()),)
+                error.to_dict(), http_status(error), ((b"allow", ", ".join(allowed).encode()),)
             )
         if path not in self._open:
             if self._draining and not request.param:  # /status/{id}, /cancel/{id} still answer
@@ -555,7 +559,7 @@ class LocalServer:
         self.jobs.sync_started()
         status = JobStatus.CANCELLED  # the client went away while the job ran
         try:
-            reply = await worker.dispatch(job_input, job_id)
+            reply = await answer_job(worker, job_input, job_id)
             status = JobStatus.COMPLETED if reply.ok else JobStatus.FAILED
         finally:
             self.jobs.sync_finished(status)
@@ -595,11 +599,12 @@ class LocalServer:
         tracing.start(context, "job", parent=submitted.trace if submitted is not None else None)
         job.status = JobStatus.IN_PROGRESS
         try:
-            body = job_answer(job.id, await self.worker.dispatch(job_input, job.id))
+            body = job_answer(job.id, await answer_job(self.worker, job_input, job.id))
             answer = orjson.dumps(body)
         except Exception as exc:  # dispatch never raises; this guards the job against being lost
             log.error("job %s: could not record its answer: %s", job.id, redacted_traceback(exc))
-            body = job_answer(job.id, Reply(500, errors.internal().to_dict()))
+            failed = Answer(error=errors.internal())
+            body = job_answer(job.id, JobReply.of_answer(failed, False, healthy=True))
             answer = orjson.dumps(body)
         finally:
             tracing.finish(context)
@@ -665,12 +670,12 @@ class LocalServer:
     # --- the operations' routes: the answer body, with its HTTP status -------------------------
 
     def _operation_handler(self, method: str) -> Handler:
-        """An operation's route: the request's path names the operation and its parameters, as
-        `openai_route` does in a job."""
+        """An operation's route: the request's path names the operation and its parameters;
+        dispatch answers it directly, no RunPod job on the way."""
 
         async def answer(request: Request) -> Response:
             body = None if method == "GET" else await request.json()
-            return reply_response(await self.worker.call(request.path, body))
+            return answer_response(await self.worker.request(request.path, body))
 
         return answer
 
@@ -679,11 +684,11 @@ def create_app(worker: Worker, settings: ServerSettings | None = None) -> LocalS
     return LocalServer(worker, settings)
 
 
-def reply_response(reply: Reply) -> Response:
-    headers: Headers = ()
-    if reply.retry_after is not None:
-        headers = ((b"retry-after", str(reply.retry_after).encode()),)
-    return json_response(reply.body, reply.status, headers)
+def answer_response(answer: Answer) -> Response:
+    """An operation's answer: its body, or its error with the error's HTTP status."""
+    if answer.error is not None:
+        return error_response(answer.error)
+    return json_response(answer.body)
 
 
 def _shutting_down() -> APIError:
@@ -692,9 +697,8 @@ def _shutting_down() -> APIError:
     )
 
 
-def _shutting_down_reply() -> Reply:
-    error = _shutting_down()
-    return Reply(error.status, error.to_dict(), retry_after=error.retry_after)
+def _shutting_down_reply() -> JobReply:
+    return JobReply.of_answer(Answer(error=_shutting_down()), False, healthy=True)
 
 
 DRAIN_RETRY_S = 1  # another worker, or this one restarted, may answer at once

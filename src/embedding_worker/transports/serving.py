@@ -23,6 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .. import errors
 from ..errors import APIError
 from ..request_context import request_id_of
+from ..statuses import http_status
 from .http import LocalServer, Receive, Send, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def _raw_response(error: APIError) -> bytes:
     """A whole HTTP response for `error`, written by the protocol itself, closing the connection."""
     body = orjson.dumps(error.to_dict())
     head = [
-        f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}",
+        f"HTTP/1.1 {http_status(error)} {HTTPStatus(http_status(error)).phrase}",
         "content-type: application/json",
         f"content-length: {len(body)}",
         "connection: close",
