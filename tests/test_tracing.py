@@ -17,6 +17,7 @@ from embedding_worker import tracing
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.transports.http import create_app
+from embedding_worker.transports.runpod import runpod_handler
 from tests.test_server import ServerThread
 
 SECRET = "a sentence that must never reach a span"
@@ -152,20 +153,21 @@ async def test_a_job_without_http_is_a_span_of_its_own(receiver, bert_reranker):
     reranker = worker.registry.models[0].served_id
     await worker.start()
     try:
-        reply = await worker.dispatch(
-            {"model": reranker, "query": "q", "documents": [SECRET, "b", "c"]}, job_id="job-9"
+        handler = runpod_handler(worker)
+        reply = await handler(
+            {"id": "job-9", "input": {"model": reranker, "query": "q", "documents": [SECRET, "b"]}}
         )
         line = {"url": "/v1/rerank", "body": {"model": reranker, "query": "q", "documents": ["d"]}}
         lines = [dict(line, custom_id=name) for name in ("first", "second")]
-        batch = await worker.dispatch({"batch": lines}, job_id="batch-1")
+        batch = await handler({"id": "batch-1", "input": {"batch": lines}})
     finally:
         await worker.stop()
-    assert reply.status == 200 and batch.status == 200
+    assert "error" not in reply and "error" not in batch
     tracing.shutdown()
     spans = receiver.spans()
     (root,) = [s for s in spans if attributes(s).get("request.id") == "job-9"]
-    assert root.name == "job rerank" and not root.parent_span_id
-    assert attributes(root)["embedding_worker.inputs"] == 3
+    assert root.name == "job /v1/rerank" and not root.parent_span_id
+    assert attributes(root)["embedding_worker.inputs"] == 2
     children = {s.name for s in spans if s.parent_span_id == root.span_id}
     assert "tokenize" in children
     # A batch job's lines are spans of their own, children of the job's.
