@@ -12,12 +12,12 @@ import numpy as np
 import openai
 import pytest
 
-from embedding_worker import operations
 from embedding_worker.config import DEFAULT_MODEL_ID, load_config
 from embedding_worker.dispatch import Worker
 from embedding_worker.encoding import quantize
 from embedding_worker.engines import Health, ModelRegistry
 from embedding_worker.env import ConfigError
+from embedding_worker.transports import runpod
 from embedding_worker.transports.batch_files import run_batch
 from embedding_worker.transports.batch_run import BatchOptions
 from embedding_worker.transports.http import create_app
@@ -338,8 +338,8 @@ async def test_contextualized_refuses_a_model_that_is_not_mean_pooled(tiny_worke
 
 def test_a_standard_flavour_job_holding_inputs_is_contextualized():
     registry = ModelRegistry([], Health())
-    assert operations.recognise({"inputs": [["a", "b"]]}, registry).route == CONTEXT_ROUTE
-    assert operations.recognise({"input": ["a", "b"]}, registry).route == "/v1/embeddings"
+    assert runpod.recognise({"inputs": [["a", "b"]]}, registry).route == CONTEXT_ROUTE
+    assert runpod.recognise({"input": ["a", "b"]}, registry).route == "/v1/embeddings"
 
 
 # ------------------------------------------------------------------ transports
