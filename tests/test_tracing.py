@@ -7,6 +7,7 @@ receiver is a plain HTTP server that decodes each ExportTraceServiceRequest (ope
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -113,6 +114,14 @@ def test_a_request_is_one_span_with_its_stages_and_the_callers_trace(worker, rec
             headers={"traceparent": "00-" + "f" * 5000, "X-Request-Id": "traced-2"},
         )
         assert failed.status_code == 404
+        queued = httpx.post(
+            server.url + "/run",
+            json={"input": {"model": embedder, "input": ["queued"]}},
+            headers={"X-Request-Id": "traced-3"},
+        )
+        job_id = queued.json()["id"]
+        while httpx.get(f"{server.url}/status/{job_id}").json()["status"] != "COMPLETED":
+            time.sleep(0.05)
     tracing.shutdown()  # sends what is buffered
 
     assert receiver.service_names() == {"traced-worker"}
@@ -144,6 +153,13 @@ def test_a_request_is_one_span_with_its_stages_and_the_callers_trace(worker, rec
     assert other.trace_id.hex() != TRACE_ID and not other.parent_span_id
     assert attributes(other)["error.type"] == "model_not_found"
     assert attributes(other)["http.response.status_code"] == 404
+
+    # A /run job is a span of its own, a child of the span of the request that queued it.
+    queued_spans = [s for s in spans if attributes(s).get("request.id") == "traced-3"]
+    (post,) = [s for s in queued_spans if s.name == "POST /run"]
+    (job,) = [s for s in queued_spans if s.name == "job /run"]
+    assert job.parent_span_id == post.span_id and job.trace_id == post.trace_id
+    assert "forward pass" in {s.name for s in spans if s.parent_span_id == job.span_id}
 
     assert all(SECRET.encode() not in body for body in receiver.bodies)
 

@@ -588,15 +588,21 @@ class LocalServer:
         finally:
             self._run_reserved -= cost
         job = self.jobs.add(cost)
-        job.task = asyncio.create_task(self._run_job(job, job_input, current_request.get()))
+        submitted = current_request.get()  # read now: the request's span ends with its answer
+        trace = submitted.trace if submitted is not None else None
+        job.task = asyncio.create_task(
+            self._run_job(job, job_input, submitted.id if submitted else job.id, trace)
+        )
         return json_response({"id": job.id, "status": job.status.value})
 
-    async def _run_job(self, job: Job, job_input: Any, submitted: RequestContext | None) -> None:
+    async def _run_job(
+        self, job: Job, job_input: Any, submitter_id: str, submitted: tracing.Trace | None
+    ) -> None:
         """Run a /run job in its own request context (its task's), under the id of the request
-        that submitted it, and traced as a child of that request's span."""
-        context = RequestContext(submitted.id if submitted is not None else job.id, route="/run")
+        that submitted it, and traced as a child of that request's span (`submitted`)."""
+        context = RequestContext(submitter_id, route="/run")
         current_request.set(context)
-        tracing.start(context, "job", parent=submitted.trace if submitted is not None else None)
+        tracing.start(context, "job", parent=submitted)
         job.status = JobStatus.IN_PROGRESS
         try:
             body = job_answer(job.id, await answer_job(self.worker, job_input, job.id))
