@@ -669,13 +669,25 @@ def test_an_answer_that_cannot_be_written_is_a_500_error_object_not_a_lost_job(b
 
 
 LISTS = {"SERVER_ALLOWED_HOSTS", "SERVER_ALLOWED_ORIGINS"}
+SWITCHES = {"METRICS_REQUIRE_KEY"}
 
 
-@pytest.mark.parametrize("name", [n for n in SERVER_VARIABLES if n not in {API_KEY_ENV, *LISTS}])
+@pytest.mark.parametrize(
+    "name", [n for n in SERVER_VARIABLES if n not in {API_KEY_ENV, *LISTS, *SWITCHES}]
+)
 def test_server_settings_refuse_bad_values_naming_the_variable(name):
     with pytest.raises(ConfigError, match=name):
         ServerSettings.from_env({name: "0"})
     assert ServerSettings.from_env({name: "7"}) != ServerSettings()
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHES))
+def test_server_switches_read_true_or_false_and_refuse_anything_else(name):
+    field = name.lower()
+    assert getattr(ServerSettings.from_env({name: "true"}), field) is True
+    assert getattr(ServerSettings.from_env({name: "0"}), field) is False
+    with pytest.raises(ConfigError, match=name):
+        ServerSettings.from_env({name: "maybe"})
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,7 @@ class WorkerConfig:
     keep_freed_memory: bool | None = None  # None: auto, on where models compute on the CPU
     service_tier: str = DEFAULT_TIER  # the tier of requests that name none, or name "auto"
     batch_invariant: bool = _ENGINE_DEFAULTS.batch_invariant
+    metrics: bool = True  # METRICS: count requests and batches (GET /metrics, `stats`)
 
     @property
     def all_local(self) -> bool:
@@ -227,6 +228,7 @@ def load_config(env: Mapping[str, str] | None = None) -> WorkerConfig:
         keep_freed_memory=auto_bool_var(env, "KEEP_FREED_MEMORY"),
         service_tier=_service_tier(env),
         batch_invariant=bool_var(env, "BATCH_INVARIANT", _DEFAULTS.batch_invariant),
+        metrics=bool_var(env, "METRICS", _DEFAULTS.metrics),
     )
 
 

@@ -24,6 +24,8 @@ from .engines import ModelRegistry
 from .errors import APIError, ErrorKind
 from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
+from .metrics import Metrics, RequestRecord
+from .metrics import current_request as current_record
 from .operations import Operation
 from .reply import Answer
 from .request_context import RequestContext, current_request, new_request_id
@@ -42,6 +44,13 @@ class Worker:
         self.config = config
         self.registry = registry
         self.limits = config.limits
+        # The request and batch figures (GET /metrics, `stats` in /v1/models); None: METRICS off.
+        self.metrics: Metrics | None = None
+        if config.metrics:
+            self.metrics = Metrics(registry.ids, [route_label(op) for op in operations.OPERATIONS])
+            for model in registry.models:
+                model.metrics = self.metrics.models[model.served_id]
+                self.metrics.model_loaded(model.served_id, model.load_seconds)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> Worker:
@@ -68,7 +77,8 @@ class Worker:
 
         `named_tier`: the service_tier the request's envelope names (a RunPod job input's), used
         when the body names none. `job_id` names the request in log lines; without one, the lines
-        keep the current job's name.
+        keep the current job's name. The answer is counted in the metrics (metrics.py), with
+        what the engines noted of it in the request's record.
         """
         started = time.perf_counter()
         job = current_job.set(str(job_id)) if job_id is not None else None
@@ -77,8 +87,12 @@ class Worker:
         traced_here = request_token is not None and tracing.enabled()
         if traced_here:  # a RunPod job, or a batch line (a child of its job's span)
             tracing.start(context, "job", parent=outer.trace if outer is not None else None)
-        context.route = context.route or operation.route or operation.name
+        context.route = context.route or route_label(operation)
         tier_token = None
+        record = None
+        if self.metrics is not None:
+            record = RequestRecord(started, route_label(operation))
+        record_token = current_record.set(record)
         body = merge_extra_body(body)
         if isinstance(body, dict):
             model = body.get("model")
@@ -91,6 +105,8 @@ class Worker:
             tier = self._tier(body, named_tier)
             tier_token = current_tier.set(tier)
             context.tier = tier
+            if record is not None:
+                record.tier = tier
             await self.registry.start()
             result = await operation.run(self, body)
             if operation.scheduled and isinstance(result, dict):
@@ -112,6 +128,7 @@ class Worker:
             log.error("unexpected error: %s", redacted_traceback(exc))
             answer = Answer(error=errors.internal())
         finally:
+            current_record.reset(record_token)
             if tier_token is not None:
                 current_tier.reset(tier_token)
             if traced_here:
@@ -120,7 +137,11 @@ class Worker:
                 current_request.reset(request_token)
             if job is not None:
                 current_job.reset(job)
-        self.finished(Served(operation.route or operation.name, body, answer, started))
+        self.finished(Served(route_label(operation), body, answer, started))
+        if record is not None and self.metrics is not None:
+            error = answer.error
+            status, code = (200, None) if error is None else (http_status(error), error.code)
+            self.metrics.finish(record, status, code)
         return answer
 
     def finished(self, served: Served) -> None:
@@ -158,6 +179,12 @@ class Worker:
 
 # Failures of the worker rather than of the request: logged as warnings.
 _SERVER_KINDS = frozenset({ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE})
+
+
+def route_label(operation: Operation) -> str:
+    """How a request is named in metrics and traces: its operation's route (a template:
+    "/v1/models/{model}"), else the operation's name."""
+    return operation.route or operation.name
 
 
 def unknown_route() -> APIError:

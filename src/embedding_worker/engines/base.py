@@ -23,6 +23,8 @@ import numpy as np
 
 from .. import errors
 from ..logs import get_logger
+from ..metrics import ModelMetrics, current_request, tag_inputs
+from ..tiers import current_tier, tier_rank
 from .admission import Admission, AdmissionSettings
 from .spec import EngineSettings, ModelSpec
 from .token_pass import PassResult, TokenPass
@@ -137,6 +139,9 @@ class ModelEngine(ABC):
         self._admitted: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead_reason: str | None = None
+        # Where the engine reports its batches and queue (metrics.py); None: metrics are off.
+        self.metrics: ModelMetrics | None = None
+        self.load_seconds = 0.0  # how long `load` took (registry.py)
 
     @property
     def served_id(self) -> str:
@@ -150,6 +155,12 @@ class ModelEngine(ABC):
     def progressed(self) -> None:
         """A batch finished its forward pass: the engine is alive. Safe from any thread."""
         self.admission.progressed()
+
+    def batch_formed(self, lengths: Sequence[int], inputs: Sequence[Any]) -> None:
+        """A batch of inputs with these token counts goes to the model now (metrics.py). Safe
+        from any thread."""
+        if self.metrics is not None:
+            self.metrics.batch_formed(lengths, inputs)
 
     def stall_reason(self) -> str:
         return (
@@ -217,7 +228,13 @@ class ModelEngine(ABC):
         if refused is not None:
             raise refused
 
-    async def _admit(self, items: int, tokens: int, call: Callable[[], Awaitable[T]]) -> T:
+    async def _admit(
+        self,
+        items: int,
+        tokens: int,
+        call: Callable[[], Awaitable[T]],
+        inputs: Sequence[Any] = (),
+    ) -> T:
         """Bounded queue and bounded time for every engine call.
 
         Infinity's queue is unbounded (INFINITY_QUEUE_SIZE is read only by its own HTTP server), so
@@ -227,8 +244,10 @@ class ModelEngine(ABC):
         healthy, and the call's inputs that have not reached the model are dropped), or the engine
         reported dead (which cancels every waiting call). The call runs in the caller's task: this
         is on every request's path, and a task and `asyncio.wait` per call cost a quarter of the
-        local server's event-loop time.
+        local server's event-loop time. The call's `inputs`, where given, are marked with the
+        request's metrics record (metrics.py), which the batch that takes them to the model reads.
         """
+        billed = tokens
         tokens = max(tokens, items)  # an input costs at least one token (an image counts none)
         self.check_room(items, tokens)
         admission = self.admission
@@ -237,6 +256,16 @@ class ModelEngine(ABC):
         self._loop = task.get_loop()
         self._admitted.add(task)
         admission.enter(items, tokens)
+        record = current_request.get()
+        if record is not None:
+            record.model = self.served_id
+            if record.entered is None:
+                record.entered = time.perf_counter()
+            tag_inputs(inputs, record)
+        sink = self.metrics
+        rank = tier_rank(current_tier.get())
+        if sink is not None:
+            sink.queue_changed(rank, items)
         answered = False
         started = time.monotonic()
         try:
@@ -265,6 +294,12 @@ class ModelEngine(ABC):
         finally:
             self._admitted.discard(task)
             admission.leave(items, tokens, answered)
+            if sink is not None:
+                sink.queue_changed(rank, -items)
+            if record is not None and answered:
+                record.answered = time.perf_counter()
+                record.inputs += items
+                record.tokens += billed
             elapsed_ms = 1e3 * (time.monotonic() - started)
             log.debug("%s: %d items in %.1f ms", self.served_id, items, elapsed_ms)
 
@@ -287,7 +322,7 @@ class Embedder(ModelEngine):
     async def embed(self, texts: list[str], *, tokens: int) -> np.ndarray:
         """Vectors for `texts`, one row each, in order (float32); `tokens`: what the texts cost,
         as the request counted them."""
-        return await self._admit(len(texts), tokens, lambda: self._embed(texts))
+        return await self._admit(len(texts), tokens, lambda: self._embed(texts), texts)
 
     @abstractmethod
     async def _embed(self, texts: list[str]) -> np.ndarray: ...
@@ -331,7 +366,7 @@ class ImageEmbedder(Embedder):
 
     async def embed_inputs(self, inputs: list[Any], *, tokens: int) -> np.ndarray:
         """Vectors for texts (str) and prepared images, one row each, in order (float32)."""
-        return await self._admit(len(inputs), tokens, lambda: self._embed_inputs(inputs))
+        return await self._admit(len(inputs), tokens, lambda: self._embed_inputs(inputs), inputs)
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         return await self._embed_inputs(list(texts))
@@ -368,7 +403,9 @@ class MultiOutputEmbedder(Embedder):
         self, texts: list[str], outputs: frozenset[str], *, tokens: int
     ) -> list[TextEmbeddings]:
         """For each text, in order, the `outputs` asked (a subset of `self.outputs`)."""
-        return await self._admit(len(texts), tokens, lambda: self._embed_outputs(texts, outputs))
+        return await self._admit(
+            len(texts), tokens, lambda: self._embed_outputs(texts, outputs), texts
+        )
 
     async def _embed(self, texts: list[str]) -> np.ndarray:
         embedded = await self._embed_outputs(texts, frozenset({DENSE}))
@@ -401,7 +438,9 @@ class Reranker(ModelEngine):
     ) -> np.ndarray:
         """Relevance scores in [0, 1] for `docs`, in the order given (not sorted); `tokens`: the
         pairs' tokens, as the request counted them."""
-        return await self._admit(len(docs), tokens, lambda: self._rerank(query, docs, instruction))
+        return await self._admit(
+            len(docs), tokens, lambda: self._rerank(query, docs, instruction), docs
+        )
 
     @abstractmethod
     async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray: ...
@@ -421,7 +460,9 @@ class Classifier(ModelEngine):
     ) -> list[LabelScores]:
         """For each text, every label with its score (softmax, or sigmoid for a multi-label
         model, as its config says; the logits with `raw_scores`), in the model's label order."""
-        return await self._admit(len(texts), tokens, lambda: self._classify(texts, raw_scores))
+        return await self._admit(
+            len(texts), tokens, lambda: self._classify(texts, raw_scores), texts
+        )
 
     @abstractmethod
     async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]: ...

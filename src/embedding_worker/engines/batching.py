@@ -67,6 +67,8 @@ class SelfBatching(ABC):
 
     # ModelEngine.progressed of the engine: told after every forward pass (admission.py).
     progressed: Callable[[], None]
+    # ModelEngine.batch_formed of the engine: told of each batch before its forward pass.
+    batch_formed: Callable[[Sequence[int], Sequence[Any]], None]
 
     def _init_batching(self) -> None:
         self._waiting: list[Item] = []
@@ -149,6 +151,9 @@ class SelfBatching(ABC):
                     live = [item for item in batch if not item.call.future.done()]
                     if not live:
                         continue
+                    self.batch_formed(
+                        [len(item.ids) for item in live], [item.text for item in live]
+                    )
                     results = await loop.run_in_executor(self._thread, forward, live)
                     self.progressed()
                     for item, result in zip(live, results):

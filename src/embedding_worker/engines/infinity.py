@@ -261,6 +261,7 @@ class InfinityModel(ModelEngine):
             self.max_length,
             self.settings.optimisations,
         )
+        self._paced.on_batch = self.batch_formed
 
 
 class InfinityEmbedder(InfinityModel, Embedder):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import tracing
@@ -146,6 +146,8 @@ class PacedQueue:
         self._changed = threading.Condition()
         self._wake_pending = False
         self.handed_over = HandedOver()
+        # Told of each batch handed over: its inputs' tokens and the inputs (ModelEngine's).
+        self.on_batch: Callable[[list[int], list[Any]], None] | None = None
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self.queues)
@@ -271,6 +273,10 @@ class PacedQueue:
             self.in_model += len(batches)
         for batch in batches:
             self.handed_over.add(batch)
+            if self.on_batch is not None:
+                self.on_batch(
+                    [self.tokens_of(item) for item in batch], [text_of(item) for item in batch]
+                )
         yield from batches
 
     def max_rows(self, longest: int) -> int:
@@ -314,6 +320,15 @@ class PacedQueue:
         by_length = sorted(zip(lengths, range(len(batch))))
         runs = token_bounded(by_length, lambda pair: pair[0], self.max_tokens, self.max_rows)
         return [[batch[i] for _, i in run] for run in runs]
+
+
+def text_of(item: Any) -> Any:
+    """The text a queued item (Infinity's QueueItemInner) was made of: the worker's own object
+    (tokenization.CountedText), a rerank pair's document (which carries the pair's count), else
+    None (an image)."""
+    content = item.content
+    text = getattr(content, "document", None)
+    return text if text is not None else getattr(content, "sentence", None)
 
 
 def install(

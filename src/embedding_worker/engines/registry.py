@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from .. import errors
 from ..logs import get_logger
+from ..metrics import note_model
 from .base import Capability, Health, ModelEngine, ModelLoadError
 from .infinity import InfinityModel
 from .kinds import kind_of
@@ -33,7 +35,10 @@ class ModelRegistry:
             try:
                 kind = kind_of(spec, settings.trust_remote_code)
                 log.info("loading %s from %s (%s)", spec.served_id, spec.source, kind.name)
-                models.append(kind.load(spec, settings, health))
+                started = time.monotonic()
+                model = kind.load(spec, settings, health)
+                model.load_seconds = time.monotonic() - started
+                models.append(model)
             except ModelLoadError:
                 raise
             except Exception as exc:  # any loader failure, named
@@ -89,6 +94,7 @@ class ModelRegistry:
         if name is None:
             able = [m for m in self.models if m.can(capability)]
             if len(able) == 1:
+                note_model(able[0].served_id)
                 return able[0]
             if not able:
                 raise errors.invalid_input(
@@ -109,6 +115,7 @@ class ModelRegistry:
             raise errors.model_not_found(
                 f"model '{name}' {what}; served models: {', '.join(self.ids)}"
             )
+        note_model(candidates[0].served_id)
         return candidates[0]
 
     def describe(self) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from .. import errors
 from ..engines import Capability, ModelEngine, ModelRegistry
 from ..errors import APIError
 from ..limits import SMALL_CHARS, Limits, is_small
+from ..metrics import Metrics
 from ..reply import Answer
 from ..request_context import request_id
 
@@ -29,6 +30,7 @@ class Context(Protocol):
     registry: ModelRegistry
     limits: Limits
     line_routes: Mapping[str, Operation]  # the routes a batch line may name, and their operations
+    metrics: Metrics | None  # the worker's figures (metrics.py); None: METRICS off
 
     @property
     def healthy(self) -> bool: ...

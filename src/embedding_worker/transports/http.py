@@ -24,9 +24,11 @@ import orjson
 
 from .. import errors, operations, tracing
 from ..dispatch import Worker
-from ..env import ConfigError, float_var, int_var
+from ..env import ConfigError, bool_var, float_var, int_var
 from ..errors import APIError
 from ..logs import redacted_traceback
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..metrics import exposition_without_worker
 from ..reply import Answer
 from ..request_context import RequestContext, current_request, request_id, request_id_of
 from ..statuses import http_status
@@ -54,6 +56,7 @@ SERVER_VARIABLES = (
     "SERVER_DRAIN_TIMEOUT_S",  # DRAIN_SECONDS' former name, still read
     "SERVER_ALLOWED_HOSTS",
     "SERVER_ALLOWED_ORIGINS",
+    "METRICS_REQUIRE_KEY",
 )
 
 
@@ -74,6 +77,7 @@ class ServerSettings:
     drain_seconds: float = 30.0  # on SIGTERM, how long the work in flight may still take
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*": any
     allowed_origins: tuple[str, ...] = ()  # cross-site Origins served without a key; "*": any
+    metrics_require_key: bool = False  # GET /metrics asks for WORKER_API_KEY too
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -102,6 +106,7 @@ class ServerSettings:
             ),
             allowed_hosts=_names(env, "SERVER_ALLOWED_HOSTS", _host_entry),
             allowed_origins=_names(env, "SERVER_ALLOWED_ORIGINS", _origin_entry),
+            metrics_require_key=bool_var(env, "METRICS_REQUIRE_KEY", default.metrics_require_key),
         )
 
 
@@ -152,6 +157,7 @@ class Response:
     status: int
     body: bytes
     headers: Headers = ()
+    content_type: bytes = b"application/json"
 
 
 def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Response:
@@ -307,6 +313,7 @@ class LocalServer:
             "/cancel/": {"POST": self.cancel},
             "/health": {"GET": self.health},
             "/ping": {"GET": self.ping},  # RunPod's load balancer: 204 loading, 200 ready
+            "/metrics": {"GET": self.metrics},  # Prometheus' text format
         }
         # Every operation with a route, by operation name: the path is matched by
         # operations.match_route, which also serves OpenAI's routes under RunPod's proxy path.
@@ -392,7 +399,7 @@ class LocalServer:
                 current_request.reset(token)
                 tracing.finish(context)
             headers = [
-                (b"content-type", b"application/json"),
+                (b"content-type", response.content_type),
                 (b"content-length", str(len(response.body)).encode()),
                 (b"x-request-id", context.id.encode()),
                 *response.headers,
@@ -458,7 +465,9 @@ class LocalServer:
         if path not in self._open:
             if self._draining and not request.param:  # /status/{id}, /cancel/{id} still answer
                 raise _shutting_down()
-            if self._api_key is not None:
+            if self._api_key is not None and (
+                path != "/metrics" or self.settings.metrics_require_key
+            ):
                 self._check_bearer(request.header(b"authorization"))
             else:
                 self._check_origin(request)
@@ -656,6 +665,23 @@ class LocalServer:
         if not self._worker.healthy:
             return json_response({"status": "unhealthy"}, 503)
         return json_response({"status": "healthy"}, 200)
+
+    async def metrics(self, request: Request) -> Response:
+        """The worker's metrics (metrics.py) in Prometheus' text format; without the API key
+        unless METRICS_REQUIRE_KEY. While the models load, the process's own figures alone."""
+        worker = self._worker
+        if worker is None:
+            text = exposition_without_worker()
+        elif worker.metrics is None:
+            raise errors.not_found("metrics are off (METRICS=false)")
+        else:
+            health = worker.registry.health
+            healthy = {
+                model.served_id: not health.dead and not model.admission.stalled()
+                for model in worker.registry.models
+            }
+            text = worker.metrics.exposition(healthy)
+        return Response(200, text, content_type=METRICS_CONTENT_TYPE.encode())
 
     async def health(self, request: Request) -> Response:
         if self._draining:

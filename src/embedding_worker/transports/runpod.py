@@ -175,7 +175,12 @@ def job_answer(job_id: str, reply: JobReply) -> dict[str, Any]:
 
 
 def runpod_handler(worker: Worker) -> Callable[[dict[str, Any]], Any]:
+    """The handler runpod calls for each job. A queue endpoint has no /metrics to scrape, so the
+    worker logs a line of its figures each minute while jobs come (metrics.py)."""
+
     async def handler(job: dict[str, Any]) -> Any:
+        if worker.metrics is not None:
+            worker.metrics.start_summaries()
         reply = await answer_job(worker, job.get("input"), job_id=job.get("id"))
         return reply.runpod_output()
 
