@@ -10,7 +10,7 @@ together come back together and form full batches (what bench/run.py's engine ba
 
 Two engines, same model and EngineArgs: Infinity on its own, which pops a batch as soon as its model
 takes the previous one (spread arrivals then make small batches), and the worker's engine, whose
-paced queue (src/embedding_worker/engines/pacing.py) holds a part-filled batch while the model is
+paced queue (src/embedding_worker/engines/scheduler.py) holds a part-filled batch while the model is
 busy. Every rate is given as a ratio to the plain engine with arrivals together, paired by round,
 rounds interleaved.
 """

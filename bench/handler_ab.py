@@ -6,9 +6,9 @@
 --without reuse: one tokenization per text off (engines/tokenization.py): Infinity tokenizes the
 texts again.
 --without turn-wake: the paced queue wakes Infinity's publisher at each submission, not at the end
-of the event loop's turn (engines/pacing.py).
+of the event loop's turn (engines/scheduler.py).
 --without full-wake: a full batch submitted during a turn of the event loop waits for the turn's
-end (engines/pacing.py), instead of going to the model at once.
+end (engines/scheduler.py), instead of going to the model at once.
 
 Two workers on one model (float32; the bundled MiniLM or a random-initialised one of bench.common's
 shapes), one of them with the optimisation off, and a plain Infinity engine, called in interleaved
@@ -40,6 +40,7 @@ from bench.common import (
 from embedding_worker.allocator import keep_freed_memory
 from embedding_worker.dispatch import Worker
 from embedding_worker.engines import ModelRegistry
+from embedding_worker.engines.infinity_adapter import replicas
 from embedding_worker.engines.spec import Optimisations
 from embedding_worker.transports.runpod import runpod_handler
 
@@ -107,7 +108,7 @@ async def compare(args: argparse.Namespace) -> None:
     await interleaved(variants, 2)  # warm-up
     handler_engine = full.registry.models[0].engine
     for name, subject in (("engine", engine), ("handler", handler_engine), (off, model.engine)):
-        watch_first_forward(name, subject._model_replicas[0])
+        watch_first_forward(name, replicas(subject)[0])
     cpu: dict[str, list[float]] = {}
     times = await interleaved(variants, args.rounds, cpu)
     for a, b in (("handler", "engine"), (off, "engine"), ("handler", off)):

@@ -29,8 +29,9 @@ from embedding_worker.engines.budget import (
     rows_for,
     token_bounded,
 )
-from embedding_worker.engines.pacing import PacedQueue
-from embedding_worker.engines.tokenization import counted
+from embedding_worker.engines.infinity_adapter import PacedQueue, pair_item, queued_tokens
+from embedding_worker.engines.scheduler import Work
+from embedding_worker.engines.tokenization import Text
 from embedding_worker.transports.runpod import answer_job
 from tests.helpers import answer, decode_vectors, model_and_replica
 
@@ -111,13 +112,14 @@ def test_a_row_alone_that_does_not_fit_raises_the_original_error():
     assert raised.value is error
 
 
-def test_a_rerank_pair_is_bounded_by_the_pair_count_the_worker_made():
+async def test_a_rerank_pair_is_bounded_by_the_pair_count_the_worker_made():
     queue = PacedQueue(type("Inner", (), {})(), batch_size=8, max_tokens=100, max_length=64)
-    [document] = counted(["short document"], [90])
-    item = type("Item", (), {"content": ReRankSingle(query="q", document=document)})()
-    assert queue.tokens_of(item) == 64  # the count, cut at the model's maximum
-    plain = type("Item", (), {"content": ReRankSingle(query="q", document="doc")})()
-    assert queue.tokens_of(plain) == len("qdoc")  # uncounted: its characters
+    loop = asyncio.get_running_loop()
+    item = pair_item("q", Text("short document", 90), loop)
+    work = Work(queued_tokens(item.content), item.future, item)
+    assert queue.scheduler.tokens_fed(work) == 64  # the count, cut at the model's maximum
+    plain = ReRankSingle(query="q", document="doc")  # Infinity's own, from its `rerank`
+    assert queued_tokens(plain) == len("qdoc")  # uncounted: its characters
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -375,4 +377,4 @@ async def test_without_wide_short_batches_short_texts_go_batch_size_a_batch():
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4, wide_short_batches=False)
     queue.extend(_items(40, tokens=SHORT_TEXT_TOKENS))
     await asyncio.sleep(0)
-    assert _pop(queue) == [4] * 8  # the model was idle: Infinity's most batches a pop, of 4
+    assert _pop(queue) == [4, 4]  # the model was idle: what it can start now, batches of 4

@@ -197,11 +197,16 @@ def variables_read_by_the_worker() -> set[str]:
     worker setting a variable for a library, not reading one.
     """
     found: set[str] = set()
-    # transports/http.py is the local server (serve), not RunPod serverless: its variables are no
-    # hub inputs (tests/test_server.py checks the docs document them). transports/remote.py is a
-    # client of a deployed endpoint (batch --endpoint): its RUNPOD_API_KEY is the caller's.
+    # transports/http.py is the local server (serve), not RunPod serverless, and so is its Batch
+    # API's settings module: their variables are no hub inputs (tests/test_server.py and
+    # tests/test_batch_api.py check the docs document them). transports/remote.py is a client of a
+    # deployed endpoint (batch --endpoint): its RUNPOD_API_KEY is the caller's.
     package = ROOT / "src" / "embedding_worker"
-    not_the_worker = (package / "transports" / "http.py", package / "transports" / "remote.py")
+    not_the_worker = (
+        package / "transports" / "http.py",
+        package / "transports" / "remote.py",
+        package / "transports" / "openai_batches" / "settings.py",
+    )
     sources = [
         *(p for p in package.rglob("*.py") if p not in not_the_worker),
         ROOT / "handler.py",

@@ -1,4 +1,5 @@
-"""The paced queue (pacing.py): full batches for Infinity when requests arrive one by one.
+"""The scheduler's pacing (scheduler.py, through infinity_adapter.PacedQueue): full batches for
+Infinity when requests arrive one by one.
 
 First the release rule on Infinity's own queue and items, then a real engine whose model is held
 busy: requests that arrive one by one meanwhile must run as one batch, where Infinity alone splits
@@ -11,14 +12,15 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 from infinity_emb.inference.queue import CustomFIFOQueue
-from infinity_emb.primitives import EmbeddingInner, EmbeddingSingle, PrioritizedQueueItem
+from infinity_emb.primitives import EmbeddingInner, PrioritizedQueueItem
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.engines.pacing import PacedQueue
-from embedding_worker.engines.tokenization import counted
+from embedding_worker.engines.infinity_adapter import PacedQueue, text_single
+from embedding_worker.engines.tokenization import Text
 from embedding_worker.transports.runpod import answer_job
 from tests.helpers import worker_without
 
@@ -31,7 +33,7 @@ def _items(n: int, tokens: int = 100) -> list[PrioritizedQueueItem]:
         PrioritizedQueueItem(
             priority=i,
             item=EmbeddingInner(
-                content=EmbeddingSingle(sentence=counted([f"t{i}"], [tokens])[0]),
+                content=text_single(Text(f"t{i}", tokens)),
                 future=loop.create_future(),
             ),
         )
@@ -130,8 +132,10 @@ async def test_full_batches_go_together_and_cancelled_items_are_dropped():
     items = _items(9)
     items[0].item.future.cancel()  # a request that went away while it waited
     await _submit(queue, items)
-    assert _pop(queue) == [4, 3]  # two full batches' worth (one item dropped); the ninth waits
-    assert len(queue) == 1
+    # One full batch: with one in the model, only one more goes ahead (the one dropped item is
+    # skipped); the rest wait, where higher tiers can overtake them.
+    assert _pop(queue) == [4]
+    assert len(queue) == 4
 
 
 async def test_a_waiting_publisher_wakes_when_the_model_finishes_not_at_its_timeout():
@@ -202,16 +206,18 @@ async def busy_engine(tiny_worker):
     return tiny_worker, model, _record_batch_sizes(model, first_pass_s=1.0)
 
 
-async def _one_by_one(model, count: int) -> None:
-    """One request, then `count` more one at a time while its forward pass runs."""
-    first = asyncio.ensure_future(model.embed(["first"], tokens=3))
+async def _one_by_one(model, count: int, embed=None) -> None:
+    """One request, then `count` more one at a time while its forward pass runs (through the
+    worker's model, or `embed(text)`)."""
+    embed = embed or (lambda text: model.embed([text], tokens=4))
+    first = asyncio.ensure_future(embed("first"))
     await asyncio.sleep(0.3)  # its batch is in the model, which now takes 1 s
     later = []
     for i in range(count):
-        later.append(asyncio.ensure_future(model.embed([f"text {i}"], tokens=4)))
+        later.append(asyncio.ensure_future(embed(f"text {i}")))
         await asyncio.sleep(0.02)
     vectors = await asyncio.wait_for(asyncio.gather(first, *later), 60)
-    assert all(v.shape == (1, model.dimensions) for v in vectors)
+    assert all(np.asarray(v).shape == (1, model.dimensions) for v in vectors)
 
 
 async def test_requests_arriving_one_by_one_run_as_one_batch(busy_engine):
@@ -226,7 +232,12 @@ async def test_without_pacing_infinity_splits_them(busy_engine):
     handler = model.engine._batch_handler
     handler._queue_prio = handler._queue_prio.inner
     await asyncio.sleep(0.5)  # Infinity's publisher asks the paced queue (0.2 s) one last time
-    await _one_by_one(model, 12)
+
+    async def infinity_alone(text):  # Infinity's own embed, into its own queue
+        vectors, _ = await model.engine.embed(sentences=[text])
+        return vectors
+
+    await _one_by_one(model, 12, infinity_alone)
     assert sizes[0] == 1 and sum(sizes) == 13
     assert len(sizes) > 3, sizes
 

@@ -11,7 +11,8 @@ from infinity_emb.inference.queue import CustomFIFOQueue
 
 from embedding_worker.config import ConfigError, load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.engines.pacing import MAX_PASSES, PacedQueue
+from embedding_worker.engines.infinity_adapter import PacedQueue
+from embedding_worker.engines.scheduler import MAX_PASSES
 from embedding_worker.tiers import current_tier
 from embedding_worker.transports.runpod import answer_job
 from tests.helpers import call
@@ -146,13 +147,13 @@ async def test_flex_goes_only_to_an_idle_model_while_other_tiers_are_served(monk
     queue.batch_finished()  # both through: the model is idle
     assert len(_pop_items(queue)) == 4  # one flex batch, to the idle model
     assert _pop_items(queue) == []  # not a second behind it: priority came a moment ago
-    monkeypatch.setattr(queue, "_served_above_flex", time.monotonic() - 60)
+    monkeypatch.setattr(queue.scheduler, "_served_above_flex", time.monotonic() - 60)
     assert len(_pop_items(queue)) == 4  # no priority for a while: flex queues ahead again (the
     # last 4)
 
 
 async def test_flex_batches_shrink_to_the_models_turn_while_other_tiers_are_served():
-    from embedding_worker.engines.pacing import FLEX_TURN_S
+    from embedding_worker.engines.scheduler import FLEX_TURN_S
 
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
     queue.batch_finished(rows=4, seconds=4 * FLEX_TURN_S / 2)  # full batches: 2 texts a turn
@@ -165,3 +166,67 @@ async def test_flex_batches_shrink_to_the_models_turn_while_other_tiers_are_serv
     queue.batch_finished()
     queue.batch_finished()
     assert [len(b) for b in queue.pop_optimal_batches(4, 2, timeout=0.05)] == [2]
+
+
+def _slowed(monkeypatch, model, method: str, seconds: float) -> list[int]:
+    """Each forward pass of a self-batching model (its `method`, on the model's thread) takes
+    `seconds` longer; the batch sizes it sees, in order."""
+    forward = getattr(model, method)
+    sizes: list[int] = []
+
+    def slow(batch):
+        sizes.append(len(batch))
+        time.sleep(seconds)
+        return forward(batch)
+
+    monkeypatch.setattr(model, method, slow)
+    return sizes
+
+
+async def _priority_overtakes(
+    worker, flex: dict, priority: dict, sizes: list[int]
+) -> dict[str, float]:
+    """Runs a flex job and, while it computes, a priority request; when each finished, and
+    checks that the priority input went in a batch of its own right after the batch computing
+    when it came."""
+    finished: dict[str, float] = {}
+
+    async def timed(name: str, body: dict) -> None:
+        reply = await answer_job(worker, body)
+        assert reply.status == 200, reply.body
+        assert reply.body["service_tier"] == body["service_tier"]
+        finished[name] = time.monotonic()
+
+    job = asyncio.ensure_future(timed("flex", {**flex, "service_tier": "flex"}))
+    await asyncio.sleep(0.3)  # the flex job's first batches are through, the rest wait
+    started = len(sizes)  # the batch computing now is sizes[started], if not already recorded
+    await asyncio.wait_for(timed("priority", {**priority, "service_tier": "priority"}), 60)
+    assert 1 in sizes[started : started + 2], (started, sizes)
+    await asyncio.wait_for(job, 120)
+    return finished
+
+
+async def test_a_priority_request_overtakes_a_flex_job_on_the_llm_reranker(
+    qwen3_worker, qwen3_ids, monkeypatch
+):
+    model = next(m for m in qwen3_worker.registry.models if m.served_id == qwen3_ids["reranker"])
+    sizes = _slowed(monkeypatch, model, "_forward", 0.1)
+    docs = [f"flex document number {i} about a topic" for i in range(30)]  # 10 batches of 3
+    flex = {"model": model.served_id, "query": "which topic", "documents": docs}
+    priority = {"model": model.served_id, "query": "a question", "documents": ["an answer"]}
+    finished = await _priority_overtakes(qwen3_worker, flex, priority, sizes)
+    assert finished["priority"] < finished["flex"]
+
+
+async def test_a_priority_request_overtakes_a_flex_job_on_bge_m3(bge_m3_worker, monkeypatch):
+    model = next(m for m in bge_m3_worker.registry.models if m.served_id.endswith("tiny-bge-m3"))
+    sizes = _slowed(monkeypatch, model, "_forward_items", 0.1)
+    # Not short texts (budget.SHORT_TEXT_TOKENS): 10 batches of 3, not one wide batch.
+    texts = [f"flex text number {i} " + "about a topic " * 12 for i in range(30)]
+    finished = await _priority_overtakes(
+        bge_m3_worker,
+        {"model": model.served_id, "input": texts},
+        {"model": model.served_id, "input": "a question"},
+        sizes,
+    )
+    assert finished["priority"] < finished["flex"]

@@ -16,8 +16,8 @@ from sentence_transformers import SentenceTransformer
 
 from embedding_worker.engines.tokenization import (
     ReusedTokenIds,
+    Text,
     TokenCounter,
-    TokenizedText,
     pad_ids,
     reuse_token_ids,
 )
@@ -54,8 +54,8 @@ async def test_padded_ids_equal_the_models_own_tokenize_step(worker, qwen3_worke
     assert model.tokens.model_input.max_length == model.max_length
     texts = [*TEXTS, "words to cut " * model.max_length]
     tokenized, lengths = model.tokens.tokenize(texts)
-    assert all(isinstance(t, TokenizedText) for t in tokenized)
-    assert [str(t) for t in tokenized] == texts  # the engine still gets the caller's text
+    assert all(isinstance(t, Text) and t.ids is not None for t in tokenized)
+    assert [t.text for t in tokenized] == texts  # the engine still gets the caller's text
     assert lengths[-1] > model.max_length == len(tokenized[-1].ids)  # counted whole, then cut
     step = _reused(replica)
     own = step.own_step(texts)
@@ -73,7 +73,7 @@ async def test_a_batch_without_ids_takes_the_models_own_step(worker, monkeypatch
     step(texts)
     assert calls == []
     step([texts[0], "a plain string"])  # e.g. decoded token-id input
-    assert calls == [[texts[0], "a plain string"]]
+    assert calls == [[texts[0].text, "a plain string"]]  # the own step gets strings
 
 
 async def test_a_cut_text_in_a_batch_embeds_as_in_sentence_transformers(worker, ids, bert_embedder):
@@ -98,7 +98,7 @@ async def test_with_reuse_off_the_engine_tokenizes_and_answers_the_same(bert_emb
         assert model.tokens.model_input is None
         assert not isinstance(inspect.unwrap(replica.encode_pre), ReusedTokenIds)
         tokenized, _ = model.tokens.tokenize(TEXTS)
-        assert not any(isinstance(t, TokenizedText) for t in tokenized)
+        assert not any(t.ids is not None for t in tokenized)
         got = decode_vectors(await embed(worker, model=model.served_id, input=TEXTS))
     finally:
         await worker.stop()
@@ -120,7 +120,7 @@ async def test_usage_counts_the_text_the_model_sees(qwen3_worker, qwen3_ids, qwe
 
 
 def _replica_like(first_module, own_step) -> types.SimpleNamespace:
-    return types.SimpleNamespace(_first_module=lambda: first_module, encode_pre=own_step)
+    return types.SimpleNamespace(encode_pre=own_step)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -129,7 +129,7 @@ def test_reuse_is_installed_only_where_it_reproduces_the_step_exactly(bert_embed
     st.tokenizer.truncation_side = side
     faithful = _replica_like(st[0], st.tokenize)
     counter = TokenCounter(st.tokenizer)
-    assert reuse_token_ids(faithful, counter)
+    assert reuse_token_ids(faithful, st[0], counter)
     assert isinstance(faithful.encode_pre, ReusedTokenIds)
     texts = ["first words " * 100 + "the end", "short"]
     tokenized, _ = counter.tokenize(texts)
@@ -141,11 +141,11 @@ def test_reuse_is_installed_only_where_it_reproduces_the_step_exactly(bert_embed
 
     different = _replica_like(st[0], own_step)
     counter = TokenCounter(st.tokenizer)
-    assert not reuse_token_ids(different, counter)
+    assert not reuse_token_ids(different, st[0], counter)
     assert different.encode_pre is own_step
     assert counter.model_input is None
     tokenized, _ = counter.tokenize(["hello"])
-    assert not isinstance(tokenized[0], TokenizedText)
+    assert tokenized[0].ids is None
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -148,11 +148,10 @@ def forbidden(message: str) -> APIError:
     return APIError(ErrorKind.FORBIDDEN, message, type="invalid_request_error", code="forbidden")
 
 
-def request_timeout(message: str) -> APIError:
-    """408: the client did not send its whole request in time; it may send it again."""
-    return APIError(
-        ErrorKind.REQUEST_TIMEOUT, message, type="invalid_request_error", code="request_timeout"
-    )
+def request_timeout(message: str, code: str = "request_timeout") -> APIError:
+    """408: the client did not send its whole request in time, or a batch's line was not answered
+    within the batch's completion window (`batch_expired`)."""
+    return APIError(ErrorKind.REQUEST_TIMEOUT, message, type="invalid_request_error", code=code)
 
 
 def headers_too_large(message: str) -> APIError:

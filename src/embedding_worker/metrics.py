@@ -111,10 +111,10 @@ def note_model(served_id: str) -> None:
 def tag_inputs(inputs: Iterable[Any], record: RequestRecord) -> None:
     """Mark the request's texts with its record, so that the batch handing them to the model can
     tell it when its queue wait ended. Only the worker's own text objects (tokenization's
-    `CountedText`, a str subclass) carry the mark; a plain string or an image does not."""
+    `Text`) carry the mark; an image does not."""
     for item in inputs:
-        if type(item) is not str and isinstance(item, str):
-            item.request = record  # type: ignore[attr-defined]
+        if hasattr(item, "request"):
+            item.request = record
 
 
 def _quantile(buckets: Sequence[float], counts: Sequence[int], q: float) -> float | None:

@@ -20,6 +20,7 @@ from .dispatch import Worker
 from .engines import ModelLoadError
 from .logs import LOG_FORMATS, RequestFields, formatter
 from .model_paths import RUNPOD_VOLUME, volume_download_home
+from .threads import prepare_thread_environment, size_compute_threads
 
 log = logging.getLogger("embedding_worker")
 
@@ -87,10 +88,12 @@ def build_worker(config: WorkerConfig | None = None) -> Worker:
         config = load_config_or_exit()
     tracing.configure()
     try:
+        prepare_thread_environment(os.environ)  # before torch loads OpenMP
         # before any engine thread allocates: a thread keeps the heap it first got
         if keep_freed_memory(os.environ, config.keep_freed_memory):
             log.info("malloc keeps the memory a batch frees for the next (KEEP_FREED_MEMORY)")
         prepare_hub_environment(config, os.environ)
+        size_compute_threads(os.environ)
         worker = Worker.from_config(config)
     except ModelLoadError as exc:
         print(f"embedding worker: cannot start: {exc}", file=sys.stderr)

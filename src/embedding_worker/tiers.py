@@ -3,7 +3,7 @@
 A request's tier is its `service_tier` field (`auto` is the worker's default tier, SERVICE_TIER),
 else the tier of the job it runs in (a batch job's lines), else the worker's default. Dispatch puts
 it in `current_tier` for the request's task; the engines' queues read it when work is queued
-(engines/pacing.py) and take priority work first, then default, then flex.
+(engines/scheduler.py) and take priority work first, then default, then flex.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from ..tiers import current_tier, tier_rank
 from .admission import Admission, AdmissionSettings
 from .spec import EngineSettings, ModelSpec
 from .token_pass import PassResult, TokenPass
-from .tokenization import TokenCounter
+from .tokenization import Text, TokenCounter, as_texts
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -319,13 +319,14 @@ class Embedder(ModelEngine):
     # end in Normalize; bge-m3 and CLIP dense outputs): what a request's `normalize` defaults to.
     normalized: bool = True
 
-    async def embed(self, texts: list[str], *, tokens: int) -> np.ndarray:
+    async def embed(self, texts: Sequence[str | Text], *, tokens: int) -> np.ndarray:
         """Vectors for `texts`, one row each, in order (float32); `tokens`: what the texts cost,
-        as the request counted them."""
-        return await self._admit(len(texts), tokens, lambda: self._embed(texts), texts)
+        as the request counted them (a plain string: `Text.uncounted`)."""
+        typed = as_texts(texts)
+        return await self._admit(len(typed), tokens, lambda: self._embed(typed), typed)
 
     @abstractmethod
-    async def _embed(self, texts: list[str]) -> np.ndarray: ...
+    async def _embed(self, texts: list[Text]) -> np.ndarray: ...
 
     # The model's modules run on token ids (token_pass.py), for long inputs and late chunking;
     # None for an engine that cannot run them.
@@ -364,11 +365,13 @@ class ImageEmbedder(Embedder):
     def prepare_image(self, image: Image) -> Any:
         """The model's input for one decoded RGB image; safe to call from any thread."""
 
-    async def embed_inputs(self, inputs: list[Any], *, tokens: int) -> np.ndarray:
-        """Vectors for texts (str) and prepared images, one row each, in order (float32)."""
-        return await self._admit(len(inputs), tokens, lambda: self._embed_inputs(inputs), inputs)
+    async def embed_inputs(self, inputs: Sequence[Any], *, tokens: int) -> np.ndarray:
+        """Vectors for texts (`Text` or str) and prepared images, one row each, in order
+        (float32)."""
+        typed = [Text.uncounted(item) if isinstance(item, str) else item for item in inputs]
+        return await self._admit(len(typed), tokens, lambda: self._embed_inputs(typed), typed)
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
+    async def _embed(self, texts: list[Text]) -> np.ndarray:
         return await self._embed_inputs(list(texts))
 
     @abstractmethod
@@ -400,20 +403,21 @@ class MultiOutputEmbedder(Embedder):
     multi_vector_dimensions: int = 0  # the numbers of each of a text's multi_vector vectors
 
     async def embed_outputs(
-        self, texts: list[str], outputs: frozenset[str], *, tokens: int
+        self, texts: Sequence[str | Text], outputs: frozenset[str], *, tokens: int
     ) -> list[TextEmbeddings]:
         """For each text, in order, the `outputs` asked (a subset of `self.outputs`)."""
+        typed = as_texts(texts)
         return await self._admit(
-            len(texts), tokens, lambda: self._embed_outputs(texts, outputs), texts
+            len(typed), tokens, lambda: self._embed_outputs(typed, outputs), typed
         )
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
+    async def _embed(self, texts: list[Text]) -> np.ndarray:
         embedded = await self._embed_outputs(texts, frozenset({DENSE}))
         return np.stack([text.dense for text in embedded if text.dense is not None])
 
     @abstractmethod
     async def _embed_outputs(
-        self, texts: list[str], outputs: frozenset[str]
+        self, texts: list[Text], outputs: frozenset[str]
     ) -> list[TextEmbeddings]: ...
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
@@ -434,16 +438,24 @@ class Reranker(ModelEngine):
         return self.tokens.count_pairs(query, docs)
 
     async def rerank(
-        self, query: str, docs: list[str], instruction: str | None = None, *, tokens: int
+        self,
+        query: str,
+        docs: Sequence[str | Text],
+        instruction: str | None = None,
+        *,
+        tokens: int,
     ) -> np.ndarray:
         """Relevance scores in [0, 1] for `docs`, in the order given (not sorted); `tokens`: the
-        pairs' tokens, as the request counted them."""
+        pairs' tokens, as the request counted them (each `Text` document's: its pair's)."""
+        typed = as_texts(docs)
         return await self._admit(
-            len(docs), tokens, lambda: self._rerank(query, docs, instruction), docs
+            len(typed), tokens, lambda: self._rerank(query, typed, instruction), typed
         )
 
     @abstractmethod
-    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray: ...
+    async def _rerank(
+        self, query: str, docs: list[Text], instruction: str | None
+    ) -> np.ndarray: ...
 
 
 # One label and its score, for each of a classifier's labels.
@@ -456,13 +468,14 @@ class Classifier(ModelEngine):
     capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.CLASSIFY})
 
     async def classify(
-        self, texts: list[str], raw_scores: bool = False, *, tokens: int
+        self, texts: Sequence[str | Text], raw_scores: bool = False, *, tokens: int
     ) -> list[LabelScores]:
         """For each text, every label with its score (softmax, or sigmoid for a multi-label
         model, as its config says; the logits with `raw_scores`), in the model's label order."""
+        typed = as_texts(texts)
         return await self._admit(
-            len(texts), tokens, lambda: self._classify(texts, raw_scores), texts
+            len(typed), tokens, lambda: self._classify(typed, raw_scores), typed
         )
 
     @abstractmethod
-    async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]: ...
+    async def _classify(self, texts: list[Text], raw_scores: bool) -> list[LabelScores]: ...

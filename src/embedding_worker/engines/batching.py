@@ -1,12 +1,13 @@
-"""Batching for the engines the worker runs itself (LLM rerankers, bge-m3), beside Infinity.
+"""The engines the worker runs itself (LLM rerankers, bge-m3), behind the worker's scheduler.
 
-Items from concurrent calls wait in one queue; a batcher task takes up to 8 x batch_size of them in
-arrival order, tokenizes them, sorts them by length and runs batch_size chunks (as Infinity does),
-each cut to the model's MAX_BATCH_TOKENS and run again in halves if it runs out of memory
-(budget.py).
-Tokenizing and forwards run on one worker thread per model, never on the event loop. A call whose
-caller has gone (timeout, cancellation) is skipped; a batch that fails fails its calls, and the
-batcher goes on with the next.
+Each text of a call waits in the model's `Scheduler` (scheduler.py), with its token count, tier
+and future, as Infinity's do: the same tiers, token budget, batch forming and pacing. The batcher
+task takes one batch whenever the model is free (what it can start now: the model tokenizes and
+computes on one thread, so nothing is gained by handing it more), sorted by length from a window
+of `WINDOW` batches' worth of waiting work. Tokenizing (where a text carries no ids) and the
+forward pass run on one worker thread per model, never on the event loop; a forward pass that
+runs out of memory runs again in halves (budget.py). A text whose caller has gone (timeout,
+cancellation) is skipped; a batch that fails fails its texts, and the batcher goes on.
 """
 
 from __future__ import annotations
@@ -15,46 +16,37 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .. import errors
 from ..logs import get_logger, redacted_traceback
-from .budget import SplitOnOutOfMemory, token_bounded
+from .budget import SplitOnOutOfMemory
+from .scheduler import Scheduler, Work
 from .spec import ModelSpec
+from .tokenization import Text
 
 log = get_logger(__name__)
 
-# A text's token ids as the model is fed them: a list, or the array a `TokenizedText` carries.
+# A text's token ids as the model is fed them: a list, or the array a `Text` carries.
 TokenIds = Sequence[int] | np.ndarray
 
-WINDOW = 8  # batches taken from the queue at once, sorted by length together (Infinity's factor)
+WINDOW = 8  # batches' worth of waiting work sorted by length together (Infinity's factor)
 
 
-@dataclass
-class Call:
-    """One engine call waiting for the results of its items."""
-
-    future: asyncio.Future
-    results: list[Any]
-    remaining: int
-    options: Any  # what the call asks of every item (the engine's own type)
-
-
-@dataclass
+@dataclass(eq=False, slots=True)
 class Item:
-    """One text of a call, as the batcher carries it to the model."""
+    """One text of a call, as the model computes it."""
 
-    call: Call
-    index: int  # position in its call
-    text: str
-    ids: TokenIds = field(default_factory=list)  # set by the engine's `_tokenize`
+    text: Text
+    options: Any  # what its call asks of every text (the engine's own type)
+    ids: TokenIds | None = None  # the text's own, or made by the engine's `_tokenize`
 
 
-def _item_tokens(item: Item) -> int:
-    return len(item.ids)
+def _fed(item: Item) -> int:
+    return 0 if item.ids is None else len(item.ids)
 
 
 class SelfBatching(ABC):
@@ -64,17 +56,33 @@ class SelfBatching(ABC):
     spec: ModelSpec
     served_id: str
     batch_size: int
+    max_length: int
 
     # ModelEngine.progressed of the engine: told after every forward pass (admission.py).
     progressed: Callable[[], None]
-    # ModelEngine.batch_formed of the engine: told of each batch before its forward pass.
+    # ModelEngine.batch_formed of the engine: told of each batch handed to the model (metrics.py).
     batch_formed: Callable[[Sequence[int], Sequence[Any]], None]
 
-    def _init_batching(self) -> None:
-        self._waiting: list[Item] = []
+    def _init_batching(self, wide_short_batches: bool = True) -> None:
+        self.scheduler = Scheduler(
+            self.served_id,
+            self.batch_size,
+            ahead=1,
+            window=WINDOW,
+            max_tokens=self.spec.max_batch_tokens,
+            max_length=self.max_length,
+            wide_short_batches=wide_short_batches,
+        )
         self._wake: asyncio.Event | None = None
         self._batcher: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self.scheduler.listen(self._changed)
+        self.scheduler.on_batch = self.batch_formed
+
+    def _changed(self) -> None:
+        # The scheduler calls this on the event loop: a submission, an answer, a turn's end.
+        if self._wake is not None:
+            self._wake.set()
 
     @abstractmethod
     def _tokenize(self, texts: list[str]) -> list[TokenIds]:
@@ -102,81 +110,77 @@ class SelfBatching(ABC):
         except asyncio.CancelledError:
             pass
         self._batcher = None
-        self._fail(self._waiting, errors.unavailable(f"model '{self.served_id}' is stopping"))
-        self._waiting.clear()
+        stopping = errors.unavailable(f"model '{self.served_id}' is stopping")
+        for queue in self.scheduler.queues:
+            self._fail(list(queue), stopping)
+            queue.clear()
         assert self._thread is not None
         self._thread.shutdown(wait=False, cancel_futures=True)
         self._thread = None
 
-    async def _submit(self, texts: Sequence[str], options: Any = None) -> list[Any]:
+    async def _submit(self, texts: Sequence[Text], options: Any = None) -> list[Any]:
         """The results of `texts`, in order, once the batcher has run them all."""
         if self._batcher is None or self._wake is None:
             raise errors.unavailable(f"model '{self.served_id}' is not started")
-        call = Call(
-            asyncio.get_running_loop().create_future(), [None] * len(texts), len(texts), options
-        )
-        self._waiting.extend(Item(call, i, text) for i, text in enumerate(texts))
-        self._wake.set()
-        return await call.future
+        loop = asyncio.get_running_loop()
+        works = [
+            Work(text.tokens, loop.create_future(), Item(text, options, text.ids), source=text)
+            for text in texts
+        ]
+        self.scheduler.submit(works)
+        try:
+            return list(await asyncio.gather(*(work.future for work in works)))
+        except BaseException:  # one text failed, or the call ended: the rest are not computed
+            for work in works:
+                work.future.cancel()
+            raise
 
     # --------------------------------------------------------------------------- the batcher
 
     async def _batch_loop(self) -> None:
         assert self._wake is not None
-        loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
             self._wake.clear()
-            while self._waiting:
-                taken = self._waiting[: WINDOW * self.batch_size]
-                del self._waiting[: len(taken)]
-                # A call that timed out or was cancelled is not worth a forward.
-                window = [item for item in taken if not item.call.future.done()]
-                if window:
-                    await self._run_window(loop, window)
+            batches = self.scheduler.take()
+            if not batches:
+                await self._wake.wait()
+                continue
+            for batch in batches:
+                await self._run_batch(batch)
 
-    async def _run_window(self, loop: asyncio.AbstractEventLoop, window: list[Item]) -> None:
+    async def _run_batch(self, batch: list[Work]) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            ids = await loop.run_in_executor(
-                self._thread, self._tokenize, [item.text for item in window]
-            )
-            for item, item_ids in zip(window, ids):
-                item.ids = item_ids
-            window.sort(key=lambda item: len(item.ids))
-            # The forward pass, run again in halves if a batch runs out of memory.
+            # A text whose caller went away meanwhile is not worth tokenizing.
+            live = [work for work in batch if not work.gone]
+            items: list[Item] = [work.payload for work in live]
+            missing = [item for item in items if item.ids is None]
+            if missing:
+                made = await loop.run_in_executor(
+                    self._thread, self._tokenize, [item.text.text for item in missing]
+                )
+                for item, ids in zip(missing, made):
+                    item.ids = ids
+            order = sorted(range(len(live)), key=lambda i: _fed(items[i]))
+            live = [live[i] for i in order]
+            items = [items[i] for i in order]
+            if not any(not work.gone for work in live):
+                return
             forward = SplitOnOutOfMemory(self._forward_items, self.served_id)
-            for start in range(0, len(window), self.batch_size):
-                chunk = window[start : start + self.batch_size]
-                for batch in token_bounded(chunk, _item_tokens, self.spec.max_batch_tokens):
-                    live = [item for item in batch if not item.call.future.done()]
-                    if not live:
-                        continue
-                    self.batch_formed(
-                        [len(item.ids) for item in live], [item.text for item in live]
-                    )
-                    results = await loop.run_in_executor(self._thread, forward, live)
-                    self.progressed()
-                    for item, result in zip(live, results):
-                        self._deliver(item, result)
+            results = await loop.run_in_executor(self._thread, forward, items)
+            self.progressed()
+            for work, result in zip(live, results):
+                if not work.gone:
+                    work.future.set_result(result)
         except asyncio.CancelledError:  # stopping: nobody will answer these
-            self._fail(window, errors.unavailable(f"model '{self.served_id}' is stopping"))
+            self._fail(batch, errors.unavailable(f"model '{self.served_id}' is stopping"))
             raise
-        except Exception as exc:  # the batcher survives; the calls in this window fail
+        except Exception as exc:  # the batcher survives; the texts of this batch fail
             log.error("%s: batch failed: %s", self.served_id, redacted_traceback(exc))
-            self._fail(window, exc)
+            self._fail(batch, exc)
 
     @staticmethod
-    def _fail(items: list[Item], exc: BaseException) -> None:
-        for item in items:
-            if not item.call.future.done():
-                item.call.future.set_exception(exc)
-
-    @staticmethod
-    def _deliver(item: Item, result: Any) -> None:
-        call = item.call
-        if call.future.done():
-            return
-        call.results[item.index] = result
-        call.remaining -= 1
-        if call.remaining == 0:
-            call.future.set_result(call.results)
+    def _fail(works: list[Work], exc: BaseException) -> None:
+        for work in works:
+            if not work.gone:
+                work.future.set_exception(exc)

@@ -3,8 +3,8 @@
 BAAI/bge-m3 is an XLM-RoBERTa encoder with two heads beside its weights, `sparse_linear.pt`
 (Linear(hidden, 1)) and `colbert_linear.pt` (Linear(hidden, dim)). Infinity serves only its dense
 vector, so models with both heads run here, beside Infinity's AsyncEngineArray, behind the same
-`Embedder` interface (same queue bound, timeouts and errors), batched as the LLM rerankers are
-(batching.py).
+`Embedder` interface (same queue bound, timeouts and errors), batched by the worker's scheduler as
+the LLM rerankers are (batching.py).
 
 The recipe (FlagEmbedding's M3Embedder, `encode` of one device), from one forward pass:
 - tokens: the tokenizer with truncation to the maximum length, special tokens added, right padding;
@@ -36,7 +36,7 @@ from .base import (
 from .batching import Item, SelfBatching, TokenIds
 from .dtype import resolve_dtype, torch_dtype
 from .spec import EngineSettings, ModelSpec
-from .tokenization import ModelInput, TokenCounter, TokenizedText, pad_ids
+from .tokenization import ModelInput, Text, TokenCounter, pad_ids
 
 KIND = "bge-m3"
 SPARSE_HEAD = "sparse_linear.pt"
@@ -126,7 +126,7 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
         self.reuses_token_ids = (
             self.settings.optimisations.reuse_token_ids and self._reuse_token_ids()
         )
-        self._init_batching()
+        self._init_batching(self.settings.optimisations.wide_short_batches)
 
     @classmethod
     def load(cls, spec: ModelSpec, settings: EngineSettings, health: Health) -> BGEM3Embedder:
@@ -173,8 +173,8 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
             with_type_ids=False,
         )
 
-        def reproduces(texts: list[str], tokenized: list[TokenizedText]) -> bool:
-            return [t.ids.tolist() for t in tokenized] == self._tokenize_texts(texts)
+        def reproduces(texts: list[str], tokenized: list[Text]) -> bool:
+            return [t.fed_ids.tolist() for t in tokenized] == self._tokenize_texts(texts)
 
         return self.tokens.carry_token_ids(model_input, reproduces)
 
@@ -187,7 +187,7 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
         await self._stop_batching()
 
     async def _embed_outputs(
-        self, texts: list[str], outputs: frozenset[str]
+        self, texts: list[Text], outputs: frozenset[str]
     ) -> list[TextEmbeddings]:
         return await self._submit(texts, outputs)
 
@@ -200,18 +200,18 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
         )["input_ids"]
 
     def _tokenize(self, texts: list[str]) -> list[TokenIds]:
-        """The ids a text carries (`TokenizedText`), else the recipe's."""
-        missing = [text for text in texts if not isinstance(text, TokenizedText)]
-        made = iter(self._tokenize_texts(missing) if missing else [])
-        return [text.ids if isinstance(text, TokenizedText) else next(made) for text in texts]
+        """The recipe's ids of texts that carry none (batching.py uses the ids a `Text`
+        carries)."""
+        return list(self._tokenize_texts(texts))
 
     def _forward_items(self, items: list[Item]) -> list[TextEmbeddings]:
         """Every output any call of the batch asks, each call given the ones it asked."""
         import torch
 
-        asked: frozenset[str] = frozenset().union(*(item.call.options for item in items))
-        lengths = [len(item.ids) for item in items]
-        padded = pad_ids([item.ids for item in items], self.tokenizer.pad_token_id)
+        asked: frozenset[str] = frozenset().union(*(item.options for item in items))
+        rows = [item.ids for item in items if item.ids is not None]
+        lengths = [len(ids) for ids in rows]
+        padded = pad_ids(rows, self.tokenizer.pad_token_id)
         input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
         dense = weights = colbert = None
         with torch.inference_mode():
@@ -227,7 +227,7 @@ class BGEM3Embedder(SelfBatching, MultiOutputEmbedder):
                 colbert = torch.nn.functional.normalize(vectors, dim=-1).float().cpu().numpy()
         results = []
         for row, item in enumerate(items):
-            wants = item.call.options
+            wants = item.options
             n = lengths[row]
             results.append(
                 TextEmbeddings(

@@ -1,17 +1,19 @@
-"""The Infinity adapter: sentence-transformers embedders and cross-encoder rerankers on Infinity.
+"""Sentence-transformers embedders, cross-encoder rerankers and classifiers on Infinity.
 
 Every Infinity model of the worker is one `AsyncEmbeddingEngine` in one `AsyncEngineArray` (the
-registry starts and stops the array). Six of Infinity's internals are worked around, each in one
-place: a batch thread that dies silently (`_guard_batch_threads`), batches released before they
-are full or cut by count only (pacing.py and budget.py, installed in `start`), a forward pass that
+registry starts and stops the array); the private names of Infinity it needs are read in
+infinity_adapter.py alone. The worker's scheduler (scheduler.py) forms the batches and hands them
+to Infinity's threads, which compute them. Five of Infinity's behaviours are worked around, each
+in one place: a batch thread that dies silently (`_guard_batch_threads`), a forward pass that
 fails its whole batch when memory runs out (`_split_on_out_of_memory`), batches computed after
-every request in them has gone (`_skip_abandoned_batches`), a second tokenization of
-every text (tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's
-tensors exactly), and the inputs of CLIP-like models (vision.py).
+every request in them has gone (`_skip_abandoned_batches`), a second tokenization of every text
+(tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's tensors
+exactly), and the inputs of CLIP-like models (vision.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -24,7 +26,8 @@ import numpy as np
 
 from .. import errors, tracing
 from ..logs import get_logger, redacted_traceback
-from . import pacing, vision
+from . import infinity_adapter as adapter
+from . import vision
 from .base import (
     Classifier,
     Embedder,
@@ -35,11 +38,12 @@ from .base import (
     ModelLoadError,
     Reranker,
 )
-from .budget import SplitOnOutOfMemory, rows_of
+from .budget import SplitOnOutOfMemory
 from .dtype import resolve_dtype
+from .scheduler import Scheduler
 from .spec import EngineSettings, ModelSpec
 from .token_pass import TokenPass
-from .tokenization import BucketedForward, TokenCounter, reuse_token_ids
+from .tokenization import BucketedForward, Text, TokenCounter, reuse_token_ids
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -101,19 +105,30 @@ class AbandonedBatch:
 
 class InfinityModel(ModelEngine):
     """What every Infinity-served model shares: the loaded replica's tokenizer and limits, the
-    batch-thread guard and the paced queue. `load` gives an embedder or a reranker."""
+    batch-thread guard and the scheduler. `load` gives an embedder, a reranker or a
+    classifier."""
 
     def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
-        replica = engine._model_replicas[0]  # Infinity keeps the loaded model here; no public API
+        replica = adapter.replicas(engine)[0]
         tokenizer, max_length = self._text_limits(replica)
         super().__init__(spec, TokenCounter(tokenizer), max_length, **kwargs)
         self.engine = engine
-        self._paced: pacing.PacedQueue | None = (
-            None  # set by start(): Infinity makes its queue there
+        on = self.settings.optimisations
+        self.scheduler = Scheduler(
+            spec.served_id,
+            spec.batch_size,
+            replicas=len(adapter.replicas(engine)),
+            max_tokens=spec.max_batch_tokens,
+            max_length=max_length,
+            turn_end_wake=on.turn_end_wake,
+            full_batch_wake=on.full_batch_wake,
+            wide_short_batches=on.wide_short_batches,
         )
+        self.scheduler.on_batch = self.batch_formed
+        self._queue: adapter.PacedQueue | None = None  # set by start(): Infinity makes its queue
         self.prompts = dict(getattr(replica, "prompts", None) or {})
         self.default_prompt_name = getattr(replica, "default_prompt_name", None)
-        for each_replica in engine._model_replicas:
+        for each_replica in adapter.replicas(engine):
             self._prepare_replica(each_replica)
             self._split_on_out_of_memory(each_replica)
             self._skip_abandoned_batches(each_replica)
@@ -128,7 +143,7 @@ class InfinityModel(ModelEngine):
         capabilities = set(engine.capabilities)
         model_class: type[InfinityModel]
         if "image_embed" in capabilities:
-            model_type = engine._model_replicas[0].model.config.model_type  # type: ignore[union-attr]
+            model_type = adapter.replicas(engine)[0].model.config.model_type
             if model_type not in vision.MODEL_TYPES:
                 raise ModelLoadError(
                     f"model '{spec.served_id}' is a {model_type} image model; this worker embeds "
@@ -151,7 +166,7 @@ class InfinityModel(ModelEngine):
     @staticmethod
     def _text_limits(replica: Any) -> tuple[Any, int]:
         """The replica's tokenizer and the most tokens a text may have."""
-        tokenizer = getattr(replica, "tokenizer", None) or replica._infinity_tokenizer
+        tokenizer = adapter.replica_tokenizer(replica)
         max_length = (
             getattr(replica, "max_seq_length", None)
             or getattr(replica, "max_length", None)
@@ -176,9 +191,9 @@ class InfinityModel(ModelEngine):
     def _skip_abandoned_batches(self, replica: Any) -> None:
         """A batch whose every request has gone (cancelled, timed out, its client away) by the
         time its forward pass would start is not computed: Infinity computes every batch it has
-        popped, up to 8 at once, and a request that gave up would otherwise keep the model busy
-        for seconds after. The pre-processing step links its features to the batch's futures
-        (pacing.HandedOver); the forward step then returns an `AbandonedBatch`, and the
+        been handed, and a request that gave up would otherwise keep the model busy for a batch
+        after. The pre-processing step links its features to the batch's futures
+        (infinity_adapter.HandedOver); the forward step then returns an `AbandonedBatch`, and the
         post-processing step placeholders that Infinity hands to futures already done."""
         pre, core, post = replica.encode_pre, replica.encode_core, replica.encode_post
         linked: dict[int, tuple[Any, list[Any]]] = {}  # id(features) -> (features, futures)
@@ -186,8 +201,8 @@ class InfinityModel(ModelEngine):
         @functools.wraps(pre)
         def encode_pre(inputs: list[Any]) -> Any:
             features = pre(inputs)
-            paced = self._paced
-            futures = paced.handed_over.futures_of(inputs) if paced is not None else None
+            queue = self._queue
+            futures = queue.handed_over.futures_of(inputs) if queue is not None else None
             if futures is not None:
                 linked[id(features)] = (features, futures)
             return features
@@ -220,14 +235,14 @@ class InfinityModel(ModelEngine):
         The replica's three stage methods are wrapped so that the first exception reports the engine
         dead: the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and
         asks RunPod for a replacement. The exception is re-raised, so Infinity goes on as it would.
+        A forward pass that succeeds tells admission the engine moves. The guard schedules
+        nothing: a batch leaves the scheduler's count when its requests are answered.
         """
         for stage in ("encode_pre", "encode_core", "encode_post"):
             method = getattr(replica, stage)
 
             @functools.wraps(method)
             def guarded(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
-                started = time.perf_counter()
-                done = None
                 try:
                     done = _method(*args)
                 except Exception as exc:
@@ -243,31 +258,22 @@ class InfinityModel(ModelEngine):
                     if _stage == "encode_core":
                         self.progressed()
                     return done
-                finally:
-                    if _stage == "encode_core" and self._paced is not None:
-                        features = args[0] if args else ()
-                        rows = getattr(features, "rows", None) or rows_of(features)
-                        if isinstance(done, AbandonedBatch):
-                            rows = 0  # no forward pass: no measure of the model's pace
-                        self._paced.batch_finished(rows, time.perf_counter() - started)
 
             setattr(replica, stage, guarded)
 
     async def start(self) -> None:
         # Runs after Infinity's own start, which makes a new batch handler (and queue) every time.
-        self._paced = pacing.install(
-            self.engine._batch_handler,
-            self.spec.max_batch_tokens,
-            self.max_length,
-            self.settings.optimisations,
-        )
-        self._paced.on_batch = self.batch_formed
+        self._queue = adapter.install_queue(self.engine, self.scheduler)
+
+    async def _compute(self, items: list[Any], sources: list[Any]) -> list[Any]:
+        """The answers of Infinity queue items (infinity_adapter's `text_item`, ...)."""
+        return await adapter.compute(self.scheduler, items, sources)
 
 
 class InfinityEmbedder(InfinityModel, Embedder):
     def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
         super().__init__(spec, engine, **kwargs)
-        replica = engine._model_replicas[0]
+        replica = adapter.replicas(engine)[0]
         get_dim = getattr(replica, "get_sentence_embedding_dimension", None)
         self.dimensions = get_dim() if get_dim else None
         if not getattr(replica, "mode_colbert", False):
@@ -297,11 +303,13 @@ class InfinityEmbedder(InfinityModel, Embedder):
             self.normalized = False
         if not self.settings.optimisations.reuse_token_ids:
             return
-        if reuse_token_ids(replica, self.tokens, self.settings.batch_invariant):
+        first = adapter.first_module(replica)
+        if reuse_token_ids(replica, first, self.tokens, self.settings.batch_invariant):
             log.debug("%s: the engine reuses the worker's token ids", self.served_id)
 
-    async def _embed(self, texts: list[str]) -> np.ndarray:
-        vectors, _ = await self.engine.embed(sentences=texts)
+    async def _embed(self, texts: list[Text]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        vectors = await self._compute([adapter.text_item(text, loop) for text in texts], texts)
         return np.asarray(vectors, dtype=np.float32)
 
 
@@ -322,7 +330,7 @@ class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
 
     def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
         super().__init__(spec, engine, **kwargs)
-        self.dimensions = vision.dimensions(engine._model_replicas[0])
+        self.dimensions = vision.dimensions(adapter.replicas(engine)[0])
 
     @staticmethod
     def _text_limits(replica: Any) -> tuple[Any, int]:
@@ -338,34 +346,35 @@ class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
         out of memory fails as in Infinity (and BATCH_SIZES bounds its images)."""
 
     def prepare_image(self, image: Image) -> vision.PreparedImage:
-        return vision.prepare_image(self.engine._model_replicas[0].processor.image_processor, image)
+        processor = adapter.replicas(self.engine)[0].processor
+        return vision.prepare_image(processor.image_processor, image)
 
     async def _embed_inputs(self, inputs: list[Any]) -> np.ndarray:
-        from infinity_emb.primitives import EmbeddingSingle, ImageSingle
-
-        # Infinity's own queue items, as its `embed` and `image_embed` make them; its queue takes
-        # both kinds in one call, in order (their wrappers in the queue differ only in name).
+        # Infinity's own queue items, as its `embed` and `image_embed` make them: the images go
+        # past `image_embed`, which takes only Pillow images, bytes or URLs (vision.py).
+        loop = asyncio.get_running_loop()
         items = [
-            EmbeddingSingle(sentence=item) if isinstance(item, str) else ImageSingle(image=item)
+            adapter.text_item(item, loop)
+            if isinstance(item, Text)
+            else adapter.image_item(item, loop)
             for item in inputs
         ]
-        vectors, _ = await self.engine._batch_handler._schedule(items)
+        vectors = await self._compute(items, inputs)
         return np.asarray(vectors, dtype=np.float32)
 
 
 class InfinityReranker(InfinityModel, Reranker):
-    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
+    async def _rerank(self, query: str, docs: list[Text], instruction: str | None) -> np.ndarray:
         if instruction is not None:
             raise errors.invalid_input(
                 f"model '{self.served_id}' takes no instruction", param="instruction"
             )
-        # Infinity sorts and cuts its answer; the worker wants scores in document order, as plain
-        # numbers, and sorts itself (the same way for every engine kind).
-        ranked, _ = await self.engine.rerank(query=query, docs=docs, raw_scores=False)
-        scores = np.empty(len(docs), dtype=np.float64)
-        for item in ranked:
-            scores[item.index] = float(item.relevance_score)
-        return scores
+        # The cross-encoder's logits in document order, and the sigmoid Infinity's `rerank`
+        # applies; the worker sorts itself (the same way for every engine kind).
+        loop = asyncio.get_running_loop()
+        logits = await self._compute([adapter.pair_item(query, doc, loop) for doc in docs], docs)
+        scores = 1 / (1 + np.exp(-np.array(logits)))
+        return np.asarray(scores, dtype=np.float64)
 
 
 class InfinityClassifier(InfinityModel, Classifier):
@@ -380,12 +389,12 @@ class InfinityClassifier(InfinityModel, Classifier):
 
     def __init__(self, spec: ModelSpec, engine: Any, **kwargs: Any) -> None:
         super().__init__(spec, engine, **kwargs)
-        config = engine._model_replicas[0]._pipe.model.config
+        config = adapter.classifier_pipeline(adapter.replicas(engine)[0]).model.config
         self.labels = [config.id2label[i] for i in range(config.num_labels)]
         self.multi_label = config.problem_type == "multi_label_classification"
 
     def _prepare_replica(self, replica: Any) -> None:
-        pipe = replica._pipe
+        pipe = adapter.classifier_pipeline(replica)
 
         def logits(features: list[str]) -> Any:  # Infinity's encode_core, but for the scores
             return pipe(
@@ -394,8 +403,9 @@ class InfinityClassifier(InfinityModel, Classifier):
 
         replica.encode_core = logits
 
-    async def _classify(self, texts: list[str], raw_scores: bool) -> list[LabelScores]:
-        ranked, _ = await self.engine.classify(sentences=texts)
+    async def _classify(self, texts: list[Text], raw_scores: bool) -> list[LabelScores]:
+        loop = asyncio.get_running_loop()
+        ranked = await self._compute([adapter.predict_item(text, loop) for text in texts], texts)
         answers = []
         for labels in ranked:
             by_label = {item["label"]: float(item["score"]) for item in labels}

@@ -13,8 +13,9 @@ The recipe (Qwen3-Reranker model card):
   sigmoid(logit_yes - logit_no). A converted single-logit checkpoint (score weight = W_yes - W_no)
   gives that difference as its one logit: score = sigmoid(logit), the same input.
 
-Batching: pairs from concurrent requests are batched together (batching.py), tokenised and run on
-one worker thread per model, under torch.inference_mode, never on the event loop.
+Batching: pairs from concurrent requests are batched together by the worker's scheduler
+(batching.py), tokenised and run on one worker thread per model, under torch.inference_mode, never
+on the event loop.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .base import Health, ModelLoadError, Reranker
 from .batching import Item, SelfBatching, TokenIds
 from .dtype import torch_dtype
 from .spec import EngineSettings, ModelSpec
-from .tokenization import TokenCounter, pad_ids
+from .tokenization import Text, TokenCounter, pad_ids
 
 log = get_logger(__name__)
 
@@ -128,7 +129,7 @@ class LLMReranker(SelfBatching, Reranker):
                 f"model '{spec.served_id}': max length {max_length} leaves no room between the "
                 "reranker template's prefix and suffix"
             )
-        self._init_batching()
+        self._init_batching(self.settings.optimisations.wide_short_batches)
 
     @classmethod
     def load(cls, spec: ModelSpec, settings: EngineSettings, health: Health) -> LLMReranker:
@@ -211,8 +212,9 @@ class LLMReranker(SelfBatching, Reranker):
         middles = [format_pair(query, d, instruction) for d in docs]
         return [fixed + n for n in self.tokens.count(middles)]
 
-    async def _rerank(self, query: str, docs: list[str], instruction: str | None) -> np.ndarray:
-        middles = [format_pair(query, d, instruction) for d in docs]
+    async def _rerank(self, query: str, docs: list[Text], instruction: str | None) -> np.ndarray:
+        # Each pair as the model is fed it, with its tokens as the request counted them.
+        middles = [Text(format_pair(query, d.text, instruction), d.tokens) for d in docs]
         return np.array(await self._submit(middles), dtype=np.float64)
 
     # --------------------------------------------------------------------------- worker thread
@@ -230,7 +232,7 @@ class LLMReranker(SelfBatching, Reranker):
         return [self.prefix_ids + ids + self.suffix_ids for ids in middles]
 
     def _forward_items(self, items: list[Item]) -> list[float]:
-        return self._forward([item.ids for item in items]).tolist()
+        return self._forward([item.ids for item in items if item.ids is not None]).tolist()
 
     def _forward(self, batch_ids: Sequence[TokenIds]) -> np.ndarray:
         """Scores of one batch: sigmoid(logit_yes - logit_no) (or of the single logit) at the

@@ -47,10 +47,10 @@ class Optimisations:
     # `batch_invariant` only on it.
     reuse_token_ids: bool = True
     # The paced queue wakes Infinity's publisher at the end of the event loop's turn that
-    # submitted work, not at each submission (pacing.py).
+    # submitted work, not at each submission (scheduler.py).
     turn_end_wake: bool = True
     # A full batch that a later job of a turn completes goes to the model at once, not at the
-    # turn's end (pacing.py).
+    # turn's end (scheduler.py).
     full_batch_wake: bool = True
     # Batches of short texts hold more than the batch size (budget.py, engines batched by
     # Infinity).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,12 +51,43 @@ PROBE_TEXTS = (
 _FEATURE_NAMES = ("input_ids", "token_type_ids", "attention_mask")
 
 
-class CountedText(str):
-    """A text with the tokens the model is fed for it (special tokens included, before the cut to
-    the model's maximum), which the batching layer bounds batches by (budget.py). Engines see a
-    plain string."""
+@dataclass(eq=False, slots=True)
+class Text:
+    """A text as the worker hands it to an engine: the text, the tokens the model is fed for it
+    (special tokens included, before the cut to the model's maximum), which the scheduler bounds
+    batches by (scheduler.py), and, where the engine takes the worker's token ids
+    (`TokenCounter.carry_token_ids`), those ids, prepared, cut and with special tokens as the
+    model's own tokenize step makes them.
 
+    The ids are plain int64 arrays, not the tokenizer's Encoding: that holds the token strings and
+    masks too, many times the ids' size, and texts wait in the queue with them (docs/design.md)."""
+
+    text: str
     tokens: int
+    ids: np.ndarray | None = None
+    type_ids: np.ndarray | None = None  # only where the model takes token_type_ids
+    request: Any = None  # the request's metrics record (metrics.tag_inputs), where metrics are on
+
+    @property
+    def fed_ids(self) -> np.ndarray:
+        """The ids the model is fed (only for a text that carries them)."""
+        assert self.ids is not None, "a text without its token ids"
+        return self.ids
+
+    @property
+    def tokens_fed(self) -> int:
+        return len(self.fed_ids)
+
+    @classmethod
+    def uncounted(cls, text: str) -> Text:
+        """A text whose tokens nobody counted (a caller outside the worker's operations): its
+        characters stand for them, which most tokenizers do not exceed."""
+        return cls(text, len(text))
+
+
+def as_texts(texts: Sequence[str | Text]) -> list[Text]:
+    """`texts` as `Text`s: plain strings `Text.uncounted`."""
+    return [text if isinstance(text, Text) else Text.uncounted(text) for text in texts]
 
 
 def _one_by_one(encodings: list[Any]) -> Iterator[Any]:
@@ -67,25 +98,9 @@ def _one_by_one(encodings: list[Any]) -> Iterator[Any]:
         yield encoding
 
 
-def counted(texts: Sequence[str], lengths: Sequence[int]) -> list[str]:
-    """`texts` as `CountedText`s of `lengths` tokens each."""
-    out: list[str] = []
-    for text, tokens in zip(texts, lengths):
-        item = CountedText(text)
-        item.tokens = tokens
-        out.append(item)
-    return out
-
-
-class TokenizedText(CountedText):
-    """A text with the token ids the model's tokenize step would make of it (prepared, truncated,
-    special tokens added). Engines that cannot use them see a plain string.
-
-    Plain int64 arrays, not the tokenizer's Encoding: that holds the token strings and masks too,
-    many times the ids' size, and texts wait in the queue with them (docs/design.md)."""
-
-    ids: np.ndarray
-    type_ids: np.ndarray | None  # None when the model takes no token_type_ids
+def counted(texts: Sequence[str], lengths: Sequence[int]) -> list[Text]:
+    """`texts` as `Text`s of `lengths` tokens each."""
+    return [Text(text, tokens) for text, tokens in zip(texts, lengths)]
 
 
 @dataclass(frozen=True)
@@ -154,11 +169,11 @@ class TokenCounter:
         encodings = self._encode_batch(prepared, add_special_tokens=False)
         return [np.array(e.ids, dtype=np.int64) for e in _one_by_one(encodings)]
 
-    def tokenize(self, texts: Sequence[str]) -> tuple[list[str], list[int]]:
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[Text], list[int]]:
         """The texts to hand to the engine, and their token counts (untruncated).
 
-        Each text becomes a `CountedText`; when the engine takes the counter's ids, a
-        `TokenizedText`, cut to the model's maximum the way its tokenizer cuts (the count is taken
+        Each text becomes a `Text`; when the engine takes the counter's ids, one that carries
+        them, cut to the model's maximum the way its tokenizer cuts (the count is taken
         before the cut).
         """
         spec = self.model_input
@@ -167,7 +182,7 @@ class TokenCounter:
             return counted(texts, lengths), lengths
         specials = self._fast.num_special_tokens_to_add(False)
         keep = spec.max_length - specials
-        out: list[str] = []
+        out: list[Text] = []
         lengths = []
         encodings = self._encode(texts, add_special_tokens=False)
         for text, encoding in zip(texts, _one_by_one(encodings)):
@@ -179,19 +194,17 @@ class TokenCounter:
                 if len(encoding) > keep:
                     encoding.truncate(keep, direction=spec.truncation_side)
                 encoding = self._fast.post_process(encoding)
-            tokenized = TokenizedText(text)
-            tokenized.tokens = lengths[-1]
-            tokenized.ids = np.array(encoding.ids, dtype=np.int64)
-            tokenized.type_ids = None
+            type_ids = None
             if spec.with_type_ids:
-                tokenized.type_ids = np.array(encoding.type_ids, dtype=np.int64)
-            out.append(tokenized)
+                type_ids = np.array(encoding.type_ids, dtype=np.int64)
+            ids = np.array(encoding.ids, dtype=np.int64)
+            out.append(Text(text, lengths[-1], ids, type_ids))
         return out, lengths
 
     def carry_token_ids(
         self,
         model_input: ModelInput,
-        reproduces: Callable[[list[str], list[TokenizedText]], bool],
+        reproduces: Callable[[list[str], list[Text]], bool],
     ) -> bool:
         """From now on `tokenize` gives each text the ids the model is fed for it, as
         `model_input` describes the model's tokenize step, so that the engine need not tokenize
@@ -204,9 +217,7 @@ class TokenCounter:
         texts = [*PROBE_TEXTS, "many words " * model_input.max_length]
         try:
             tokenized, lengths = self.tokenize(texts)
-            carried = lengths == self.count(texts) and reproduces(
-                texts, cast(list[TokenizedText], tokenized)
-            )
+            carried = lengths == self.count(texts) and reproduces(texts, tokenized)
         except Exception as exc:  # a tokenizer this cannot reproduce: the engine tokenizes
             log.debug("token reuse check failed: %s", exc)
             carried = False
@@ -345,7 +356,7 @@ def pad_ids(
 
 
 class PaddedBatch:
-    """Pads the ids of `TokenizedText`s into the tensors a Hugging Face tokenizer returns for a
+    """Pads the ids of `Text`s into the tensors a Hugging Face tokenizer returns for a
     batch: to the longest, on the tokenizer's padding side, with its pad ids."""
 
     def __init__(self, tokenizer: Any) -> None:
@@ -359,10 +370,10 @@ class PaddedBatch:
     def with_type_ids(self) -> bool:
         return "token_type_ids" in self.names
 
-    def __call__(self, texts: Sequence[TokenizedText], width: int = 0) -> dict[str, Any]:
+    def __call__(self, texts: Sequence[Text], width: int = 0) -> dict[str, Any]:
         """The batch's tensors, padded to the longest text, or to `width` if that is longer."""
         padded = pad_ids(
-            [text.ids for text in texts],
+            [text.fed_ids for text in texts],
             self.pad_id,
             left=self.left,
             type_ids=[text.type_ids for text in texts] if self.with_type_ids else None,
@@ -440,13 +451,13 @@ class ReusedTokenIds:
         self.bucketed = bucketed
 
     def __call__(self, sentences: list[Any]) -> Any:
-        if not all(isinstance(s, TokenizedText) for s in sentences):
-            return self.own_step(sentences)
+        if not all(isinstance(s, Text) and s.ids is not None for s in sentences):
+            return self.own_step([s.text if isinstance(s, Text) else s for s in sentences])
         if not self.bucketed:
             return self.pad(sentences)
         by_width: dict[int, list[int]] = {}
         for row, text in enumerate(sentences):
-            by_width.setdefault(bucket_width(len(text.ids)), []).append(row)
+            by_width.setdefault(bucket_width(text.tokens_fed), []).append(row)
         buckets = Buckets(
             (rows, self.pad([sentences[r] for r in rows], width))
             for width, rows in sorted(by_width.items())
@@ -455,13 +466,15 @@ class ReusedTokenIds:
         return buckets
 
 
-def reuse_token_ids(replica: Any, counter: TokenCounter, batch_invariant: bool = False) -> bool:
-    """Let `replica` (an Infinity sentence-transformers embedder) take the counter's token ids
+def reuse_token_ids(
+    replica: Any, first: Any, counter: TokenCounter, batch_invariant: bool = False
+) -> bool:
+    """Let `replica` (an Infinity sentence-transformers embedder, whose first module is `first`)
+    take the counter's token ids
     instead of tokenizing again. Installed only when the reuse gives exactly the tensors of the
     replica's own tokenize step on the probe texts; returns whether it was installed. With
     `batch_invariant`, batches are also split by padded length (`BucketedForward`).
     """
-    first = getattr(replica, "_first_module", lambda: None)()
     tokenizer = getattr(first, "tokenizer", None)
     max_length = getattr(first, "max_seq_length", None)
     if tokenizer is None or not max_length:
@@ -484,7 +497,7 @@ def reuse_token_ids(replica: Any, counter: TokenCounter, batch_invariant: bool =
         with_type_ids=pad.with_type_ids,
     )
 
-    def reproduces(texts: list[str], tokenized: list[TokenizedText]) -> bool:
+    def reproduces(texts: list[str], tokenized: list[Text]) -> bool:
         return _same_features(pad(tokenized), own_step(texts))
 
     if not counter.carry_token_ids(model_input, reproduces):

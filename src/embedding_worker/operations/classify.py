@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from ..engines import Capability, Classifier, ModelEngine, ModelRegistry
 from ..engines.base import LabelScores
-from ..engines.tokenization import counted
+from ..engines.tokenization import Text, counted
 from ..errors import APIError
 from ..limits import ENVELOPE_BYTES
 from .base import (
@@ -43,7 +43,7 @@ class ClassifyRequest(RequestModel):
         return nonempty_texts(value)
 
 
-def _counted_texts(model: Classifier, texts: list[str]) -> tuple[list[str], list[int]]:
+def _counted_texts(model: Classifier, texts: list[str]) -> tuple[list[Text], list[int]]:
     """The texts carrying their token counts, and the counts: one call, one thread for both."""
     lengths = model.tokens.count(texts)
     return counted(texts, lengths), lengths

@@ -28,6 +28,7 @@ from ..engines.base import (
     SparseEmbedding,
     TextEmbeddings,
 )
+from ..engines.tokenization import Text, counted
 from ..images import ImageRef, is_image_data_uri
 from ..limits import (
     ENVELOPE_BYTES,
@@ -329,7 +330,7 @@ async def _prepared_images(
 
 def _prompted_tokens(
     model: Embedder, texts: list[str], instruction: str | None, prompt_type: str | None
-) -> tuple[list[str], list[int]]:
+) -> tuple[list[Text], list[int]]:
     """The texts with the model's prompt, as the engine gets them, and their token counts: one
     call, so that a large request does both in one thread."""
     prompted = prompts.apply_embedding_prompt(model, texts, instruction, prompt_type)
@@ -343,7 +344,7 @@ class Counted:
     the model will see, and the image items by their index."""
 
     model: Embedder
-    texts: list[str]
+    texts: list[Text]
     lengths: list[int]
     tokens: int
     images: list[tuple[int, ImageRef]]
@@ -399,7 +400,8 @@ async def count(context: Context, request: EmbeddingRequest) -> Counted:
         # The caller built these tokens: never prefixed.
         token_lists: list[list[int]] = request.input  # type: ignore[assignment]
         lengths = [len(ids) for ids in token_lists]
-        texts = await off_loop(sum(lengths), _texts_from_token_ids, model, token_lists)
+        decoded = await off_loop(sum(lengths), _texts_from_token_ids, model, token_lists)
+        texts = counted(decoded, lengths)
     else:
         plain = [item for item in request.input if isinstance(item, str)]
         with tracing.phase("tokenize"):

@@ -20,6 +20,7 @@ import numpy as np
 from .. import errors
 from ..engines import Embedder
 from ..engines.token_pass import MEAN, PassResult, TokenPass
+from ..engines.tokenization import Text
 from ..limits import Limits
 from .base import chars, check_request_tokens, off_loop
 
@@ -72,7 +73,7 @@ def check_chunked(model: Embedder, lengths: list[int], limits: Limits, param: st
 
 
 async def embed_windowed(
-    model: Embedder, texts: list[str], lengths: list[int], *, tokens: int
+    model: Embedder, texts: list[Text], lengths: list[int], *, tokens: int
 ) -> np.ndarray:
     """Vectors for `texts`, in order: those within the model's maximum as the engine embeds
     them, the longer ones window by window."""
@@ -81,7 +82,7 @@ async def embed_windowed(
     long_rows = [i for i, n in enumerate(lengths) if n > model.max_length]
     short_rows = [i for i, n in enumerate(lengths) if n <= model.max_length]
     long_tokens = sum(run.window_tokens(lengths[i]) for i in long_rows)
-    long_texts = [texts[i] for i in long_rows]
+    long_texts = [texts[i].text for i in long_rows]
     contents = await off_loop(chars(long_texts), model.tokens.content_ids, long_texts)
     windowed = model.embed_chunked(contents, tokens=long_tokens)
     if not short_rows:

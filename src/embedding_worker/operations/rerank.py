@@ -11,7 +11,7 @@ from pydantic import AliasChoices, Field, field_validator
 
 from .. import tracing
 from ..engines import Capability, Reranker
-from ..engines.tokenization import counted
+from ..engines.tokenization import Text, counted
 from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, check_answer_bytes, utf8_size
 from .base import (
     Context,
@@ -127,9 +127,9 @@ def rerank_response(
     }
 
 
-def _counted_pairs(model: Reranker, request: RerankRequest) -> tuple[list[str], list[int]]:
+def _counted_pairs(model: Reranker, request: RerankRequest) -> tuple[list[Text], list[int]]:
     """Each document carrying its pair's tokens, which bound the engine's batches (budget.py), and
-    those counts; one call, so that a large request does both in one thread (each `CountedText`
+    those counts; one call, so that a large request does both in one thread (each `Text`
     is a copy of its document)."""
     lengths = model.rerank_lengths(request.query, request.documents, request.instruction)
     return counted(request.documents, lengths), lengths

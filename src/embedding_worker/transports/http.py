@@ -16,8 +16,9 @@ import ipaddress
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -33,6 +34,7 @@ from ..reply import Answer
 from ..request_context import RequestContext, current_request, request_id, request_id_of
 from ..statuses import http_status
 from .jobs import Job, JobStatus, JobStore
+from .openai_batches import BatchAnswer, BatchAPI, BatchSettings
 from .runpod import JobReply, answer_job, job_answer
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class ServerSettings:
     drain_seconds: float = 30.0  # on SIGTERM, how long the work in flight may still take
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*": any
     allowed_origins: tuple[str, ...] = ()  # cross-site Origins served without a key; "*": any
+    batches: BatchSettings = field(default_factory=BatchSettings)  # the Batch API's (BATCH_*)
     metrics_require_key: bool = False  # GET /metrics asks for WORKER_API_KEY too
 
     @classmethod
@@ -106,6 +109,7 @@ class ServerSettings:
             ),
             allowed_hosts=_names(env, "SERVER_ALLOWED_HOSTS", _host_entry),
             allowed_origins=_names(env, "SERVER_ALLOWED_ORIGINS", _origin_entry),
+            batches=BatchSettings.from_env(env),
             metrics_require_key=bool_var(env, "METRICS_REQUIRE_KEY", default.metrics_require_key),
         )
 
@@ -158,6 +162,7 @@ class Response:
     body: bytes
     headers: Headers = ()
     content_type: bytes = b"application/json"
+    stream: AsyncGenerator[bytes, None] | None = None  # the body, sent as it comes (`body` unused)
 
 
 def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Response:
@@ -205,6 +210,7 @@ class Request:
     ):
         self.path = path  # without trailing slashes
         self.param = param  # the {job_id} of /status/{job_id} and /cancel/{job_id}
+        self.query: bytes = scope.get("query_string", b"")
         self._headers: list[tuple[bytes, bytes]] = scope["headers"]  # names lower-case (ASGI)
         self._receive = receive
         self._settings = server.settings
@@ -223,35 +229,48 @@ class Request:
         """The raw body, refusing bodies over the limit before reading them whole, and bodies
         that do not arrive within SERVER_BODY_TIMEOUT_S (a client trickling bytes would otherwise
         hold its connection and buffer for ever)."""
-        limit = self._settings.max_body_bytes
-        declared = self.header(b"content-length")
-        if declared.isdigit() and int(declared) > limit:
-            raise _body_too_large(limit)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self._settings.body_timeout_s):
-                while True:
-                    message = await self._receive()
-                    if message["type"] == "http.disconnect":
-                        raise errors.invalid_input("the client went away before sending its body")
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise _body_too_large(limit)
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-        except TimeoutError:
-            raise errors.request_timeout(
-                f"the request body did not arrive within {self._settings.body_timeout_s:g} s "
-                "(SERVER_BODY_TIMEOUT_S)"
-            ) from None
-        self.body_read = True
+        settings = self._settings
+        chunks = [c async for c in self.stream(settings.max_body_bytes, settings.body_timeout_s)]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def json(self) -> Any:
         return await parse_json(await self.body())
+
+    async def stream(
+        self,
+        limit: int,
+        timeout_s: float,
+        too_large: Callable[[int], APIError] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """The body as it arrives (a route that stores it rather than holds it reads it so): at
+        most `limit` bytes, refused with `too_large(limit)` (by default SERVER_MAX_BODY_BYTES's
+        413), all within `timeout_s` (SERVER_BODY_TIMEOUT_S, or a deadline made from it)."""
+        refuse = too_large or _body_too_large
+        declared = self.header(b"content-length")
+        if declared.isdigit() and int(declared) > limit:
+            raise refuse(limit)
+        size = 0
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await self._receive()
+            except TimeoutError:
+                raise errors.request_timeout(
+                    f"the request body did not arrive within {timeout_s:g} s "
+                    "(SERVER_BODY_TIMEOUT_S)"
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise errors.invalid_input("the client went away before sending its body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise refuse(limit)
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.body_read = True
+                return
 
 
 async def parse_json(body: bytes) -> Any:
@@ -291,6 +310,7 @@ class LocalServer:
         self._load_failed: str | None = None
         self._loading: asyncio.Task[None] | None = None
         self.settings = settings or ServerSettings()
+        self.batches = BatchAPI(self.settings.batches, self.settings.body_timeout_s)
         self.jobs = JobStore(
             ttl_s=self.settings.job_ttl_s,
             max_finished=self.settings.max_finished_jobs,
@@ -400,10 +420,11 @@ class LocalServer:
                 tracing.finish(context)
             headers = [
                 (b"content-type", response.content_type),
-                (b"content-length", str(len(response.body)).encode()),
                 (b"x-request-id", context.id.encode()),
                 *response.headers,
             ]
+            if response.stream is None:
+                headers.append((b"content-length", str(len(response.body)).encode()))
             # An unread body's rest would be read as the next request; while draining, a client
             # that keeps its connection would keep sending to a server that is going away.
             if close or self._draining:
@@ -413,9 +434,15 @@ class LocalServer:
                 await send(
                     {"type": "http.response.start", "status": response.status, "headers": headers}
                 )
+                if response.stream is not None and scope["method"] != "HEAD":
+                    async for chunk in response.stream:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": body})
             except asyncio.CancelledError:
                 pass  # the client left while its answer was written: nothing more to do
+            finally:
+                if response.stream is not None:
+                    await response.stream.aclose()
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
 
@@ -428,6 +455,8 @@ class LocalServer:
             matched = operations.match_route(path)
             if matched is not None:
                 methods = self._operations[matched[0].name]
+        if methods is None:
+            methods = self._batch_routes(path)
         if methods is None:
             head, slash, param = path.partition("/")[2].partition("/")
             methods = self._routes.get(f"/{head}/") if slash and param else None
@@ -513,6 +542,7 @@ class LocalServer:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.batches.start(lambda: self._worker)
                 if self._load is not None:
                     self._loading = asyncio.create_task(self._load_in_background(self._load))
                     await send({"type": "lifespan.startup.complete"})
@@ -530,6 +560,7 @@ class LocalServer:
                 for task in running:
                     task.cancel()
                 await asyncio.gather(*running, return_exceptions=True)
+                await self.batches.stop()
                 if self._loading is not None and not self._loading.done():
                     await asyncio.wait([self._loading])  # a load in a thread cannot be cut short
                 if self._worker is not None:
@@ -700,6 +731,23 @@ class LocalServer:
         return json_response(body, 503, ((b"retry-after", str(DRAIN_RETRY_S).encode()),))
 
     # --- the operations' routes: the answer body, with its HTTP status -------------------------
+
+    def _batch_routes(self, path: str) -> dict[str, Handler] | None:
+        """The Batch API's routes (/v1/files, /v1/batches): transports/openai_batches."""
+        handlers = self.batches.routes(path)
+        if handlers is None:
+            return None
+
+        async def respond(
+            handler: Callable[..., Awaitable[BatchAnswer]], request: Request
+        ) -> Response:
+            answer = await handler(request)
+            if answer.download is None:
+                return json_response(answer.body, answer.status)
+            length = ((b"content-length", str(answer.download.size).encode()),)
+            return Response(200, b"", length, b"application/octet-stream", answer.download.chunks)
+
+        return {method: partial(respond, handler) for method, handler in handlers.items()}
 
     def _operation_handler(self, method: str) -> Handler:
         """An operation's route: the request's path names the operation and its parameters;
