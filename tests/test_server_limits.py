@@ -347,7 +347,7 @@ def test_a_large_body_is_parsed_off_the_event_loop(stuck, monkeypatch):
 
 def test_requests_still_running_at_the_drain_deadline_get_a_json_503(stuck):
     worker, model = stuck
-    settings = ServerSettings(drain_timeout_s=0.5)
+    settings = ServerSettings(drain_seconds=0.5)
     answers: list[httpx.Response] = []
     with ServerThread(create_app(worker, settings)) as server:
         sender = threading.Thread(
@@ -369,7 +369,7 @@ def test_requests_still_running_at_the_drain_deadline_get_a_json_503(stuck):
 async def test_requests_arriving_while_draining_get_a_json_503(stuck):
     """uvicorn stops accepting connections when the drain starts; a request whose headers
     complete meanwhile on an open connection reaches the app, which refuses it. /ping and /health
-    still answer (the load balancer learns from them)."""
+    answer 503 draining (the load balancer learns from them)."""
     worker, _ = stuck
     app = LocalServer(worker)
     app.start_draining()
@@ -390,7 +390,8 @@ async def test_requests_arriving_while_draining_get_a_json_503(stuck):
     status, headers, body = await call("POST", "/runsync")
     assert status == 503 and error_code(body) == "shutting_down"
     assert headers[b"retry-after"] == b"1"
-    assert (await call("GET", "/ping"))[0] == 200
+    status, headers, body = await call("GET", "/ping")
+    assert status == 503 and json.loads(body)["status"] == "draining"
 
 
 def test_sigterm_answers_work_in_flight_in_json(bert_embedder):

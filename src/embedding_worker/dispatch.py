@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextvars import Token
 from dataclasses import dataclass
 from typing import Any
 
-from . import errors, operations
+from . import errors, operations, tracing
 from .config import WorkerConfig
 from .engines import ModelRegistry
 from .errors import APIError, ErrorKind
 from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
-from .metrics import Metrics, RequestRecord, current_request
+from .metrics import Metrics, RequestRecord
+from .metrics import current_request as current_record
 from .operations import Operation
 from .reply import Answer
+from .request_context import RequestContext, current_request, new_request_id
 from .statuses import http_status
 from .tiers import REQUEST_VALUES, current_tier
 
@@ -79,12 +82,21 @@ class Worker:
         """
         started = time.perf_counter()
         job = current_job.set(str(job_id)) if job_id is not None else None
+        outer = current_request.get()
+        context, request_token = _request_context(job_id)
+        traced_here = request_token is not None and tracing.enabled()
+        if traced_here:  # a RunPod job, or a batch line (a child of its job's span)
+            tracing.start(context, "job", parent=outer.trace if outer is not None else None)
+        context.route = context.route or route_label(operation)
         tier_token = None
         record = None
         if self.metrics is not None:
             record = RequestRecord(started, route_label(operation))
-        request_token = current_request.set(record)
+        record_token = current_record.set(record)
         body = merge_extra_body(body)
+        if isinstance(body, dict):
+            model = body.get("model")
+            context.model = model if isinstance(model, str) else None
         try:
             if is_small(body):
                 inspect_request(body, self.limits)
@@ -92,6 +104,7 @@ class Worker:
                 await asyncio.to_thread(inspect_request, body, self.limits)
             tier = self._tier(body, named_tier)
             tier_token = current_tier.set(tier)
+            context.tier = tier
             if record is not None:
                 record.tier = tier
             await self.registry.start()
@@ -99,7 +112,11 @@ class Worker:
             if operation.scheduled and isinstance(result, dict):
                 result["service_tier"] = tier  # the tier the work ran at
             answer = Answer(result)
+            context.status = 200
+            if context.trace is not None:
+                context.inputs, context.tokens = _inputs_and_tokens(body, result)
         except APIError as exc:
+            context.status, context.code = http_status(exc), exc.code
             # Messages never hold the payload (errors.py), so they are safe to log.
             if exc.kind in _SERVER_KINDS:
                 log.warning("%s %s: %s", exc.kind.value, exc.code, exc.message)
@@ -107,12 +124,17 @@ class Worker:
                 log.debug("%s %s (param %s)", exc.kind.value, exc.code, exc.param)
             answer = Answer(error=exc)
         except Exception as exc:
+            context.status, context.code = 500, "internal_error"
             log.error("unexpected error: %s", redacted_traceback(exc))
             answer = Answer(error=errors.internal())
         finally:
-            current_request.reset(request_token)
+            current_record.reset(record_token)
             if tier_token is not None:
                 current_tier.reset(tier_token)
+            if traced_here:
+                tracing.finish(context)
+            if request_token is not None:
+                current_request.reset(request_token)
             if job is not None:
                 current_job.reset(job)
         self.finished(Served(route_label(operation), body, answer, started))
@@ -190,6 +212,31 @@ class Served:
     def outcome(self) -> str:
         """ "ok", or the error's code."""
         return "ok" if self.answer.error is None else self.answer.error.code
+
+
+def _request_context(job_id: str | None) -> tuple[RequestContext, Token | None]:
+    """The context this request is answered under: the transport's (the local server's HTTP
+    request), else a new one named by the job (a RunPod job, a batch line: each line its own),
+    and the token that restores the outer one."""
+    outer = current_request.get()
+    if outer is not None and not outer.dispatched:
+        outer.dispatched = True
+        return outer, None
+    context = RequestContext(str(job_id) if job_id is not None else new_request_id())
+    context.dispatched = True
+    return context, current_request.set(context)
+
+
+def _inputs_and_tokens(body: Any, result: Any) -> tuple[int | None, int | None]:
+    """What a trace says of a request's size: its inputs (or documents) and the tokens it was
+    billed."""
+    inputs = None
+    if isinstance(body, dict):
+        items = body.get("input", body.get("documents", body.get("texts")))
+        inputs = len(items) if isinstance(items, list) else (1 if items is not None else None)
+    usage = result.get("usage") if isinstance(result, dict) else None
+    tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return inputs, tokens if isinstance(tokens, int) else None
 
 
 def route_body(body: Any, params: dict[str, str]) -> Any:

@@ -13,10 +13,12 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from . import tracing
 from .allocator import keep_freed_memory
 from .config import ConfigError, WorkerConfig, load_config
 from .dispatch import Worker
 from .engines import ModelLoadError
+from .logs import LOG_FORMATS, RequestFields, formatter
 from .model_paths import RUNPOD_VOLUME, volume_download_home
 from .threads import prepare_thread_environment, size_compute_threads
 
@@ -39,13 +41,17 @@ def configure_logging() -> None:
     import infinity_emb.log_handler  # noqa: F401
 
     level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    log_format = os.environ.get("LOG_FORMAT", "text").strip().lower() or "text"
     logging.basicConfig(
         level=level if level in logging.getLevelNamesMapping() else "INFO",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(_LoggerNames())
+        handler.addFilter(RequestFields())
+        handler.setFormatter(formatter(log_format))
+    if log_format not in LOG_FORMATS:
+        log.warning("LOG_FORMAT must be one of %s; writing text", ", ".join(LOG_FORMATS))
 
 
 def prepare_hub_environment(
@@ -80,6 +86,7 @@ def build_worker(config: WorkerConfig | None = None) -> Worker:
     configure_logging()
     if config is None:
         config = load_config_or_exit()
+    tracing.configure()
     try:
         prepare_thread_environment(os.environ)  # before torch loads OpenMP
         # before any engine thread allocates: a thread keeps the heap it first got

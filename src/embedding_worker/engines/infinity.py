@@ -17,13 +17,14 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import errors
+from .. import errors, tracing
 from ..logs import get_logger, redacted_traceback
 from . import devices, vision
 from . import infinity_adapter as adapter
@@ -214,7 +215,11 @@ class InfinityModel(ModelEngine):
             if known is not None and known[0] is features and all(f.done() for f in known[1]):
                 log.debug("%s: a batch nobody waits for is skipped", self.served_id)
                 return AbandonedBatch(len(known[1]))
-            return core(features)
+            started = time.time_ns()
+            output = core(features)
+            if known is not None and known[0] is features:  # its requests' traces
+                tracing.forward_pass(known[1], started, time.time_ns())
+            return output
 
         @functools.wraps(post)
         def encode_post(output: Any) -> Any:

@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .. import tracing
 from ..tiers import TIERS, current_tier, tier_rank
 from .budget import default_max_batch_tokens, max_batch_rows, rows_allowed, token_bounded
 
@@ -184,6 +185,8 @@ class Scheduler:
                 pass
         for work in works:
             work.future.add_done_callback(functools.partial(self._answered, work))
+        if tracing.enabled():  # the request's trace learns when its inputs were queued
+            tracing.enqueued(work.future for work in works)
         with self._changed:
             first_of_turn = loop is not None and not self._wake_pending
             if loop is not None and first_of_turn:

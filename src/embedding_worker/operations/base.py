@@ -19,6 +19,7 @@ from ..errors import APIError
 from ..limits import SMALL_CHARS, Limits, is_small
 from ..metrics import Metrics
 from ..reply import Answer
+from ..request_context import request_id
 
 T = TypeVar("T")
 
@@ -126,7 +127,9 @@ def _to_api_error(exc: ValidationError) -> APIError:
 
 
 def answer_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """The answer's id: its kind and the request's id (X-Request-Id), so a client, the logs and
+    the trace name one request alike."""
+    return f"{prefix}-{request_id() or uuid.uuid4().hex}"
 
 
 def created() -> int:

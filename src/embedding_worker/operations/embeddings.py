@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
-from .. import errors, images, prompts
+from .. import errors, images, prompts, tracing
 from ..encoding import EmbeddingType, encode_types, encode_vectors
 from ..engines import Capability, Embedder, ImageEmbedder, ModelEngine
 from ..engines.base import (
@@ -404,9 +404,15 @@ async def count(context: Context, request: EmbeddingRequest) -> Counted:
         texts = counted(decoded, lengths)
     else:
         plain = [item for item in request.input if isinstance(item, str)]
-        texts, lengths = await off_loop(
-            chars(plain), _prompted_tokens, model, plain, request.instruction, request.prompt_type
-        )
+        with tracing.phase("tokenize"):
+            texts, lengths = await off_loop(
+                chars(plain),
+                _prompted_tokens,
+                model,
+                plain,
+                request.instruction,
+                request.prompt_type,
+            )
     if image_items:
         # An image counts no tokens; the lengths keep each text at its item's index.
         text_lengths = iter(lengths)

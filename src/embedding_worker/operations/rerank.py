@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from pydantic import AliasChoices, Field, field_validator
 
+from .. import tracing
 from ..engines import Capability, Reranker
 from ..engines.tokenization import Text, counted
 from ..limits import ENVELOPE_BYTES, RERANK_ITEM_BYTES, Limits, check_answer_bytes, utf8_size
@@ -145,7 +146,8 @@ async def rerank(context: Context, body: dict[str, Any]) -> dict[str, Any]:
     size = chars(docs) + len(request.query) * len(docs)  # each pair holds the query
     await off_loop(size, check_answer_size, docs, returned, request.return_documents, limits)
     model.check_room(len(docs), len(docs))  # before the pairs are counted
-    pairs, lengths = await off_loop(size, _counted_pairs, model, request)
+    with tracing.phase("tokenize"):
+        pairs, lengths = await off_loop(size, _counted_pairs, model, request)
     tokens = check_lengths(model, lengths, request.truncate, limits, "documents")
     scores = await model.rerank(request.query, pairs, request.instruction, tokens=tokens)
     check_finite(scores, model)

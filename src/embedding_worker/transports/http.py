@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from .. import errors, operations
+from .. import errors, operations, tracing
 from ..dispatch import Worker
 from ..env import ConfigError, bool_var, float_var, int_var
 from ..errors import APIError
@@ -31,6 +31,7 @@ from ..logs import redacted_traceback
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..metrics import exposition_without_worker
 from ..reply import Answer
+from ..request_context import RequestContext, current_request, request_id, request_id_of
 from ..statuses import http_status
 from .jobs import Job, JobStatus, JobStore
 from .openai_batches import BatchAnswer, BatchAPI, BatchSettings
@@ -53,7 +54,8 @@ SERVER_VARIABLES = (
     "SERVER_MAX_CONNECTIONS",
     "SERVER_MAX_QUEUED_JOBS",
     "SERVER_MAX_QUEUED_BYTES",
-    "SERVER_DRAIN_TIMEOUT_S",
+    "DRAIN_SECONDS",
+    "SERVER_DRAIN_TIMEOUT_S",  # DRAIN_SECONDS' former name, still read
     "SERVER_ALLOWED_HOSTS",
     "SERVER_ALLOWED_ORIGINS",
     "METRICS_REQUIRE_KEY",
@@ -74,7 +76,7 @@ class ServerSettings:
     max_connections: int = 1024  # open connections; a request on one beyond is 503 server_busy
     max_queued_jobs: int = 256  # unfinished /run jobs; beyond, /run answers 429 queue_full
     max_queued_bytes: int = 64 * 1024 * 1024  # request bytes of unfinished /run jobs; beyond, 429
-    drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may still finish
+    drain_seconds: float = 30.0  # on SIGTERM, how long the work in flight may still take
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback ones; "*": any
     allowed_origins: tuple[str, ...] = ()  # cross-site Origins served without a key; "*": any
     batches: BatchSettings = field(default_factory=BatchSettings)  # the Batch API's (BATCH_*)
@@ -100,7 +102,11 @@ class ServerSettings:
             max_connections=int_var(env, "SERVER_MAX_CONNECTIONS", default.max_connections),
             max_queued_jobs=int_var(env, "SERVER_MAX_QUEUED_JOBS", default.max_queued_jobs),
             max_queued_bytes=int_var(env, "SERVER_MAX_QUEUED_BYTES", default.max_queued_bytes),
-            drain_timeout_s=float_var(env, "SERVER_DRAIN_TIMEOUT_S", default.drain_timeout_s),
+            drain_seconds=float_var(
+                env,
+                "DRAIN_SECONDS",
+                float_var(env, "SERVER_DRAIN_TIMEOUT_S", default.drain_seconds),
+            ),
             allowed_hosts=_names(env, "SERVER_ALLOWED_HOSTS", _host_entry),
             allowed_origins=_names(env, "SERVER_ALLOWED_ORIGINS", _origin_entry),
             batches=BatchSettings.from_env(env),
@@ -161,7 +167,8 @@ class Response:
 
 def json_response(body: Any, status: int = 200, headers: Headers = ()) -> Response:
     try:
-        content = orjson.dumps(body)
+        with tracing.phase("serialise"):
+            content = orjson.dumps(body)
     except orjson.JSONEncodeError as exc:  # a bug upstream; the client still gets an error object
         log.error("an answer could not be written as JSON: %s", redacted_traceback(exc))
         error = errors.internal()
@@ -314,6 +321,8 @@ class LocalServer:
         self._hosts: frozenset[str] | None = None  # Host names served; None: any (listening_on)
         self._origins = frozenset(self.settings.allowed_origins)
         self._draining = False  # set when the server starts shutting down
+        self._in_flight = 0  # HTTP requests being answered
+        self._owed: set[str] = set()  # /run jobs unfinished when the drain began, until fetched
         self._run_reserved = 0  # bytes of /run bodies admitted and still being parsed
         # path -> {method: handler}; /status/ and /cancel/ take the job id as the rest of the path.
         self._routes: dict[str, dict[str, Handler]] = {
@@ -361,10 +370,24 @@ class LocalServer:
         self._hosts = frozenset({"localhost", "127.0.0.1", "::1", host.strip("[]"), *allowed})
 
     def start_draining(self) -> None:
-        """The server is shutting down: new requests are refused with 503 shutting_down, and
-        requests still running when the drain time is up are answered so (not uvicorn's
-        plain-text 500)."""
+        """The server is shutting down (SIGTERM): /ping and /health answer 503, so a load
+        balancer sends nothing more; new requests are refused with 503 shutting_down and
+        Retry-After; /status and /cancel still answer, so a /run job's result can be fetched.
+        Requests still running when the drain time (DRAIN_SECONDS) is up are answered 503 too
+        (not uvicorn's plain-text 500), and /run jobs still unfinished then end FAILED."""
+        if not self._draining:
+            self._owed = {job.id for job in self.jobs.unfinished()}
+            log.info(
+                "draining: no new work; up to %g s for the work in flight (DRAIN_SECONDS)",
+                self.settings.drain_seconds,
+            )
         self._draining = True
+
+    @property
+    def drained(self) -> bool:
+        """Whether nothing is left to do: no request being answered, and every /run job that was
+        unfinished when the drain began has finished and had its answer fetched (or cancelled)."""
+        return self._in_flight == 0 and not self._owed
 
     @property
     def worker(self) -> Worker:
@@ -380,11 +403,31 @@ class LocalServer:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            response, close = await self._respond(scope, receive)
-            headers = [(b"content-type", response.content_type), *response.headers]
+            context = RequestContext(request_id_of(scope["headers"]))
+            token = current_request.set(context)
+            if tracing.enabled():
+                tracing.start(context, scope["method"], _header(scope, b"traceparent"))
+            self._in_flight += 1
+            try:
+                response, close = await self._respond(scope, receive)
+                context.status = response.status
+                if log.isEnabledFor(logging.DEBUG):  # one line a request, with LOG_LEVEL=DEBUG
+                    route = context.route or "(no such route)"
+                    log.debug("%s %s answered %d", scope["method"], route, response.status)
+            finally:
+                self._in_flight -= 1
+                current_request.reset(token)
+                tracing.finish(context)
+            headers = [
+                (b"content-type", response.content_type),
+                (b"x-request-id", context.id.encode()),
+                *response.headers,
+            ]
             if response.stream is None:
                 headers.append((b"content-length", str(len(response.body)).encode()))
-            if close:  # the rest of an unread body would be read as the next request
+            # An unread body's rest would be read as the next request; while draining, a client
+            # that keeps its connection would keep sending to a server that is going away.
+            if close or self._draining:
                 headers.append((b"connection", b"close"))
             body = b"" if scope["method"] == "HEAD" else response.body
             try:
@@ -417,6 +460,9 @@ class LocalServer:
         if methods is None:
             head, slash, param = path.partition("/")[2].partition("/")
             methods = self._routes.get(f"/{head}/") if slash and param else None
+        context = current_request.get()
+        if context is not None and methods is not None:  # a path the server knows, never any text
+            context.route = f"/{head}/" if param else path
         request = Request(scope, receive, path, param, self)
         try:
             response = await self._answer(request, path, method, methods)
@@ -446,7 +492,7 @@ class LocalServer:
                 error.to_dict(), http_status(error), ((b"allow", ", ".join(allowed).encode()),)
             )
         if path not in self._open:
-            if self._draining:
+            if self._draining and not request.param:  # /status/{id}, /cancel/{id} still answer
                 raise _shutting_down()
             if self._api_key is not None and (
                 path != "/metrics" or self.settings.metrics_require_key
@@ -510,6 +556,7 @@ class LocalServer:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 running = [job.task for job in self.jobs.unfinished() if job.task is not None]
+                self._fail_unfinished_jobs()
                 for task in running:
                     task.cancel()
                 await asyncio.gather(*running, return_exceptions=True)
@@ -520,6 +567,14 @@ class LocalServer:
                     await self._worker.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _fail_unfinished_jobs(self) -> None:
+        """/run jobs still unfinished when the server stops end FAILED with 503 shutting_down,
+        a status a client polling /status can act on (resubmit), rather than IN_PROGRESS."""
+        for job in self.jobs.unfinished():
+            failed = orjson.dumps(job_answer(job.id, _shutting_down_reply()))
+            self.jobs.finish(job, JobStatus.FAILED, failed)
+            log.warning("job %s: not finished within the drain time; failed", job.id)
 
     async def _load_in_background(self, load: Callable[[], Worker]) -> None:
         """Load the models on a thread (the event loop keeps answering /ping), then start them."""
@@ -539,7 +594,7 @@ class LocalServer:
 
     async def runsync(self, request: Request) -> Response:
         job_input = _job_input(await request.json())
-        job_id = f"sync-{uuid.uuid4()}"
+        job_id = request_id() or f"sync-{uuid.uuid4()}"
         worker = self.worker  # 503 while the models load
         self.jobs.sync_started()
         status = JobStatus.CANCELLED  # the client went away while the job ran
@@ -573,10 +628,21 @@ class LocalServer:
         finally:
             self._run_reserved -= cost
         job = self.jobs.add(cost)
-        job.task = asyncio.create_task(self._run_job(job, job_input))
+        submitted = current_request.get()  # read now: the request's span ends with its answer
+        trace = submitted.trace if submitted is not None else None
+        job.task = asyncio.create_task(
+            self._run_job(job, job_input, submitted.id if submitted else job.id, trace)
+        )
         return json_response({"id": job.id, "status": job.status.value})
 
-    async def _run_job(self, job: Job, job_input: Any) -> None:
+    async def _run_job(
+        self, job: Job, job_input: Any, submitter_id: str, submitted: tracing.Trace | None
+    ) -> None:
+        """Run a /run job in its own request context (its task's), under the id of the request
+        that submitted it, and traced as a child of that request's span (`submitted`)."""
+        context = RequestContext(submitter_id, route="/run")
+        current_request.set(context)
+        tracing.start(context, "job", parent=submitted)
         job.status = JobStatus.IN_PROGRESS
         try:
             body = job_answer(job.id, await answer_job(self.worker, job_input, job.id))
@@ -586,10 +652,15 @@ class LocalServer:
             failed = Answer(error=errors.internal())
             body = job_answer(job.id, JobReply.of_answer(failed, False, healthy=True))
             answer = orjson.dumps(body)
+        finally:
+            tracing.finish(context)
         self.jobs.finish(job, JobStatus(body["status"]), answer)
 
     async def status(self, request: Request) -> Response:
-        return self._status_response(self._known_job(request.param))
+        job = self._known_job(request.param)
+        if job.finished:
+            self._owed.discard(job.id)
+        return self._status_response(job)
 
     async def cancel(self, request: Request) -> Response:
         job = self._known_job(request.param)
@@ -598,6 +669,7 @@ class LocalServer:
                 job.task.cancel()
             answer = {"id": job.id, "status": JobStatus.CANCELLED.value}
             self.jobs.finish(job, JobStatus.CANCELLED, orjson.dumps(answer))
+        self._owed.discard(job.id)
         return self._status_response(job)
 
     def _known_job(self, job_id: str) -> Job:
@@ -614,7 +686,9 @@ class LocalServer:
 
     async def ping(self, request: Request) -> Response:
         """RunPod's load-balancer health check: 204 while the models load, 200 when ready, 503
-        once the load failed or an engine stopped answering."""
+        once the load failed or an engine stopped answering, and while the server drains."""
+        if self._draining:
+            return self._draining_response()
         if self._worker is None:
             if self._load_failed is not None:
                 return json_response({"status": "unhealthy", "reason": self._load_failed}, 503)
@@ -641,6 +715,8 @@ class LocalServer:
         return Response(200, text, content_type=METRICS_CONTENT_TYPE.encode())
 
     async def health(self, request: Request) -> Response:
+        if self._draining:
+            return self._draining_response()
         healthy = self.worker.healthy
         body: dict[str, Any] = {
             "status": "ok" if healthy else "unhealthy",
@@ -649,6 +725,10 @@ class LocalServer:
         if not healthy:
             body["reason"] = self.worker.registry.health.reason
         return json_response(body, 200 if healthy else 503)
+
+    def _draining_response(self) -> Response:
+        body = {"status": "draining", "jobs": self.jobs.counts()}
+        return json_response(body, 503, ((b"retry-after", str(DRAIN_RETRY_S).encode()),))
 
     # --- the operations' routes: the answer body, with its HTTP status -------------------------
 
@@ -697,7 +777,15 @@ def _shutting_down() -> APIError:
     )
 
 
+def _shutting_down_reply() -> JobReply:
+    return JobReply.of_answer(Answer(error=_shutting_down()), False, healthy=True)
+
+
 DRAIN_RETRY_S = 1  # another worker, or this one restarted, may answer at once
+
+
+def _header(scope: Mapping[str, Any], name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)
 
 
 def _host_name(host: bytes) -> str:

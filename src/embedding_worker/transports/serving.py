@@ -2,8 +2,8 @@
 
 This is the one module that reaches into uvicorn's internals: a subclass of its httptools protocol
 (`HttpToolsProtocol`: its `cycle`, `connections`, `app` and `transport`) and of its `Server`
-(`shutdown`), checked against the pinned uvicorn by tests/test_server_limits.py. The ASGI app itself
-(transports/http.py) knows nothing of them.
+(`handle_exit`, `on_tick`, `shutdown`, `_captured_signals`), checked against the pinned uvicorn
+by tests/test_server_limits.py. The ASGI app itself (transports/http.py) knows nothing of them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from http import HTTPStatus
+from types import FrameType
 from typing import Any, ClassVar
 
 import orjson
@@ -20,6 +22,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .. import errors
 from ..errors import APIError
+from ..request_context import request_id_of
 from ..statuses import http_status
 from .http import LocalServer, Receive, Send, ServerSettings
 
@@ -162,6 +165,7 @@ async def _server_busy(scope: dict[str, Any], receive: Receive, send: Send) -> N
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id_of(scope["headers"]).encode()),
         (b"retry-after", b"1"),
         (b"connection", b"close"),
     ]
@@ -170,12 +174,46 @@ async def _server_busy(scope: dict[str, Any], receive: Receive, send: Send) -> N
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, telling the app when its shutdown starts (`LocalServer.start_draining`)."""
+    """uvicorn's server with a drain before its shutdown.
+
+    On SIGTERM (or SIGINT) uvicorn would close its listening sockets at once: a load balancer
+    still sending there gets connections refused, and the /run jobs in flight are cut off. Here
+    the first signal starts the app's drain instead (`LocalServer.start_draining`): the server
+    keeps listening and answers /ping 503 and new work 503 with Retry-After, while the requests
+    and /run jobs in flight finish. Once none is left, or DRAIN_SECONDS after the signal,
+    uvicorn's own shutdown runs, with what is left of the drain time for requests still running
+    (then cancelled, and answered 503). A second signal ends the drain at once.
+    """
+
+    drain_started: float | None = None  # monotonic time of the first signal
+    _hurry = False  # a second signal: what is still running is cut short
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = self.config.app
+        if self.drain_started is None and not self.should_exit and isinstance(app, LocalServer):
+            self._captured_signals.append(sig)  # uvicorn raises it again on its way out
+            self.drain_started = time.monotonic()
+            app.start_draining()
+            return
+        self._hurry = self.drain_started is not None
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        app = self.config.app
+        if self.drain_started is not None and isinstance(app, LocalServer) and not self.should_exit:
+            if app.drained or time.monotonic() >= self.drain_started + app.settings.drain_seconds:
+                self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         app = self.config.app
         if isinstance(app, LocalServer):
             app.start_draining()
+            left = app.settings.drain_seconds
+            if self.drain_started is not None:
+                left += self.drain_started - time.monotonic()
+            # uvicorn waits for ever on a timeout of 0: a drain that is over cancels at once.
+            self.config.timeout_graceful_shutdown = 0.001 if self._hurry else max(left, 0.001)  # type: ignore[assignment]
         await super().shutdown(sockets)
 
 
@@ -197,7 +235,7 @@ def uvicorn_server(app: LocalServer, host: str, port: int) -> uvicorn.Server:
         access_log=False,
         proxy_headers=False,
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works
-        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=settings.drain_seconds,  # type: ignore[arg-type]
     )
     return DrainingServer(config)
 
