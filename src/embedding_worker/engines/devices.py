@@ -2,7 +2,7 @@
 
 DEVICES names the devices (`0,1`: CUDA devices 0 and 1; `cpu,cpu`: two CPU replicas, for tests);
 unset, every visible CUDA device gets a replica, or the CPU one. Infinity's engines take the list
-as their `device_id` (one replica per device, fed by the paced queue, pacing.py); the compiled
+as their `device_id` (one replica per device, fed by the one scheduler, scheduler.py); the compiled
 backends (backends.py) keep a `ReplicaSet`, which hands each batch to the replica with the fewest
 batches in progress, the earliest-used first among equals.
 """
