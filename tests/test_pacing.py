@@ -125,6 +125,17 @@ async def test_a_request_alone_in_its_turn_goes_whole_at_the_turns_end():
     assert released == [[4, 2]]
 
 
+async def test_a_publisher_that_looks_before_the_turns_end_takes_nothing_of_a_lone_request():
+    # Infinity's publisher looks again whenever its wait times out; looking while the turn that
+    # submitted a request goes on, it once took the request's first full batch alone, so the same
+    # request was cut into batches (and padded) one way or another by chance.
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    queue.extend(_items(6))
+    assert _pop(queue, timeout=0) == []
+    await asyncio.sleep(0)  # the turn ends
+    assert _pop(queue, timeout=0) == [4, 2]
+
+
 async def test_full_batches_go_together_and_cancelled_items_are_dropped():
     queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
     await _submit(queue, _items(1))

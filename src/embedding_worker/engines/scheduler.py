@@ -157,6 +157,7 @@ class Scheduler:
         self._listeners: list[Callable[[], None]] = []
         self._changed = threading.Condition()
         self._wake_pending = False
+        self._turn_grew = False  # a later job of the pending turn submitted too
         self._served_above_flex = -FLEX_YIELD_S  # when work above flex last arrived (monotonic)
         self._text_seconds = 0.0  # model seconds a text, recently; 0 before any
         self._last_finish = 0.0
@@ -192,6 +193,8 @@ class Scheduler:
             if loop is not None and first_of_turn:
                 self._wake_pending = True
                 loop.call_soon(self._turn_ended)  # after the tasks already due in this turn
+            elif loop is not None:
+                self._turn_grew = True
             before = len(self)
             for work in works:
                 self.queues[work.tier].append(work)
@@ -209,6 +212,7 @@ class Scheduler:
     def _turn_ended(self) -> None:
         with self._changed:
             self._wake_pending = False
+            self._turn_grew = False
         self._notify()
 
     def _notify(self) -> None:
@@ -279,8 +283,14 @@ class Scheduler:
         room = self.ahead * self.replicas - self.in_model
         if not waiting or room <= 0:
             return 0
-        if self.in_model < self.replicas and not self._wake_pending:
-            return min(room, -(-waiting // self.batch_size))
+        if self.in_model < self.replicas:
+            if not self._wake_pending:
+                return min(room, -(-waiting // self.batch_size))
+            if not self._turn_grew:
+                # The turn's first request goes whole at the turn's end, however its batches
+                # divide, whenever the publisher happens to look: the same request alone is
+                # batched (and padded) the same way every time, so it gets the same answer.
+                return 0
         if not self._flex_yields():
             return min(room, waiting // self.batch_size)
         return 0
