@@ -191,9 +191,11 @@ async def tiny_worker(bert_embedder):
     await worker.stop()
 
 
-def _record_batch_sizes(model, first_pass_s: float = 0.0) -> list[int]:
+def _record_batch_sizes(
+    model, first_pass_s: float = 0.0, hold: threading.Event | None = None
+) -> list[int]:
     """The batch sizes the model's forward pass sees, in order, from now on; the first pass takes
-    `first_pass_s` longer."""
+    `first_pass_s` longer, and waits for `hold` where given."""
     replica = model.engine._model_replicas[0]
     guarded = replica.encode_core  # the worker's guard, which also tells the queue
     sizes: list[int] = []
@@ -204,6 +206,8 @@ def _record_batch_sizes(model, first_pass_s: float = 0.0) -> list[int]:
         sizes.append(rows if rows is not None else int(features["input_ids"].shape[0]))
         if len(sizes) == 1:
             time.sleep(first_pass_s)
+            if hold is not None:
+                assert hold.wait(30)
         return guarded(features)
 
     replica.encode_core = encode_core
@@ -212,34 +216,39 @@ def _record_batch_sizes(model, first_pass_s: float = 0.0) -> list[int]:
 
 @pytest.fixture
 async def busy_engine(tiny_worker):
-    """The tiny worker whose first forward pass takes 1 s, and the batch sizes its model sees."""
+    """The tiny worker whose first forward pass lasts until its `hold` is set, and the batch sizes
+    its model sees."""
     model = tiny_worker.registry.models[0]
-    return tiny_worker, model, _record_batch_sizes(model, first_pass_s=1.0)
+    hold = threading.Event()
+    yield tiny_worker, model, _record_batch_sizes(model, hold=hold), hold
+    hold.set()
 
 
-async def _one_by_one(model, count: int, embed=None) -> None:
+async def _one_by_one(model, hold: threading.Event, count: int, embed=None) -> None:
     """One request, then `count` more one at a time while its forward pass runs (through the
-    worker's model, or `embed(text)`)."""
+    worker's model, or `embed(text)`); the pass ends once they are all queued."""
     embed = embed or (lambda text: model.embed([text], tokens=4))
     first = asyncio.ensure_future(embed("first"))
-    await asyncio.sleep(0.3)  # its batch is in the model, which now takes 1 s
+    await asyncio.sleep(0.3)  # its batch is in the model
     later = []
     for i in range(count):
         later.append(asyncio.ensure_future(embed(f"text {i}")))
         await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the last is queued (or, in Infinity's own queue, handed over)
+    hold.set()
     vectors = await asyncio.wait_for(asyncio.gather(first, *later), 60)
     assert all(np.asarray(v).shape == (1, model.dimensions) for v in vectors)
 
 
 async def test_requests_arriving_one_by_one_run_as_one_batch(busy_engine):
-    worker, model, sizes = busy_engine
-    await _one_by_one(model, 12)
+    worker, model, sizes, hold = busy_engine
+    await _one_by_one(model, hold, 12)
     assert sizes == [1, 12]
 
 
 async def test_without_pacing_infinity_splits_them(busy_engine):
     """What the paced queue is for: Infinity's own queue hands them over a few at a time."""
-    worker, model, sizes = busy_engine
+    worker, model, sizes, hold = busy_engine
     handler = model.engine._batch_handler
     handler._queue_prio = handler._queue_prio.inner
     await asyncio.sleep(0.5)  # Infinity's publisher asks the paced queue (0.2 s) one last time
@@ -248,7 +257,7 @@ async def test_without_pacing_infinity_splits_them(busy_engine):
         vectors, _ = await model.engine.embed(sentences=[text])
         return vectors
 
-    await _one_by_one(model, 12, infinity_alone)
+    await _one_by_one(model, hold, 12, infinity_alone)
     assert sizes[0] == 1 and sum(sizes) == 13
     assert len(sizes) > 3, sizes
 
