@@ -125,6 +125,23 @@ async def test_a_request_alone_in_its_turn_goes_whole_at_the_turns_end():
     assert released == [[4, 2]]
 
 
+async def test_a_batch_leaves_the_model_when_its_forward_pass_ends_not_when_answered():
+    # Infinity post-processes a batch and resolves its futures on other threads after its forward
+    # pass: the next part-filled batch goes (to be tokenized) as soon as the pass ends.
+    queue = PacedQueue(CustomFIFOQueue(), batch_size=4)
+    first = _items(1)
+    await _submit(queue, first)
+    assert _pop(queue) == [1]
+    await _submit(queue, _items(2))
+    assert _pop(queue, timeout=0) == []  # the model is busy
+    queue.scheduler.forward_finished([first[0].item.future])
+    assert queue.in_model == 0
+    assert _pop(queue, timeout=0) == [2]
+    first[0].item.future.set_result(None)  # its answer, later: counted out once only
+    await asyncio.sleep(0)
+    assert queue.in_model == 1
+
+
 async def test_a_publisher_that_looks_before_the_turns_end_takes_nothing_of_a_lone_request():
     # Infinity's publisher looks again whenever its wait times out; looking while the turn that
     # submitted a request goes on, it once took the request's first full batch alone, so the same
@@ -212,6 +229,41 @@ def _record_batch_sizes(
 
     replica.encode_core = encode_core
     return sizes
+
+
+async def test_infinity_tells_the_scheduler_when_a_forward_pass_ends(tiny_worker):
+    model = tiny_worker.registry.models[0]
+    replica = model.engine._model_replicas[0]
+    post = replica.encode_post
+    release = threading.Event()
+    finished: list[bool] = []  # for each batch out of the model: whether its request was answered
+
+    class Observer:
+        def batch_formed(self, *args) -> None:
+            pass
+
+        def batch_finished(self, name: str, rows: int, seconds: float) -> None:
+            finished.append(task.done())
+
+    def held_post(output):  # post-processing, and so the answer, waits for the test
+        assert release.wait(30)
+        return post(output)
+
+    replica.encode_post = held_post
+    model.scheduler.observers.append(observer := Observer())
+    try:
+        task = asyncio.ensure_future(model.embed(["one text"], tokens=4))
+        deadline = time.monotonic() + 30
+        while not finished and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert finished == [False] and model.scheduler.in_model == 0
+        release.set()
+        vectors = await asyncio.wait_for(task, 30)
+        assert vectors.shape[0] == 1 and finished == [False]
+    finally:
+        release.set()
+        replica.encode_post = post
+        model.scheduler.observers.remove(observer)
 
 
 @pytest.fixture

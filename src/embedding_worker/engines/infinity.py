@@ -6,7 +6,7 @@ infinity_adapter.py alone. The worker's scheduler (scheduler.py) forms the batch
 to Infinity's threads, which compute them. Five of Infinity's behaviours are worked around, each
 in one place: a batch thread that dies silently (`_guard_batch_threads`), a forward pass that
 fails its whole batch when memory runs out (`_split_on_out_of_memory`), batches computed after
-every request in them has gone (`_skip_abandoned_batches`), a second tokenization of every text
+every request in them has gone (`_link_batches`), a second tokenization of every text
 (tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's tensors
 exactly), and the inputs of CLIP-like models (vision.py).
 """
@@ -133,7 +133,7 @@ class InfinityModel(ModelEngine):
         for each_replica in adapter.replicas(engine):
             self._prepare_replica(each_replica)
             self._split_on_out_of_memory(each_replica)
-            self._skip_abandoned_batches(each_replica)
+            self._link_batches(each_replica)
             self._guard_batch_threads(each_replica)
 
     @staticmethod
@@ -190,13 +190,18 @@ class InfinityModel(ModelEngine):
         else:
             replica.encode_core = SplitOnOutOfMemory(core, self.served_id)
 
-    def _skip_abandoned_batches(self, replica: Any) -> None:
-        """A batch whose every request has gone (cancelled, timed out, its client away) by the
-        time its forward pass would start is not computed: Infinity computes every batch it has
-        been handed, and a request that gave up would otherwise keep the model busy for a batch
-        after. The pre-processing step links its features to the batch's futures
-        (infinity_adapter.HandedOver); the forward step then returns an `AbandonedBatch`, and the
-        post-processing step placeholders that Infinity hands to futures already done."""
+    def _link_batches(self, replica: Any) -> None:
+        """The pre-processing step links a batch's features to its futures
+        (infinity_adapter.HandedOver), so that the forward step knows whose batch it computes:
+        - a batch whose every request has gone (cancelled, timed out, its client away) by the
+          time its forward pass would start is not computed (Infinity computes every batch it
+          has been handed, and a request that gave up would otherwise keep the model busy for a
+          batch after): the forward step returns an `AbandonedBatch`, and the post-processing
+          step placeholders that Infinity hands to futures already done;
+        - a forward pass that ends tells the scheduler at once (`Scheduler.forward_finished`), so
+          the next batch is handed over and tokenized while this one's answers are
+          post-processed and delivered;
+        - the requests' traces get the forward pass's span."""
         pre, core, post = replica.encode_pre, replica.encode_core, replica.encode_post
         linked: dict[int, tuple[Any, list[Any]]] = {}  # id(features) -> (features, futures)
 
@@ -217,7 +222,8 @@ class InfinityModel(ModelEngine):
                 return AbandonedBatch(len(known[1]))
             started = time.time_ns()
             output = core(features)
-            if known is not None and known[0] is features:  # its requests' traces
+            if known is not None and known[0] is features:
+                self.scheduler.forward_finished(known[1])
                 tracing.forward_pass(known[1], started, time.time_ns())
             return output
 

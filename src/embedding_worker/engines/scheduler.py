@@ -3,8 +3,11 @@
 Every input a model is asked for waits here as a `Work`: its token count, its service tier, its
 arrival, the future its answer resolves and the engine's own item. An engine takes batches of
 them (Infinity's publisher thread through infinity_adapter.PacedQueue; the engines the worker
-batches itself through batching.SelfBatching) and computes them; a batch is through the model
-once every one of its futures is done, answered or abandoned, so no engine step has to report it.
+batches itself through batching.SelfBatching) and computes them. A batch leaves the model's count
+when its forward pass ends, where the engine says so (`forward_finished`: Infinity's replicas,
+whose answers are post-processed and resolved on other threads afterwards, so the next batch is
+tokenized meanwhile), and at the latest once every one of its futures is done, answered or
+abandoned (an engine that fails, or one that says nothing).
 
 The policy, the same for every engine:
 
@@ -104,6 +107,7 @@ class _Batch:
     works: list[Work]
     released: float  # time.monotonic() when handed over
     waiting: int  # its futures not yet done
+    left: bool = False  # out of the model's count (its forward pass ended, or all answered)
 
 
 class BatchObserver(Protocol):
@@ -161,6 +165,8 @@ class Scheduler:
         self._served_above_flex = -FLEX_YIELD_S  # when work above flex last arrived (monotonic)
         self._text_seconds = 0.0  # model seconds a text, recently; 0 before any
         self._last_finish = 0.0
+        # Batches in the model's count, by the id of their first input's future (forward_finished).
+        self._in_model_batches: dict[int, _Batch] = {}
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self.queues)
@@ -227,16 +233,35 @@ class Scheduler:
             if batch is None:  # still waiting: dropped when a hand-over reaches it
                 return
             batch.waiting -= 1
-            if batch.waiting:
+            if batch.waiting or batch.left:
                 return
-            now = time.monotonic()
-            # Model time: from when the batch could start (handed over, or the previous answer).
-            seconds = now - max(batch.released, self._last_finish)
-            self._last_finish = now
+            seconds = self._leave(batch)
         self.batch_finished(len(batch.works), seconds)
 
+    def forward_finished(self, futures: Sequence[asyncio.Future]) -> None:
+        """The forward pass of the batch of these futures (in hand-over order) has ended, or was
+        skipped: from any thread. Its answers may still be on their way."""
+        if not futures:
+            return
+        with self._changed:
+            batch = self._in_model_batches.get(id(futures[0]))
+            if batch is None or batch.left or batch.works[0].future is not futures[0]:
+                return
+            seconds = self._leave(batch)
+        self.batch_finished(len(batch.works), seconds)
+
+    def _leave(self, batch: _Batch) -> float:
+        """`batch` out of the model's count (under the lock): its model time, from when it could
+        start (handed over, or the previous batch out)."""
+        batch.left = True
+        del self._in_model_batches[id(batch.works[0].future)]
+        now = time.monotonic()
+        seconds = now - max(batch.released, self._last_finish)
+        self._last_finish = now
+        return seconds
+
     def batch_finished(self, rows: int = 0, seconds: float = 0.0) -> None:
-        """A handed-over batch is answered, `rows` inputs in `seconds` of model time."""
+        """A handed-over batch is out of the model, `rows` inputs in `seconds` of model time."""
         with self._changed:
             self.in_model = max(0, self.in_model - 1)
             # A moving average of the seconds a text takes in full batches (smaller ones cost
@@ -322,6 +347,7 @@ class Scheduler:
             now = time.monotonic()
             for works in batches:
                 batch = _Batch(works, now, len(works))
+                self._in_model_batches[id(works[0].future)] = batch
                 for work in works:
                     work.batch = batch
             self.in_model += len(batches)
