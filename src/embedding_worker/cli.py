@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# Called first by the entry points: OpenMP reads its environment once, when torch loads it.
+from .threads import prepare_thread_environment
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 TEST_INPUT = "test_input.json"
@@ -257,6 +260,7 @@ def serve_http(
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The `embedding-worker` console script."""
+    prepare_thread_environment(os.environ)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -266,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def handler_main(argv: Sequence[str] | None = None) -> None:
     """`python handler.py [...]`: RunPod's worker, or a local mode (--serve, --batch)."""
+    prepare_thread_environment(os.environ)
     argv = list(sys.argv[1:] if argv is None else argv)
     translated = _handler_argv(argv)
     if translated[0] == "runpod":

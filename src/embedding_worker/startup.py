@@ -83,12 +83,13 @@ def load_config_or_exit() -> WorkerConfig:
 
 def build_worker(config: WorkerConfig | None = None) -> Worker:
     """Read the configuration and load every model, or exit with a clear message."""
+    # Before anything imports torch (Infinity's log handler does): OpenMP reads it once, at load.
+    prepare_thread_environment(os.environ)
     configure_logging()
     if config is None:
         config = load_config_or_exit()
     tracing.configure()
     try:
-        prepare_thread_environment(os.environ)  # before torch loads OpenMP
         # before any engine thread allocates: a thread keeps the heap it first got
         if keep_freed_memory(os.environ, config.keep_freed_memory):
             log.info("malloc keeps the memory a batch frees for the next (KEEP_FREED_MEMORY)")

@@ -8,9 +8,10 @@ at the barrier (GNU OpenMP's default), burning the CPU time the late thread need
 neighbour then costs far more than its share.
 
 So, at start: OpenMP's idle threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`, set
-before torch loads OpenMP), and torch's intra-op threads are as many as the CPUs the process may
-run on (its affinity, within its cgroup's CPU quota). Where the user sets OMP_WAIT_POLICY or
-OMP_NUM_THREADS, theirs hold.
+by the entry points before anything imports torch: OpenMP reads it once, when torch loads it,
+and Infinity's modules import torch), and torch's intra-op threads are as many as the CPUs the
+process may run on (its affinity, within its cgroup's CPU quota). Where the user sets
+OMP_WAIT_POLICY or OMP_NUM_THREADS, theirs hold.
 """
 
 from __future__ import annotations
