@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from embedding_worker.threads import (
+    IDLE_SPIN_COUNT,
     prepare_thread_environment,
     size_compute_threads,
     usable_cpus,
@@ -32,10 +33,11 @@ def test_the_cgroup_quota_bounds_the_cpus(tmp_path):
 def test_idle_openmp_threads_sleep_unless_the_user_chose():
     environ: dict[str, str] = {}
     prepare_thread_environment(environ)
-    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
-    chosen = {"OMP_WAIT_POLICY": "ACTIVE"}
-    prepare_thread_environment(chosen)
-    assert chosen == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": str(IDLE_SPIN_COUNT)}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        before = dict(chosen)
+        prepare_thread_environment(chosen)
+        assert chosen == before
 
 
 def test_torch_threads_follow_the_usable_cpus_unless_omp_num_threads_is_set():
@@ -51,7 +53,7 @@ def test_torch_threads_follow_the_usable_cpus_unless_omp_num_threads_is_set():
 
 def test_the_worker_starts_openmp_with_sleeping_idle_threads():
     """`python handler.py` as RunPod starts it: OpenMP, which reads its environment once when torch
-    loads it, sees the policy (its own report: a spin count of 0), though Infinity's modules
+    loads it, sees the policy (its own report of the spin count), though Infinity's modules
     import torch before any model loads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
     env["OMP_DISPLAY_ENV"] = "verbose"
@@ -69,4 +71,4 @@ def test_the_worker_starts_openmp_with_sleeping_idle_threads():
     spin_counts = [
         line.split("=")[1].strip() for line in output.splitlines() if "GOMP_SPINCOUNT" in line
     ]
-    assert spin_counts and set(spin_counts) == {"'0'"}, spin_counts
+    assert spin_counts and set(spin_counts) == {f"'{IDLE_SPIN_COUNT}'"}, spin_counts

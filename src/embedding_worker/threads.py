@@ -7,11 +7,13 @@ the neighbour's work deschedules holds up every other, and the others, done with
 at the barrier (GNU OpenMP's default), burning the CPU time the late thread needs. A busy
 neighbour then costs far more than its share.
 
-So, at start: OpenMP's idle threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`, set
-by the entry points before anything imports torch: OpenMP reads it once, when torch loads it,
-and Infinity's modules import torch), and torch's intra-op threads are as many as the CPUs the
-process may run on (its affinity, within its cgroup's CPU quota). Where the user sets
-OMP_WAIT_POLICY or OMP_NUM_THREADS, theirs hold.
+So, at start: OpenMP's idle threads spin only briefly, then sleep (`OMP_WAIT_POLICY=PASSIVE`
+with `GOMP_SPINCOUNT=IDLE_SPIN_COUNT`, tens of microseconds: long enough to catch the next
+parallel region of the same forward pass without a wake-up, too short to burn a descheduled
+peer's time), and torch's intra-op threads are as many as the CPUs the process may run on (its
+affinity, within its cgroup's CPU quota). The entry points set the policy before anything
+imports torch: OpenMP reads it once, when torch loads it, and Infinity's modules import torch.
+Where the user sets OMP_WAIT_POLICY, GOMP_SPINCOUNT or OMP_NUM_THREADS, theirs hold.
 """
 
 from __future__ import annotations
@@ -23,9 +25,20 @@ from pathlib import Path
 
 from .logs import get_logger
 
-__all__ = ["CPU_MAX", "prepare_thread_environment", "size_compute_threads", "usable_cpus"]
+__all__ = [
+    "CPU_MAX",
+    "IDLE_SPIN_COUNT",
+    "prepare_thread_environment",
+    "size_compute_threads",
+    "usable_cpus",
+]
 
 log = get_logger(__name__)
+
+# Busy-wait iterations of an idle OpenMP thread before it sleeps (GNU OpenMP's default: 300,000,
+# some milliseconds; with OMP_WAIT_POLICY=PASSIVE alone, none). bench.neighbour and
+# bench.server_ab decide it, quiet and beside a busy process (bench/RESULTS.md).
+IDLE_SPIN_COUNT = 3000
 
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
@@ -46,8 +59,12 @@ def usable_cpus(cpu_max: Path = CPU_MAX) -> int:
 
 
 def prepare_thread_environment(environ: MutableMapping[str, str]) -> None:
-    """Before torch is imported: OpenMP's idle threads sleep (unless the user chose)."""
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Before torch is imported: OpenMP's idle threads spin briefly, then sleep (unless the user
+    chose how they wait)."""
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    environ["GOMP_SPINCOUNT"] = str(IDLE_SPIN_COUNT)
 
 
 def size_compute_threads(environ: MutableMapping[str, str]) -> int | None:
