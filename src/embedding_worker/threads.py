@@ -63,8 +63,8 @@ def prepare_thread_environment(environ: MutableMapping[str, str]) -> None:
     chose how they wait)."""
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    environ["GOMP_SPINCOUNT"] = str(IDLE_SPIN_COUNT)
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # settings for OpenMP, not the worker's
+    environ.setdefault("GOMP_SPINCOUNT", str(IDLE_SPIN_COUNT))
 
 
 def size_compute_threads(environ: MutableMapping[str, str]) -> int | None:
