@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
@@ -49,26 +45,3 @@ def test_torch_threads_follow_the_usable_cpus_unless_omp_num_threads_is_set():
         assert size_compute_threads({}) == usable_cpus() == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-
-
-def test_the_worker_starts_openmp_with_sleeping_idle_threads():
-    """`python handler.py` as RunPod starts it: OpenMP, which reads its environment once when torch
-    loads it, sees the policy (its own report of the spin count), though Infinity's modules
-    import torch before any model loads."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
-    env["OMP_DISPLAY_ENV"] = "verbose"
-    job = {"input": {"input": ["idle threads sleep"]}}
-    proc = subprocess.run(
-        [sys.executable, "handler.py", "--test_input", json.dumps(job)],
-        cwd=Path(__file__).resolve().parents[1],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
-    spin_counts = [
-        line.split("=")[1].strip() for line in output.splitlines() if "GOMP_SPINCOUNT" in line
-    ]
-    assert spin_counts and set(spin_counts) == {f"'{IDLE_SPIN_COUNT}'"}, spin_counts
