@@ -20,6 +20,7 @@ from tests.helpers import answer, decode_vectors
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("ctranslate2")
+onnx_format = pytest.importorskip("onnx")
 
 TEXTS = [
     "The capital of China is Beijing.",
@@ -192,6 +193,44 @@ async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, b
     assert quality["min"] == pytest.approx(float(measured.min()), abs=1e-4)
     assert quality["mean"] == pytest.approx(float(measured.mean()), abs=1e-4)
     assert 0.9 < quality["min"] <= quality["mean"] <= 1.0
+
+
+async def test_int8_under_the_bar_keeps_the_down_projections_in_float32(
+    families, tmp_path, monkeypatch
+):
+    path = family(families, "bert-mean")
+    # Above any cosine: the fully quantised file always falls short of it.
+    monkeypatch.setattr(onnx, "INT8_MIN_COSINE", 1.01)
+    worker = worker_for(path, "optimum", tmp_path, dtype="int8")
+    float32 = torch_vectors(path, list(compiled.QUALITY_TEXTS))
+    await worker.start()
+    try:
+        (entry,) = (await answer(worker, openai_route="/v1/models"))["data"]
+        body = await answer(worker, input=list(compiled.QUALITY_TEXTS), model=entry["id"])
+    finally:
+        await worker.stop()
+    assert entry["int8_scheme"] == onnx.MIXED_INT8
+    # The answers are the mixed file's: the cosine shown is theirs.
+    measured = cosines(decode_vectors(body), float32)
+    assert entry["int8_cosine_to_float32"]["min"] == pytest.approx(float(measured.min()), abs=1e-4)
+    (exported,) = tmp_path.glob("*/model.onnx")
+    (mixed,) = tmp_path.glob("*/model_int8_mixed.onnx")
+    kept = set(onnx.down_projections(exported))
+    nodes = {n.name: n.op_type for n in onnx_format.load(str(mixed)).graph.node}
+    assert kept and all(nodes[name] == "MatMul" for name in kept)
+    assert any("Integer" in op or "Quantize" in op for op in nodes.values())
+
+
+async def test_the_down_projections_are_each_layers_feed_forward_output(families, tmp_path):
+    path = family(families, "bert-mean")
+    await embed_through(worker_for(path, "optimum", tmp_path), TEXTS[:1])
+    (exported,) = tmp_path.glob("*/model.onnx")
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    names = onnx.down_projections(exported)
+    assert len(names) == layers
+    assert all("/output/dense/" in n and "attention" not in n for n in names)
 
 
 # --------------------------------------------------------------------------- ctranslate2

@@ -284,6 +284,8 @@ class CompiledModel(SelfBatching, ModelEngine):
         entry = {**super().describe(), "backend": self.spec.backend, "dtype": self.spec.dtype}
         if self.loaded.quality:
             entry["int8_cosine_to_float32"] = self.loaded.quality
+        if self.loaded.int8_scheme:
+            entry["int8_scheme"] = self.loaded.int8_scheme
         if len(self.loaded.runtimes) > 1:
             entry["replicas"] = len(self.loaded.runtimes)
         return entry

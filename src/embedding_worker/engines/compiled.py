@@ -49,6 +49,7 @@ class Loaded:
     input_names: tuple[str, ...]  # of input_ids, attention_mask, token_type_ids: those fed
     lowercase: bool = False  # sentence-transformers' do_lower_case
     quality: dict[str, float] | None = None  # int8: cosine of its vectors to float32's
+    int8_scheme: str | None = None  # int8: which matmuls are quantised, where that varies
 
 
 def cross_encoder_max_length(config: Any, tokenizer: Any) -> int:

@@ -7,12 +7,15 @@ mounted, so the next cold start loads it): traced with torch's TorchScript expor
 cannot trace the model (Gemma3's masks), with torch.export. Every export is checked against the
 torch model on a traced batch before it is kept. DTYPES=int8 quantises the float32 file with ONNX
 Runtime's dynamic int8 quantisation (weights int8 per channel, activations quantised at run time),
-also cached; at load the int8 vectors are compared with float32's (backends.int8_quality).
+also cached; at load the int8 vectors are compared with float32's (compiled.int8_quality). An
+embedder whose fully quantised vectors fall below INT8_MIN_COSINE keeps its down-projections (the
+feed-forward matmuls fed by the activation function, whose outliers int8 rounds worst) in float32.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -50,6 +53,11 @@ LOCAL_CACHE = "/tmp/embedding-worker-onnx"
 EXPORT_TOLERANCE = 1e-4
 OWN_FILES = ("onnx/model.onnx", "model.onnx")
 OPSET = 17
+# The least min cosine to float32 (compiled.QUALITY_TEXTS) a fully quantised embedder is served
+# at; below it the down-projections stay float32 (`MIXED_INT8`).
+INT8_MIN_COSINE = 0.99
+ALL_INT8 = "every matmul int8"
+MIXED_INT8 = "down-projections float32"
 
 
 def compute_threads() -> int:
@@ -188,10 +196,48 @@ def _export(model: Any, names: Sequence[str], example: dict[str, np.ndarray], ou
     raise ModelLoadError(f"the model could not be exported to ONNX ({'; '.join(failures)})")
 
 
-def _quantise(float32: Path, int8: Path) -> None:
+def down_projections(path: Path) -> list[str]:
+    """The matmuls of `path` that project to fewer features than they take: the second
+    feed-forward matmul of each layer, whose input is the activation function's output."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    names = []
+    for node in graph.node:
+        weight = next((shapes[i] for i in node.input[1:2] if i in shapes), None)
+        if weight is None or len(weight) != 2:
+            continue
+        transposed = node.op_type == "Gemm" and any(
+            a.name == "transB" and a.i == 1 for a in node.attribute
+        )
+        taken, given = weight[::-1] if transposed else weight
+        if node.op_type in ("MatMul", "Gemm") and taken > given:
+            names.append(node.name)
+    return names
+
+
+def _quantise(float32: Path, int8: Path, keep_float: Sequence[str] = ()) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(float32, int8, weight_type=QuantType.QInt8, per_channel=True)
+    root = logging.getLogger()
+    root.addFilter(_quantiser_chatter)
+    try:
+        quantize_dynamic(
+            float32,
+            int8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=keep_float,
+        )
+    finally:
+        root.removeFilter(_quantiser_chatter)
+
+
+def _quantiser_chatter(record: logging.LogRecord) -> bool:
+    """The quantiser logs through the root logger, a line per matmul it leaves alone and advice
+    that does not apply: kept out of the worker's log, its errors apart."""
+    return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname
 
 
 def onnx_files(
@@ -220,6 +266,18 @@ def onnx_files(
     if not int8.is_file():
         _publish(folder, "model_int8.onnx", lambda tmp: _quantise(float32, tmp))
     return float32, int8
+
+
+def mixed_int8_file(
+    spec: ModelSpec, settings: EngineSettings, float32: Path, role: str, names: Sequence[str]
+) -> Path:
+    """The int8 copy of `float32` with its down-projections left in float32 (cached)."""
+    folder = cache_folder(spec, settings, role, names)
+    mixed = folder / "model_int8_mixed.onnx"
+    if not mixed.is_file():
+        keep = down_projections(float32)
+        _publish(folder, mixed.name, lambda tmp: _quantise(float32, tmp, keep))
+    return mixed
 
 
 def _publish(folder: Path, name: str, write: Any) -> None:
@@ -255,17 +313,49 @@ class OnnxBackend:
         )
         devices = resolve_devices(settings.devices)
         if int8 is not None:
-            head = list(st_model)[1:]
-            loaded.quality = int8_quality(
-                OnnxRuntime(float32, CPU, "output"),
-                OnnxRuntime(int8, CPU, "output"),
-                loaded,
-                lambda tokens, batch: run_head(head, tokens, batch),
-            )
+            int8 = self._int8_kept(spec, settings, st_model, loaded, float32, int8)
         path = int8 or float32
         loaded.runtimes = [OnnxRuntime(path, d, "last_hidden_state") for d in devices]
         _drop_weights(st_model)
         return loaded
+
+    @staticmethod
+    def _int8_kept(
+        spec: ModelSpec,
+        settings: EngineSettings,
+        st_model: Any,
+        loaded: Loaded,
+        float32: Path,
+        int8: Path,
+    ) -> Path:
+        """The int8 file served, its cosine to float32 recorded in `loaded`: every matmul in
+        int8, or, when that falls below INT8_MIN_COSINE, the down-projections in float32."""
+        head = list(st_model)[1:]
+        reference = OnnxRuntime(float32, CPU, "output")
+
+        def quality(path: Path) -> dict[str, float]:
+            return int8_quality(
+                reference,
+                OnnxRuntime(path, CPU, "output"),
+                loaded,
+                lambda tokens, batch: run_head(head, tokens, batch),
+            )
+
+        loaded.quality, loaded.int8_scheme = quality(int8), ALL_INT8
+        if loaded.quality["min"] >= INT8_MIN_COSINE:
+            return int8
+        mixed = mixed_int8_file(spec, settings, float32, "embed", loaded.input_names)
+        mixed_quality = quality(mixed)
+        log.info(
+            "%s: int8 with every matmul quantised gives a min cosine to float32 of %.4f "
+            "(under %.2f); with the down-projections in float32: %.4f",
+            spec.served_id,
+            loaded.quality["min"],
+            INT8_MIN_COSINE,
+            mixed_quality["min"],
+        )
+        loaded.quality, loaded.int8_scheme = mixed_quality, MIXED_INT8
+        return mixed
 
     def load_cross_encoder(
         self, spec: ModelSpec, settings: EngineSettings, model: Any, tokenizer: Any
