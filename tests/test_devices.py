@@ -3,6 +3,7 @@ them; on a CPU, with the device list given in configuration."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -97,3 +98,41 @@ async def test_a_compiled_backend_builds_a_replica_per_device_and_spreads(bert_e
         await worker.stop()
     assert entry["replicas"] == 2
     assert len(model.replicas) == 2 and min(model.replicas.done) > 0, model.replicas.done
+
+
+async def test_torch_builds_a_replica_per_cpu_device_and_both_compute(bert_embedder):
+    # Infinity runs three loops per replica on one pool sized for the machine's cores: on two
+    # cores, two replicas once left a loop without a thread and every request hung.
+    from embedding_worker.engines import infinity_adapter as adapter
+
+    config = load_config(
+        {
+            "MODEL_NAMES": str(bert_embedder),
+            "BACKEND": "torch",
+            "DTYPES": "float32",
+            "BATCH_SIZES": "4",
+            "DEVICES": "cpu,cpu",
+        }
+    )
+    worker = Worker.from_config(config)
+    (model,) = worker.registry.models
+    replicas = adapter.replicas(model.engine)
+    assert len(replicas) == 2
+    await worker.start()
+    calls = [0, 0]
+    try:
+        for index, replica in enumerate(replicas):
+            forward = replica.encode_core
+
+            def counted(features, _forward=forward, _index=index):
+                calls[_index] += 1
+                return _forward(features)
+
+            replica.encode_core = counted
+        # Over 32 tokens each, so that batches stay BATCH_SIZES wide: 16 of them.
+        texts = [f"text number {i} of the burst, " + "with more words " * 10 for i in range(64)]
+        body = await asyncio.wait_for(answer(worker, input=texts), 120)
+    finally:
+        await worker.stop()
+    assert len(body["data"]) == len(texts)
+    assert min(calls) > 0, calls

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from embedding_worker.engines.tokenization import Text
 SRC = Path(__file__).resolve().parent.parent / "src" / "embedding_worker"
 # Infinity's private names the adapter reads (its module docstring says why each).
 PRIVATE = ("_model_replicas", "_batch_handler", "_queue_prio", "_sync_event")
-PRIVATE += ("_infinity_tokenizer", "_first_module", "_pipe")
+PRIVATE += ("_infinity_tokenizer", "_first_module", "_pipe", "_threadpool", "_max_workers")
 
 
 def test_no_module_but_the_adapter_reads_infinitys_private_names():
@@ -41,6 +42,8 @@ def test_the_pinned_version_has_what_the_adapter_reads(worker, ids):
     assert isinstance(handler._queue_prio.inner, CustomFIFOQueue)
     assert hasattr(handler._queue_prio.inner, "_sync_event")
     assert adapter.replica_count(engine) == len(replicas)
+    assert isinstance(handler._threadpool, ThreadPoolExecutor)
+    assert handler._threadpool._max_workers >= 2 + 3 * len(replicas)
     first = adapter.first_module(replicas[0])
     assert type(first).__name__ == "Transformer" and first.tokenizer is not None
     assert adapter.replica_tokenizer(replicas[0]) is not None

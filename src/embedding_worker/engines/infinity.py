@@ -272,6 +272,7 @@ class InfinityModel(ModelEngine):
     async def start(self) -> None:
         # Runs after Infinity's own start, which makes a new batch handler (and queue) every time.
         self._queue = adapter.install_queue(self.engine, self.scheduler)
+        adapter.give_every_loop_a_thread(self.engine)
 
     async def _compute(self, items: list[Any], sources: list[Any]) -> list[Any]:
         """The answers of Infinity queue items (infinity_adapter's `text_item`, ...)."""

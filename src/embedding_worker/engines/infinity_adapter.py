@@ -10,6 +10,11 @@ installed version).
   the worker's scheduler (scheduler.py), and queues Infinity's own queue items (public classes of
   `infinity_emb.primitives`) itself, so that they carry their token counts and tier.
   `CustomFIFOQueue._sync_event` wakes the publisher from its wait on the queue it replaces.
+- `BatchHandler._threadpool`, and its `_max_workers` (the standard library's ThreadPoolExecutor):
+  Infinity runs its publisher, its result reader and three loops per replica for the engine's life
+  on one default-sized pool of min(32, cores + 4) threads. With several replicas on a small machine
+  (`DEVICES=cpu,cpu` on 2 cores: 8 loops, 6 threads) a loop never gets a thread and requests hang;
+  `give_every_loop_a_thread` widens the pool at start.
 - A replica's `_infinity_tokenizer` (models without a `tokenizer` attribute), its
   `_first_module()` (sentence-transformers' own, for its tokenizer and text preparation) and a
   classifier's `_pipe` (transformers' pipeline, called for logits).
@@ -35,6 +40,7 @@ __all__ = [
     "classifier_pipeline",
     "compute",
     "first_module",
+    "give_every_loop_a_thread",
     "image_item",
     "install_queue",
     "pair_item",
@@ -263,6 +269,35 @@ def install_queue(engine: Any, scheduler: Scheduler) -> PacedQueue:
     handler._queue_prio = paced
     inner._sync_event.set()
     return paced
+
+
+# Infinity's threads that loop for the engine's life: its publisher and result reader, and the
+# pre-process, forward and post-process loops of each replica.
+SHARED_LOOPS = 2
+LOOPS_PER_REPLICA = 3
+# Threads beyond the loops, for the pool's short tasks (token counts).
+SPARE_THREADS = 2
+
+
+def give_every_loop_a_thread(engine: Any) -> int:
+    """Widen a started engine's pool so that each of its loops has a thread, with spare threads
+    for the short tasks; the loops still waiting for one start at once. The pool's size now."""
+    handler = batch_handler(engine)
+    pool = handler._threadpool
+    loops = SHARED_LOOPS + LOOPS_PER_REPLICA * len(handler.model_worker)
+    wanted = loops + SPARE_THREADS
+    if pool._max_workers < wanted:
+        missing = wanted - pool._max_workers
+        pool._max_workers = wanted
+        # The pool starts a thread per submission while none is idle; each new thread first
+        # takes the loop that waits longest.
+        for _ in range(missing):
+            pool.submit(_nothing)
+    return int(pool._max_workers)
+
+
+def _nothing() -> None:
+    return None
 
 
 def replica_count(engine: Any) -> int:
