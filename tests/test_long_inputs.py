@@ -4,8 +4,10 @@ token ids (tests/long_inputs_recipe.py), on MiniLM and on tiny mean, CLS and las
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 
 import httpx
 import numpy as np
@@ -442,3 +444,60 @@ async def test_batch_lines(worker, minilm_recipe, tmp_path):
     job = await answer_job(worker, {"batch": lines})
     assert job.status == 200
     assert [a["response"]["status_code"] for a in job.body["data"]] == [200, 200]
+
+
+# --------------------------------------------------------------------------- the pass's scheduler
+
+
+def _passes_of(monkeypatch, model, seconds: float = 0.0) -> list[int]:
+    """The size of each forward pass of the model's token pass, in order; each takes `seconds`
+    longer."""
+    run = model.token_pass
+    forward = run._forward_items
+    sizes: list[int] = []
+
+    def counted(items):
+        sizes.append(len(items))
+        time.sleep(seconds)
+        return forward(items)
+
+    monkeypatch.setattr(run, "_forward_items", counted)
+    return sizes
+
+
+async def test_windows_of_concurrent_requests_share_forward_passes(
+    tiny_worker, tiny_ids, monkeypatch
+):
+    model = next(m for m in tiny_worker.registry.models if m.served_id == tiny_ids["mean"])
+    sizes = _passes_of(monkeypatch, model)
+    assert model.metrics is not None
+    rows_before = model.metrics.tally.rows
+    bodies = [{"model": tiny_ids["mean"], "input": [text_of(30, shift)]} for shift in (0, 7)]
+    replies = await asyncio.gather(*(answer_job(tiny_worker, body) for body in bodies))
+    assert all(reply.status == 200 for reply in replies), [r.body for r in replies]
+    # Both requests' windows (two or more each) wait in one scheduler: one pass computes them.
+    assert len(sizes) == 1 and sizes[0] >= 4, sizes
+    assert model.metrics.tally.rows - rows_before == sizes[0]
+
+
+async def test_a_priority_request_overtakes_a_flex_chunked_job(tiny_worker, tiny_ids, monkeypatch):
+    model = next(m for m in tiny_worker.registry.models if m.served_id == tiny_ids["mean"])
+    sizes = _passes_of(monkeypatch, model, 0.05)
+    finished: dict[str, float] = {}
+
+    async def timed(name: str, texts: list[str], tier: str) -> None:
+        body = {"model": tiny_ids["mean"], "input": texts, "service_tier": tier}
+        reply = await answer_job(tiny_worker, body)
+        assert reply.status == 200, reply.body
+        finished[name] = time.monotonic()
+
+    flex = [text_of(60, shift) for shift in range(40)]  # windows for several wide passes
+    job = asyncio.ensure_future(timed("flex", flex, "flex"))
+    while not sizes:
+        await asyncio.sleep(0.01)
+    started = len(sizes)
+    await asyncio.wait_for(timed("priority", [text_of(30)], "priority"), 60)
+    await asyncio.wait_for(job, 120)
+    # The priority windows went in a pass of their own, right after the one computing.
+    assert any(size <= 2 for size in sizes[started : started + 2]), (started, sizes)
+    assert finished["priority"] < finished["flex"]

@@ -197,6 +197,26 @@ async def test_a_job_without_http_is_a_span_of_its_own(receiver, bert_reranker):
     assert all(SECRET.encode() not in body for body in receiver.bodies)
 
 
+async def test_the_engines_the_worker_runs_itself_trace_their_forward_passes(
+    receiver, qwen3_reranker
+):
+    worker = Worker.from_config(load_config({"MODEL_NAMES": str(qwen3_reranker)}))
+    reranker = worker.registry.models[0].served_id
+    await worker.start()
+    try:
+        reply = await runpod_handler(worker)(
+            {"id": "job-llm", "input": {"model": reranker, "query": "q", "documents": ["a", "b"]}}
+        )
+    finally:
+        await worker.stop()
+    assert "error" not in reply
+    tracing.shutdown()
+    spans = receiver.spans()
+    (root,) = [s for s in spans if attributes(s).get("request.id") == "job-llm"]
+    passes = [s for s in spans if s.parent_span_id == root.span_id and s.name == "forward pass"]
+    assert passes and sum(attributes(p)["embedding_worker.rows"] for p in passes) == 2
+
+
 @pytest.mark.parametrize(
     ("env", "wanted"),
     [

@@ -336,16 +336,14 @@ class Embedder(ModelEngine):
         """One vector per text from its windows (`TokenPass.chunked`); `contents`: each text's
         token ids without special tokens; `tokens`: what the windows cost."""
         run = self._token_pass()
-        return await self._admit(len(contents), tokens, lambda: run.run(run.chunked, contents))
+        return await self._admit(len(contents), tokens, lambda: run.chunked(contents))
 
     async def embed_late_chunked(
         self, lead: np.ndarray, chunks: list[np.ndarray], *, tokens: int
     ) -> PassResult:
         """One vector per chunk of one document (`TokenPass.late_chunked`)."""
         run = self._token_pass()
-        return await self._admit(
-            len(chunks), tokens, lambda: run.run(run.late_chunked, lead, chunks)
-        )
+        return await self._admit(len(chunks), tokens, lambda: run.late_chunked(lead, chunks))
 
     def _token_pass(self) -> TokenPass:
         assert self.token_pass is not None, "callers check token_pass first"

@@ -1,4 +1,5 @@
-"""The engines the worker runs itself (LLM rerankers, bge-m3), behind the worker's scheduler.
+"""The engines the worker runs itself (LLM rerankers, bge-m3, the compiled backends, the
+long-input token passes), behind the worker's scheduler.
 
 Each text of a call waits in the model's `Scheduler` (scheduler.py), with its token count, tier
 and future, as Infinity's do: the same tiers, token budget, batch forming and pacing. The batcher
@@ -6,13 +7,15 @@ task takes one batch whenever the model is free (what it can start now: the mode
 computes on one thread, so nothing is gained by handing it more), sorted by length from a window
 of `WINDOW` batches' worth of waiting work. Tokenizing (where a text carries no ids) and the
 forward pass run on one worker thread per model, never on the event loop; a forward pass that
-runs out of memory runs again in halves (budget.py). A text whose caller has gone (timeout,
-cancellation) is skipped; a batch that fails fails its texts, and the batcher goes on.
+runs out of memory runs again in halves (budget.py), and the requests' traces get its span. A text
+whose caller has gone (timeout, cancellation) is skipped; a batch that fails fails its texts, and
+the batcher goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import errors
+from .. import errors, tracing
 from ..logs import get_logger, redacted_traceback
 from .budget import SplitOnOutOfMemory
 from .scheduler import Scheduler, Work
@@ -167,7 +170,9 @@ class SelfBatching(ABC):
             if not any(not work.gone for work in live):
                 return
             forward = SplitOnOutOfMemory(self._forward_items, self.served_id)
+            started = time.time_ns()
             results = await loop.run_in_executor(self._thread, forward, items)
+            tracing.forward_pass([work.future for work in live], started, time.time_ns())
             self.progressed()
             for work, result in zip(live, results):
                 if not work.gone:

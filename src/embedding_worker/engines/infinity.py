@@ -290,16 +290,20 @@ class InfinityEmbedder(InfinityModel, Embedder):
                 replica,
                 self.tokens.tokenizer,
                 self.max_length,
+                spec=spec,
                 device=getattr(replica, "device", "cpu"),
-                batch_size=spec.batch_size,
-                max_batch_tokens=spec.max_batch_tokens,
                 progressed=self.progressed,
-                name=spec.served_id,
+                batch_formed=self.batch_formed,
             )
+
+    async def start(self) -> None:
+        await super().start()
+        if self.token_pass is not None:
+            await self.token_pass.start()
 
     async def stop(self) -> None:
         if self.token_pass is not None:
-            self.token_pass.stop()
+            await self.token_pass.stop()
         await super().stop()
 
     def _prepare_replica(self, replica: Any) -> None:

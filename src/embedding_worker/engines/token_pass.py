@@ -9,22 +9,27 @@ Transformer module on padded ids, then the Pooling module or the span means, the
 after pooling (Dense) but Normalize, which is applied after combining.
 
 Windows are framed with the model's own special tokens, as the tokenizer frames a text
-(`SpecialFrame`), and padded as the engine pads (`tokenization.pad_ids`). Each pass runs on the
-model's one token-pass thread, so passes of one model never run at once and the event loop never
-waits on a forward pass; its batches are cut to the model's token budget (budget.py).
+(`SpecialFrame`), and padded as the engine pads (`tokenization.pad_ids`). Each window waits in the
+pass's scheduler (batching.py, scheduler.py) as the texts of the self-run engines do: windows of
+several requests share batches, cut to the model's token budget, with service tiers, skipped when
+their caller has gone, halved when memory runs out, counted in the metrics and traced. The forward
+passes run on the pass's one thread, so the event loop never waits on one.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .budget import rows_for, token_bounded
-from .tokenization import pad_ids
+from ..metrics import current_request
+from .batching import Item, SelfBatching, TokenIds
+from .spec import ModelSpec
+from .tokenization import Text, pad_ids
 
 MEAN = "mean"
 
@@ -66,6 +71,16 @@ class SpecialFrame:
             content_type=types[start] if bare else 0,
         )
 
+    def types_of(self, window_tokens: int) -> np.ndarray:
+        """The token type ids of a framed window of `window_tokens` tokens."""
+        return np.concatenate(
+            [
+                np.array(self.prefix_types, np.int64),
+                np.full(window_tokens - self.size, self.content_type, np.int64),
+                np.array(self.suffix_types, np.int64),
+            ]
+        )
+
     def framed(self, content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A window's ids and token type ids: the content between the special tokens."""
         ids = np.concatenate(
@@ -98,9 +113,16 @@ class PassResult:
     tokens: int
 
 
-class TokenPass:
-    """An embedder's modules, run on token ids: `chunked` and `late_chunked`, each on the
-    model's token-pass thread (`run`)."""
+class Wanted(enum.Enum):
+    """What a window's forward pass gives back."""
+
+    POOLED = "pooled"  # its pooled vector, through the modules after pooling but Normalize
+    STATES = "states"  # its content tokens' hidden states
+
+
+class TokenPass(SelfBatching):
+    """An embedder's modules, run on token ids: `chunked` and `late_chunked`. Their windows are
+    batched by the pass's scheduler and computed on its thread (`start` before use)."""
 
     def __init__(
         self,
@@ -108,11 +130,10 @@ class TokenPass:
         tokenizer: Any,
         max_length: int,
         *,
+        spec: ModelSpec,
         device: Any,
-        batch_size: int,
-        max_batch_tokens: int,
         progressed: Callable[[], None],
-        name: str,
+        batch_formed: Callable[[Sequence[int], Sequence[Any]], None],
     ) -> None:
         from sentence_transformers.models import Normalize, Pooling
 
@@ -132,10 +153,12 @@ class TokenPass:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.device = device
-        self.batch_size = batch_size
-        self.max_batch_tokens = max_batch_tokens
+        self.spec = spec
+        self.served_id = spec.served_id
+        self.batch_size = spec.batch_size
         self.progressed = progressed
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pass-{name}")
+        self.batch_formed = batch_formed
+        self._init_batching()
 
     @staticmethod
     def of(replica: Any, tokenizer: Any, max_length: int, **kwargs: Any) -> TokenPass | None:
@@ -158,6 +181,12 @@ class TokenPass:
         except ValueError:
             return None
 
+    async def start(self) -> None:
+        await self._start_batching(f"pass-{self.served_id}")
+
+    async def stop(self) -> None:
+        await self._stop_batching()
+
     # ------------------------------------------------------------------------- token arithmetic
 
     def window_tokens(self, tokens: int) -> int:
@@ -169,30 +198,86 @@ class TokenPass:
 
     # ------------------------------------------------------------------------- the work
 
-    async def run(self, call: Callable[..., PassResult], *args: Any) -> PassResult:
-        import asyncio
+    async def chunked(self, contents: Sequence[np.ndarray]) -> PassResult:
+        """Each text's vector from its windows: the pooled vectors before normalisation, averaged
+        weighted by their content tokens, then normalised as the model's modules do."""
+        windows: list[np.ndarray] = []
+        owner: list[int] = []
+        for text, content in enumerate(contents):
+            for ids in self._windows(content):
+                windows.append(ids)
+                owner.append(text)
+        pooled = np.stack(await self._submit(self._texts(windows), Wanted.POOLED))
+        weight = np.array([max(len(ids) - self.frame.size, 1) for ids in windows], np.float64)
+        sums = np.zeros((len(contents), pooled.shape[1]), np.float64)
+        totals = np.zeros(len(contents), np.float64)
+        np.add.at(sums, owner, pooled.astype(np.float64) * weight[:, None])
+        np.add.at(totals, owner, weight)
+        combined = (sums / totals[:, None]).astype(np.float32)
+        return PassResult(self._unit(combined), sum(len(ids) for ids in windows))
 
+    async def late_chunked(self, lead: np.ndarray, chunks: Sequence[np.ndarray]) -> PassResult:
+        """One vector per chunk of one document: the content tokens of `lead` (a prompt: context
+        that belongs to no chunk) and of the chunks, in order, encoded in consecutive windows of
+        the model's maximum, each chunk mean-pooled over its own tokens' hidden states."""
+        assert self.pooling_mode == MEAN
+        content = np.concatenate([lead, *chunks]) if len(chunks) else lead
+        windows = self._windows(content)
+        states = await self._submit(self._texts(windows), Wanted.STATES)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, call, *args)
+        vectors = await loop.run_in_executor(self._thread, self._chunk_means, states, lead, chunks)
+        return PassResult(self._unit(vectors), sum(len(ids) for ids in windows))
 
-    def stop(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
+    def _texts(self, windows: Sequence[np.ndarray]) -> list[Text]:
+        record = current_request.get()
+        return [Text("", len(ids), ids=ids, request=record) for ids in windows]
 
-    def _batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Row indices by ascending length, cut to the model's batch size and token budget."""
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        return list(
-            token_bounded(
-                order, lengths.__getitem__, self.max_batch_tokens, rows_for(self.batch_size)
-            )
-        )
+    def _tokenize(self, texts: list[str]) -> list[TokenIds]:
+        raise AssertionError("every window carries its ids")
 
-    def _features(self, windows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    def _forward_items(self, items: list[Item]) -> list[Any]:
+        """One forward pass over windows; each gives what its call asked (`Wanted`)."""
+        import torch
+
+        with torch.inference_mode():
+            features = self.transformer(self._features([item.text.fed_ids for item in items]))
+            results: list[Any] = [None] * len(items)
+            if any(item.options is Wanted.POOLED for item in items):
+                vectors = self._finish(self.pooling(dict(features))["sentence_embedding"])
+                for i, item in enumerate(items):
+                    if item.options is Wanted.POOLED:
+                        results[i] = vectors[i]
+            hidden = features["token_embeddings"]
+            mask = features["attention_mask"].bool()
+            for i, item in enumerate(items):
+                if item.options is Wanted.STATES:
+                    own = hidden[i][mask[i]]
+                    results[i] = own[len(self.frame.prefix) : len(own) - len(self.frame.suffix)]
+        return results
+
+    def _chunk_means(
+        self, states: Sequence[Any], lead: np.ndarray, chunks: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            tokens = torch.cat(list(states))  # one row a content token, in order
+            start = len(lead)
+            means = []
+            for chunk in chunks:
+                span = tokens[start : start + len(chunk)]
+                means.append(span.float().mean(0).to(span.dtype))
+                start += len(chunk)
+            return self._finish(torch.stack(means))
+
+    def _features(self, windows: Sequence[np.ndarray]) -> dict[str, Any]:
         padded = pad_ids(
-            [ids for ids, _ in windows],
+            windows,
             self.pad_id,
             left=self.left,
-            type_ids=[types for _, types in windows] if self.with_type_ids else None,
+            type_ids=[self.frame.types_of(len(ids)) for ids in windows]
+            if self.with_type_ids
+            else None,
         )
         return {name: tensor.to(self.device) for name, tensor in padded.items()}
 
@@ -203,74 +288,13 @@ class TokenPass:
             features = module(features)
         return features["sentence_embedding"].float().cpu().numpy()
 
-    def _windows(self, content: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _windows(self, content: np.ndarray) -> list[np.ndarray]:
         return [
-            self.frame.framed(content[a:b]) for a, b in window_bounds(len(content), self.keep)
-        ] or [self.frame.framed(content[:0])]
+            self.frame.framed(content[a:b])[0] for a, b in window_bounds(len(content), self.keep)
+        ] or [self.frame.framed(content[:0])[0]]
 
     def _unit(self, vectors: np.ndarray) -> np.ndarray:
         if not self.normalizes:
             return vectors
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-
-    def chunked(self, contents: Sequence[np.ndarray]) -> PassResult:
-        """Each text's vector from its windows: the pooled vectors before normalisation, averaged
-        weighted by their content tokens, then normalised as the model's modules do."""
-        import torch
-
-        windows: list[tuple[np.ndarray, np.ndarray]] = []
-        owner: list[int] = []
-        weight: list[int] = []
-        for text, content in enumerate(contents):
-            for ids, types in self._windows(content):
-                windows.append((ids, types))
-                owner.append(text)
-                weight.append(max(len(ids) - self.frame.size, 1))
-        pooled = np.empty((len(windows), 0), np.float32)
-        for rows in self._batches([len(ids) for ids, _ in windows]):
-            with torch.inference_mode():
-                features = self._features([windows[r] for r in rows])
-                features = self.transformer(features)
-                features = self.pooling(features)
-                vectors = self._finish(features["sentence_embedding"])
-            if pooled.shape[1] == 0:
-                pooled = np.empty((len(windows), vectors.shape[1]), np.float32)
-            pooled[rows] = vectors
-            self.progressed()
-        sums = np.zeros((len(contents), pooled.shape[1]), np.float64)
-        totals = np.zeros(len(contents), np.float64)
-        np.add.at(sums, owner, pooled.astype(np.float64) * np.array(weight)[:, None])
-        np.add.at(totals, owner, weight)
-        combined = (sums / totals[:, None]).astype(np.float32)
-        return PassResult(self._unit(combined), sum(len(ids) for ids, _ in windows))
-
-    def late_chunked(self, lead: np.ndarray, chunks: Sequence[np.ndarray]) -> PassResult:
-        """One vector per chunk of one document: the content tokens of `lead` (a prompt: context
-        that belongs to no chunk) and of the chunks, in order, encoded in consecutive windows of
-        the model's maximum, each chunk mean-pooled over its own tokens' hidden states."""
-        import torch
-
-        assert self.pooling_mode == MEAN
-        content = np.concatenate([lead, *chunks]) if len(chunks) else lead
-        windows = self._windows(content)
-        states: list[Any] = [None] * len(windows)
-        for rows in self._batches([len(ids) for ids, _ in windows]):
-            with torch.inference_mode():
-                features = self.transformer(self._features([windows[r] for r in rows]))
-                hidden = features["token_embeddings"]
-                mask = features["attention_mask"].bool()
-                for i, row in enumerate(rows):
-                    own = hidden[i][mask[i]]
-                    states[row] = own[len(self.frame.prefix) : len(own) - len(self.frame.suffix)]
-            self.progressed()
-        with torch.inference_mode():
-            tokens = torch.cat(states)  # one row a content token, in order
-            start = len(lead)
-            means = []
-            for chunk in chunks:
-                span = tokens[start : start + len(chunk)]
-                means.append(span.float().mean(0).to(span.dtype))
-                start += len(chunk)
-            vectors = self._finish(torch.stack(means))
-        return PassResult(self._unit(vectors), sum(len(ids) for ids, _ in windows))
