@@ -267,6 +267,30 @@ async def test_an_embedding_batch_out_of_memory_runs_in_halves(
     assert budgeted.healthy
 
 
+async def test_a_batch_invariant_batch_out_of_memory_runs_in_halves_per_padded_length(
+    bert_embedder, worker, ids, monkeypatch
+):
+    # BATCH_INVARIANT runs one forward pass per padded length (tokenization.BucketedForward):
+    # the split goes around each of those.
+    invariant = Worker.from_config(
+        load_config(
+            {"MODEL_NAMES": str(bert_embedder), "DTYPES": "float32", "BATCH_INVARIANT": "true"}
+        )
+    )
+    await invariant.start()
+    try:
+        model, replica = model_and_replica(invariant, "tiny-bert-embedder")
+        seen = _out_of_memory_above(replica, "forward", 2, OUT_OF_MEMORY[1], monkeypatch)
+        texts = [f"short text number {i}" for i in range(10)]
+        body = await answer(invariant, model=model.served_id, input=texts)
+        assert invariant.healthy
+    finally:
+        await invariant.stop()
+    expected = decode_vectors(await answer(worker, model=ids["embedder"], input=texts))
+    np.testing.assert_allclose(decode_vectors(body), expected, atol=1e-5)
+    assert max(seen) > 2 and sum(n for n in seen if n <= 2) == len(texts)
+
+
 async def test_a_rerank_batch_out_of_memory_runs_in_halves(budgeted, worker, ids, monkeypatch):
     model, replica = model_and_replica(budgeted, "tiny-bert-reranker")
     seen = _out_of_memory_above(replica.model, "forward", 1, OUT_OF_MEMORY[0], monkeypatch)

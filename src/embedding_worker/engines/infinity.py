@@ -6,7 +6,8 @@ infinity_adapter.py alone. The worker's scheduler (scheduler.py) forms the batch
 to Infinity's threads, which compute them. Five of Infinity's behaviours are worked around, each
 in one place: a batch thread that dies silently (`_guard_batch_threads`), a forward pass that
 fails its whole batch when memory runs out (`_split_on_out_of_memory`), batches computed after
-every request in them has gone (`_link_batches`), a second tokenization of every text
+every request in them has gone (`_link_batches`); the three are layers around a replica's steps,
+composed in `_install_stages` alone; a second tokenization of every text
 (tokenization.py's `reuse_token_ids`, installed at load when it reproduces Infinity's tensors
 exactly), and the inputs of CLIP-like models (vision.py).
 """
@@ -18,8 +19,8 @@ import functools
 import logging
 import os
 import time
-from collections.abc import MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,6 +100,25 @@ def engine_args(spec: ModelSpec, settings: EngineSettings) -> Any:
 
 
 @dataclass(frozen=True)
+class Stages:
+    """A replica's three steps as Infinity's threads call them: `encode_pre` (tokenize),
+    `encode_core` (the forward pass) and `encode_post` (post-process)."""
+
+    encode_pre: Callable[[Any], Any]
+    encode_core: Callable[[Any], Any]
+    encode_post: Callable[[Any], Any]
+
+    @staticmethod
+    def of(replica: Any) -> Stages:
+        return Stages(replica.encode_pre, replica.encode_core, replica.encode_post)
+
+    def install(self, replica: Any) -> None:
+        replica.encode_pre = self.encode_pre
+        replica.encode_core = self.encode_core
+        replica.encode_post = self.encode_post
+
+
+@dataclass(frozen=True)
 class AbandonedBatch:
     """What the forward step gives for a batch it skipped: how many rows it had."""
 
@@ -131,10 +151,7 @@ class InfinityModel(ModelEngine):
         self.prompts = dict(getattr(replica, "prompts", None) or {})
         self.default_prompt_name = getattr(replica, "default_prompt_name", None)
         for each_replica in adapter.replicas(engine):
-            self._prepare_replica(each_replica)
-            self._split_on_out_of_memory(each_replica)
-            self._link_batches(each_replica)
-            self._guard_batch_threads(each_replica)
+            self._install_stages(each_replica)
 
     @staticmethod
     def load(spec: ModelSpec, settings: EngineSettings, health: Health) -> InfinityModel:
@@ -176,21 +193,42 @@ class InfinityModel(ModelEngine):
         )
         return tokenizer, int(max_length)
 
-    def _prepare_replica(self, replica: Any) -> None:
-        """A step of the subclass's own on each replica, before the guard wraps its stages."""
+    def _install_stages(self, replica: Any) -> None:
+        """The replica's steps as the worker runs them, composed here and only here, each layer
+        a function of the layer inside it, innermost first:
+        1. the model's own steps, as the subclass prepares them on the replica
+           (`_prepare_replica`: token-id reuse, a classifier's logits, CLIP's inputs);
+        2. the out-of-memory split, around the forward pass on plain tensors
+           (`_split_on_out_of_memory`), which must see each pass it halves;
+        3. the link of each batch to its requests (`_link_batches`), which must see the
+           tokenize step's features as the forward step gets them, so outside the split;
+        4. outermost, the guard against a dying thread (`_guard_batch_threads`), which must see
+           every exception of the layers inside it.
+        No layer schedules: the scheduler learns of a pass's end from the link (layer 3)."""
+        self._prepare_replica(replica)
+        stages = Stages.of(replica)
+        stages = self._split_on_out_of_memory(stages)
+        stages = self._link_batches(stages)
+        stages = self._guard_batch_threads(stages)
+        stages.install(replica)
 
-    def _split_on_out_of_memory(self, replica: Any) -> None:
+    def _prepare_replica(self, replica: Any) -> None:
+        """A step of the subclass's own on each replica, before the worker's layers wrap it."""
+
+    def _split_on_out_of_memory(self, stages: Stages) -> Stages:
         """Infinity's forward step fails every request of its batch when memory runs out (and its
         thread with it: `_guard_batch_threads`). Wrapped in `SplitOnOutOfMemory`, the batch runs
-        again in halves instead. Under `BucketedForward` the wrapper goes inside it, around each
-        padded length's forward, whose features are plain tensors to split."""
-        core = replica.encode_core
+        again in halves instead. A `BucketedForward` (token-id reuse in batch-invariant mode)
+        runs one pass per padded length: the split goes around each of those, whose features
+        are plain tensors to halve."""
+        core = stages.encode_core
         if isinstance(core, BucketedForward):
-            core.own_step = SplitOnOutOfMemory(core.own_step, self.served_id)
+            split: Any = BucketedForward(SplitOnOutOfMemory(core.own_step, self.served_id))
         else:
-            replica.encode_core = SplitOnOutOfMemory(core, self.served_id)
+            split = SplitOnOutOfMemory(core, self.served_id)
+        return replace(stages, encode_core=split)
 
-    def _link_batches(self, replica: Any) -> None:
+    def _link_batches(self, stages: Stages) -> Stages:
         """The pre-processing step links a batch's features to its futures
         (infinity_adapter.HandedOver), so that the forward step knows whose batch it computes:
         - a batch whose every request has gone (cancelled, timed out, its client away) by the
@@ -202,7 +240,7 @@ class InfinityModel(ModelEngine):
           the next batch is handed over and tokenized while this one's answers are
           post-processed and delivered;
         - the requests' traces get the forward pass's span."""
-        pre, core, post = replica.encode_pre, replica.encode_core, replica.encode_post
+        pre, core, post = stages.encode_pre, stages.encode_core, stages.encode_post
         linked: dict[int, tuple[Any, list[Any]]] = {}  # id(features) -> (features, futures)
 
         @functools.wraps(pre)
@@ -233,41 +271,43 @@ class InfinityModel(ModelEngine):
                 return [0.0] * output.rows  # Infinity refuses None; the futures are done
             return post(output)
 
-        replica.encode_pre, replica.encode_core = encode_pre, encode_core
-        replica.encode_post = encode_post
+        return Stages(encode_pre, encode_core, encode_post)
 
-    def _guard_batch_threads(self, replica: Any) -> None:
+    def _guard_batch_threads(self, stages: Stages) -> Stages:
         """Infinity's upstream issue #609: an exception in a batch thread (tokenise, forward,
         post-process) kills that thread, and every pending and later request waits for ever.
 
-        The replica's three stage methods are wrapped so that the first exception reports the engine
-        dead: the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and
-        asks RunPod for a replacement. The exception is re-raised, so Infinity goes on as it would.
-        A forward pass that succeeds tells admission the engine moves. The guard schedules
-        nothing: a batch leaves the scheduler's count when its requests are answered.
-        """
-        for stage in ("encode_pre", "encode_core", "encode_post"):
-            method = getattr(replica, stage)
+        Each of the three steps is wrapped so that the first exception reports the engine dead:
+        the waiting calls fail at once (503 engine_failed), the worker turns unhealthy and asks
+        RunPod for a replacement. The exception is re-raised, so Infinity goes on as it would. A
+        forward pass that succeeds tells admission the engine moves."""
 
+        def guarded(stage: str, method: Callable[[Any], Any]) -> Callable[[Any], Any]:
             @functools.wraps(method)
-            def guarded(*args: Any, _method: Any = method, _stage: str = stage) -> Any:
+            def step(*args: Any) -> Any:
                 try:
-                    done = _method(*args)
+                    done = method(*args)
                 except Exception as exc:
                     log.error(
                         "model '%s': Infinity batch thread died in %s: %s",
                         self.served_id,
-                        _stage,
+                        stage,
                         redacted_traceback(exc),
                     )
-                    self.report_dead(f"its batch thread died in {_stage} ({type(exc).__name__})")
+                    self.report_dead(f"its batch thread died in {stage} ({type(exc).__name__})")
                     raise
                 else:
-                    if _stage == "encode_core":
+                    if stage == "encode_core":
                         self.progressed()
                     return done
 
-            setattr(replica, stage, guarded)
+            return step
+
+        return Stages(
+            guarded("encode_pre", stages.encode_pre),
+            guarded("encode_core", stages.encode_core),
+            guarded("encode_post", stages.encode_post),
+        )
 
     async def start(self) -> None:
         # Runs after Infinity's own start, which makes a new batch handler (and queue) every time.
@@ -353,10 +393,11 @@ class InfinityImageEmbedder(InfinityModel, ImageEmbedder):
         vision.apply_dtype_on_cpu(replica)
         vision.install_preprocess(replica, vision.text_limits(replica))
 
-    def _split_on_out_of_memory(self, replica: Any) -> None:
+    def _split_on_out_of_memory(self, stages: Stages) -> Stages:
         """Not for these models: their forward step takes texts' tokens and images' pixels
         together with the order of the two, which halving rows does not split. A batch that runs
         out of memory fails as in Infinity (and BATCH_SIZES bounds its images)."""
+        return stages
 
     def prepare_image(self, image: Image) -> vision.PreparedImage:
         processor = adapter.replicas(self.engine)[0].processor
