@@ -25,14 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import RESULTS, in_requests, interleaved, log, offline, paired_ratio
+from bench.common import (
+    RESULTS,
+    in_requests,
+    interleaved,
+    log,
+    model_dir,
+    offline,
+    paired_ratio,
+)
 from bench.common import texts_of_length as _texts_of_length
 from embedding_worker.transports.runpod import answer_job
 
-# bge-base-en-v1.5's shape (BERT base, CLS pooling in the real one; speed does not depend on it).
-BGE_BASE = dict(
-    hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, vocab_size=30522
-)
 LENGTHS = {"short": 12, "medium": 110, "long": 500}
 # Inputs per round at scale 1: fewer as they grow, so that each round takes about as long.
 COUNTS = {"short": 256, "medium": 64, "long": 16}
@@ -60,19 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_path(name: str, cache: Path) -> Path:
-    from embedding_worker.config import bundled_model_path
-
-    if name == "minilm":
-        return bundled_model_path()
-    if name != "bge-base":
+    """The bundled MiniLM, or a random-initialised model of bge-base-en-v1.5's shape (CLS pooling
+    in the real one; speed does not depend on it)."""
+    if name not in ("minilm", "bge-base"):
         raise SystemExit(f"unknown model {name!r}: minilm or bge-base")
-    from tests import model_factory
-
-    path = cache / "bge-base"
-    if not (path / "modules.json").is_file():
-        log(f"building random-initialised bge-base in {path}")
-        model_factory.make_bert_embedder(path, max_position=512, max_seq_length=512, **BGE_BASE)
-    return path
+    return model_dir(name, cache)
 
 
 class RuntimeClock:

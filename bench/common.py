@@ -29,6 +29,15 @@ RESULTS = ROOT / "bench" / "results"
 # weights).
 LENGTHS = {"short": 12, "medium": 110, "long": 500}
 SHAPES: dict[str, dict[str, Any]] = {
+    "minilm-shape": dict(
+        family="bert",
+        hidden_size=384,
+        num_layers=6,
+        num_heads=12,
+        intermediate_size=1536,
+        vocab_size=30522,
+        max_seq_length=256,
+    ),
     "bge-small": dict(
         family="bert",
         hidden_size=384,
@@ -36,6 +45,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_heads=12,
         intermediate_size=1536,
         vocab_size=30522,
+        max_seq_length=512,
+    ),
+    "bge-base": dict(
+        family="bert",
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=3072,
+        vocab_size=30522,
+        max_seq_length=512,
     ),
     "bge-large": dict(
         family="bert",
@@ -44,6 +63,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_heads=16,
         intermediate_size=4096,
         vocab_size=30522,
+        max_seq_length=512,
     ),
     "qwen3-0.6b": dict(
         family="qwen3",
@@ -54,6 +74,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         head_dim=128,
         intermediate_size=3072,
         vocab_size=151669,
+        max_seq_length=8192,
     ),
 }
 FULL_MODELS = ["minilm", "bge-small", "bge-large", "qwen3-0.6b"]
@@ -72,17 +93,22 @@ def model_dir(name: str, cache: Path) -> Path:
     cached)."""
     if name == "minilm":
         return bundled_model_path()
+    return random_model(name, SHAPES[name], cache)
+
+
+def random_model(name: str, shape: dict[str, Any], cache: Path) -> Path:
+    """A random-initialised model of `shape` (a SHAPES entry) in `cache`/`name`, built once."""
     from tests import model_factory
 
-    shape = dict(SHAPES[name])
+    shape = dict(shape)
     family = shape.pop("family")
     path = cache / name
-    if (path / "modules.json").exists():
+    if (path / "modules.json").is_file():
         return path
     log(f"building random-initialised {name} in {path}")
     if family == "bert":
-        return model_factory.make_bert_embedder(path, max_position=512, max_seq_length=512, **shape)
-    return model_factory.make_qwen3_embedder(path, max_seq_length=8192, **shape)
+        return model_factory.make_bert_embedder(path, max_position=512, **shape)
+    return model_factory.make_qwen3_embedder(path, **shape)
 
 
 def model_source(path: Path) -> str:

@@ -29,49 +29,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, in_requests, interleaved, log, offline, paired_ratio
+from bench.common import (
+    ROOT,
+    in_requests,
+    interleaved,
+    log,
+    offline,
+    paired_ratio,
+    random_model,
+)
+from bench.common import SHAPES as COMMON_SHAPES
 from bench.common import texts_of_length as _texts_of_length
 from embedding_worker.transports.runpod import answer_job
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "minilm-shape": dict(
-        family="bert",
-        hidden_size=384,
-        num_layers=6,
-        num_heads=12,
-        intermediate_size=1536,
-        vocab_size=30522,
-        max_seq_length=256,
-    ),
-    "bge-base-shape": dict(
-        family="bert",
-        hidden_size=768,
-        num_layers=12,
-        num_heads=12,
-        intermediate_size=3072,
-        vocab_size=30522,
-        max_seq_length=512,
-    ),
-    "bge-large-shape": dict(
-        family="bert",
-        hidden_size=1024,
-        num_layers=24,
-        num_heads=16,
-        intermediate_size=4096,
-        vocab_size=30522,
-        max_seq_length=512,
-    ),
-    "qwen3-0.6b-shape": dict(
-        family="qwen3",
-        hidden_size=1024,
-        num_layers=28,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=128,
-        intermediate_size=3072,
-        vocab_size=151669,
-        max_seq_length=8192,
-    ),
+# The shapes measured: all-MiniLM-L6-v2's, bge-base's, bge-large's, Qwen3-Embedding-0.6B's.
+SHAPES = {
+    name: COMMON_SHAPES[name] for name in ("minilm-shape", "bge-base", "bge-large", "qwen3-0.6b")
 }
 TOY_SHAPES: dict[str, dict[str, Any]] = {
     "toy-bert": dict(
@@ -117,23 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS-gpu.md")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench" / "results" / "models")
     return parser.parse_args(argv)
-
-
-def build(name: str, shape: dict[str, Any], cache: Path) -> Path:
-    from tests import model_factory
-
-    shape = dict(shape)
-    family = shape.pop("family")
-    path = cache / name
-    if (path / "modules.json").is_file():
-        return path
-    log(f"building random-initialised {name} in {path}")
-    if family == "bert":
-        max_seq = shape.pop("max_seq_length")
-        return model_factory.make_bert_embedder(
-            path, max_position=512, max_seq_length=max_seq, **shape
-        )
-    return model_factory.make_qwen3_embedder(path, **shape)
 
 
 class Subject:
@@ -266,7 +222,7 @@ async def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[str]
     skipped: list[str] = []
     dtypes = tuple(args.dtypes.split(",")) if on_gpu or args.toy else ("float32",)
     for name, shape in shapes.items():
-        path = build(name, shape, args.cache)
+        path = random_model(name, shape, args.cache)
         for dtype in dtypes:
             left = args.budget_s - (time.monotonic() - started)
             if left < 20:

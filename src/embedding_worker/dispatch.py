@@ -24,8 +24,7 @@ from .engines import ModelRegistry
 from .errors import APIError, ErrorKind
 from .limits import inspect_request, is_small
 from .logs import current_job, get_logger, redacted_traceback
-from .metrics import Metrics, RequestRecord
-from .metrics import current_request as current_record
+from .metrics import Metrics, RequestRecord, current_record
 from .operations import Operation
 from .reply import Answer
 from .request_context import RequestContext, current_request, new_request_id

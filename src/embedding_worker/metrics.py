@@ -3,7 +3,7 @@ and a one-line summary a minute for RunPod's log view.
 
 Figures are recorded at two places only. `Worker.dispatch` records each request once it is answered
 (route, model, tier, status and error code, inputs, tokens, and its time split into queue wait,
-model time and total), from the `RequestRecord` it puts in `current_request`; the engines fill in
+model time and total), from the `RequestRecord` it puts in `current_record`; the engines fill in
 that record (the model a request resolved to, its inputs and tokens, when its work entered the
 queue, when the first batch holding it went to the model, when the model answered). The engines
 also report each batch they hand to the model (`ModelMetrics.batch_formed`): its rows, and its real
@@ -96,14 +96,14 @@ class RequestRecord:
     answered: float | None = None  # its last engine call was answered
 
 
-current_request: ContextVar[RequestRecord | None] = ContextVar(
-    "embedding_worker_request", default=None
+current_record: ContextVar[RequestRecord | None] = ContextVar(
+    "embedding_worker_request_record", default=None
 )
 
 
 def note_model(served_id: str) -> None:
     """The request in this context resolved to this served model."""
-    record = current_request.get()
+    record = current_record.get()
     if record is not None:
         record.model = served_id
 
@@ -454,7 +454,7 @@ __all__ = [
     "ModelMetrics",
     "RequestRecord",
     "Tally",
-    "current_request",
+    "current_record",
     "exposition_without_worker",
     "note_model",
     "tag_inputs",

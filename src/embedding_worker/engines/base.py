@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import errors
 from ..logs import get_logger
-from ..metrics import ModelMetrics, current_request, tag_inputs
+from ..metrics import ModelMetrics, current_record, tag_inputs
 from ..tiers import current_tier, tier_rank
 from .admission import Admission, AdmissionSettings
 from .spec import EngineSettings, ModelSpec
@@ -256,7 +256,7 @@ class ModelEngine(ABC):
         self._loop = task.get_loop()
         self._admitted.add(task)
         admission.enter(items, tokens)
-        record = current_request.get()
+        record = current_record.get()
         if record is not None:
             record.model = self.served_id
             if record.entered is None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import current_request
+from ..metrics import current_record
 from .batching import Item, SelfBatching, TokenIds
 from .spec import ModelSpec
 from .tokenization import Text, pad_ids
@@ -229,7 +229,7 @@ class TokenPass(SelfBatching):
         return PassResult(self._unit(vectors), sum(len(ids) for ids in windows))
 
     def _texts(self, windows: Sequence[np.ndarray]) -> list[Text]:
-        record = current_request.get()
+        record = current_record.get()
         return [Text("", len(ids), ids=ids, request=record) for ids in windows]
 
     def _tokenize(self, texts: list[str]) -> list[TokenIds]:
