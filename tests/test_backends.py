@@ -175,10 +175,11 @@ async def test_the_models_own_onnx_file_is_used(families, tmp_path, monkeypatch)
     assert not empty_cache.exists() or not list(empty_cache.glob("*/model.onnx"))
 
 
-@pytest.mark.parametrize("backend", ["optimum", "ctranslate2"])
-async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, backend):
+async def int8_entry_and_cosines(families: Path, cache: Path, backend: str):
+    """A tiny BERT's /v1/models entry with DTYPES=int8 on `backend`, and the cosine of its
+    answers for QUALITY_TEXTS to torch float32's."""
     path = family(families, "bert-mean")
-    worker = worker_for(path, backend, tmp_path, dtype="int8")
+    worker = worker_for(path, backend, cache, dtype="int8")
     float32 = torch_vectors(path, list(compiled.QUALITY_TEXTS))
     await worker.start()
     try:
@@ -186,7 +187,12 @@ async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, b
         body = await answer(worker, input=list(compiled.QUALITY_TEXTS), model=entry["id"])
     finally:
         await worker.stop()
-    measured = cosines(decode_vectors(body), float32)
+    return entry, cosines(decode_vectors(body), float32)
+
+
+@pytest.mark.parametrize("backend", ["optimum", "ctranslate2"])
+async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, backend):
+    entry, measured = await int8_entry_and_cosines(families, tmp_path, backend)
     quality = entry["int8_cosine_to_float32"]
     assert entry["backend"] == backend and entry["dtype"] == "int8"
     # What /v1/models shows is what the int8 answers are, to float32's rounding.
@@ -198,20 +204,11 @@ async def test_int8_reports_its_measured_cosine_to_float32(families, tmp_path, b
 async def test_int8_under_the_bar_keeps_the_down_projections_in_float32(
     families, tmp_path, monkeypatch
 ):
-    path = family(families, "bert-mean")
     # Above any cosine: the fully quantised file always falls short of it.
     monkeypatch.setattr(onnx, "INT8_MIN_COSINE", 1.01)
-    worker = worker_for(path, "optimum", tmp_path, dtype="int8")
-    float32 = torch_vectors(path, list(compiled.QUALITY_TEXTS))
-    await worker.start()
-    try:
-        (entry,) = (await answer(worker, openai_route="/v1/models"))["data"]
-        body = await answer(worker, input=list(compiled.QUALITY_TEXTS), model=entry["id"])
-    finally:
-        await worker.stop()
+    entry, measured = await int8_entry_and_cosines(families, tmp_path, "optimum")
     assert entry["int8_scheme"] == onnx.MIXED_INT8
     # The answers are the mixed file's: the cosine shown is theirs.
-    measured = cosines(decode_vectors(body), float32)
     assert entry["int8_cosine_to_float32"]["min"] == pytest.approx(float(measured.min()), abs=1e-4)
     (exported,) = tmp_path.glob("*/model.onnx")
     (mixed,) = tmp_path.glob("*/model_int8_mixed.onnx")
