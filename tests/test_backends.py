@@ -312,3 +312,29 @@ def test_a_dtype_the_backend_lacks_is_refused(bert_embedder, monkeypatch):
     env = {"MODEL_NAMES": str(bert_embedder), "BACKEND": "optimum", "DTYPES": "bfloat16"}
     message = refused(env, monkeypatch)
     assert "DTYPES=bfloat16" in message and "int8" in message
+
+
+@pytest.mark.parametrize("role", ["bert-mean", "xlm-roberta-cross"])
+def test_optimum_on_a_gpu_without_onnx_runtimes_cuda_provider_is_refused_before_exporting(
+    families, tmp_path, role, monkeypatch
+):
+    # ONNX Runtime would run on the CPU with a warning alone: a GPU worker at CPU speed.
+    import onnxruntime
+
+    if onnx.CUDA_PROVIDER in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has its CUDA provider")
+    monkeypatch.setattr(onnx, "_export", lambda *a, **k: pytest.fail("exported"))
+    path = family(families, role)
+    config = load_config(
+        {
+            "MODEL_NAMES": str(path),
+            "BACKEND": "optimum",
+            "DEVICES": "0",
+            "ONNX_CACHE_DIR": str(tmp_path),
+        }
+    )
+    with pytest.raises(ModelLoadError) as error:
+        ModelRegistry.load(config.models, config.engine_settings)
+    message = str(error.value)
+    assert path.name in message and "CUDA device 0" in message
+    assert "onnxruntime-gpu" in message and "DEVICES=cpu" in message

@@ -72,10 +72,39 @@ def default_cache_dir() -> Path:
     return Path(VOLUME_CACHE if Path(RUNPOD_VOLUME).is_dir() else LOCAL_CACHE)
 
 
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def require_cuda_provider(providers: Sequence[str], device: str, model: str) -> None:
+    """ONNX Runtime runs on the CPU, with a warning alone, when the CUDA provider it is asked for
+    is not in its build (the `onnxruntime` package) or cannot load (CUDA or cuDNN libraries
+    missing): a GPU worker would serve at CPU speed. Refused instead, saying what to install."""
+    if CUDA_PROVIDER not in providers:
+        raise ModelLoadError(
+            f"model '{model}': BACKEND=optimum on CUDA device {device} needs ONNX Runtime's CUDA "
+            "provider, which "
+            "this installation lacks or cannot load: install onnxruntime-gpu (the same version) "
+            "in place of onnxruntime, with its CUDA and cuDNN libraries; or set DEVICES=cpu, or "
+            "BACKEND=torch"
+        )
+
+
+def usable_devices(spec: ModelSpec, settings: EngineSettings) -> tuple[str, ...]:
+    """The devices the model's sessions go on, each one ONNX Runtime can compute on here (checked
+    before any export is made)."""
+    import onnxruntime as ort
+
+    devices = resolve_devices(settings.devices)
+    for device in devices:
+        if device != CPU:
+            require_cuda_provider(ort.get_available_providers(), device, spec.served_id)
+    return devices
+
+
 class OnnxRuntime:
     """One ONNX Runtime session on one device."""
 
-    def __init__(self, path: Path, device: str, output: str) -> None:
+    def __init__(self, path: Path, device: str, output: str, model: str = "") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -86,8 +115,11 @@ class OnnxRuntime:
         options.intra_op_num_threads = compute_threads()
         providers: list[Any] = ["CPUExecutionProvider"]
         if device != CPU:
+            require_cuda_provider(ort.get_available_providers(), device, model)
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device)}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        if device != CPU:
+            require_cuda_provider(self.session.get_providers(), device, model)
         self.inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         self.output = output if output in outputs else outputs[0]
@@ -300,6 +332,7 @@ class OnnxBackend:
         transformer = st_model[0]
         backbone = transformer.auto_model
         tokenizer = st_model.tokenizer
+        devices = usable_devices(spec, settings)
         accepted = inspect.signature(backbone.forward).parameters
         names = fed_inputs(tokenizer, lambda name: name in accepted)
         example = example_batch(tokenizer, names)
@@ -311,11 +344,12 @@ class OnnxBackend:
             input_names=names,
             lowercase=bool(getattr(transformer, "do_lower_case", False)),
         )
-        devices = resolve_devices(settings.devices)
         if int8 is not None:
             int8 = self._int8_kept(spec, settings, st_model, loaded, float32, int8)
         path = int8 or float32
-        loaded.runtimes = [OnnxRuntime(path, d, "last_hidden_state") for d in devices]
+        loaded.runtimes = [
+            OnnxRuntime(path, d, "last_hidden_state", spec.served_id) for d in devices
+        ]
         _drop_weights(st_model)
         return loaded
 
@@ -362,12 +396,14 @@ class OnnxBackend:
     ) -> Loaded:
         import inspect
 
+        devices = usable_devices(spec, settings)
         accepted = inspect.signature(model.forward).parameters
         names = fed_inputs(tokenizer, lambda name: name in accepted)
         example = example_batch(tokenizer, names)
         float32, int8 = onnx_files(spec, settings, model, "cross", names, example)
-        devices = resolve_devices(settings.devices)
-        runtimes: list[Runtime] = [OnnxRuntime(int8 or float32, d, "logits") for d in devices]
+        runtimes: list[Runtime] = [
+            OnnxRuntime(int8 or float32, d, "logits", spec.served_id) for d in devices
+        ]
         return Loaded(
             runtimes=runtimes,
             tokenizer=tokenizer,
