@@ -9,6 +9,7 @@ where a real one comes from: the model's forward pass.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 
@@ -21,6 +22,7 @@ from infinity_emb.primitives import ReRankSingle
 
 from embedding_worker.config import ConfigError, load_config
 from embedding_worker.dispatch import Worker
+from embedding_worker.engines import ModelRegistry
 from embedding_worker.engines.budget import (
     SHORT_TEXT_TOKENS,
     TYPICAL_TEXT_TOKENS,
@@ -31,6 +33,7 @@ from embedding_worker.engines.budget import (
 )
 from embedding_worker.engines.infinity_adapter import PacedQueue, pair_item, queued_tokens
 from embedding_worker.engines.scheduler import Work
+from embedding_worker.engines.spec import Optimisations
 from embedding_worker.engines.tokenization import Text
 from embedding_worker.transports.runpod import answer_job
 from tests.helpers import answer, decode_vectors, model_and_replica
@@ -402,3 +405,41 @@ async def test_without_wide_short_batches_short_texts_go_batch_size_a_batch():
     queue.extend(_items(40, tokens=SHORT_TEXT_TOKENS))
     await asyncio.sleep(0)
     assert _pop(queue) == [4, 4]  # the model was idle: what it can start now, batches of 4
+
+
+@pytest.mark.parametrize("wide", [True, False])
+async def test_the_compiled_backends_follow_the_wide_short_batches_switch(
+    bert_embedder, tmp_path, wide, monkeypatch
+):
+    pytest.importorskip("onnxruntime")
+    config = load_config(
+        {
+            "MODEL_NAMES": str(bert_embedder),
+            "BACKEND": "optimum",
+            "DTYPES": "float32",
+            "BATCH_SIZES": "4",
+            "ONNX_CACHE_DIR": str(tmp_path),
+        }
+    )
+    settings = dataclasses.replace(
+        config.engine_settings, optimisations=Optimisations(wide_short_batches=wide)
+    )
+    worker = Worker(config, ModelRegistry.load(config.models, settings))
+    (model,) = worker.registry.models
+    forward = model._forward_items
+    sizes: list[int] = []
+
+    def counted(items):
+        sizes.append(len(items))
+        return forward(items)
+
+    monkeypatch.setattr(model, "_forward_items", counted)
+    await worker.start()
+    try:
+        body = {"input": [f"short text {i}" for i in range(64)]}
+        replies = await asyncio.gather(*(answer_job(worker, body) for _ in range(4)))
+        assert all(reply.status == 200 for reply in replies)
+    finally:
+        await worker.stop()
+    assert sum(sizes) == 4 * 64
+    assert (max(sizes) > 4) is wide, sizes

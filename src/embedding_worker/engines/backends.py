@@ -272,7 +272,7 @@ class CompiledModel(SelfBatching, ModelEngine):
         self.tokenizer = copy.deepcopy(loaded.tokenizer)
         self.batch_size = spec.batch_size
         self.replicas = ReplicaSet(loaded.runtimes)
-        self._init_batching()
+        self._init_batching(self.settings.optimisations.wide_short_batches)
 
     async def start(self) -> None:
         await self._start_batching(f"{self.spec.backend}-{self.served_id}")

@@ -334,6 +334,7 @@ class InfinityEmbedder(InfinityModel, Embedder):
                 device=getattr(replica, "device", "cpu"),
                 progressed=self.progressed,
                 batch_formed=self.batch_formed,
+                wide_short_batches=self.settings.optimisations.wide_short_batches,
             )
 
     async def start(self) -> None:

@@ -52,8 +52,7 @@ class Optimisations:
     # A full batch that a later job of a turn completes goes to the model at once, not at the
     # turn's end (scheduler.py).
     full_batch_wake: bool = True
-    # Batches of short texts hold more than the batch size (budget.py, engines batched by
-    # Infinity).
+    # Batches of short texts hold more than the batch size (budget.py; every engine).
     wide_short_batches: bool = True
 
 

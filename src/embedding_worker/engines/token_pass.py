@@ -134,6 +134,7 @@ class TokenPass(SelfBatching):
         device: Any,
         progressed: Callable[[], None],
         batch_formed: Callable[[Sequence[int], Sequence[Any]], None],
+        wide_short_batches: bool = True,
     ) -> None:
         from sentence_transformers.models import Normalize, Pooling
 
@@ -158,7 +159,7 @@ class TokenPass(SelfBatching):
         self.batch_size = spec.batch_size
         self.progressed = progressed
         self.batch_formed = batch_formed
-        self._init_batching()
+        self._init_batching(wide_short_batches)
 
     @staticmethod
     def of(replica: Any, tokenizer: Any, max_length: int, **kwargs: Any) -> TokenPass | None:
