@@ -279,9 +279,9 @@ LOOPS_PER_REPLICA = 3
 SPARE_THREADS = 2
 
 
-def give_every_loop_a_thread(engine: Any) -> int:
+def give_every_loop_a_thread(engine: Any) -> None:
     """Widen a started engine's pool so that each of its loops has a thread, with spare threads
-    for the short tasks; the loops still waiting for one start at once. The pool's size now."""
+    for the short tasks; the loops still waiting for one start at once."""
     handler = batch_handler(engine)
     pool = handler._threadpool
     loops = SHARED_LOOPS + LOOPS_PER_REPLICA * len(handler.model_worker)
@@ -293,7 +293,6 @@ def give_every_loop_a_thread(engine: Any) -> int:
         # takes the loop that waits longest.
         for _ in range(missing):
             pool.submit(_nothing)
-    return int(pool._max_workers)
 
 
 def _nothing() -> None:

@@ -82,10 +82,9 @@ def require_cuda_provider(providers: Sequence[str], device: str, model: str) -> 
     if CUDA_PROVIDER not in providers:
         raise ModelLoadError(
             f"model '{model}': BACKEND=optimum on CUDA device {device} needs ONNX Runtime's CUDA "
-            "provider, which "
-            "this installation lacks or cannot load: install onnxruntime-gpu (the same version) "
-            "in place of onnxruntime, with its CUDA and cuDNN libraries; or set DEVICES=cpu, or "
-            "BACKEND=torch"
+            "provider, which this installation lacks or cannot load: install onnxruntime-gpu "
+            "(the same version) in place of onnxruntime, with its CUDA and cuDNN libraries; or "
+            "set DEVICES=cpu, or BACKEND=torch"
         )
 
 
@@ -115,10 +114,9 @@ class OnnxRuntime:
         options.intra_op_num_threads = compute_threads()
         providers: list[Any] = ["CPUExecutionProvider"]
         if device != CPU:
-            require_cuda_provider(ort.get_available_providers(), device, model)
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device)}))
+            providers.insert(0, (CUDA_PROVIDER, {"device_id": int(device)}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        if device != CPU:
+        if device != CPU:  # a provider in the build may still fail to load its libraries
             require_cuda_provider(self.session.get_providers(), device, model)
         self.inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
@@ -300,11 +298,9 @@ def onnx_files(
     return float32, int8
 
 
-def mixed_int8_file(
-    spec: ModelSpec, settings: EngineSettings, float32: Path, role: str, names: Sequence[str]
-) -> Path:
-    """The int8 copy of `float32` with its down-projections left in float32 (cached)."""
-    folder = cache_folder(spec, settings, role, names)
+def mixed_int8_file(float32: Path, folder: Path) -> Path:
+    """The int8 copy of `float32` with its down-projections left in float32, cached in `folder`
+    (the fully quantised copy's)."""
     mixed = folder / "model_int8_mixed.onnx"
     if not mixed.is_file():
         keep = down_projections(float32)
@@ -345,7 +341,7 @@ class OnnxBackend:
             lowercase=bool(getattr(transformer, "do_lower_case", False)),
         )
         if int8 is not None:
-            int8 = self._int8_kept(spec, settings, st_model, loaded, float32, int8)
+            int8 = self._int8_kept(spec, st_model, loaded, float32, int8)
         path = int8 or float32
         loaded.runtimes = [
             OnnxRuntime(path, d, "last_hidden_state", spec.served_id) for d in devices
@@ -356,7 +352,6 @@ class OnnxBackend:
     @staticmethod
     def _int8_kept(
         spec: ModelSpec,
-        settings: EngineSettings,
         st_model: Any,
         loaded: Loaded,
         float32: Path,
@@ -378,7 +373,7 @@ class OnnxBackend:
         loaded.quality, loaded.int8_scheme = quality(int8), ALL_INT8
         if loaded.quality["min"] >= INT8_MIN_COSINE:
             return int8
-        mixed = mixed_int8_file(spec, settings, float32, "embed", loaded.input_names)
+        mixed = mixed_int8_file(float32, int8.parent)
         mixed_quality = quality(mixed)
         log.info(
             "%s: int8 with every matmul quantised gives a min cosine to float32 of %.4f "

@@ -81,23 +81,16 @@ class SpecialFrame:
             ]
         )
 
-    def framed(self, content: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A window's ids and token type ids: the content between the special tokens."""
-        ids = np.concatenate(
+    def framed(self, content: np.ndarray) -> np.ndarray:
+        """A window's ids: the content between the special tokens (`types_of` gives its token
+        type ids)."""
+        return np.concatenate(
             [
                 np.array(self.prefix, np.int64),
                 content.astype(np.int64),
                 np.array(self.suffix, np.int64),
             ]
         )
-        types = np.concatenate(
-            [
-                np.array(self.prefix_types, np.int64),
-                np.full(len(content), self.content_type, np.int64),
-                np.array(self.suffix_types, np.int64),
-            ]
-        )
-        return ids, types
 
 
 def window_bounds(content_tokens: int, keep: int) -> list[tuple[int, int]]:
@@ -291,8 +284,8 @@ class TokenPass(SelfBatching):
 
     def _windows(self, content: np.ndarray) -> list[np.ndarray]:
         return [
-            self.frame.framed(content[a:b])[0] for a, b in window_bounds(len(content), self.keep)
-        ] or [self.frame.framed(content[:0])[0]]
+            self.frame.framed(content[a:b]) for a, b in window_bounds(len(content), self.keep)
+        ] or [self.frame.framed(content[:0])]
 
     def _unit(self, vectors: np.ndarray) -> np.ndarray:
         if not self.normalizes:
