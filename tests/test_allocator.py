@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from statistics import median
 
 import pytest
 
@@ -27,7 +28,7 @@ texts = [" ".join(CORPUS[i:] + CORPUS[:i]) for i in range(16)]  # each over the 
 
 async def main():
     faults = []
-    for _ in range(8):
+    for _ in range(10):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         reply = await answer_job(worker, {"input": texts})
         assert reply.status == 200, reply.body
@@ -63,14 +64,14 @@ def page_faults_per_batch(keep: str | None) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
 def test_a_cpu_worker_keeps_freed_memory_and_its_batches_stop_faulting_pages_in():
-    kept = page_faults_per_batch(None)[
-        3:
-    ]  # the default (auto); after the batches that grow the heap
+    # the default (auto) and glibc's own; both after the batches that grow the heap
+    kept = page_faults_per_batch(None)[3:]
     released = page_faults_per_batch("false")[3:]
     # glibc's defaults give large chunks back and fault them in again, batch after batch ...
-    assert sum(released) > 20_000, released
-    # ... the kept heap serves them from memory already resident
-    assert sum(kept) < sum(released) / 10, (kept, released)
+    assert median(released) > 1_000, released
+    # ... the kept heap serves the typical batch from memory already resident (the odd batch
+    # still grows it, so the median, not the sum)
+    assert median(kept) < median(released) / 10, (kept, released)
 
 
 def test_the_settings_are_left_alone_when_off_or_when_malloc_is_configured_already():

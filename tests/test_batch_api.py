@@ -561,6 +561,38 @@ def test_a_lease_is_held_by_one_server_until_it_ends(tmp_path):
     assert not path.exists()
 
 
+def test_a_renewal_that_reaches_the_disk_after_the_lease_ended_gives_the_lease_up(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "b.lease"
+    first, second = Lease(path, "one", 0.4), Lease(path, "two", 0.4)
+    assert first.acquire()
+    taken = threading.Event()
+    fsync = os.fsync
+
+    def stalling_fsync(fd: int) -> None:
+        if threading.current_thread().name == "renewal":
+            assert taken.wait(10)  # the disk stalls until another server has taken the lease over
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", stalling_fsync)
+    renewed: list[bool] = []
+    renewal = threading.Thread(target=lambda: renewed.append(first.renew()), name="renewal")
+    renewal.start()
+    deadline = time.monotonic() + 10
+    while not second.acquire():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    taken.set()
+    renewal.join(10)
+    assert renewed == [False] and not first.valid, "the stalled renewal came after a takeover"
+    assert second.renew(), "the new holder's lease file was overwritten"
+    first.release()
+    assert path.exists() and second.valid
+    second.release()
+    assert not path.exists() and not list(tmp_path.glob("*.tmp"))
+
+
 class FakeRequest:
     def __init__(self, body: Any) -> None:
         self.body = body

@@ -313,23 +313,49 @@ class Lease:
         fsync_dir(self.path.parent)
 
     def renew(self) -> bool:
-        """Extend the lease; False (and no write) once it is no longer ours."""
+        """Extend the lease; False once it is no longer sure to be ours.
+
+        Reading the file and replacing it are two steps: a renewal that stalls between them (a
+        slow fsync on a busy disk) may reach the file after the end it read, when another server
+        may have taken the lease over and written its own file. So the new file is put in place
+        only before that end, less the clock skew a takeover allows for, and the renewal counts
+        only if it was in place by then.
+        """
         started = time.monotonic()
         current = Store.read_json(self.path)
         if not self.valid or current is None or current.get("owner") != self.owner:
-            self._renewed = -float("inf")
-            return False
+            return self._lost()
         temp = self.path.with_name(f"{self.path.name}.{secrets.token_hex(8)}.tmp")
-        with open(temp, "wb") as out:
-            out.write(self._content())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, self.path)
+        try:
+            with open(temp, "wb") as out:
+                out.write(self._content())
+                out.flush()
+                os.fsync(out.fileno())
+            if self._ending(current):  # too late to be sure no takeover came first
+                return self._lost()
+            os.replace(temp, self.path)
+        finally:
+            temp.unlink(missing_ok=True)
+        if self._ending(current):
+            return self._lost()
         self._renewed = started
         return True
 
+    def _lost(self) -> bool:
+        self._renewed = -float("inf")
+        return False
+
     def release(self) -> None:
+        """Give the lease back: remove its file while it is ours and its end is ahead (no
+        takeover comes before the end); after that it is left to end on its own, as the file may
+        already be a new holder's."""
         current = Store.read_json(self.path)
-        if current is not None and current.get("owner") == self.owner:
+        if current is not None and current.get("owner") == self.owner and not self._ending(current):
             self.path.unlink(missing_ok=True)
         self._renewed = -float("inf")
+
+    def _ending(self, content: dict[str, Any]) -> bool:
+        """Whether a lease file's end is near enough that another server, its clock up to a
+        quarter of the term ahead, may take it over."""
+        until = content.get("until")
+        return not isinstance(until, int | float) or time.time() >= until - self.term_s / 4
