@@ -54,10 +54,12 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 COPY builder/requirements.txt builder/requirements.txt
 RUN pip install -r builder/requirements.txt
 
-# BACKEND=optimum (ONNX Runtime) and BACKEND=ctranslate2, the pyproject extras `onnx` and
-# `ctranslate2`: where they pay is CPU endpoints, and one image serves both.
-COPY builder/requirements-onnx.txt builder/requirements-ctranslate2.txt builder/
-RUN pip install -r builder/requirements-onnx.txt -r builder/requirements-ctranslate2.txt
+# BACKEND=optimum (ONNX Runtime) and BACKEND=ctranslate2, the pyproject extras `onnx` (or
+# `onnx-gpu`) and `ctranslate2`. ONNX Runtime's build follows torch's: its CUDA build where torch
+# has CUDA (builder/onnx_lock.py), so a GPU image computes with ONNX Runtime's CUDA provider.
+COPY builder/onnx_lock.py builder/requirements-onnx.txt builder/requirements-onnx-gpu.txt \
+     builder/requirements-ctranslate2.txt builder/
+RUN pip install -r "$(python builder/onnx_lock.py)" -r builder/requirements-ctranslate2.txt
 
 # The package itself (its dependencies are the lock above).
 COPY pyproject.toml README.md ./

@@ -4,12 +4,16 @@ version written once, no sys.path patches anywhere, a license."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
 import embedding_worker
+from builder import onnx_lock
 from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -40,6 +44,29 @@ def test_each_backend_extra_is_its_lock_and_ci_installs_it(extra):
     for requirement in declared:  # installed here, as CI installs it
         name = requirement.split("==")[0]
         assert metadata.version(name) == requirement.split("==")[1]
+
+
+def test_the_gpu_onnx_extra_differs_from_the_onnx_extra_only_in_onnx_runtimes_build():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    gpu, cpu = set(extras["onnx-gpu"]), set(extras["onnx"])
+    assert gpu == pins(ROOT / "builder" / "requirements-onnx-gpu.txt")
+    (gpu_runtime,) = {r for r in gpu if r.startswith("onnxruntime-gpu==")}
+    (cpu_runtime,) = {r for r in cpu if r.startswith("onnxruntime==")}
+    assert gpu - {gpu_runtime} == cpu - {cpu_runtime}
+
+
+def test_the_image_installs_the_onnx_runtime_build_that_matches_torchs():
+    # builder/onnx_lock.py, as the Dockerfile runs it: this machine's torch is a CPU build
+    proc = subprocess.run(
+        [sys.executable, "builder/onnx_lock.py"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == onnx_lock.CPU_LOCK
+    assert onnx_lock.onnx_lock("13.0") == onnx_lock.GPU_LOCK
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert 'pip install -r "$(python builder/onnx_lock.py)"' in dockerfile
+    for lock in (onnx_lock.CPU_LOCK, onnx_lock.GPU_LOCK):
+        assert (ROOT / lock).is_file() and Path(lock).name in dockerfile
 
 
 def test_every_dependency_is_pinned():

@@ -82,9 +82,10 @@ def require_cuda_provider(providers: Sequence[str], device: str, model: str) -> 
     if CUDA_PROVIDER not in providers:
         raise ModelLoadError(
             f"model '{model}': BACKEND=optimum on CUDA device {device} needs ONNX Runtime's CUDA "
-            "provider, which this installation lacks or cannot load: install onnxruntime-gpu "
-            "(the same version) in place of onnxruntime, with its CUDA and cuDNN libraries; or "
-            "set DEVICES=cpu, or BACKEND=torch"
+            "provider, which this installation lacks or cannot load: install the onnx-gpu extra "
+            "(onnxruntime-gpu, builder/requirements-onnx-gpu.txt) in place of onnxruntime, with "
+            "the CUDA 13 and cuDNN 9 libraries torch's CUDA build brings (the GPU image has "
+            "both); or set DEVICES=cpu, or BACKEND=torch"
         )
 
 
