@@ -200,6 +200,16 @@ class Runner:
         return True
 
     async def run(self) -> None:
+        """Take the batch on from where it stopped, renewing the lease until the run ends."""
+        ended = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_lease(ended))
+        try:
+            await self._run()
+        finally:
+            ended.set()
+            await keeper  # a renewal under way lands before the lease can be given back
+
+    async def _run(self) -> None:
         record = await asyncio.to_thread(self.store.get_batch, self.batch_id)
         if record is None or record["batch"]["status"] in FINAL:
             return
@@ -327,19 +337,30 @@ class Runner:
                 self._record(line.custom_id, error_line(line.custom_id, expired))
         self.unanswered = 0
 
-    async def _tick(self) -> None:
-        """Once a second: renew the lease, look for a cancellation, the window's end and a
-        failing engine, and make what is written durable."""
-        renewed = time.monotonic()
+    async def _keep_lease(self, ended: asyncio.Event) -> None:
+        """Renew the lease every quarter of its term until the run has `ended`, from validation
+        to the final status, so that it is given back well before its end; once it is lost the
+        lines stop."""
         while True:
-            # Often enough that a few late turns of a busy event loop leave the lease held.
-            await asyncio.sleep(min(CHECKPOINT_S, self.lease.term_s / 8))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), self.lease.term_s / 4)
+                return
             try:
-                if time.monotonic() - renewed >= self.lease.term_s / 4:
-                    if not await asyncio.to_thread(self.lease.renew):
-                        log.warning("batch %s: lease lost; leaving it", self.batch_id)
-                        self.reason = self.reason or "stop"
-                    renewed = time.monotonic()
+                renewed = await asyncio.to_thread(self.lease.renew)
+            except Exception as exc:  # a full disk, a vanished volume: stop, resume later
+                log.error("batch %s: %s", self.batch_id, redacted_traceback(exc))
+                renewed = False
+            if not renewed:
+                log.warning("batch %s: lease lost; leaving it", self.batch_id)
+                self.reason = self.reason or "stop"
+                return
+
+    async def _tick(self) -> None:
+        """Once a second: look for a cancellation, the window's end, a failing engine and a lost
+        lease, and make what is written durable."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_S)
+            try:
                 await self._look_around()
                 await self._checkpoint()
             except Exception as exc:  # a full disk, a vanished volume: stop, resume later
