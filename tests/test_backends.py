@@ -13,7 +13,14 @@ import pytest
 
 from embedding_worker.config import load_config
 from embedding_worker.dispatch import Worker
-from embedding_worker.engines import ModelLoadError, ModelRegistry, backends, compiled, onnx
+from embedding_worker.engines import (
+    ModelLoadError,
+    ModelRegistry,
+    backends,
+    compiled,
+    ctranslate2,
+    onnx,
+)
 from tests import model_factory
 from tests.family_models import CROSS_ENCODERS, EMBEDDERS, make_family
 from tests.helpers import answer, decode_vectors
@@ -312,6 +319,42 @@ def test_a_dtype_the_backend_lacks_is_refused(bert_embedder, monkeypatch):
     env = {"MODEL_NAMES": str(bert_embedder), "BACKEND": "optimum", "DTYPES": "bfloat16"}
     message = refused(env, monkeypatch)
     assert "DTYPES=bfloat16" in message and "int8" in message
+
+
+@pytest.mark.parametrize("role", ["bert-mean", "xlm-roberta-cross"])
+def test_ctranslate2_on_a_gpu_without_cuda_12s_cublas_is_refused_before_converting(
+    families, tmp_path, role, monkeypatch
+):
+    # CTranslate2 would fail on the GPU at run time: torch's CUDA 13 build has no cuBLAS 12.
+    if ctranslate2.cublas_wheel_copies():
+        pytest.skip("CUDA 12's cuBLAS is installed here")
+    monkeypatch.setattr(ctranslate2, "_converted", lambda *a, **k: pytest.fail("converted"))
+    path = family(families, role)
+    config = load_config(
+        {
+            "MODEL_NAMES": str(path),
+            "BACKEND": "ctranslate2",
+            "DEVICES": "0",
+            "ONNX_CACHE_DIR": str(tmp_path),
+        }
+    )
+    with pytest.raises(ModelLoadError) as error:
+        ModelRegistry.load(config.models, config.engine_settings)
+    message = str(error.value)
+    assert path.name in message and "CUDA device 0" in message and ctranslate2.CUBLAS in message
+    assert "ctranslate2-gpu" in message and "DEVICES=cpu" in message
+
+
+def test_cuda_12s_cublas_is_found_where_its_wheel_installs_it(tmp_path, monkeypatch):
+    lib = tmp_path / "nvidia" / "cublas" / "lib"
+    lib.mkdir(parents=True)
+    (lib / ctranslate2.CUBLAS).write_bytes(b"")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert ctranslate2.cublas_wheel_copies()[0] == lib / ctranslate2.CUBLAS
+    # a file that is not a loadable library is passed over, and the refusal says so
+    with pytest.raises(ModelLoadError, match="cuBLAS"):
+        ctranslate2.load_cublas(("0",), "m")
+    ctranslate2.load_cublas((ctranslate2.CPU,), "m")  # the CPU needs none
 
 
 @pytest.mark.parametrize("role", ["bert-mean", "xlm-roberta-cross"])

@@ -55,6 +55,14 @@ def test_the_gpu_onnx_extra_differs_from_the_onnx_extra_only_in_onnx_runtimes_bu
     assert gpu - {gpu_runtime} == cpu - {cpu_runtime}
 
 
+def test_the_gpu_ctranslate2_extra_adds_cuda_12s_cublas_to_the_ctranslate2_extra():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    gpu = set(extras["ctranslate2-gpu"])
+    assert gpu == pins(ROOT / "builder" / "requirements-ctranslate2-gpu.txt")
+    (cublas,) = gpu - set(extras["ctranslate2"])
+    assert cublas.startswith("nvidia-cublas-cu12==")
+
+
 def test_the_image_installs_the_onnx_runtime_build_that_matches_torchs():
     # builder/onnx_lock.py, as the Dockerfile runs it: this machine's torch is a CPU build
     proc = subprocess.run(

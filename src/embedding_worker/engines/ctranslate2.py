@@ -11,11 +11,15 @@ after it in torch, from the model's own weights.
 
 from __future__ import annotations
 
+import ctypes
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..logs import get_logger
+from .base import ModelLoadError
 from .compiled import (
     INT8,
     Loaded,
@@ -41,6 +45,39 @@ def compute_type(dtype: str, on_gpu: bool) -> str:
     if dtype == "auto":
         return "float16" if on_gpu else "float32"
     return "float32"
+
+
+CUBLAS = "libcublas.so.12"  # the cuBLAS CTranslate2 4.x's wheels load when they compute on a GPU
+
+
+def cublas_wheel_copies() -> list[Path]:
+    """CUDA 12's cuBLAS as the nvidia-cublas-cu12 wheel installs it (the `ctranslate2-gpu`
+    extra), in every folder Python imports from."""
+    found = (Path(entry) / "nvidia" / "cublas" / "lib" / CUBLAS for entry in sys.path if entry)
+    return [path for path in found if path.is_file()]
+
+
+def load_cublas(devices: tuple[str, ...], model: str) -> None:
+    """CTranslate2's wheels load CUDA 12's cuBLAS by name at run time, and torch 2.13's CUDA build
+    brings CUDA 13's: on a GPU the model could not compute. So it is loaded here, at start and
+    before any conversion: from the system's library path, else from the nvidia-cublas-cu12 wheel
+    (once loaded, CTranslate2's own load by name finds it); refused, saying what to install, where
+    neither has it."""
+    gpus = [d for d in devices if d != CPU]
+    if not gpus:
+        return
+    for candidate in [CUBLAS, *map(str, cublas_wheel_copies())]:
+        try:
+            ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError:
+            continue
+    raise ModelLoadError(
+        f"model '{model}': BACKEND=ctranslate2 on CUDA device {gpus[0]} needs CUDA 12's cuBLAS "
+        f"({CUBLAS}), which CTranslate2's wheels load and torch's CUDA 13 build lacks: install "
+        "the ctranslate2-gpu extra (nvidia-cublas-cu12, builder/requirements-ctranslate2-gpu.txt)"
+        "; or set DEVICES=cpu, or BACKEND=torch"
+    )
 
 
 class CTranslate2Runtime:
@@ -142,8 +179,9 @@ class CTranslate2Backend:
         transformer = st_model[0]
         tokenizer = st_model.tokenizer
         names = fed_inputs(tokenizer, lambda name: name != "token_type_ids" or _types(st_model))
-        path = _converted(spec, settings, "embed")
         devices = resolve_devices(settings.devices)
+        load_cublas(devices, spec.served_id)
+        path = _converted(spec, settings, "embed")
         loaded = Loaded(
             runtimes=[],
             tokenizer=tokenizer,
@@ -171,8 +209,9 @@ class CTranslate2Backend:
         self, spec: ModelSpec, settings: EngineSettings, model: Any, tokenizer: Any
     ) -> Loaded:
         names = fed_inputs(tokenizer, lambda name: True)
-        path = _converted(spec, settings, "cross")
         devices = resolve_devices(settings.devices)
+        load_cublas(devices, spec.served_id)
+        path = _converted(spec, settings, "cross")
         head = _head(model)
         runtimes: list[Runtime] = [
             CTranslate2Runtime(path, d, compute_type(spec.dtype, d != CPU), head) for d in devices
