@@ -321,6 +321,22 @@ def test_a_dtype_the_backend_lacks_is_refused(bert_embedder, monkeypatch):
     assert "DTYPES=bfloat16" in message and "int8" in message
 
 
+def refused_on_cuda(families, tmp_path, role: str, backend: str) -> tuple[Path, str]:
+    """`role`'s tiny model and its start error on BACKEND=`backend` and CUDA device 0."""
+    path = family(families, role)
+    config = load_config(
+        {
+            "MODEL_NAMES": str(path),
+            "BACKEND": backend,
+            "DEVICES": "0",
+            "ONNX_CACHE_DIR": str(tmp_path),
+        }
+    )
+    with pytest.raises(ModelLoadError) as error:
+        ModelRegistry.load(config.models, config.engine_settings)
+    return path, str(error.value)
+
+
 @pytest.mark.parametrize("role", ["bert-mean", "xlm-roberta-cross"])
 def test_ctranslate2_on_a_gpu_without_cuda_12s_cublas_is_refused_before_converting(
     families, tmp_path, role, monkeypatch
@@ -329,18 +345,7 @@ def test_ctranslate2_on_a_gpu_without_cuda_12s_cublas_is_refused_before_converti
     if ctranslate2.cublas_wheel_copies():
         pytest.skip("CUDA 12's cuBLAS is installed here")
     monkeypatch.setattr(ctranslate2, "_converted", lambda *a, **k: pytest.fail("converted"))
-    path = family(families, role)
-    config = load_config(
-        {
-            "MODEL_NAMES": str(path),
-            "BACKEND": "ctranslate2",
-            "DEVICES": "0",
-            "ONNX_CACHE_DIR": str(tmp_path),
-        }
-    )
-    with pytest.raises(ModelLoadError) as error:
-        ModelRegistry.load(config.models, config.engine_settings)
-    message = str(error.value)
+    path, message = refused_on_cuda(families, tmp_path, role, "ctranslate2")
     assert path.name in message and "CUDA device 0" in message and ctranslate2.CUBLAS in message
     assert "ctranslate2-gpu" in message and "DEVICES=cpu" in message
 
@@ -367,17 +372,6 @@ def test_optimum_on_a_gpu_without_onnx_runtimes_cuda_provider_is_refused_before_
     if onnx.CUDA_PROVIDER in onnxruntime.get_available_providers():
         pytest.skip("this ONNX Runtime has its CUDA provider")
     monkeypatch.setattr(onnx, "_export", lambda *a, **k: pytest.fail("exported"))
-    path = family(families, role)
-    config = load_config(
-        {
-            "MODEL_NAMES": str(path),
-            "BACKEND": "optimum",
-            "DEVICES": "0",
-            "ONNX_CACHE_DIR": str(tmp_path),
-        }
-    )
-    with pytest.raises(ModelLoadError) as error:
-        ModelRegistry.load(config.models, config.engine_settings)
-    message = str(error.value)
+    path, message = refused_on_cuda(families, tmp_path, role, "optimum")
     assert path.name in message and "CUDA device 0" in message
     assert "onnxruntime-gpu" in message and "DEVICES=cpu" in message
