@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from bench.common import (
     paired_ratio,
 )
 from bench.common import texts_of_length as _texts_of_length
+from embedding_worker.cpu import cpu_flags, processor_name
 from embedding_worker.transports.runpod import answer_job
 
 LENGTHS = {"short": 12, "medium": 110, "long": 500}
@@ -194,16 +194,11 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {row['model']} | {row['length']} | {row['variant']} | {row['inputs/s']:.1f} | "
             f"{row['ratio']:.2f} | {row['cos_min']:.6f} / {row['cos_mean']:.6f} | {share} |"
         )
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            words = set(cpuinfo.read().split())
-        flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in words)
-    except OSError:
-        pass
+    words = cpu_flags()
+    flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in words)
     header = (
         f"`python -m bench.backends --models {args.models} --lengths {args.lengths} "
-        f"--rounds {args.rounds} --scale {args.scale}` on {platform.processor() or 'this CPU'} "
+        f"--rounds {args.rounds} --scale {args.scale}` on {processor_name()} "
         f"({os.cpu_count()} cores; {flags or 'no AVX flags read'}); paired medians of "
         f"{args.rounds} interleaved rounds.\n\n"
     )
