@@ -346,5 +346,7 @@ async def test_jobs_submitted_in_one_turn_of_the_loop_share_batches(tiny_worker)
         )
         assert all(r.status == 200 for r in replies)
         # Not the first job's 16 alone: the first batch goes once 32 (BATCH_SIZES) are in, the
-        # rest of the turn's texts after it, in batches as wide as the token budget lets them.
-        assert sizes[0] >= 32 and sum(sizes) == 128 and len(sizes) <= 3, sizes
+        # rest of the turn's texts after it, in batches as wide as the token budget lets them and
+        # as the jobs are counted in (quiet, three batches; beside a busy process, four).
+        assert sizes[0] >= 32 and sum(sizes) == 128, sizes
+        assert len(sizes) <= len(jobs) // 2, f"the jobs hardly shared batches: {sizes}"
