@@ -273,10 +273,11 @@ class Lease:
         return orjson.dumps({"owner": self.owner, "until": time.time() + self.term_s})
 
     @staticmethod
-    def ended(content: dict[str, Any] | None) -> bool:
-        """Whether a lease file's content is past its end (or unreadable: a torn write)."""
+    def ended(content: dict[str, Any] | None, within_s: float = 0.0) -> bool:
+        """Whether a lease file's content is past its end, or less than `within_s` before it (or
+        unreadable: a torn write)."""
         until = content.get("until") if content else None
-        return not isinstance(until, int | float) or until < time.time()
+        return not isinstance(until, int | float) or until < time.time() + within_s
 
     def acquire(self) -> bool:
         started = time.monotonic()
@@ -352,10 +353,9 @@ class Lease:
         current = Store.read_json(self.path)
         if current is not None and current.get("owner") == self.owner and not self._ending(current):
             self.path.unlink(missing_ok=True)
-        self._renewed = -float("inf")
+        self._lost()
 
     def _ending(self, content: dict[str, Any]) -> bool:
         """Whether a lease file's end is near enough that another server, its clock up to a
         quarter of the term ahead, may take it over."""
-        until = content.get("until")
-        return not isinstance(until, int | float) or time.time() >= until - self.term_s / 4
+        return self.ended(content, within_s=self.term_s / 4)
